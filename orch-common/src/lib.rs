@@ -1,0 +1,132 @@
+//! Types shared by the kernel programs (`orch-ebpf`) and the daemon (`orch-userspace`).
+//!
+//! Everything that crosses the kernel/user boundary is defined once, here:
+//! - [`maps`]: map names, keys and values (`#[repr(C)]`, explicit padding, size asserts);
+//! - [`csum`]: RFC 1071/1624 checksum arithmetic, used by the data plane for incremental
+//!   updates and unit-tested on the host;
+//! - [`Reason`]: why the data plane gave each verdict, the index of its global counters;
+//! - the capacity constants that size both the maps and the daemon's validation.
+//!
+//! The crate is `no_std` so the BPF target can use it; the `user` feature adds aya's `Pod`
+//! implementations for the daemon.
+#![no_std]
+
+pub mod csum;
+pub mod maps;
+
+/// Default number of services the data plane can hold. The daemon may raise it at load time
+/// (every per-service map is sized from the same figure).
+pub const MAX_SERVICES: u32 = 1024;
+/// Default number of backends over all services (the backend id space).
+pub const MAX_BACKENDS: u32 = 16_384;
+/// Slots in one service's round-robin table. Weights are reduced to this many slots; a
+/// service can therefore have at most this many backends with a non-zero weight.
+pub const SLOTS_PER_TABLE: u32 = 256;
+/// Default connection-table capacity (entries; each connection uses two: forward and reply).
+pub const CONNTRACK_CAPACITY: u32 = 262_144;
+/// Default idle time after which a UDP flow may be re-balanced, in nanoseconds.
+pub const DEFAULT_UDP_IDLE_NS: u64 = 30_000_000_000;
+
+/// IP protocol numbers the data plane balances.
+pub const IPPROTO_TCP: u8 = 6;
+/// See [`IPPROTO_TCP`].
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Why the data plane returned the verdict it did. Every packet the program sees increments
+/// exactly one of these counters (the per-CPU array [`maps::STATS_MAP`], indexed by this value).
+///
+/// `Pass*` reasons hand the packet to the kernel stack untouched (it is not ours, or we do not
+/// steer it), `Fwd*`/`Reply*` are packets we translated, `Drop*` are packets we dropped.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Not IPv4 or IPv6 (ARP, LLDP, VLAN-tagged frames...).
+    PassNotIp = 0,
+    /// IP traffic that is neither for a VIP nor a reply from a backend: the fast path.
+    PassNotService = 1,
+    /// Protocol other than TCP or UDP (ICMP, GRE...).
+    PassOtherProtocol = 2,
+    /// An IPv4 fragment or an IPv6 packet with a fragment header: we cannot see the ports of
+    /// every fragment, so we never steer any of them.
+    PassFragment = 3,
+    /// IPv4 options or IPv6 extension headers, which this version does not parse.
+    PassIpOptions = 4,
+    /// A header ends beyond the end of the packet.
+    PassTruncated = 5,
+    /// A header that cannot be valid: IHL below 5, a version that does not match the
+    /// ethertype, a total length shorter than the headers.
+    PassMalformed = 6,
+    /// A new connection's packet, translated and forwarded with XDP_REDIRECT.
+    FwdRedirect = 7,
+    /// A translated packet handed to the kernel stack to route (no FIB result, neighbour not
+    /// yet resolved, TTL about to expire, or redirect disabled).
+    FwdStack = 8,
+    /// A backend's reply, translated back to the VIP and redirected.
+    ReplyRedirect = 9,
+    /// A backend's reply, translated back to the VIP and handed to the stack.
+    ReplyStack = 10,
+    /// A new connection to a service whose round-robin table is empty (no backend with a
+    /// non-zero weight).
+    DropNoBackend = 11,
+    /// The connection table refused an insert; the packet is dropped rather than forwarded
+    /// without the state its replies need.
+    DropConntrackFull = 12,
+    /// A slot or backend lookup failed (the daemon wrote an inconsistent table). Never
+    /// expected; counted so it would be seen.
+    DropInternal = 13,
+}
+
+impl Reason {
+    /// Number of reasons: the size of the statistics array.
+    pub const COUNT: u32 = 14;
+
+    /// Every reason, in index order.
+    pub const ALL: [Reason; Self::COUNT as usize] = [
+        Reason::PassNotIp,
+        Reason::PassNotService,
+        Reason::PassOtherProtocol,
+        Reason::PassFragment,
+        Reason::PassIpOptions,
+        Reason::PassTruncated,
+        Reason::PassMalformed,
+        Reason::FwdRedirect,
+        Reason::FwdStack,
+        Reason::ReplyRedirect,
+        Reason::ReplyStack,
+        Reason::DropNoBackend,
+        Reason::DropConntrackFull,
+        Reason::DropInternal,
+    ];
+
+    /// A stable snake_case name, used in logs and (later) metric labels.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::PassNotIp => "pass_not_ip",
+            Reason::PassNotService => "pass_not_service",
+            Reason::PassOtherProtocol => "pass_other_protocol",
+            Reason::PassFragment => "pass_fragment",
+            Reason::PassIpOptions => "pass_ip_options",
+            Reason::PassTruncated => "pass_truncated",
+            Reason::PassMalformed => "pass_malformed",
+            Reason::FwdRedirect => "fwd_redirect",
+            Reason::FwdStack => "fwd_stack",
+            Reason::ReplyRedirect => "reply_redirect",
+            Reason::ReplyStack => "reply_stack",
+            Reason::DropNoBackend => "drop_no_backend",
+            Reason::DropConntrackFull => "drop_conntrack_full",
+            Reason::DropInternal => "drop_internal",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_dense_and_in_order() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{} is out of place", r.name());
+        }
+    }
+}

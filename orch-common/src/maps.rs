@@ -1,0 +1,295 @@
+//! Map names, keys and values shared by the kernel program and the daemon.
+//!
+//! Rules every type here follows (the kernel reads their bytes, not their Rust meaning):
+//! - `#[repr(C)]`, `Copy`, explicit padding fields, no `bool`/`Option`/enum fields;
+//! - a compile-time size assert, so a layout change cannot slip in unnoticed;
+//! - addresses are `[u32; 4]` in network byte order (each word a raw copy of packet bytes),
+//!   IPv4 as IPv4-mapped IPv6 (`::ffff:a.b.c.d`), so one layout serves both families;
+//! - ports carry `_be` in their name: network byte order, as on the wire.
+//!
+//! Map names carry a layout version (`_V1`). A change to any key or value layout gets a new
+//! name, so a daemon never reads old bytes as new ones when it adopts pinned maps.
+
+use core::mem::size_of;
+
+use crate::SLOTS_PER_TABLE;
+
+/// Services: [`ServiceKey`] → [`ServiceValue`] (hash).
+pub const SERVICES_MAP: &str = "ORCH_SVC_V1";
+/// Round-robin slot tables: `service id * 2 + table` → [`SlotTable`] (array).
+pub const SLOTS_MAP: &str = "ORCH_SLOTS_V1";
+/// Backends: backend id → [`Backend`] (array).
+pub const BACKENDS_MAP: &str = "ORCH_BE_V1";
+/// Per-service new-connection cursor: service id → `u64` (per-CPU array).
+pub const CURSORS_MAP: &str = "ORCH_CURSOR_V1";
+/// Connection table: [`FlowKey`] → [`FlowValue`] (LRU hash).
+pub const CONNTRACK_MAP: &str = "ORCH_CT_V1";
+/// Port pre-filter: index [`PORTS_VIP`] / [`PORTS_BACKEND`] → [`PortBitmap`] (array).
+pub const PORTS_MAP: &str = "ORCH_PORTS_V1";
+/// Runtime settings: index 0 → [`Settings`] (array).
+pub const SETTINGS_MAP: &str = "ORCH_CFG_V1";
+/// Verdict counters: [`crate::Reason`] → `u64` (per-CPU array).
+pub const STATS_MAP: &str = "ORCH_STATS_V1";
+/// Per-service traffic: service id → [`TrafficCounters`] (per-CPU array).
+pub const SERVICE_STATS_MAP: &str = "ORCH_SVC_ST_V1";
+/// Per-backend traffic: backend id → [`TrafficCounters`] (per-CPU array).
+pub const BACKEND_STATS_MAP: &str = "ORCH_BE_ST_V1";
+
+/// Index of the VIP-port bitmap in [`PORTS_MAP`]: destination ports of any service.
+pub const PORTS_VIP: u32 = 0;
+/// Index of the backend-port bitmap in [`PORTS_MAP`]: source ports of any backend's replies.
+pub const PORTS_BACKEND: u32 = 1;
+
+/// The IPv4-mapped prefix word (`::ffff:0:0/96`, third word) as a raw network-order `u32`.
+pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// Builds an IPv4-mapped address from a raw (network-order) IPv4 word.
+#[inline(always)]
+pub const fn v4_mapped(addr_be: u32) -> [u32; 4] {
+    [0, 0, V4_MAPPED_WORD, addr_be]
+}
+
+/// True when `addr` is IPv4-mapped (so the flow is IPv4).
+#[inline(always)]
+pub const fn is_v4_mapped(addr: &[u32; 4]) -> bool {
+    addr[0] == 0 && addr[1] == 0 && addr[2] == V4_MAPPED_WORD
+}
+
+/// A service: one virtual IP, port and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    /// The VIP, network order, IPv4-mapped for IPv4.
+    pub vip: [u32; 4],
+    /// The service port, network order.
+    pub port_be: u16,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<ServiceKey>() == 20);
+
+/// What the data plane knows of a service.
+///
+/// The daemon replaces the whole value with one map update when it flips `active_table`;
+/// a hash-map update swaps the element under RCU, so a packet reads either the old value or
+/// the new one, never a mix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Dense id (`< max services`): index of the cursor, the slot tables and the counters.
+    pub id: u32,
+    /// Which of the service's two slot tables (0 or 1) new connections use.
+    pub active_table: u32,
+    /// Reserved for per-service options (forwarding mode, hashing...); zero today.
+    pub flags: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<ServiceValue>() == 16);
+
+/// A service's weighted round-robin order: new connection `n` goes to
+/// `backend_ids[n % len]`. Written whole by the daemon while inactive, then activated by
+/// flipping [`ServiceValue::active_table`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotTable {
+    /// Number of used slots; 0 means no backend takes new connections.
+    pub len: u32,
+    pub _pad: u32,
+    /// Backend ids in smooth weighted round-robin order.
+    pub backend_ids: [u32; SLOTS_PER_TABLE as usize],
+}
+const _: () = assert!(size_of::<SlotTable>() == 8 + 4 * SLOTS_PER_TABLE as usize);
+
+impl Default for SlotTable {
+    fn default() -> Self {
+        SlotTable {
+            len: 0,
+            _pad: 0,
+            backend_ids: [0; SLOTS_PER_TABLE as usize],
+        }
+    }
+}
+
+/// Index of a service's slot table `table` (0 or 1) in [`SLOTS_MAP`].
+#[inline(always)]
+pub const fn slot_table_index(service_id: u32, table: u32) -> u32 {
+    service_id * 2 + (table & 1)
+}
+
+/// A backend: where the data plane sends a connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    /// Address, network order, IPv4-mapped for IPv4. Same family as its service's VIP.
+    pub addr: [u32; 4],
+    /// Port, network order.
+    pub port_be: u16,
+    pub _pad: u16,
+    /// The service this backend belongs to (for counters and sanity checks).
+    pub service_id: u32,
+}
+const _: () = assert!(size_of::<Backend>() == 24);
+
+/// Direction of a connection-table entry.
+pub const DIR_FORWARD: u8 = 0;
+/// See [`DIR_FORWARD`].
+pub const DIR_REPLY: u8 = 1;
+
+/// A connection-table key: the full 5-tuple as seen on the wire, plus the direction.
+///
+/// Forward entries are keyed by the client's packet (`src` = client, `dst` = VIP); reply
+/// entries by the backend's packet (`src` = backend, `dst` = client). Each connection has one
+/// of each, so both directions are one lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub src_port_be: u16,
+    pub dst_port_be: u16,
+    pub proto: u8,
+    /// [`DIR_FORWARD`] or [`DIR_REPLY`].
+    pub dir: u8,
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<FlowKey>() == 40);
+
+/// A connection-table value: the address and port to write into the packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    /// Forward: the backend's address; reply: the VIP.
+    pub nat_addr: [u32; 4],
+    /// Forward: the backend's port; reply: the service port. Network order.
+    pub nat_port_be: u16,
+    pub _pad: u16,
+    /// The backend chosen for the connection (counters).
+    pub backend_id: u32,
+    /// The service of the connection (counters).
+    pub service_id: u32,
+    pub _pad2: u32,
+    /// `bpf_ktime_get_ns()` of the last packet seen, refreshed at most every
+    /// [`Settings::touch_interval_ns`] to keep the hot path free of shared writes.
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(size_of::<FlowValue>() == 40);
+
+/// A set of ports, one bit each. The program checks it before any hash lookup, so traffic to
+/// ports no service uses costs one array load.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortBitmap {
+    pub words: [u64; 1024],
+}
+const _: () = assert!(size_of::<PortBitmap>() == 8192);
+
+impl Default for PortBitmap {
+    fn default() -> Self {
+        PortBitmap { words: [0; 1024] }
+    }
+}
+
+impl PortBitmap {
+    /// Whether `port` (host order) is in the set.
+    #[inline(always)]
+    pub const fn contains(&self, port: u16) -> bool {
+        self.words[(port >> 6) as usize] & (1u64 << (port & 63)) != 0
+    }
+
+    /// Adds `port` (host order).
+    pub fn insert(&mut self, port: u16) {
+        self.words[(port >> 6) as usize] |= 1u64 << (port & 63);
+    }
+}
+
+/// Forwarding flag: use `bpf_fib_lookup` + `XDP_REDIRECT` (otherwise always hand translated
+/// packets to the kernel stack to route).
+pub const SETTING_REDIRECT: u64 = 1;
+
+/// Runtime settings, written by the daemon, read by every packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// A UDP flow idle for longer than this is balanced again on its next packet.
+    pub udp_idle_ns: u64,
+    /// How stale `last_seen_ns` may get before a packet refreshes it.
+    pub touch_interval_ns: u64,
+    /// `SETTING_*` bits.
+    pub flags: u64,
+    pub _reserved: u64,
+}
+const _: () = assert!(size_of::<Settings>() == 32);
+
+/// Traffic counters of one service or one backend (per CPU; the daemon sums them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrafficCounters {
+    /// Client-to-backend packets and bytes (L3 length: IP header and payload).
+    pub fwd_packets: u64,
+    pub fwd_bytes: u64,
+    /// Backend-to-client packets and bytes.
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+    /// Connections balanced (new connection-table entries).
+    pub new_conns: u64,
+    /// New connections dropped for want of a backend (service counters only).
+    pub no_backend: u64,
+}
+const _: () = assert!(size_of::<TrafficCounters>() == 48);
+
+impl TrafficCounters {
+    /// Field-wise sum, used to add up the per-CPU values.
+    pub fn add(&mut self, o: &TrafficCounters) {
+        self.fwd_packets += o.fwd_packets;
+        self.fwd_bytes += o.fwd_bytes;
+        self.reply_packets += o.reply_packets;
+        self.reply_bytes += o.reply_bytes;
+        self.new_conns += o.new_conns;
+        self.no_backend += o.no_backend;
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: every type is repr(C), Copy, with explicit padding and no invalid bit patterns.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for SlotTable {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for PortBitmap {}
+    unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for TrafficCounters {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v4_mapped_layout() {
+        let a = v4_mapped(u32::from_ne_bytes([198, 19, 0, 1]));
+        let mut bytes = [0u8; 16];
+        for (i, w) in a.iter().enumerate() {
+            bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        assert_eq!(bytes, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 198, 19, 0, 1]);
+        assert!(is_v4_mapped(&a));
+        assert!(!is_v4_mapped(&[0, 0, 0, 1]));
+    }
+
+    #[test]
+    fn port_bitmap_sets_only_its_bit() {
+        let mut b = PortBitmap::default();
+        for p in [0u16, 63, 64, 8080, 65535] {
+            assert!(!b.contains(p));
+            b.insert(p);
+            assert!(b.contains(p));
+        }
+        assert!(!b.contains(8081));
+        assert!(!b.contains(1));
+    }
+}

@@ -1,0 +1,100 @@
+//! Backend choice: the connection table first, then the service's round-robin table.
+
+use aya_ebpf::helpers::bpf_get_smp_processor_id;
+use orch_common::{
+    maps::{slot_table_index, FlowKey, FlowValue, ServiceValue, Settings, DIR_REPLY},
+    Reason, IPPROTO_UDP, SLOTS_PER_TABLE,
+};
+
+use crate::{
+    maps::{BACKENDS, BACKEND_STATS, CONNTRACK, CURSORS, SERVICE_STATS, SLOTS},
+    stats,
+};
+
+/// The connection's entry, if it has one that is still valid. A UDP flow idle for longer
+/// than the configured timeout is treated as new, so it is balanced again.
+#[inline(always)]
+pub fn existing(key: &FlowKey, now: u64, settings: &Settings) -> Option<FlowValue> {
+    let entry = CONNTRACK.get_ptr_mut(key)?;
+    // SAFETY: a live map value; concurrent writers only store whole aligned u64s into
+    // `last_seen_ns`, the rest is written once at insert.
+    let entry = unsafe { &mut *entry };
+    let idle = now.saturating_sub(entry.last_seen_ns);
+    if key.proto == IPPROTO_UDP && idle > settings.udp_idle_ns {
+        return None;
+    }
+    // Refresh the timestamp only when it is stale enough to matter: a write per packet
+    // would bounce the entry's cache line between CPUs.
+    if idle > settings.touch_interval_ns {
+        entry.last_seen_ns = now;
+    }
+    Some(*entry)
+}
+
+/// Balances a new connection: takes the service's next round-robin slot and records the
+/// connection in both directions.
+#[inline(always)]
+pub fn new_flow(key: &FlowKey, svc: &ServiceValue, now: u64) -> Result<FlowValue, Reason> {
+    let table = SLOTS
+        .get(slot_table_index(svc.id, svc.active_table))
+        .ok_or(Reason::DropInternal)?;
+    let len = table.len;
+    if len == 0 {
+        stats::traffic(&SERVICE_STATS, svc.id, |c| c.no_backend += 1);
+        return Err(Reason::DropNoBackend);
+    }
+    // The cursor is per CPU: incrementing it is a plain add on memory no other CPU touches,
+    // so there is no read-then-write race and no cache line bouncing between CPUs under a
+    // burst of new connections. Each CPU walks the same smooth order from its own starting
+    // slot, so over any number of connections a backend's share is off by at most one per CPU.
+    let cursor = CURSORS.get_ptr_mut(svc.id).ok_or(Reason::DropInternal)?;
+    // SAFETY: this CPU's own slot; XDP programs do not nest on one CPU.
+    let ticket = unsafe {
+        let n = *cursor;
+        *cursor = n + 1;
+        n + bpf_get_smp_processor_id() as u64
+    };
+    let slot = (ticket % len as u64) as usize;
+    // Bound for the verifier (and against a corrupt `len`).
+    if slot >= SLOTS_PER_TABLE as usize {
+        return Err(Reason::DropInternal);
+    }
+    let backend_id = table.backend_ids[slot];
+    let backend = BACKENDS.get(backend_id).ok_or(Reason::DropInternal)?;
+
+    let forward = FlowValue {
+        nat_addr: backend.addr,
+        nat_port_be: backend.port_be,
+        _pad: 0,
+        backend_id,
+        service_id: svc.id,
+        _pad2: 0,
+        last_seen_ns: now,
+    };
+    let reply_key = FlowKey {
+        src: backend.addr,
+        dst: key.src,
+        src_port_be: backend.port_be,
+        dst_port_be: key.src_port_be,
+        proto: key.proto,
+        dir: DIR_REPLY,
+        _pad: 0,
+    };
+    let reply = FlowValue {
+        nat_addr: key.dst,
+        nat_port_be: key.dst_port_be,
+        ..forward
+    };
+    // The reply entry goes in first: once the forward entry exists, later packets of the
+    // connection rely on it and the reply must already be translatable.
+    CONNTRACK
+        .insert(&reply_key, &reply, 0)
+        .map_err(|_| Reason::DropConntrackFull)?;
+    CONNTRACK
+        .insert(key, &forward, 0)
+        .map_err(|_| Reason::DropConntrackFull)?;
+
+    stats::traffic(&SERVICE_STATS, svc.id, |c| c.new_conns += 1);
+    stats::traffic(&BACKEND_STATS, backend_id, |c| c.new_conns += 1);
+    Ok(forward)
+}

@@ -1,0 +1,91 @@
+//! Forwarding of translated packets: a kernel FIB lookup and `XDP_REDIRECT` when the route
+//! and the neighbour are known, the kernel stack otherwise.
+
+use core::mem::{size_of, zeroed};
+
+use aya_ebpf::{
+    bindings::{bpf_fib_lookup, BPF_FIB_LKUP_RET_SUCCESS},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect},
+    programs::XdpContext,
+    EbpfContext,
+};
+use orch_common::{
+    csum::Delta,
+    maps::{Settings, SETTING_REDIRECT},
+};
+
+use crate::parse::{read, write, Packet, ETH_HLEN};
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+/// TTL and protocol share one 16-bit word of the IPv4 header (offset 8).
+const V4_TTL: usize = ETH_HLEN + 8;
+const V4_CHECK: usize = ETH_HLEN + 10;
+const V6_HOP_LIMIT: usize = ETH_HLEN + 7;
+
+/// Routes the (already translated) packet from `src` to `dst`. On success it sets the MACs,
+/// decrements the TTL as a router must, and returns the redirect action. `None` means "let
+/// the kernel route it": no route, an unresolved neighbour (the stack will resolve it and the
+/// next packets will take the fast path), a TTL about to expire (the stack sends the ICMP
+/// error), or redirect disabled.
+#[inline(always)]
+pub fn redirect(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    src: &[u32; 4],
+    dst: &[u32; 4],
+    settings: &Settings,
+) -> Option<u32> {
+    if settings.flags & SETTING_REDIRECT == 0 {
+        return None;
+    }
+    let ttl_off = if pkt.v6 { V6_HOP_LIMIT } else { V4_TTL };
+    let ttl = read::<u8>(ctx, ttl_off)?;
+    if ttl <= 1 {
+        return None;
+    }
+
+    // SAFETY: a plain C struct for which all-zero is a valid value.
+    let mut params: bpf_fib_lookup = unsafe { zeroed() };
+    params.l4_protocol = pkt.proto;
+    params.sport = pkt.src_port_be;
+    params.dport = pkt.dst_port_be;
+    params.__bindgen_anon_1.tot_len = pkt.l3_len;
+    params.ifindex = ctx.ingress_ifindex() as u32;
+    if pkt.v6 {
+        params.family = AF_INET6;
+        params.__bindgen_anon_3.ipv6_src = *src;
+        params.__bindgen_anon_4.ipv6_dst = *dst;
+    } else {
+        params.family = AF_INET;
+        params.__bindgen_anon_3.ipv4_src = src[3];
+        params.__bindgen_anon_4.ipv4_dst = dst[3];
+    }
+    // SAFETY: `params` is a valid, fully initialised struct of the size we pass.
+    let rc = unsafe {
+        fib_lookup(
+            ctx.as_ptr(),
+            &mut params,
+            size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return None;
+    }
+
+    if !write(ctx, 0, params.dmac) || !write(ctx, 6, params.smac) {
+        return None;
+    }
+    if pkt.v6 {
+        write(ctx, ttl_off, ttl - 1);
+    } else {
+        let old = read::<u16>(ctx, V4_TTL)?;
+        let new = u16::from_ne_bytes([ttl - 1, pkt.proto]);
+        let check = read::<u16>(ctx, V4_CHECK)?;
+        write(ctx, V4_TTL, new);
+        write(ctx, V4_CHECK, Delta::new().replace_u16(old, new).apply(check));
+    }
+    // SAFETY: a helper taking plain integers.
+    Some(unsafe { bpf_redirect(params.ifindex, 0) } as u32)
+}

@@ -1,0 +1,52 @@
+//! orch's kernel data plane.
+//!
+//! One XDP program, attached to every interface that faces clients or backends (NAT mode: the
+//! load balancer is the backends' gateway). For each packet it either
+//! - steers a client's packet for a VIP to a backend (new connection: next round-robin slot;
+//!   known connection: the backend in the connection table), rewriting the destination, or
+//! - translates a backend's reply back to the VIP, or
+//! - passes anything else to the kernel untouched, counting why.
+//!
+//! Layout: [`parse`] reads headers with bounds checks, [`steer`] decides, [`balance`] picks
+//! backends, [`nat`] rewrites addresses and checksums, [`fib`] forwards, [`maps`] declares the
+//! maps, [`stats`] counts. Only `main.rs` has entry points.
+#![no_std]
+#![no_main]
+
+mod balance;
+mod fib;
+mod maps;
+mod nat;
+mod parse;
+mod stats;
+mod steer;
+
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+
+/// The load balancer: attached to client- and backend-facing interfaces alike.
+#[xdp]
+pub fn orch_xdp(ctx: XdpContext) -> u32 {
+    let (action, reason) = steer::steer(&ctx);
+    stats::count(reason);
+    action
+}
+
+/// The benchmark floor: one per-CPU counter increment and XDP_PASS. Benchmarks report the
+/// balancer's cost as a ratio to this program's, measured in the same run.
+#[xdp]
+pub fn orch_floor(_ctx: XdpContext) -> u32 {
+    stats::count(orch_common::Reason::PassNotIp);
+    xdp_action::XDP_PASS
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any program that could reach here, so this is never executed.
+    loop {}
+}
+
+/// `bpf_fib_lookup` and `bpf_redirect` are GPL-only helpers.
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

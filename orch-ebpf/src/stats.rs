@@ -1,0 +1,25 @@
+//! Per-CPU counters. Per-CPU maps need no atomics: each CPU writes its own copy and the
+//! daemon sums them when it reads.
+
+use aya_ebpf::maps::PerCpuArray;
+use orch_common::{maps::TrafficCounters, Reason};
+
+use crate::maps::STATS;
+
+/// Counts one packet under `reason`.
+#[inline(always)]
+pub fn count(reason: Reason) {
+    if let Some(c) = STATS.get_ptr_mut(reason as u32) {
+        // SAFETY: a per-CPU slot, written only by this CPU while this program runs.
+        unsafe { *c += 1 };
+    }
+}
+
+/// Updates the traffic counters of service or backend `id`.
+#[inline(always)]
+pub fn traffic(map: &PerCpuArray<TrafficCounters>, id: u32, f: impl FnOnce(&mut TrafficCounters)) {
+    if let Some(c) = map.get_ptr_mut(id) {
+        // SAFETY: as in `count`.
+        f(unsafe { &mut *c });
+    }
+}

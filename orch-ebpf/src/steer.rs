@@ -1,0 +1,149 @@
+//! The decision for each packet: forward to a backend, translate a reply, or pass.
+
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
+use orch_common::{
+    maps::{FlowKey, FlowValue, ServiceKey, ServiceValue, Settings, DIR_FORWARD, DIR_REPLY},
+    maps::{PORTS_BACKEND, PORTS_VIP},
+    Reason,
+};
+
+use crate::{
+    balance,
+    fib,
+    maps::{BACKEND_STATS, CONNTRACK, PORTS, SERVICES, SERVICE_STATS, SETTINGS},
+    nat::{self, Side},
+    parse::{self, Packet},
+    stats,
+};
+
+/// Returns the XDP action and the reason to count.
+#[inline(always)]
+pub fn steer(ctx: &XdpContext) -> (u32, Reason) {
+    match try_steer(ctx) {
+        Ok(verdict) => verdict,
+        Err(reason) => (action_for(reason), reason),
+    }
+}
+
+/// What to do with a packet we are not translating: drop it if we decided to drop it,
+/// otherwise hand it to the kernel, which knows how to handle (or reject) it.
+#[inline(always)]
+fn action_for(reason: Reason) -> u32 {
+    match reason {
+        Reason::DropNoBackend | Reason::DropConntrackFull | Reason::DropInternal => {
+            xdp_action::XDP_DROP
+        }
+        _ => xdp_action::XDP_PASS,
+    }
+}
+
+#[inline(always)]
+fn try_steer(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
+    let pkt = parse::parse(ctx)?;
+
+    // Pre-filter on ports: traffic to ports no service listens on, from ports no backend
+    // answers from, leaves after two array loads and no hash lookup.
+    let dport = u16::from_be(pkt.dst_port_be);
+    let sport = u16::from_be(pkt.src_port_be);
+    let maybe_vip = PORTS.get(PORTS_VIP).is_some_and(|b| b.contains(dport));
+    let maybe_reply = PORTS.get(PORTS_BACKEND).is_some_and(|b| b.contains(sport));
+    if !maybe_vip && !maybe_reply {
+        return Err(Reason::PassNotService);
+    }
+
+    if maybe_vip {
+        let key = ServiceKey {
+            vip: pkt.dst,
+            port_be: pkt.dst_port_be,
+            proto: pkt.proto,
+            _pad: 0,
+        };
+        // SAFETY: the value is copied out at once; the daemon replaces whole values.
+        if let Some(svc) = unsafe { SERVICES.get(&key) } {
+            let svc = *svc;
+            return forward(ctx, &pkt, &svc);
+        }
+    }
+    if maybe_reply {
+        let key = FlowKey {
+            src: pkt.src,
+            dst: pkt.dst,
+            src_port_be: pkt.src_port_be,
+            dst_port_be: pkt.dst_port_be,
+            proto: pkt.proto,
+            dir: DIR_REPLY,
+            _pad: 0,
+        };
+        // SAFETY: copied out at once.
+        if let Some(flow) = unsafe { CONNTRACK.get(&key) } {
+            let flow = *flow;
+            return reply(ctx, &pkt, &flow);
+        }
+    }
+    Err(Reason::PassNotService)
+}
+
+#[inline(always)]
+fn settings() -> Settings {
+    SETTINGS.get(0).copied().unwrap_or_default()
+}
+
+/// A client's packet for a VIP: find or choose its backend, rewrite, forward.
+#[inline(always)]
+fn forward(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue) -> Result<(u32, Reason), Reason> {
+    let settings = settings();
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let key = FlowKey {
+        src: pkt.src,
+        dst: pkt.dst,
+        src_port_be: pkt.src_port_be,
+        dst_port_be: pkt.dst_port_be,
+        proto: pkt.proto,
+        dir: DIR_FORWARD,
+        _pad: 0,
+    };
+    let flow = match balance::existing(&key, now, &settings) {
+        Some(flow) => flow,
+        None => balance::new_flow(&key, svc, now)?,
+    };
+    if !nat::rewrite(ctx, pkt, Side::Dst, &flow.nat_addr, flow.nat_port_be) {
+        return Err(Reason::DropInternal);
+    }
+    let bytes = pkt.l3_len as u64;
+    stats::traffic(&SERVICE_STATS, flow.service_id, |c| {
+        c.fwd_packets += 1;
+        c.fwd_bytes += bytes;
+    });
+    stats::traffic(&BACKEND_STATS, flow.backend_id, |c| {
+        c.fwd_packets += 1;
+        c.fwd_bytes += bytes;
+    });
+    Ok(match fib::redirect(ctx, pkt, &pkt.src, &flow.nat_addr, &settings) {
+        Some(action) => (action, Reason::FwdRedirect),
+        None => (xdp_action::XDP_PASS, Reason::FwdStack),
+    })
+}
+
+/// A backend's reply: restore the VIP as the source so the client sees only the VIP.
+#[inline(always)]
+fn reply(ctx: &XdpContext, pkt: &Packet, flow: &FlowValue) -> Result<(u32, Reason), Reason> {
+    if !nat::rewrite(ctx, pkt, Side::Src, &flow.nat_addr, flow.nat_port_be) {
+        return Err(Reason::DropInternal);
+    }
+    let bytes = pkt.l3_len as u64;
+    stats::traffic(&SERVICE_STATS, flow.service_id, |c| {
+        c.reply_packets += 1;
+        c.reply_bytes += bytes;
+    });
+    stats::traffic(&BACKEND_STATS, flow.backend_id, |c| {
+        c.reply_packets += 1;
+        c.reply_bytes += bytes;
+    });
+    Ok(
+        match fib::redirect(ctx, pkt, &flow.nat_addr, &pkt.dst, &settings()) {
+            Some(action) => (action, Reason::ReplyRedirect),
+            None => (xdp_action::XDP_PASS, Reason::ReplyStack),
+        },
+    )
+}
