@@ -169,8 +169,8 @@ mod tests {
 
     #[test]
     fn replace_addr_covers_all_words() {
-        let old = [0x0102_0304, 0x0506_0708, 0x090a_0b0c, 0x0d0e_0f10];
-        let new = [0xffff_0000, 0x0000_ffff, 0x1234_5678, 0x9abc_def0];
+        let old: [u32; 4] = [0x0102_0304, 0x0506_0708, 0x090a_0b0c, 0x0d0e_0f10];
+        let new: [u32; 4] = [0xffff_0000, 0x0000_ffff, 0x1234_5678, 0x9abc_def0];
         let mut bytes = [0u8; 32];
         for (i, w) in old.iter().enumerate() {
             bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());

@@ -1,0 +1,528 @@
+//! The daemon's TOML configuration: parsing, validation with file/line/column for every
+//! problem, and conversion into the desired state.
+//!
+//! Validation collects every problem instead of stopping at the first, so one run of
+//! `orch config check FILE` shows all there is to fix. A config that fails validation is
+//! never applied, in part or in whole.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    net::{IpAddr, SocketAddr},
+    ops::Range,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::model::{Backend, Protocol, Service, ServiceAddr};
+
+/// Largest accepted backend weight: weights are relative, and this leaves room to express
+/// any ratio an operator needs without overflowing the table arithmetic.
+pub const MAX_WEIGHT: u32 = 10_000;
+/// Longest interface name Linux accepts (IFNAMSIZ - 1).
+const IFNAME_MAX: usize = 15;
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub dataplane: DataplaneConfig,
+    #[serde(default, rename = "service")]
+    pub services: Vec<ServiceConfig>,
+}
+
+/// `[dataplane]`: where and how the XDP program runs.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataplaneConfig {
+    /// Interfaces to attach to: every interface that receives client traffic for a VIP or
+    /// backend replies.
+    pub interfaces: Spanned<Vec<Spanned<String>>>,
+    /// How to attach: `auto` (native where the driver supports it, generic otherwise),
+    /// `native` or `generic`.
+    #[serde(default)]
+    pub xdp_mode: XdpModeConfig,
+    /// Forward translated packets with a FIB lookup and XDP_REDIRECT (true), or hand them to
+    /// the kernel stack to route (false).
+    #[serde(default = "default_true")]
+    pub redirect: bool,
+    /// Idle seconds after which a UDP flow is balanced again.
+    #[serde(default = "default_udp_idle")]
+    pub udp_idle_timeout_secs: Spanned<u64>,
+    /// Connection-table entries (two per connection).
+    #[serde(default = "default_conntrack")]
+    pub conntrack_capacity: Spanned<u32>,
+    /// Capacity of the service maps.
+    #[serde(default = "default_max_services")]
+    pub max_services: Spanned<u32>,
+    /// Capacity of the backend maps (over all services).
+    #[serde(default = "default_max_backends")]
+    pub max_backends: Spanned<u32>,
+}
+
+/// XDP attach mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpModeConfig {
+    #[default]
+    Auto,
+    Native,
+    Generic,
+}
+
+/// `[[service]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub name: Spanned<String>,
+    pub vip: Spanned<IpAddr>,
+    pub port: Spanned<u16>,
+    pub protocol: Protocol,
+    #[serde(default, rename = "backend")]
+    pub backends: Vec<BackendConfig>,
+}
+
+/// `[[service.backend]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// `ip:port`, IPv6 in brackets: `"[2001:db8:1::2]:8080"`.
+    pub address: Spanned<SocketAddr>,
+    #[serde(default = "default_weight")]
+    pub weight: Spanned<u32>,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_udp_idle() -> Spanned<u64> {
+    Spanned::new(0..0, orch_common::DEFAULT_UDP_IDLE_NS / 1_000_000_000)
+}
+fn default_conntrack() -> Spanned<u32> {
+    Spanned::new(0..0, orch_common::CONNTRACK_CAPACITY)
+}
+fn default_max_services() -> Spanned<u32> {
+    Spanned::new(0..0, orch_common::MAX_SERVICES)
+}
+fn default_max_backends() -> Spanned<u32> {
+    Spanned::new(0..0, orch_common::MAX_BACKENDS)
+}
+fn default_weight() -> Spanned<u32> {
+    Spanned::new(0..0, 1)
+}
+
+/// One thing wrong with a config file, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// 1-based line and column; `None` when the problem is the absence of something.
+    pub position: Option<(usize, usize)>,
+    pub message: String,
+}
+
+/// A config file that cannot be used, with every problem found.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", render(.path, .problems))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
+}
+
+fn render(path: &Path, problems: &[Problem]) -> String {
+    let mut out = String::new();
+    for (i, p) in problems.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        match p.position {
+            Some((line, col)) => out.push_str(&format!("{}:{line}:{col}: {}", path.display(), p.message)),
+            None => out.push_str(&format!("{}: {}", path.display(), p.message)),
+        }
+    }
+    out
+}
+
+impl ConfigError {
+    /// The problems, for callers that present them their own way.
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            ConfigError::Read { .. } => &[],
+            ConfigError::Invalid { problems, .. } => problems,
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates `text`; `path` only labels the errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let invalid = |problems| ConfigError::Invalid {
+            path: path.to_owned(),
+            problems,
+        };
+        let config: Config = toml::from_str(text).map_err(|e| {
+            invalid(vec![Problem {
+                position: e.span().map(|s| line_col(text, s.start)),
+                message: e.message().trim_end().to_owned(),
+            }])
+        })?;
+        let problems = config.validate(text);
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(invalid(problems))
+        }
+    }
+
+    /// Every problem the file has beyond syntax and types.
+    fn validate(&self, text: &str) -> Vec<Problem> {
+        let mut v = Validator {
+            text,
+            problems: Vec::new(),
+        };
+        self.dataplane.validate(&mut v);
+
+        let mut names = HashMap::new();
+        let mut addrs = HashMap::new();
+        let mut backends_total = 0usize;
+        for svc in &self.services {
+            let name = svc.name.get_ref();
+            if !valid_name(name) {
+                v.at(
+                    svc.name.span(),
+                    format!("service name {name:?} must be 1-63 characters of a-z, A-Z, 0-9, '.', '_', '-'"),
+                );
+            } else if let Some(first) = names.insert(name.clone(), svc.name.span()) {
+                v.at(
+                    svc.name.span(),
+                    format!("service name {name:?} is already used at line {}", line_col(text, first.start).0),
+                );
+            }
+            let vip = *svc.vip.get_ref();
+            if vip.is_unspecified() || vip.is_multicast() || vip == IpAddr::from([255, 255, 255, 255]) {
+                v.at(svc.vip.span(), format!("VIP {vip} cannot receive connections: use a unicast address"));
+            }
+            if *svc.port.get_ref() == 0 {
+                v.at(svc.port.span(), "port 0 is not a valid service port".to_owned());
+            }
+            let addr = ServiceAddr {
+                vip,
+                port: *svc.port.get_ref(),
+                protocol: svc.protocol,
+            };
+            if let Some(other) = addrs.insert(addr, name.clone()) {
+                v.at(svc.vip.span(), format!("{addr} is already the address of service {other:?}"));
+            }
+            self.validate_backends(svc, &mut v);
+            backends_total += svc.backends.len();
+        }
+
+        let max_services = *self.dataplane.max_services.get_ref();
+        if self.services.len() > max_services as usize {
+            v.anywhere(format!(
+                "{} services exceed dataplane.max_services = {max_services}",
+                self.services.len()
+            ));
+        }
+        let max_backends = *self.dataplane.max_backends.get_ref();
+        if backends_total > max_backends as usize {
+            v.anywhere(format!(
+                "{backends_total} backends exceed dataplane.max_backends = {max_backends}"
+            ));
+        }
+        v.problems
+    }
+
+    fn validate_backends(&self, svc: &ServiceConfig, v: &mut Validator<'_>) {
+        let vip = *svc.vip.get_ref();
+        let name = svc.name.get_ref();
+        if svc.backends.len() > orch_common::SLOTS_PER_TABLE as usize {
+            v.at(
+                svc.name.span(),
+                format!(
+                    "service {name:?} has {} backends; at most {} are supported",
+                    svc.backends.len(),
+                    orch_common::SLOTS_PER_TABLE
+                ),
+            );
+        }
+        let mut seen = HashSet::new();
+        for b in &svc.backends {
+            let addr = *b.address.get_ref();
+            if addr.port() == 0 {
+                v.at(b.address.span(), format!("backend {addr}: port 0 is not valid"));
+            }
+            if addr.ip().is_unspecified() || addr.ip().is_multicast() {
+                v.at(b.address.span(), format!("backend {addr}: use a unicast address"));
+            }
+            if addr.is_ipv4() != vip.is_ipv4() {
+                v.at(
+                    b.address.span(),
+                    format!("backend {addr} is not of the same IP family as VIP {vip}; NAT mode cannot translate between IPv4 and IPv6"),
+                );
+            }
+            if !seen.insert(addr) {
+                v.at(b.address.span(), format!("backend {addr} is listed twice in service {name:?}"));
+            }
+            if *b.weight.get_ref() > MAX_WEIGHT {
+                v.at(b.weight.span(), format!("weight {} is above the maximum of {MAX_WEIGHT}", b.weight.get_ref()));
+            }
+        }
+    }
+
+    /// The services as the reconciler wants them.
+    pub fn services(&self) -> Vec<Service> {
+        self.services
+            .iter()
+            .map(|s| Service {
+                name: s.name.get_ref().clone(),
+                addr: ServiceAddr {
+                    vip: *s.vip.get_ref(),
+                    port: *s.port.get_ref(),
+                    protocol: s.protocol,
+                },
+                backends: s
+                    .backends
+                    .iter()
+                    .map(|b| Backend {
+                        addr: *b.address.get_ref(),
+                        weight: *b.weight.get_ref(),
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+impl DataplaneConfig {
+    fn validate(&self, v: &mut Validator<'_>) {
+        let ifaces = self.interfaces.get_ref();
+        if ifaces.is_empty() {
+            v.at(self.interfaces.span(), "dataplane.interfaces: name at least one interface to attach to".to_owned());
+        }
+        let mut seen = HashSet::new();
+        for i in ifaces {
+            let name = i.get_ref();
+            if name.is_empty() || name.len() > IFNAME_MAX || name.contains(['/', ' ', '\t', '\n', ':']) {
+                v.at(i.span(), format!("{name:?} is not a valid interface name (1-{IFNAME_MAX} characters, no '/', ':' or spaces)"));
+            } else if !seen.insert(name) {
+                v.at(i.span(), format!("interface {name:?} is listed twice"));
+            }
+        }
+        let udp = &self.udp_idle_timeout_secs;
+        if !(1..=86_400).contains(udp.get_ref()) {
+            v.at(udp.span(), format!("udp_idle_timeout_secs = {} is outside 1..=86400", udp.get_ref()));
+        }
+        let ct = &self.conntrack_capacity;
+        if !(1024..=1 << 26).contains(ct.get_ref()) {
+            v.at(ct.span(), format!("conntrack_capacity = {} is outside 1024..={}", ct.get_ref(), 1 << 26));
+        }
+        let ms = &self.max_services;
+        if !(1..=1 << 20).contains(ms.get_ref()) {
+            v.at(ms.span(), format!("max_services = {} is outside 1..={}", ms.get_ref(), 1 << 20));
+        }
+        let mb = &self.max_backends;
+        if !(1..=1 << 22).contains(mb.get_ref()) {
+            v.at(mb.span(), format!("max_backends = {} is outside 1..={}", mb.get_ref(), 1 << 22));
+        }
+    }
+}
+
+struct Validator<'a> {
+    text: &'a str,
+    problems: Vec<Problem>,
+}
+
+impl Validator<'_> {
+    fn at(&mut self, span: Range<usize>, message: String) {
+        let position = (span.end > 0).then(|| line_col(self.text, span.start));
+        self.problems.push(Problem { position, message });
+    }
+
+    fn anywhere(&mut self, message: String) {
+        self.problems.push(Problem {
+            position: None,
+            message,
+        });
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.position {
+            Some((l, c)) => write!(f, "{l}:{c}: {}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[dataplane]
+interfaces = ["ext", "be1"]
+
+[[service]]
+name = "web"
+vip = "198.19.0.1"
+port = 80
+protocol = "tcp"
+backend = [
+  { address = "198.18.1.2:8080" },
+  { address = "198.18.2.2:8080", weight = 3 },
+]
+
+[[service]]
+name = "web6"
+vip = "2001:db8:ff::1"
+port = 80
+protocol = "tcp"
+backend = [{ address = "[2001:db8:1::2]:8080", weight = 0 }]
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("orch.toml"))
+    }
+
+    fn problems(text: &str) -> Vec<String> {
+        parse(text)
+            .expect_err("config should be rejected")
+            .problems()
+            .iter()
+            .map(|p| p.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn parses_a_good_config_with_defaults() {
+        let c = parse(GOOD).expect("valid");
+        assert_eq!(c.dataplane.xdp_mode, XdpModeConfig::Auto);
+        assert!(c.dataplane.redirect);
+        assert_eq!(*c.dataplane.udp_idle_timeout_secs.get_ref(), 30);
+        let s = c.services();
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0].addr.to_string(), "198.19.0.1:80/tcp");
+        assert_eq!(s[0].backends[0].weight, 1);
+        assert_eq!(s[0].backends[1].weight, 3);
+        assert_eq!(s[1].backends[0].addr.to_string(), "[2001:db8:1::2]:8080");
+    }
+
+    #[test]
+    fn syntax_errors_carry_line_and_column() {
+        let p = problems("[dataplane]\ninterfaces = [\"ext\"]\n[[service]]\nname = \"x\"\nvip = \"198.19.0.300\"\nport = 80\nprotocol = \"tcp\"\n");
+        assert_eq!(p.len(), 1);
+        assert!(p[0].starts_with("5:7:"), "{p:?}");
+        assert!(p[0].contains("invalid IP address"), "{p:?}");
+    }
+
+    #[test]
+    fn unknown_fields_and_protocols_are_rejected() {
+        let p = problems("[dataplane]\ninterfaces = [\"ext\"]\ncolour = 1\n");
+        assert!(p[0].starts_with("3:1:") && p[0].contains("unknown field"), "{p:?}");
+        let p = problems("[dataplane]\ninterfaces = [\"e\"]\n[[service]]\nname = \"x\"\nvip = \"198.19.0.1\"\nport = 1\nprotocol = \"sctp\"\n");
+        assert!(p[0].contains("unknown variant `sctp`"), "{p:?}");
+    }
+
+    #[test]
+    fn every_semantic_problem_is_reported_with_its_line() {
+        let text = r#"[dataplane]
+interfaces = ["ext", "ext", "much-too-long-interface"]
+udp_idle_timeout_secs = 0
+
+[[service]]
+name = "web"
+vip = "198.19.0.1"
+port = 0
+protocol = "tcp"
+backend = [
+  { address = "198.18.1.2:0" },
+  { address = "[2001:db8::1]:80" },
+  { address = "198.18.1.3:80", weight = 20000 },
+  { address = "198.18.1.3:80" },
+]
+
+[[service]]
+name = "web"
+vip = "198.19.0.1"
+port = 0
+protocol = "tcp"
+
+[[service]]
+name = "bad name!"
+vip = "224.0.0.1"
+port = 53
+protocol = "udp"
+"#;
+        let p = problems(text);
+        let expect = [
+            ("2:22:", "listed twice"),
+            ("2:29:", "not a valid interface name"),
+            ("3:25:", "outside 1..=86400"),
+            ("8:8:", "port 0"),
+            ("11:15:", "port 0 is not valid"),
+            ("12:15:", "same IP family"),
+            ("13:41:", "above the maximum"),
+            ("14:15:", "listed twice"),
+            ("18:8:", "already used at line 6"),
+            ("19:7:", "already the address of service \"web\""),
+            ("24:8:", "must be 1-63 characters"),
+            ("25:7:", "use a unicast address"),
+        ];
+        for (pos, text) in expect {
+            assert!(
+                p.iter().any(|m| m.starts_with(pos) && m.contains(text)),
+                "missing {pos} {text:?} in:\n{}",
+                p.join("\n")
+            );
+        }
+    }
+
+    #[test]
+    fn missing_dataplane_section_is_an_error() {
+        let p = problems("[[service]]\nname = \"x\"\nvip = \"198.19.0.1\"\nport = 1\nprotocol = \"tcp\"\n");
+        assert!(p[0].contains("missing field `dataplane`"), "{p:?}");
+    }
+
+    #[test]
+    fn error_display_names_the_file() {
+        let e = parse("[dataplane]\ninterfaces = []\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "orch.toml:2:14: dataplane.interfaces: name at least one interface to attach to"
+        );
+    }
+}

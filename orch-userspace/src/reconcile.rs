@@ -1,0 +1,558 @@
+//! The reconciler: the one writer of the data plane's service maps.
+//!
+//! Given the desired services, it computes what differs from what it installed before and
+//! writes only that. Ordering rules keep every packet's view consistent:
+//! - a service's backend set changes by writing its *inactive* slot table, then replacing
+//!   the service value with `active_table` flipped: one map update, so a packet sees the old
+//!   set or the new one, never half of each;
+//! - backends are written before any table points at them, and their ids are recycled
+//!   oldest-first, so a freed id is not reused while recent connections may still count on it;
+//! - ports are added to the pre-filter before their services appear and removed after.
+//!
+//! Capacity is checked before the first write: a change that does not fit changes nothing.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    net::{IpAddr, SocketAddr},
+};
+
+use orch_common::maps::{
+    slot_table_index, v4_mapped, Backend as MapBackend, PortBitmap, ServiceKey, ServiceValue,
+    SlotTable, PORTS_BACKEND, PORTS_VIP,
+};
+use tracing::{debug, info};
+
+use crate::{
+    model::{Backend, Service, ServiceAddr},
+    wrr,
+};
+
+/// The map writes the reconciler needs; the data plane implements it, tests fake it.
+pub trait MapWriter {
+    type Error: std::error::Error + Send + Sync + 'static;
+    fn set_backend(&mut self, id: u32, backend: &MapBackend) -> Result<(), Self::Error>;
+    fn set_slot_table(&mut self, index: u32, table: &SlotTable) -> Result<(), Self::Error>;
+    fn set_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), Self::Error>;
+    fn remove_service(&mut self, key: &ServiceKey) -> Result<(), Self::Error>;
+    fn set_ports(&mut self, index: u32, ports: &PortBitmap) -> Result<(), Self::Error>;
+}
+
+/// Why a desired state could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("{needed} services do not fit the data plane's capacity of {max}")]
+    TooManyServices { needed: usize, max: u32 },
+    #[error("{needed} backends do not fit the data plane's capacity of {max}")]
+    TooManyBackends { needed: usize, max: u32 },
+    #[error("writing the data plane maps failed")]
+    Write(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// What one `apply` did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub added: usize,
+    pub updated: usize,
+    pub removed: usize,
+    pub unchanged: usize,
+}
+
+/// A service as installed in the maps.
+#[derive(Clone, Debug)]
+struct Installed {
+    id: u32,
+    name: String,
+    active_table: u32,
+    backends: Vec<(Backend, u32)>,
+}
+
+/// The network-order words of an address, IPv4-mapped for IPv4 (the maps' address layout).
+pub fn addr_words(ip: IpAddr) -> [u32; 4] {
+    match ip {
+        IpAddr::V4(v4) => v4_mapped(u32::from_ne_bytes(v4.octets())),
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            std::array::from_fn(|i| u32::from_ne_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]]))
+        }
+    }
+}
+
+/// The services-map key of a service.
+pub fn service_key(addr: &ServiceAddr) -> ServiceKey {
+    ServiceKey {
+        vip: addr_words(addr.vip),
+        port_be: addr.port.to_be(),
+        proto: addr.protocol.number(),
+        _pad: 0,
+    }
+}
+
+fn map_backend(addr: SocketAddr, service_id: u32) -> MapBackend {
+    MapBackend {
+        addr: addr_words(addr.ip()),
+        port_be: addr.port().to_be(),
+        _pad: 0,
+        service_id,
+    }
+}
+
+/// Keeps the data plane's maps equal to the desired services.
+#[derive(Debug)]
+pub struct Reconciler {
+    installed: BTreeMap<ServiceAddr, Installed>,
+    service_ids: IdPool,
+    backend_ids: IdPool,
+    ports: [PortBitmap; 2],
+}
+
+/// Dense ids below a capacity: fresh ids first, then freed ones, oldest first.
+#[derive(Debug)]
+struct IdPool {
+    max: u32,
+    next: u32,
+    free: VecDeque<u32>,
+}
+
+impl IdPool {
+    fn new(max: u32) -> Self {
+        IdPool {
+            max,
+            next: 0,
+            free: VecDeque::new(),
+        }
+    }
+
+    fn in_use(&self) -> usize {
+        self.next as usize - self.free.len()
+    }
+
+    /// Callers check capacity first (`in_use` + needed <= `max`), so this cannot fail.
+    fn alloc(&mut self) -> u32 {
+        if self.next < self.max {
+            self.next += 1;
+            self.next - 1
+        } else {
+            self.free.pop_front().expect("capacity was checked")
+        }
+    }
+
+    fn release(&mut self, id: u32) {
+        self.free.push_back(id);
+    }
+}
+
+impl Reconciler {
+    pub fn new(max_services: u32, max_backends: u32) -> Self {
+        Reconciler {
+            installed: BTreeMap::new(),
+            service_ids: IdPool::new(max_services),
+            backend_ids: IdPool::new(max_backends),
+            ports: [PortBitmap::default(), PortBitmap::default()],
+        }
+    }
+
+    /// The data-plane id of the service at `addr`, if installed.
+    pub fn service_id(&self, addr: &ServiceAddr) -> Option<u32> {
+        self.installed.get(addr).map(|s| s.id)
+    }
+
+    /// The data-plane id of backend `backend` of the service at `addr`, if installed.
+    pub fn backend_id(&self, addr: &ServiceAddr, backend: SocketAddr) -> Option<u32> {
+        let svc = self.installed.get(addr)?;
+        svc.backends.iter().find(|(b, _)| b.addr == backend).map(|(_, id)| *id)
+    }
+
+    /// Makes the maps hold exactly `desired`. On error nothing was written if the error is a
+    /// capacity error; a write error leaves every service either as it was or as desired.
+    pub fn apply<W: MapWriter>(
+        &mut self,
+        w: &mut W,
+        desired: &[Service],
+    ) -> Result<Summary, ReconcileError> {
+        self.check_capacity(desired)?;
+        let write = |e: W::Error| ReconcileError::Write(Box::new(e));
+
+        // Pre-filter: the union of old and new ports while services change, then the new set.
+        let target = port_sets(desired.iter().map(|s| (&s.addr, s.backends.as_slice())));
+        let union = [union(&self.ports[0], &target[0]), union(&self.ports[1], &target[1])];
+        self.write_ports(w, &union).map_err(write)?;
+
+        let mut summary = Summary::default();
+        for svc in desired {
+            match self.installed.get(&svc.addr) {
+                Some(old) if old.backends.iter().map(|(b, _)| *b).eq(svc.backends.iter().copied()) => {
+                    summary.unchanged += 1;
+                    if old.name != svc.name {
+                        self.installed.get_mut(&svc.addr).expect("present").name = svc.name.clone();
+                    }
+                }
+                Some(_) => {
+                    self.install(w, svc).map_err(write)?;
+                    summary.updated += 1;
+                }
+                None => {
+                    self.install(w, svc).map_err(write)?;
+                    summary.added += 1;
+                }
+            }
+        }
+        let gone: Vec<ServiceAddr> = self
+            .installed
+            .keys()
+            .filter(|a| !desired.iter().any(|s| s.addr == **a))
+            .copied()
+            .collect();
+        for addr in gone {
+            w.remove_service(&service_key(&addr)).map_err(write)?;
+            let old = self.installed.remove(&addr).expect("present");
+            info!(service = %old.name, %addr, "service removed");
+            self.service_ids.release(old.id);
+            for (_, id) in &old.backends {
+                self.backend_ids.release(*id);
+            }
+            summary.removed += 1;
+        }
+
+        self.write_ports(w, &target).map_err(write)?;
+        debug!(?summary, "reconciled");
+        Ok(summary)
+    }
+
+    fn check_capacity(&self, desired: &[Service]) -> Result<(), ReconcileError> {
+        // Ids of removed services and backends are freed only after the new ones are
+        // allocated, so the peak is old + new where they differ.
+        let new_services = desired.iter().filter(|s| !self.installed.contains_key(&s.addr)).count();
+        let services_peak = self.service_ids.in_use() + new_services;
+        if services_peak > self.service_ids.max as usize {
+            return Err(ReconcileError::TooManyServices {
+                needed: services_peak,
+                max: self.service_ids.max,
+            });
+        }
+        let in_use = self.backend_ids.in_use();
+        let new_backends: usize = desired
+            .iter()
+            .map(|s| match self.installed.get(&s.addr) {
+                None => s.backends.len(),
+                Some(old) => s.backends.iter().filter(|b| !old.backends.iter().any(|(o, _)| o.addr == b.addr)).count(),
+            })
+            .sum();
+        if in_use + new_backends > self.backend_ids.max as usize {
+            return Err(ReconcileError::TooManyBackends {
+                needed: in_use + new_backends,
+                max: self.backend_ids.max,
+            });
+        }
+        Ok(())
+    }
+
+    /// Writes a new or changed service: backends, then the inactive table, then the flip.
+    fn install<W: MapWriter>(&mut self, w: &mut W, svc: &Service) -> Result<(), W::Error> {
+        let old = self.installed.get(&svc.addr).cloned();
+        let id = match &old {
+            Some(o) => o.id,
+            None => self.service_ids.alloc(),
+        };
+        let mut backends = Vec::with_capacity(svc.backends.len());
+        for b in &svc.backends {
+            let reused = old
+                .as_ref()
+                .and_then(|o| o.backends.iter().find(|(ob, _)| ob.addr == b.addr))
+                .map(|(_, id)| *id);
+            let bid = match reused {
+                Some(bid) => bid,
+                None => {
+                    let bid = self.backend_ids.alloc();
+                    w.set_backend(bid, &map_backend(b.addr, id))?;
+                    bid
+                }
+            };
+            backends.push((*b, bid));
+        }
+
+        let weights: Vec<u32> = backends.iter().map(|(b, _)| b.weight).collect();
+        let order = wrr::slot_order(&weights);
+        let mut table = SlotTable {
+            len: order.len() as u32,
+            ..SlotTable::default()
+        };
+        for (slot, &i) in table.backend_ids.iter_mut().zip(&order) {
+            *slot = backends[i].1;
+        }
+        let active_table = match &old {
+            Some(o) => 1 - o.active_table,
+            None => 0,
+        };
+        w.set_slot_table(slot_table_index(id, active_table), &table)?;
+        w.set_service(
+            &service_key(&svc.addr),
+            &ServiceValue {
+                id,
+                active_table,
+                flags: 0,
+                _pad: 0,
+            },
+        )?;
+
+        if let Some(o) = &old {
+            for (ob, bid) in &o.backends {
+                if !backends.iter().any(|(b, _)| b.addr == ob.addr) {
+                    self.backend_ids.release(*bid);
+                }
+            }
+        }
+        info!(
+            service = %svc.name,
+            addr = %svc.addr,
+            backends = backends.len(),
+            slots = table.len,
+            "service {}",
+            if old.is_some() { "updated" } else { "added" }
+        );
+        self.installed.insert(
+            svc.addr,
+            Installed {
+                id,
+                name: svc.name.clone(),
+                active_table,
+                backends,
+            },
+        );
+        Ok(())
+    }
+
+    fn write_ports<W: MapWriter>(&mut self, w: &mut W, ports: &[PortBitmap; 2]) -> Result<(), W::Error> {
+        for (index, which) in [PORTS_VIP, PORTS_BACKEND].into_iter().enumerate() {
+            if self.ports[index] != ports[index] {
+                w.set_ports(which, &ports[index])?;
+                self.ports[index] = ports[index];
+            }
+        }
+        Ok(())
+    }
+}
+
+fn port_sets<'a>(services: impl Iterator<Item = (&'a ServiceAddr, &'a [Backend])>) -> [PortBitmap; 2] {
+    let mut sets = [PortBitmap::default(), PortBitmap::default()];
+    for (addr, backends) in services {
+        sets[0].insert(addr.port);
+        for b in backends {
+            sets[1].insert(b.addr.port());
+        }
+    }
+    sets
+}
+
+fn union(a: &PortBitmap, b: &PortBitmap) -> PortBitmap {
+    let mut out = *a;
+    for (o, w) in out.words.iter_mut().zip(&b.words) {
+        *o |= w;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::HashMap, convert::Infallible};
+
+    use super::*;
+    use crate::model::Protocol;
+
+    /// Records every write, in order, and keeps the resulting map contents.
+    #[derive(Default)]
+    struct FakeMaps {
+        log: Vec<String>,
+        services: HashMap<ServiceKey, ServiceValue>,
+        slots: HashMap<u32, SlotTable>,
+        backends: HashMap<u32, MapBackend>,
+        ports: HashMap<u32, PortBitmap>,
+    }
+
+    impl MapWriter for FakeMaps {
+        type Error = Infallible;
+        fn set_backend(&mut self, id: u32, b: &MapBackend) -> Result<(), Infallible> {
+            self.log.push(format!("backend {id}"));
+            self.backends.insert(id, *b);
+            Ok(())
+        }
+        fn set_slot_table(&mut self, index: u32, t: &SlotTable) -> Result<(), Infallible> {
+            self.log.push(format!("slots {index}"));
+            self.slots.insert(index, *t);
+            Ok(())
+        }
+        fn set_service(&mut self, k: &ServiceKey, v: &ServiceValue) -> Result<(), Infallible> {
+            self.log.push(format!("service {} table {}", v.id, v.active_table));
+            self.services.insert(*k, *v);
+            Ok(())
+        }
+        fn remove_service(&mut self, k: &ServiceKey) -> Result<(), Infallible> {
+            self.log.push("remove service".into());
+            self.services.remove(k);
+            Ok(())
+        }
+        fn set_ports(&mut self, index: u32, p: &PortBitmap) -> Result<(), Infallible> {
+            self.log.push(format!("ports {index}"));
+            self.ports.insert(index, *p);
+            Ok(())
+        }
+    }
+
+    impl FakeMaps {
+        /// The backend addresses new connections would cycle through, as the kernel walks them.
+        fn rotation(&self, addr: &ServiceAddr) -> Vec<SocketAddr> {
+            let v = self.services[&service_key(addr)];
+            let t = &self.slots[&slot_table_index(v.id, v.active_table)];
+            t.backend_ids[..t.len as usize]
+                .iter()
+                .map(|id| {
+                    let b = self.backends[id];
+                    let ip = if b.addr[..3] == [0, 0, orch_common::maps::V4_MAPPED_WORD] {
+                        IpAddr::from(b.addr[3].to_ne_bytes())
+                    } else {
+                        let mut o = [0u8; 16];
+                        for (i, w) in b.addr.iter().enumerate() {
+                            o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+                        }
+                        IpAddr::from(o)
+                    };
+                    SocketAddr::new(ip, u16::from_be(b.port_be))
+                })
+                .collect()
+        }
+    }
+
+    fn svc(name: &str, port: u16, backends: &[(&str, u32)]) -> Service {
+        Service {
+            name: name.into(),
+            addr: ServiceAddr {
+                vip: "198.19.0.1".parse().unwrap(),
+                port,
+                protocol: Protocol::Tcp,
+            },
+            backends: backends
+                .iter()
+                .map(|(a, w)| Backend {
+                    addr: a.parse().unwrap(),
+                    weight: *w,
+                })
+                .collect(),
+        }
+    }
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn new_service_is_written_backends_first_then_table_then_service() {
+        let mut r = Reconciler::new(4, 8);
+        let mut m = FakeMaps::default();
+        let web = svc("web", 80, &[("198.18.1.2:8080", 1), ("198.18.2.2:8080", 2)]);
+        let s = r.apply(&mut m, std::slice::from_ref(&web)).unwrap();
+        assert_eq!(s.added, 1);
+        assert_eq!(
+            m.log,
+            ["ports 0", "ports 1", "backend 0", "backend 1", "slots 0", "service 0 table 0"]
+        );
+        assert_eq!(
+            m.rotation(&web.addr),
+            [sa("198.18.2.2:8080"), sa("198.18.1.2:8080"), sa("198.18.2.2:8080")]
+        );
+        assert!(m.ports[&PORTS_VIP].contains(80));
+        assert!(m.ports[&PORTS_BACKEND].contains(8080));
+    }
+
+    #[test]
+    fn unchanged_state_writes_nothing() {
+        let mut r = Reconciler::new(4, 8);
+        let mut m = FakeMaps::default();
+        let web = [svc("web", 80, &[("198.18.1.2:8080", 1)])];
+        r.apply(&mut m, &web).unwrap();
+        m.log.clear();
+        let s = r.apply(&mut m, &web).unwrap();
+        assert_eq!(s.unchanged, 1);
+        assert!(m.log.is_empty(), "{:?}", m.log);
+    }
+
+    #[test]
+    fn backend_change_flips_to_the_other_table_and_keeps_ids() {
+        let mut r = Reconciler::new(4, 4);
+        let mut m = FakeMaps::default();
+        r.apply(&mut m, &[svc("web", 80, &[("198.18.1.2:8080", 1), ("198.18.2.2:8080", 1)])])
+            .unwrap();
+        m.log.clear();
+        let web = svc("web", 80, &[("198.18.2.2:8080", 1), ("198.18.3.2:8080", 1)]);
+        let s = r.apply(&mut m, std::slice::from_ref(&web)).unwrap();
+        assert_eq!(s.updated, 1);
+        // Only the new backend is written; the table goes to slot table 1, then the flip.
+        assert_eq!(m.log, ["backend 2", "slots 1", "service 0 table 1"]);
+        assert_eq!(m.rotation(&web.addr), [sa("198.18.2.2:8080"), sa("198.18.3.2:8080")]);
+        assert_eq!(r.backend_id(&web.addr, sa("198.18.2.2:8080")), Some(1));
+        // Fresh ids go first (3), the freed id 0 only once the space is used up (capacity 4).
+        m.log.clear();
+        let more = |extra: &[(&str, u32)]| {
+            let mut b = vec![("198.18.2.2:8080", 1), ("198.18.3.2:8080", 1)];
+            b.extend_from_slice(extra);
+            svc("web", 80, &b)
+        };
+        r.apply(&mut m, &[more(&[("198.18.4.2:8080", 1)])]).unwrap();
+        assert_eq!(m.log, ["backend 3", "slots 0", "service 0 table 0"]);
+        m.log.clear();
+        r.apply(&mut m, &[more(&[("198.18.4.2:8080", 1), ("198.18.5.2:8080", 1)])])
+            .unwrap();
+        assert_eq!(m.log[0], "backend 0");
+    }
+
+    #[test]
+    fn weight_zero_leaves_backend_out_of_rotation() {
+        let mut r = Reconciler::new(4, 8);
+        let mut m = FakeMaps::default();
+        let web = svc("web", 80, &[("198.18.1.2:8080", 0), ("198.18.2.2:8080", 1)]);
+        r.apply(&mut m, std::slice::from_ref(&web)).unwrap();
+        assert_eq!(m.rotation(&web.addr), [sa("198.18.2.2:8080")]);
+        let none = svc("web", 80, &[("198.18.1.2:8080", 0)]);
+        r.apply(&mut m, std::slice::from_ref(&none)).unwrap();
+        assert!(m.rotation(&none.addr).is_empty());
+    }
+
+    #[test]
+    fn removed_service_is_deleted_and_its_port_leaves_the_filter_last() {
+        let mut r = Reconciler::new(4, 8);
+        let mut m = FakeMaps::default();
+        r.apply(&mut m, &[svc("web", 80, &[("198.18.1.2:8080", 1)]), svc("dns", 53, &[("198.18.1.2:5353", 1)])])
+            .unwrap();
+        m.log.clear();
+        let s = r.apply(&mut m, &[svc("web", 80, &[("198.18.1.2:8080", 1)])]).unwrap();
+        assert_eq!(s.removed, 1);
+        assert_eq!(m.log, ["remove service", "ports 0", "ports 1"]);
+        assert!(!m.ports[&PORTS_VIP].contains(53));
+        assert!(m.ports[&PORTS_VIP].contains(80));
+        assert_eq!(m.services.len(), 1);
+    }
+
+    #[test]
+    fn over_capacity_changes_nothing() {
+        let mut r = Reconciler::new(1, 2);
+        let mut m = FakeMaps::default();
+        let e = r
+            .apply(&mut m, &[svc("a", 80, &[]), svc("b", 81, &[])])
+            .unwrap_err();
+        assert!(matches!(e, ReconcileError::TooManyServices { needed: 2, max: 1 }), "{e}");
+        let e = r
+            .apply(&mut m, &[svc("a", 80, &[("198.18.1.2:1", 1), ("198.18.1.3:1", 1), ("198.18.1.4:1", 1)])])
+            .unwrap_err();
+        assert!(matches!(e, ReconcileError::TooManyBackends { needed: 3, max: 2 }), "{e}");
+        assert!(m.log.is_empty(), "{:?}", m.log);
+    }
+
+    #[test]
+    fn ipv6_addresses_keep_their_bytes() {
+        let w = addr_words("2001:db8:ff::1".parse().unwrap());
+        let mut bytes = Vec::new();
+        for x in w {
+            bytes.extend_from_slice(&x.to_ne_bytes());
+        }
+        assert_eq!(bytes[..4], [0x20, 0x01, 0x0d, 0xb8]);
+        assert_eq!(bytes[15], 1);
+    }
+}
