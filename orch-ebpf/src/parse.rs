@@ -93,7 +93,46 @@ impl Packet {
     }
 }
 
+/// The IPv4 header without options (RFC 791), as laid out on the wire.
+#[repr(C)]
+struct Ipv4Hdr {
+    version_ihl: u8,
+    tos: u8,
+    tot_len: u16,
+    id: u16,
+    frag_off: u16,
+    ttl: u8,
+    protocol: u8,
+    check: u16,
+    saddr: u32,
+    daddr: u32,
+}
+
+/// The fixed IPv6 header (RFC 8200).
+#[repr(C)]
+struct Ipv6Hdr {
+    version_flow: u32,
+    payload_len: u16,
+    next_header: u8,
+    hop_limit: u8,
+    saddr: [u32; 4],
+    daddr: [u32; 4],
+}
+
+/// Reads field `$f` of the header at `$p` without copying the whole header (unaligned).
+macro_rules! field {
+    ($p:expr, $f:ident) => {
+        // SAFETY: `$p` came from `ptr_at`, which proved the whole header is in the packet.
+        unsafe { ptr::read_unaligned(ptr::addr_of!((*$p).$f)) }
+    };
+}
+
 /// Parses Ethernet, IP and the L4 ports. `Err` carries the reason to pass the packet.
+///
+/// Order matters for the verifier: the L4 header's bounds are checked with `ptr_at` before
+/// the IP length fields are compared with the packet length. The other way round, LLVM
+/// derives the L4 bounds from that (scalar) comparison and drops the pointer check, and the
+/// verifier, which cannot follow the deduction, rejects the program.
 #[inline(always)]
 pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
     let ethertype = u16::from_be(read::<u16>(ctx, 12).ok_or(Reason::PassTruncated)?);
@@ -111,39 +150,33 @@ fn packet_len(ctx: &XdpContext) -> usize {
 
 #[inline(always)]
 fn parse_v4(ctx: &XdpContext) -> Result<Packet, Reason> {
-    // The whole fixed header must be present before any field is trusted.
-    let hdr = read::<[u8; IPV4_HLEN]>(ctx, ETH_HLEN).ok_or(Reason::PassTruncated)?;
-    let version = hdr[0] >> 4;
-    let ihl = (hdr[0] & 0x0f) as usize;
-    if version != 4 || ihl < 5 {
+    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN).ok_or(Reason::PassTruncated)?;
+    let version_ihl: u8 = field!(ip, version_ihl);
+    let ihl = (version_ihl & 0x0f) as usize;
+    if version_ihl >> 4 != 4 || ihl < 5 {
         return Err(Reason::PassMalformed);
     }
-    let tot_len = u16::from_be_bytes([hdr[2], hdr[3]]);
-    if (tot_len as usize) < ihl * 4 {
+    if u16::from_be(field!(ip, frag_off)) & IP_MF_OFFSET_MASK != 0 {
+        return Err(Reason::PassFragment);
+    }
+    let proto: u8 = field!(ip, protocol);
+    let l4_min = l4_min_len(proto)?;
+    if ihl != 5 {
+        return Err(Reason::PassIpOptions);
+    }
+    let (src_port_be, dst_port_be) = read_l4(ctx, L4_OFF_V4, proto)?;
+    let tot_len = u16::from_be(field!(ip, tot_len));
+    if (tot_len as usize) < IPV4_HLEN + l4_min {
         return Err(Reason::PassMalformed);
     }
     if ETH_HLEN + tot_len as usize > packet_len(ctx) {
         return Err(Reason::PassTruncated);
     }
-    if u16::from_be_bytes([hdr[6], hdr[7]]) & IP_MF_OFFSET_MASK != 0 {
-        return Err(Reason::PassFragment);
-    }
-    let proto = hdr[9];
-    let l4_min = l4_min_len(proto)?;
-    if ihl != 5 {
-        return Err(Reason::PassIpOptions);
-    }
-    if (tot_len as usize) < IPV4_HLEN + l4_min {
-        return Err(Reason::PassMalformed);
-    }
-    let src = u32::from_ne_bytes([hdr[12], hdr[13], hdr[14], hdr[15]]);
-    let dst = u32::from_ne_bytes([hdr[16], hdr[17], hdr[18], hdr[19]]);
-    let (src_port_be, dst_port_be) = read_l4(ctx, L4_OFF_V4, proto)?;
     Ok(Packet {
         v6: false,
         proto,
-        src: v4_mapped(src),
-        dst: v4_mapped(dst),
+        src: v4_mapped(field!(ip, saddr)),
+        dst: v4_mapped(field!(ip, daddr)),
         src_port_be,
         dst_port_be,
         l3_len: tot_len,
@@ -152,18 +185,12 @@ fn parse_v4(ctx: &XdpContext) -> Result<Packet, Reason> {
 
 #[inline(always)]
 fn parse_v6(ctx: &XdpContext) -> Result<Packet, Reason> {
-    let hdr = read::<[u8; 8]>(ctx, ETH_HLEN).ok_or(Reason::PassTruncated)?;
-    if hdr[0] >> 4 != 6 {
+    let ip = ptr_at::<Ipv6Hdr>(ctx, ETH_HLEN).ok_or(Reason::PassTruncated)?;
+    let version_flow: u32 = field!(ip, version_flow);
+    if u32::from_be(version_flow) >> 28 != 6 {
         return Err(Reason::PassMalformed);
     }
-    let payload_len = u16::from_be_bytes([hdr[4], hdr[5]]) as usize;
-    // Addresses follow the first 8 bytes: read them as raw network-order words.
-    let src = read::<[u32; 4]>(ctx, ETH_HLEN + 8).ok_or(Reason::PassTruncated)?;
-    let dst = read::<[u32; 4]>(ctx, ETH_HLEN + 24).ok_or(Reason::PassTruncated)?;
-    if L4_OFF_V6 + payload_len > packet_len(ctx) {
-        return Err(Reason::PassTruncated);
-    }
-    let next = hdr[6];
+    let next: u8 = field!(ip, next_header);
     if next == IPV6_FRAGMENT {
         return Err(Reason::PassFragment);
     }
@@ -171,15 +198,19 @@ fn parse_v6(ctx: &XdpContext) -> Result<Packet, Reason> {
         return Err(Reason::PassIpOptions);
     }
     let l4_min = l4_min_len(next)?;
+    let (src_port_be, dst_port_be) = read_l4(ctx, L4_OFF_V6, next)?;
+    let payload_len = u16::from_be(field!(ip, payload_len)) as usize;
     if payload_len < l4_min {
         return Err(Reason::PassMalformed);
     }
-    let (src_port_be, dst_port_be) = read_l4(ctx, L4_OFF_V6, next)?;
+    if L4_OFF_V6 + payload_len > packet_len(ctx) {
+        return Err(Reason::PassTruncated);
+    }
     Ok(Packet {
         v6: true,
         proto: next,
-        src,
-        dst,
+        src: field!(ip, saddr),
+        dst: field!(ip, daddr),
         src_port_be,
         dst_port_be,
         l3_len: (IPV6_HLEN + payload_len) as u16,
@@ -200,21 +231,21 @@ fn l4_min_len(proto: u8) -> Result<usize, Reason> {
 /// which NAT rewrites) is in the packet.
 #[inline(always)]
 fn read_l4(ctx: &XdpContext, off: usize, proto: u8) -> Result<(u16, u16), Reason> {
-    if proto == IPPROTO_TCP {
-        let tcp = read::<[u8; TCP_HLEN]>(ctx, off).ok_or(Reason::PassTruncated)?;
+    let ports = if proto == IPPROTO_TCP {
+        let tcp = ptr_at::<[u8; TCP_HLEN]>(ctx, off).ok_or(Reason::PassTruncated)?;
+        // SAFETY: ptr_at proved the 20 bytes are in the packet.
+        let data_offset = unsafe { (*tcp)[12] } >> 4;
         // Data offset below 5 words cannot be a TCP header (RFC 9293 section 3.1).
-        if tcp[12] >> 4 < 5 {
+        if data_offset < 5 {
             return Err(Reason::PassMalformed);
         }
-        Ok((
-            u16::from_ne_bytes([tcp[0], tcp[1]]),
-            u16::from_ne_bytes([tcp[2], tcp[3]]),
-        ))
+        tcp.cast::<[u16; 2]>()
     } else {
-        let udp = read::<[u8; UDP_HLEN]>(ctx, off).ok_or(Reason::PassTruncated)?;
-        Ok((
-            u16::from_ne_bytes([udp[0], udp[1]]),
-            u16::from_ne_bytes([udp[2], udp[3]]),
-        ))
-    }
+        ptr_at::<[u8; UDP_HLEN]>(ctx, off)
+            .ok_or(Reason::PassTruncated)?
+            .cast::<[u16; 2]>()
+    };
+    // SAFETY: both branches proved at least 8 bytes at `off`.
+    let [src, dst] = unsafe { ptr::read_unaligned(ports) };
+    Ok((src, dst))
 }
