@@ -182,7 +182,10 @@ mod tests {
         for (i, w) in new.iter().enumerate() {
             bytes[16 + i * 4..16 + i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
         }
-        assert_eq!(updated.to_ne_bytes(), checksum_be(&bytes[16..]).to_be_bytes());
+        assert_eq!(
+            updated.to_ne_bytes(),
+            checksum_be(&bytes[16..]).to_be_bytes()
+        );
     }
 
     #[test]

@@ -276,7 +276,10 @@ mod tests {
         for (i, w) in a.iter().enumerate() {
             bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
         }
-        assert_eq!(bytes, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 198, 19, 0, 1]);
+        assert_eq!(
+            bytes,
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 198, 19, 0, 1]
+        );
         assert!(is_v4_mapped(&a));
         assert!(!is_v4_mapped(&[0, 0, 0, 1]));
     }

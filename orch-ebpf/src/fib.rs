@@ -84,7 +84,11 @@ pub fn redirect(
         let new = u16::from_ne_bytes([ttl - 1, pkt.proto]);
         let check = read::<u16>(ctx, V4_CHECK)?;
         write(ctx, V4_TTL, new);
-        write(ctx, V4_CHECK, Delta::new().replace_u16(old, new).apply(check));
+        write(
+            ctx,
+            V4_CHECK,
+            Delta::new().replace_u16(old, new).apply(check),
+        );
     }
     // SAFETY: a helper taking plain integers.
     Some(unsafe { bpf_redirect(params.ifindex, 0) } as u32)

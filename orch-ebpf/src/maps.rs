@@ -17,8 +17,7 @@ use orch_common::{
 };
 
 #[map(name = "ORCH_SVC_V1")]
-pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
-    HashMap::with_max_entries(MAX_SERVICES, 0);
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entries(MAX_SERVICES, 0);
 
 #[map(name = "ORCH_SLOTS_V1")]
 pub static SLOTS: Array<SlotTable> = Array::with_max_entries(MAX_SERVICES * 2, 0);

@@ -35,13 +35,21 @@ pub fn rewrite(ctx: &XdpContext, pkt: &Packet, side: Side, addr: &[u32; 4], port
         Side::Dst => (&pkt.dst, pkt.dst_port_be),
     };
     let addr_delta = if pkt.v6 {
-        let off = if side == Side::Src { V6_SADDR } else { V6_DADDR };
+        let off = if side == Side::Src {
+            V6_SADDR
+        } else {
+            V6_DADDR
+        };
         if !write(ctx, off, *addr) {
             return false;
         }
         Delta::new().replace_addr(old_addr, addr)
     } else {
-        let off = if side == Side::Src { V4_SADDR } else { V4_DADDR };
+        let off = if side == Side::Src {
+            V4_SADDR
+        } else {
+            V4_DADDR
+        };
         let delta = Delta::new().replace_u32(old_addr[3], addr[3]);
         let Some(check) = read::<u16>(ctx, V4_CHECK) else {
             return false;

@@ -8,8 +8,7 @@ use orch_common::{
 };
 
 use crate::{
-    balance,
-    fib,
+    balance, fib,
     maps::{BACKEND_STATS, CONNTRACK, PORTS, SERVICES, SERVICE_STATS, SETTINGS},
     nat::{self, Side},
     parse::{self, Packet},
@@ -119,10 +118,12 @@ fn forward(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue) -> Result<(u32, R
         c.fwd_packets += 1;
         c.fwd_bytes += bytes;
     });
-    Ok(match fib::redirect(ctx, pkt, &pkt.src, &flow.nat_addr, &settings) {
-        Some(action) => (action, Reason::FwdRedirect),
-        None => (xdp_action::XDP_PASS, Reason::FwdStack),
-    })
+    Ok(
+        match fib::redirect(ctx, pkt, &pkt.src, &flow.nat_addr, &settings) {
+            Some(action) => (action, Reason::FwdRedirect),
+            None => (xdp_action::XDP_PASS, Reason::FwdStack),
+        },
+    )
 }
 
 /// A backend's reply: restore the VIP as the source so the client sees only the VIP.

@@ -144,7 +144,9 @@ fn render(path: &Path, problems: &[Problem]) -> String {
             out.push('\n');
         }
         match p.position {
-            Some((line, col)) => out.push_str(&format!("{}:{line}:{col}: {}", path.display(), p.message)),
+            Some((line, col)) => {
+                out.push_str(&format!("{}:{line}:{col}: {}", path.display(), p.message))
+            }
             None => out.push_str(&format!("{}: {}", path.display(), p.message)),
         }
     }
@@ -212,15 +214,27 @@ impl Config {
             } else if let Some(first) = names.insert(name.clone(), svc.name.span()) {
                 v.at(
                     svc.name.span(),
-                    format!("service name {name:?} is already used at line {}", line_col(text, first.start).0),
+                    format!(
+                        "service name {name:?} is already used at line {}",
+                        line_col(text, first.start).0
+                    ),
                 );
             }
             let vip = *svc.vip.get_ref();
-            if vip.is_unspecified() || vip.is_multicast() || vip == IpAddr::from([255, 255, 255, 255]) {
-                v.at(svc.vip.span(), format!("VIP {vip} cannot receive connections: use a unicast address"));
+            if vip.is_unspecified()
+                || vip.is_multicast()
+                || vip == IpAddr::from([255, 255, 255, 255])
+            {
+                v.at(
+                    svc.vip.span(),
+                    format!("VIP {vip} cannot receive connections: use a unicast address"),
+                );
             }
             if *svc.port.get_ref() == 0 {
-                v.at(svc.port.span(), "port 0 is not a valid service port".to_owned());
+                v.at(
+                    svc.port.span(),
+                    "port 0 is not a valid service port".to_owned(),
+                );
             }
             let addr = ServiceAddr {
                 vip,
@@ -228,7 +242,10 @@ impl Config {
                 protocol: svc.protocol,
             };
             if let Some(other) = addrs.insert(addr, name.clone()) {
-                v.at(svc.vip.span(), format!("{addr} is already the address of service {other:?}"));
+                v.at(
+                    svc.vip.span(),
+                    format!("{addr} is already the address of service {other:?}"),
+                );
             }
             self.validate_backends(svc, &mut v);
             backends_total += svc.backends.len();
@@ -267,10 +284,16 @@ impl Config {
         for b in &svc.backends {
             let addr = *b.address.get_ref();
             if addr.port() == 0 {
-                v.at(b.address.span(), format!("backend {addr}: port 0 is not valid"));
+                v.at(
+                    b.address.span(),
+                    format!("backend {addr}: port 0 is not valid"),
+                );
             }
             if addr.ip().is_unspecified() || addr.ip().is_multicast() {
-                v.at(b.address.span(), format!("backend {addr}: use a unicast address"));
+                v.at(
+                    b.address.span(),
+                    format!("backend {addr}: use a unicast address"),
+                );
             }
             if addr.is_ipv4() != vip.is_ipv4() {
                 v.at(
@@ -279,10 +302,19 @@ impl Config {
                 );
             }
             if !seen.insert(addr) {
-                v.at(b.address.span(), format!("backend {addr} is listed twice in service {name:?}"));
+                v.at(
+                    b.address.span(),
+                    format!("backend {addr} is listed twice in service {name:?}"),
+                );
             }
             if *b.weight.get_ref() > MAX_WEIGHT {
-                v.at(b.weight.span(), format!("weight {} is above the maximum of {MAX_WEIGHT}", b.weight.get_ref()));
+                v.at(
+                    b.weight.span(),
+                    format!(
+                        "weight {} is above the maximum of {MAX_WEIGHT}",
+                        b.weight.get_ref()
+                    ),
+                );
             }
         }
     }
@@ -315,12 +347,18 @@ impl DataplaneConfig {
     fn validate(&self, v: &mut Validator<'_>) {
         let ifaces = self.interfaces.get_ref();
         if ifaces.is_empty() {
-            v.at(self.interfaces.span(), "dataplane.interfaces: name at least one interface to attach to".to_owned());
+            v.at(
+                self.interfaces.span(),
+                "dataplane.interfaces: name at least one interface to attach to".to_owned(),
+            );
         }
         let mut seen = HashSet::new();
         for i in ifaces {
             let name = i.get_ref();
-            if name.is_empty() || name.len() > IFNAME_MAX || name.contains(['/', ' ', '\t', '\n', ':']) {
+            if name.is_empty()
+                || name.len() > IFNAME_MAX
+                || name.contains(['/', ' ', '\t', '\n', ':'])
+            {
                 v.at(i.span(), format!("{name:?} is not a valid interface name (1-{IFNAME_MAX} characters, no '/', ':' or spaces)"));
             } else if !seen.insert(name) {
                 v.at(i.span(), format!("interface {name:?} is listed twice"));
@@ -328,19 +366,38 @@ impl DataplaneConfig {
         }
         let udp = &self.udp_idle_timeout_secs;
         if !(1..=86_400).contains(udp.get_ref()) {
-            v.at(udp.span(), format!("udp_idle_timeout_secs = {} is outside 1..=86400", udp.get_ref()));
+            v.at(
+                udp.span(),
+                format!(
+                    "udp_idle_timeout_secs = {} is outside 1..=86400",
+                    udp.get_ref()
+                ),
+            );
         }
         let ct = &self.conntrack_capacity;
         if !(1024..=1 << 26).contains(ct.get_ref()) {
-            v.at(ct.span(), format!("conntrack_capacity = {} is outside 1024..={}", ct.get_ref(), 1 << 26));
+            v.at(
+                ct.span(),
+                format!(
+                    "conntrack_capacity = {} is outside 1024..={}",
+                    ct.get_ref(),
+                    1 << 26
+                ),
+            );
         }
         let ms = &self.max_services;
         if !(1..=1 << 20).contains(ms.get_ref()) {
-            v.at(ms.span(), format!("max_services = {} is outside 1..={}", ms.get_ref(), 1 << 20));
+            v.at(
+                ms.span(),
+                format!("max_services = {} is outside 1..={}", ms.get_ref(), 1 << 20),
+            );
         }
         let mb = &self.max_backends;
         if !(1..=1 << 22).contains(mb.get_ref()) {
-            v.at(mb.span(), format!("max_backends = {} is outside 1..={}", mb.get_ref(), 1 << 22));
+            v.at(
+                mb.span(),
+                format!("max_backends = {} is outside 1..={}", mb.get_ref(), 1 << 22),
+            );
         }
     }
 }
@@ -452,7 +509,10 @@ backend = [{ address = "[2001:db8:1::2]:8080", weight = 0 }]
     #[test]
     fn unknown_fields_and_protocols_are_rejected() {
         let p = problems("[dataplane]\ninterfaces = [\"ext\"]\ncolour = 1\n");
-        assert!(p[0].starts_with("3:1:") && p[0].contains("unknown field"), "{p:?}");
+        assert!(
+            p[0].starts_with("3:1:") && p[0].contains("unknown field"),
+            "{p:?}"
+        );
         let p = problems("[dataplane]\ninterfaces = [\"e\"]\n[[service]]\nname = \"x\"\nvip = \"198.19.0.1\"\nport = 1\nprotocol = \"sctp\"\n");
         assert!(p[0].contains("unknown variant `sctp`"), "{p:?}");
     }
@@ -513,7 +573,9 @@ protocol = "udp"
 
     #[test]
     fn missing_dataplane_section_is_an_error() {
-        let p = problems("[[service]]\nname = \"x\"\nvip = \"198.19.0.1\"\nport = 1\nprotocol = \"tcp\"\n");
+        let p = problems(
+            "[[service]]\nname = \"x\"\nvip = \"198.19.0.1\"\nport = 1\nprotocol = \"tcp\"\n",
+        );
         assert!(p[0].contains("missing field `dataplane`"), "{p:?}");
     }
 

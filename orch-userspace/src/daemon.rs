@@ -102,7 +102,8 @@ fn raise_memlock_limit() {
     };
     // SAFETY: setrlimit with a valid struct.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
-        warn!(error = %std::io::Error::last_os_error(), "could not raise RLIMIT_MEMLOCK");
+        // Harmless on kernels that account maps to the memory cgroup (5.11 and later).
+        tracing::debug!(error = %std::io::Error::last_os_error(), "could not raise RLIMIT_MEMLOCK");
     }
 }
 

@@ -36,7 +36,10 @@ pub enum DataplaneError {
     #[error("loading the eBPF object failed (is this root, with CAP_BPF and CAP_NET_ADMIN?)")]
     Load(#[source] EbpfError),
     #[error("the eBPF object has no {kind} named {name}")]
-    Missing { kind: &'static str, name: &'static str },
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
     #[error("program {name}: {source}")]
     Program {
         name: &'static str,
@@ -145,7 +148,9 @@ fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
     ebpf: &mut Ebpf,
     name: &'static str,
 ) -> Result<T, DataplaneError> {
-    let map = ebpf.take_map(name).ok_or(DataplaneError::Missing { kind: "map", name })?;
+    let map = ebpf
+        .take_map(name)
+        .ok_or(DataplaneError::Missing { kind: "map", name })?;
     T::try_from(map).map_err(map_err(name))
 }
 
@@ -166,10 +171,14 @@ impl Dataplane {
         for name in [PROGRAM, FLOOR_PROGRAM] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
-                .ok_or(DataplaneError::Missing { kind: "program", name })?
+                .ok_or(DataplaneError::Missing {
+                    kind: "program",
+                    name,
+                })?
                 .try_into()
                 .map_err(|source| DataplaneError::Program { name, source })?;
-            prog.load().map_err(|source| DataplaneError::Program { name, source })?;
+            prog.load()
+                .map_err(|source| DataplaneError::Program { name, source })?;
         }
         let mut dp = Dataplane {
             services: take(&mut ebpf, SERVICES_MAP)?,
@@ -198,7 +207,10 @@ impl Dataplane {
     fn program(&mut self, name: &'static str) -> Result<&mut Xdp, DataplaneError> {
         self.ebpf
             .program_mut(name)
-            .ok_or(DataplaneError::Missing { kind: "program", name })?
+            .ok_or(DataplaneError::Missing {
+                kind: "program",
+                name,
+            })?
             .try_into()
             .map_err(|source| DataplaneError::Program { name, source })
     }
@@ -354,15 +366,23 @@ impl MapWriter for Dataplane {
     type Error = DataplaneError;
 
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError> {
-        self.backends.set(id, backend, 0).map_err(map_err(BACKENDS_MAP))
+        self.backends
+            .set(id, backend, 0)
+            .map_err(map_err(BACKENDS_MAP))
     }
 
     fn set_slot_table(&mut self, index: u32, table: &SlotTable) -> Result<(), DataplaneError> {
         self.slots.set(index, table, 0).map_err(map_err(SLOTS_MAP))
     }
 
-    fn set_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), DataplaneError> {
-        self.services.insert(key, value, 0).map_err(map_err(SERVICES_MAP))
+    fn set_service(
+        &mut self,
+        key: &ServiceKey,
+        value: &ServiceValue,
+    ) -> Result<(), DataplaneError> {
+        self.services
+            .insert(key, value, 0)
+            .map_err(map_err(SERVICES_MAP))
     }
 
     fn remove_service(&mut self, key: &ServiceKey) -> Result<(), DataplaneError> {

@@ -72,7 +72,9 @@ pub fn addr_words(ip: IpAddr) -> [u32; 4] {
         IpAddr::V4(v4) => v4_mapped(u32::from_ne_bytes(v4.octets())),
         IpAddr::V6(v6) => {
             let o = v6.octets();
-            std::array::from_fn(|i| u32::from_ne_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]]))
+            std::array::from_fn(|i| {
+                u32::from_ne_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]])
+            })
         }
     }
 }
@@ -159,7 +161,10 @@ impl Reconciler {
     /// The data-plane id of backend `backend` of the service at `addr`, if installed.
     pub fn backend_id(&self, addr: &ServiceAddr, backend: SocketAddr) -> Option<u32> {
         let svc = self.installed.get(addr)?;
-        svc.backends.iter().find(|(b, _)| b.addr == backend).map(|(_, id)| *id)
+        svc.backends
+            .iter()
+            .find(|(b, _)| b.addr == backend)
+            .map(|(_, id)| *id)
     }
 
     /// Makes the maps hold exactly `desired`. On error nothing was written if the error is a
@@ -174,13 +179,22 @@ impl Reconciler {
 
         // Pre-filter: the union of old and new ports while services change, then the new set.
         let target = port_sets(desired.iter().map(|s| (&s.addr, s.backends.as_slice())));
-        let union = [union(&self.ports[0], &target[0]), union(&self.ports[1], &target[1])];
+        let union = [
+            union(&self.ports[0], &target[0]),
+            union(&self.ports[1], &target[1]),
+        ];
         self.write_ports(w, &union).map_err(write)?;
 
         let mut summary = Summary::default();
         for svc in desired {
             match self.installed.get(&svc.addr) {
-                Some(old) if old.backends.iter().map(|(b, _)| *b).eq(svc.backends.iter().copied()) => {
+                Some(old)
+                    if old
+                        .backends
+                        .iter()
+                        .map(|(b, _)| *b)
+                        .eq(svc.backends.iter().copied()) =>
+                {
                     summary.unchanged += 1;
                     if old.name != svc.name {
                         self.installed.get_mut(&svc.addr).expect("present").name = svc.name.clone();
@@ -221,7 +235,10 @@ impl Reconciler {
     fn check_capacity(&self, desired: &[Service]) -> Result<(), ReconcileError> {
         // Ids of removed services and backends are freed only after the new ones are
         // allocated, so the peak is old + new where they differ.
-        let new_services = desired.iter().filter(|s| !self.installed.contains_key(&s.addr)).count();
+        let new_services = desired
+            .iter()
+            .filter(|s| !self.installed.contains_key(&s.addr))
+            .count();
         let services_peak = self.service_ids.in_use() + new_services;
         if services_peak > self.service_ids.max as usize {
             return Err(ReconcileError::TooManyServices {
@@ -234,7 +251,11 @@ impl Reconciler {
             .iter()
             .map(|s| match self.installed.get(&s.addr) {
                 None => s.backends.len(),
-                Some(old) => s.backends.iter().filter(|b| !old.backends.iter().any(|(o, _)| o.addr == b.addr)).count(),
+                Some(old) => s
+                    .backends
+                    .iter()
+                    .filter(|b| !old.backends.iter().any(|(o, _)| o.addr == b.addr))
+                    .count(),
             })
             .sum();
         if in_use + new_backends > self.backend_ids.max as usize {
@@ -321,7 +342,11 @@ impl Reconciler {
         Ok(())
     }
 
-    fn write_ports<W: MapWriter>(&mut self, w: &mut W, ports: &[PortBitmap; 2]) -> Result<(), W::Error> {
+    fn write_ports<W: MapWriter>(
+        &mut self,
+        w: &mut W,
+        ports: &[PortBitmap; 2],
+    ) -> Result<(), W::Error> {
         for (index, which) in [PORTS_VIP, PORTS_BACKEND].into_iter().enumerate() {
             if self.ports[index] != ports[index] {
                 w.set_ports(which, &ports[index])?;
@@ -332,7 +357,9 @@ impl Reconciler {
     }
 }
 
-fn port_sets<'a>(services: impl Iterator<Item = (&'a ServiceAddr, &'a [Backend])>) -> [PortBitmap; 2] {
+fn port_sets<'a>(
+    services: impl Iterator<Item = (&'a ServiceAddr, &'a [Backend])>,
+) -> [PortBitmap; 2] {
     let mut sets = [PortBitmap::default(), PortBitmap::default()];
     for (addr, backends) in services {
         sets[0].insert(addr.port);
@@ -381,7 +408,8 @@ mod tests {
             Ok(())
         }
         fn set_service(&mut self, k: &ServiceKey, v: &ServiceValue) -> Result<(), Infallible> {
-            self.log.push(format!("service {} table {}", v.id, v.active_table));
+            self.log
+                .push(format!("service {} table {}", v.id, v.active_table));
             self.services.insert(*k, *v);
             Ok(())
         }
@@ -452,11 +480,22 @@ mod tests {
         assert_eq!(s.added, 1);
         assert_eq!(
             m.log,
-            ["ports 0", "ports 1", "backend 0", "backend 1", "slots 0", "service 0 table 0"]
+            [
+                "ports 0",
+                "ports 1",
+                "backend 0",
+                "backend 1",
+                "slots 0",
+                "service 0 table 0"
+            ]
         );
         assert_eq!(
             m.rotation(&web.addr),
-            [sa("198.18.2.2:8080"), sa("198.18.1.2:8080"), sa("198.18.2.2:8080")]
+            [
+                sa("198.18.2.2:8080"),
+                sa("198.18.1.2:8080"),
+                sa("198.18.2.2:8080")
+            ]
         );
         assert!(m.ports[&PORTS_VIP].contains(80));
         assert!(m.ports[&PORTS_BACKEND].contains(8080));
@@ -478,15 +517,25 @@ mod tests {
     fn backend_change_flips_to_the_other_table_and_keeps_ids() {
         let mut r = Reconciler::new(4, 4);
         let mut m = FakeMaps::default();
-        r.apply(&mut m, &[svc("web", 80, &[("198.18.1.2:8080", 1), ("198.18.2.2:8080", 1)])])
-            .unwrap();
+        r.apply(
+            &mut m,
+            &[svc(
+                "web",
+                80,
+                &[("198.18.1.2:8080", 1), ("198.18.2.2:8080", 1)],
+            )],
+        )
+        .unwrap();
         m.log.clear();
         let web = svc("web", 80, &[("198.18.2.2:8080", 1), ("198.18.3.2:8080", 1)]);
         let s = r.apply(&mut m, std::slice::from_ref(&web)).unwrap();
         assert_eq!(s.updated, 1);
         // Only the new backend is written; the table goes to slot table 1, then the flip.
         assert_eq!(m.log, ["backend 2", "slots 1", "service 0 table 1"]);
-        assert_eq!(m.rotation(&web.addr), [sa("198.18.2.2:8080"), sa("198.18.3.2:8080")]);
+        assert_eq!(
+            m.rotation(&web.addr),
+            [sa("198.18.2.2:8080"), sa("198.18.3.2:8080")]
+        );
         assert_eq!(r.backend_id(&web.addr, sa("198.18.2.2:8080")), Some(1));
         // Fresh ids go first (3), the freed id 0 only once the space is used up (capacity 4).
         m.log.clear();
@@ -498,8 +547,11 @@ mod tests {
         r.apply(&mut m, &[more(&[("198.18.4.2:8080", 1)])]).unwrap();
         assert_eq!(m.log, ["backend 3", "slots 0", "service 0 table 0"]);
         m.log.clear();
-        r.apply(&mut m, &[more(&[("198.18.4.2:8080", 1), ("198.18.5.2:8080", 1)])])
-            .unwrap();
+        r.apply(
+            &mut m,
+            &[more(&[("198.18.4.2:8080", 1), ("198.18.5.2:8080", 1)])],
+        )
+        .unwrap();
         assert_eq!(m.log[0], "backend 0");
     }
 
@@ -519,10 +571,18 @@ mod tests {
     fn removed_service_is_deleted_and_its_port_leaves_the_filter_last() {
         let mut r = Reconciler::new(4, 8);
         let mut m = FakeMaps::default();
-        r.apply(&mut m, &[svc("web", 80, &[("198.18.1.2:8080", 1)]), svc("dns", 53, &[("198.18.1.2:5353", 1)])])
-            .unwrap();
+        r.apply(
+            &mut m,
+            &[
+                svc("web", 80, &[("198.18.1.2:8080", 1)]),
+                svc("dns", 53, &[("198.18.1.2:5353", 1)]),
+            ],
+        )
+        .unwrap();
         m.log.clear();
-        let s = r.apply(&mut m, &[svc("web", 80, &[("198.18.1.2:8080", 1)])]).unwrap();
+        let s = r
+            .apply(&mut m, &[svc("web", 80, &[("198.18.1.2:8080", 1)])])
+            .unwrap();
         assert_eq!(s.removed, 1);
         assert_eq!(m.log, ["remove service", "ports 0", "ports 1"]);
         assert!(!m.ports[&PORTS_VIP].contains(53));
@@ -537,11 +597,28 @@ mod tests {
         let e = r
             .apply(&mut m, &[svc("a", 80, &[]), svc("b", 81, &[])])
             .unwrap_err();
-        assert!(matches!(e, ReconcileError::TooManyServices { needed: 2, max: 1 }), "{e}");
+        assert!(
+            matches!(e, ReconcileError::TooManyServices { needed: 2, max: 1 }),
+            "{e}"
+        );
         let e = r
-            .apply(&mut m, &[svc("a", 80, &[("198.18.1.2:1", 1), ("198.18.1.3:1", 1), ("198.18.1.4:1", 1)])])
+            .apply(
+                &mut m,
+                &[svc(
+                    "a",
+                    80,
+                    &[
+                        ("198.18.1.2:1", 1),
+                        ("198.18.1.3:1", 1),
+                        ("198.18.1.4:1", 1),
+                    ],
+                )],
+            )
             .unwrap_err();
-        assert!(matches!(e, ReconcileError::TooManyBackends { needed: 3, max: 2 }), "{e}");
+        assert!(
+            matches!(e, ReconcileError::TooManyBackends { needed: 3, max: 2 }),
+            "{e}"
+        );
         assert!(m.log.is_empty(), "{:?}", m.log);
     }
 

@@ -1,0 +1,16 @@
+//! The test lab shared by orch's end-to-end tests, `cargo xtask run`'s demo and the
+//! benchmarks.
+//!
+//! - [`netns`]: network namespaces that delete themselves, and running code inside them;
+//! - [`lab`]: the topology (client, load balancer, backends), backend servers that answer
+//!   with their own name, clients, and the `orch` daemon process;
+//! - [`privilege`]: the rule for tests that need root: run under CI, skip (saying why)
+//!   elsewhere.
+//!
+//! Addresses come from the benchmarking ranges (198.18.0.0/15, RFC 2544) and the
+//! documentation prefix (2001:db8::/32, RFC 3849), and every link lives inside namespaces the
+//! lab creates, so nothing touches the host's own interfaces.
+
+pub mod lab;
+pub mod netns;
+pub mod privilege;

@@ -1,0 +1,529 @@
+//! The lab: a client, a load balancer and N backends, each in its own network namespace.
+//!
+//! ```text
+//!   client ns               lb ns (orch attached to ext, be1..beN)        backend ns i
+//!  eth0 198.18.0.2 ----- ext 198.18.0.1      be<i> 198.18.<i>.1 ----- eth0 198.18.<i>.2
+//!       2001:db8::2          2001:db8::1           2001:db8:<i>::1          2001:db8:<i>::2
+//!  default via lb                                                     default via lb
+//! ```
+//! VIPs (198.19.0.1, 2001:db8:ff::1) are not assigned to any interface: clients route them to
+//! the load balancer, where XDP translates them. Each backend runs a TCP server (port 8080)
+//! and a UDP server (port 8053) that answer every line or datagram with
+//! `"<backend name> <what was received>"`.
+//!
+//! Veths have TX checksum offload off: packets sent by local sockets would otherwise carry
+//! only a partial checksum, which XDP cannot tell apart from a full one. Receivers of
+//! XDP_REDIRECT have GRO on, which veth needs to accept redirected frames in native mode.
+
+use std::{
+    fmt,
+    io::{self, BufRead, BufReader, Write},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    },
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use crate::netns::{self, Netns};
+
+/// The IPv4 VIP the example config serves.
+pub const VIP4: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
+/// The IPv6 VIP the example config serves.
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 1);
+/// The client's addresses.
+pub const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
+/// Backend server ports.
+pub const TCP_PORT: u16 = 8080;
+pub const UDP_PORT: u16 = 8053;
+/// Prefix of every namespace the lab creates (then the pid, so stale ones can be swept).
+pub const NS_PREFIX: &str = "orcht";
+/// How long one client request may take before it counts as failed.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The IPv4 address of backend `i` (1-based).
+pub fn backend4(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, i as u8, 2)
+}
+
+/// The IPv6 address of backend `i` (1-based).
+pub fn backend6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, i as u16, 0, 0, 0, 0, 2)
+}
+
+/// A backend host.
+#[derive(Debug)]
+pub struct Backend {
+    /// What its servers answer with: `backend-<i>`.
+    pub name: String,
+    pub ns: Netns,
+}
+
+/// The whole topology. Dropping it stops the servers and deletes every namespace (which
+/// removes every link), also when a test panics.
+pub struct Lab {
+    pub client: Netns,
+    pub lb: Netns,
+    pub backends: Vec<Backend>,
+    stop: Arc<AtomicBool>,
+    servers: Vec<JoinHandle<()>>,
+    prefix: String,
+}
+
+impl fmt::Debug for Lab {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lab").field("prefix", &self.prefix).finish()
+    }
+}
+
+static LAB_COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+impl Lab {
+    /// Builds the topology with `backends` backends and starts their servers. `tag` goes
+    /// into the namespace names, which also carry the pid and a counter so labs of parallel
+    /// tests never collide.
+    pub fn new(tag: &str, backends: usize) -> io::Result<Lab> {
+        assert!((1..=200).contains(&backends), "1..=200 backends");
+        netns::sweep_stale(NS_PREFIX);
+        let n = LAB_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("{NS_PREFIX}{}-{n}{tag}-", std::process::id());
+        let client = Netns::create(&format!("{prefix}client"))?;
+        let lb = Netns::create(&format!("{prefix}lb"))?;
+        let mut lab = Lab {
+            client,
+            lb,
+            backends: Vec::new(),
+            stop: Arc::new(AtomicBool::new(false)),
+            servers: Vec::new(),
+            prefix,
+        };
+        lab.lb.sysctl("net.ipv4.ip_forward", "1")?;
+        lab.lb.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        lab.lb.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+        lab.lb.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+
+        link(&lab.lb, "ext", &lab.client, "eth0")?;
+        configure_end(&lab.lb, "ext", "198.18.0.1/24", "2001:db8::1/64")?;
+        configure_end(&lab.client, "eth0", "198.18.0.2/24", "2001:db8::2/64")?;
+        default_routes(&lab.client, "198.18.0.1", "2001:db8::1")?;
+
+        for i in 1..=backends {
+            let name = format!("backend-{i}");
+            let ns = Netns::create(&format!("{}{name}", lab.prefix))?;
+            let lb_if = format!("be{i}");
+            link(&lab.lb, &lb_if, &ns, "eth0")?;
+            configure_end(
+                &lab.lb,
+                &lb_if,
+                &format!("198.18.{i}.1/24"),
+                &format!("2001:db8:{i:x}::1/64"),
+            )?;
+            configure_end(
+                &ns,
+                "eth0",
+                &format!("{}/24", backend4(i)),
+                &format!("{}/64", backend6(i)),
+            )?;
+            default_routes(&ns, &format!("198.18.{i}.1"), &format!("2001:db8:{i:x}::1"))?;
+            let servers = start_servers(&ns, &name, &lab.stop)?;
+            lab.servers.extend(servers);
+            lab.backends.push(Backend { name, ns });
+        }
+        Ok(lab)
+    }
+
+    /// The load balancer's interfaces orch attaches to: `ext` and `be1..beN`.
+    pub fn lb_interfaces(&self) -> Vec<String> {
+        let mut v = vec!["ext".to_owned()];
+        v.extend((1..=self.backends.len()).map(|i| format!("be{i}")));
+        v
+    }
+
+    /// A path for a file that belongs to this lab (config, logs), removed by the caller.
+    pub fn scratch_path(&self, what: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("{}{what}", self.prefix))
+    }
+
+    /// Starts `orch daemon` in the load balancer's namespace with `config` (TOML text) and
+    /// waits until its program is attached to every lab interface.
+    pub fn start_orch(&self, bin: &Path, config: &str) -> io::Result<Orch> {
+        let config_path = self.scratch_path("orch.toml");
+        std::fs::write(&config_path, config)?;
+        let log_path = self.scratch_path("orch.log");
+        let log = std::fs::File::create(&log_path)?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", self.lb.name()])
+            .arg(bin)
+            .args(["daemon", "--config"])
+            .arg(&config_path)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| io::Error::new(e.kind(), format!("starting {}: {e}", bin.display())))?;
+        let mut orch = Orch {
+            child,
+            config_path,
+            log_path,
+            lb: self.lb.name().to_owned(),
+            interfaces: self.lb_interfaces(),
+            exited: None,
+        };
+        orch.wait_attached(Duration::from_secs(20))?;
+        Ok(orch)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.servers.drain(..) {
+            let _ = t.join();
+        }
+        // The namespaces (fields) are deleted after this, which removes every link.
+    }
+}
+
+/// Creates a veth pair with one end in each namespace (never in the host's).
+fn link(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> io::Result<()> {
+    netns::run(
+        "ip",
+        &[
+            "link",
+            "add",
+            "name",
+            a_if,
+            "netns",
+            a.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            b_if,
+            "netns",
+            b.name(),
+        ],
+    )?;
+    Ok(())
+}
+
+fn configure_end(ns: &Netns, ifname: &str, v4: &str, v6: &str) -> io::Result<()> {
+    ns.ip(&["addr", "add", v4, "dev", ifname])?;
+    ns.ip(&["-6", "addr", "add", v6, "dev", ifname, "nodad"])?;
+    ns.ip(&["link", "set", "dev", ifname, "up"])?;
+    // Full checksums on transmit, GRO on receive: see the module docs.
+    ns.exec("ethtool", &["-K", ifname, "tx", "off", "gro", "on"])?;
+    Ok(())
+}
+
+fn default_routes(ns: &Netns, gw4: &str, gw6: &str) -> io::Result<()> {
+    ns.ip(&["route", "add", "default", "via", gw4])?;
+    ns.ip(&["-6", "route", "add", "default", "via", gw6])?;
+    Ok(())
+}
+
+/// Makes blocking `accept`/`recv` return every `timeout` so loops can notice `stop`.
+fn set_recv_timeout(fd: &impl AsRawFd, timeout: Duration) -> io::Result<()> {
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: a valid fd and a timeval of the size we pass.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Binds the backend's servers inside its namespace and serves them on threads.
+fn start_servers(
+    ns: &Netns,
+    name: &str,
+    stop: &Arc<AtomicBool>,
+) -> io::Result<Vec<JoinHandle<()>>> {
+    // `[::]` with the default bindv6only=0 accepts IPv4 too (as IPv4-mapped addresses).
+    let (tcp, udp) = ns.run(|| -> io::Result<(TcpListener, UdpSocket)> {
+        Ok((
+            TcpListener::bind((Ipv6Addr::UNSPECIFIED, TCP_PORT))?,
+            UdpSocket::bind((Ipv6Addr::UNSPECIFIED, UDP_PORT))?,
+        ))
+    })??;
+    set_recv_timeout(&tcp, Duration::from_millis(100))?;
+    udp.set_read_timeout(Some(Duration::from_millis(100)))?;
+
+    let tcp_server = {
+        let (name, stop) = (name.to_owned(), stop.clone());
+        thread::Builder::new()
+            .name(format!("{name}-tcp"))
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match tcp.accept() {
+                        Ok((conn, _)) => {
+                            let name = name.clone();
+                            thread::spawn(move || {
+                                let _ = serve_tcp(conn, &name);
+                            });
+                        }
+                        Err(e) if is_timeout(&e) => {}
+                        Err(_) => thread::sleep(Duration::from_millis(10)),
+                    }
+                }
+            })?
+    };
+    let udp_server = {
+        let (name, stop) = (name.to_owned(), stop.clone());
+        thread::Builder::new()
+            .name(format!("{name}-udp"))
+            .spawn(move || {
+                let mut buf = [0u8; 2048];
+                while !stop.load(Ordering::Relaxed) {
+                    match udp.recv_from(&mut buf) {
+                        Ok((n, from)) => {
+                            let reply =
+                                format!("{name} {}", String::from_utf8_lossy(&buf[..n]).trim_end());
+                            let _ = udp.send_to(reply.as_bytes(), from);
+                        }
+                        Err(e) if is_timeout(&e) => {}
+                        Err(_) => thread::sleep(Duration::from_millis(10)),
+                    }
+                }
+            })?
+    };
+    Ok(vec![tcp_server, udp_server])
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// Answers each line with `"<name> <line>"` until the client closes (or goes quiet).
+fn serve_tcp(conn: TcpStream, name: &str) -> io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut writer = conn.try_clone()?;
+    for line in BufReader::new(conn).lines() {
+        writeln!(writer, "{name} {}", line?)?;
+    }
+    Ok(())
+}
+
+/// A client-side TCP connection speaking the lab's line protocol.
+#[derive(Debug)]
+pub struct LineConn {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl LineConn {
+    /// Connects (must run on a thread inside the client namespace).
+    pub fn connect(addr: SocketAddr) -> io::Result<LineConn> {
+        let s = TcpStream::connect_timeout(&addr, REQUEST_TIMEOUT)?;
+        s.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+        s.set_nodelay(true)?;
+        Ok(LineConn {
+            writer: s.try_clone()?,
+            reader: BufReader::new(s),
+        })
+    }
+
+    /// Sends `line`, returns the backend's name from its answer.
+    pub fn ask(&mut self, line: &str) -> io::Result<String> {
+        writeln!(self.writer, "{line}")?;
+        let mut answer = String::new();
+        if self.reader.read_line(&mut answer)? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed",
+            ));
+        }
+        let (name, echoed) = answer
+            .trim_end()
+            .split_once(' ')
+            .ok_or_else(|| io::Error::other(format!("malformed answer {answer:?}")))?;
+        if echoed != line {
+            return Err(io::Error::other(format!(
+                "answer {answer:?} does not echo {line:?}"
+            )));
+        }
+        Ok(name.to_owned())
+    }
+
+    /// The local address (the client's port identifies the flow).
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.writer.local_addr()
+    }
+
+    /// The address the client is connected to, as its kernel sees it.
+    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
+        self.writer.peer_addr()
+    }
+}
+
+/// One TCP connection, one question: which backend answered.
+pub fn tcp_ask(addr: SocketAddr, line: &str) -> io::Result<String> {
+    LineConn::connect(addr)?.ask(line)
+}
+
+/// Sends one UDP datagram from `sock` to `addr`; returns the backend's name and the address
+/// the answer came from (which must be the VIP, not the backend).
+pub fn udp_ask(sock: &UdpSocket, addr: SocketAddr, line: &str) -> io::Result<(String, SocketAddr)> {
+    sock.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+    sock.send_to(line.as_bytes(), addr)?;
+    let mut buf = [0u8; 2048];
+    let (n, from) = sock.recv_from(&mut buf)?;
+    let answer = String::from_utf8_lossy(&buf[..n]);
+    let (name, echoed) = answer
+        .split_once(' ')
+        .ok_or_else(|| io::Error::other(format!("malformed answer {answer:?}")))?;
+    if echoed != line {
+        return Err(io::Error::other(format!(
+            "answer {answer:?} does not echo {line:?}"
+        )));
+    }
+    Ok((name.to_owned(), from))
+}
+
+/// A UDP socket for the client side, bound to any port of the right family.
+pub fn udp_socket(for_addr: IpAddr) -> io::Result<UdpSocket> {
+    match for_addr {
+        IpAddr::V4(_) => UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)),
+        IpAddr::V6(_) => UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)),
+    }
+}
+
+/// Whether an XDP program is attached to `iface` in namespace `ns`.
+pub fn xdp_attached(ns: &str, iface: &str) -> io::Result<bool> {
+    let out = netns::run("ip", &["-n", ns, "-d", "link", "show", "dev", iface])?;
+    Ok(out.contains("prog/xdp"))
+}
+
+/// A running `orch daemon`. Dropping it stops the daemon (SIGTERM, then SIGKILL) and removes
+/// its config and log files.
+#[derive(Debug)]
+pub struct Orch {
+    child: Child,
+    config_path: PathBuf,
+    log_path: PathBuf,
+    lb: String,
+    interfaces: Vec<String>,
+    exited: Option<ExitStatus>,
+}
+
+impl Orch {
+    /// What the daemon has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    fn wait_attached(&mut self, limit: Duration) -> io::Result<()> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                self.exited = Some(status);
+                return Err(io::Error::other(format!(
+                    "orch exited with {status} before attaching; its log:\n{}",
+                    self.log()
+                )));
+            }
+            let mut all = true;
+            for i in &self.interfaces {
+                all &= xdp_attached(&self.lb, i)?;
+            }
+            if all {
+                return Ok(());
+            }
+            if start.elapsed() > limit {
+                return Err(io::Error::other(format!(
+                    "orch did not attach within {limit:?}; its log:\n{}",
+                    self.log()
+                )));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends SIGTERM and waits (up to 10 s) for the exit status; SIGKILL after that.
+    pub fn stop(&mut self) -> io::Result<ExitStatus> {
+        if let Some(s) = self.exited {
+            return Ok(s);
+        }
+        // SAFETY: signalling our own child, which has not been reaped yet.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if let Some(s) = self.child.try_wait()? {
+                self.exited = Some(s);
+                return Ok(s);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        self.child.kill()?;
+        let s = self.child.wait()?;
+        self.exited = Some(s);
+        Err(io::Error::other(format!(
+            "orch ignored SIGTERM for 10 s; killed ({s})"
+        )))
+    }
+
+    /// The interfaces it was started on, with whether XDP is still attached to each.
+    pub fn attachment(&self) -> io::Result<Vec<(String, bool)>> {
+        self.interfaces
+            .iter()
+            .map(|i| Ok((i.clone(), xdp_attached(&self.lb, i)?)))
+            .collect()
+    }
+}
+
+impl Drop for Orch {
+    fn drop(&mut self) {
+        let _ = self.stop();
+        let _ = std::fs::remove_file(&self.config_path);
+        let _ = std::fs::remove_file(&self.log_path);
+    }
+}
+
+/// The `orch` binary the tests run: `$ORCH_BIN`, or the workspace's debug build.
+pub fn orch_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("ORCH_BIN") {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let bin = target.join("debug/orch");
+    assert!(
+        bin.exists(),
+        "{} not found: build it with `cargo build -p orch-userspace` (`cargo xtask test` does), \
+         or set ORCH_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// The example configuration shipped in the repository, which matches this lab's topology
+/// for three backends.
+pub fn example_config_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo.toml")
+}
