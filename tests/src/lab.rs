@@ -413,6 +413,14 @@ pub fn udp_socket(for_addr: IpAddr) -> io::Result<UdpSocket> {
     }
 }
 
+/// Pins the calling thread to one CPU. orch keeps one round-robin cursor per CPU, so a
+/// client that wants to see a single rotation (the demo, the packet tests) stays on one CPU.
+pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu).map_err(io::Error::from)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).map_err(io::Error::from)
+}
+
 /// Whether an XDP program is attached to `iface` in namespace `ns`.
 pub fn xdp_attached(ns: &str, iface: &str) -> io::Result<bool> {
     let out = netns::run("ip", &["-n", ns, "-d", "link", "show", "dev", iface])?;

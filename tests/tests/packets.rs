@@ -271,9 +271,7 @@ fn test_netns(tag: &str) -> Netns {
 /// Loads the data plane with [`services`] installed; call on the test's namespace thread.
 fn loaded() -> (Dataplane, Reconciler) {
     // The per-CPU cursor starts at the CPU's number: pin to CPU 0 for a known order.
-    let mut cpus = nix::sched::CpuSet::new();
-    cpus.set(0).unwrap();
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus).expect("pinning to CPU 0");
+    orch_tests::lab::pin_current_thread(0).expect("pinning to CPU 0");
     let cap = Capacity::default();
     let mut dp = Dataplane::load(cap).expect("loading the data plane");
     let mut rec = Reconciler::new(cap.max_services, cap.max_backends);

@@ -1,1 +1,66 @@
-fn main() {}
+//! `cargo xtask`: everything a newcomer runs.
+//!
+//! - `cargo xtask run`: install what the build needs, build, and start orch in a demo lab
+//!   (or, with `--config`, on this host's interfaces);
+//! - `cargo xtask test`: every check and every test tier, as CI runs them;
+//! - `cargo xtask prereqs`: only the installation step.
+
+mod prereqs;
+mod run;
+mod test;
+mod util;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, run and test orch")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install missing prerequisites (rust-src, LLVM, bpf-linker, iproute2, ethtool).
+    Prereqs,
+    /// Build orch and run it. Without --config: a demo lab in network namespaces (a client,
+    /// orch, three backends) with traffic that shows connections spread round-robin.
+    Run {
+        /// Run the daemon on this host with this config instead of the demo lab.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Demo only: exit after the demo traffic instead of waiting for Ctrl-C.
+        #[arg(long)]
+        once: bool,
+        /// Build with optimisations.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run formatting and lint checks, then every test tier (unit, packet, end-to-end).
+    Test {
+        /// Skip `cargo fmt --check` and clippy.
+        #[arg(long)]
+        no_lint: bool,
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(last = true)]
+        cargo_args: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Prereqs => prereqs::ensure(),
+        Cmd::Run {
+            config,
+            once,
+            release,
+        } => run::run(config, once, release),
+        Cmd::Test {
+            no_lint,
+            cargo_args,
+        } => test::test(!no_lint, &cargo_args),
+    }
+}
