@@ -88,10 +88,10 @@ pub fn new_flow(key: &FlowKey, svc: &ServiceValue, now: u64) -> Result<FlowValue
     // The reply entry goes in first: once the forward entry exists, later packets of the
     // connection rely on it and the reply must already be translatable.
     CONNTRACK
-        .insert(&reply_key, &reply, 0)
+        .insert(reply_key, reply, 0)
         .map_err(|_| Reason::DropConntrackFull)?;
     CONNTRACK
-        .insert(key, &forward, 0)
+        .insert(key, forward, 0)
         .map_err(|_| Reason::DropConntrackFull)?;
 
     stats::traffic(&SERVICE_STATS, svc.id, |c| c.new_conns += 1);

@@ -58,7 +58,7 @@ fn try_steer(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
             _pad: 0,
         };
         // SAFETY: the value is copied out at once; the daemon replaces whole values.
-        if let Some(svc) = unsafe { SERVICES.get(&key) } {
+        if let Some(svc) = unsafe { SERVICES.get(key) } {
             let svc = *svc;
             return forward(ctx, &pkt, &svc);
         }
@@ -74,7 +74,7 @@ fn try_steer(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
             _pad: 0,
         };
         // SAFETY: copied out at once.
-        if let Some(flow) = unsafe { CONNTRACK.get(&key) } {
+        if let Some(flow) = unsafe { CONNTRACK.get(key) } {
             let flow = *flow;
             return reply(ctx, &pkt, &flow);
         }

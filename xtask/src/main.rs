@@ -10,7 +10,7 @@ mod run;
 mod test;
 mod util;
 
-use std::path::PathBuf;
+use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 
@@ -49,9 +49,9 @@ enum Cmd {
     },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    let result = match cli.command {
         Cmd::Prereqs => prereqs::ensure(),
         Cmd::Run {
             config,
@@ -62,5 +62,13 @@ fn main() -> anyhow::Result<()> {
             no_lint,
             cargo_args,
         } => test::test(!no_lint, &cargo_args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // The whole chain on one line, without a backtrace: each layer says what failed.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
