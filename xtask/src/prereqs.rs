@@ -87,13 +87,19 @@ fn ensure_bpf_linker(llvm: u32) -> anyhow::Result<()> {
         }
     }
     let llvm_bin = format!("/usr/lib/llvm-{llvm}/bin");
-    if !PathBuf::from(&llvm_bin).join("llvm-config").exists() {
-        apt_install(&[
-            &format!("llvm-{llvm}-dev"),
-            &format!("libpolly-{llvm}-dev"),
-            "libzstd-dev",
-            "zlib1g-dev",
-        ])?;
+    let dev_packages = [
+        format!("llvm-{llvm}-dev"),
+        format!("libpolly-{llvm}-dev"),
+        "libzstd-dev".to_owned(),
+        "zlib1g-dev".to_owned(),
+    ];
+    let missing: Vec<&str> = dev_packages
+        .iter()
+        .map(String::as_str)
+        .filter(|p| !deb_installed(p))
+        .collect();
+    if !missing.is_empty() {
+        apt_install(&missing)?;
     }
     eprintln!("    building bpf-linker (about a minute)");
     // bpf-linker's build finds LLVM through llvm-config on PATH; without the versioned
@@ -146,6 +152,18 @@ fn bpf_linker_llvm(path: &std::path::Path) -> Option<u32> {
                 .parse()
                 .ok()
         })
+}
+
+/// Whether a Debian package is installed. Without dpkg, assume it is and let the build say
+/// otherwise.
+fn deb_installed(package: &str) -> bool {
+    if !util::have("dpkg-query") {
+        return true;
+    }
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
 }
 
 /// Installs Debian packages (as root, or through sudo); an error names the exact command.
