@@ -1,1 +1,8 @@
-
+//! orch's benchmarks live in this crate (the benchmark issue): per-packet cost through
+//! BPF_PROG_TEST_RUN against a floor program in the same run, end-to-end throughput and
+//! latency against the peers in the test lab's namespaces, control-plane latencies and memory.
+//!
+//! The pieces they build on already exist: `orch::dataplane::Dataplane::bench_run` runs a
+//! packet N times through the balancer or through the `orch_floor` program (one per-CPU
+//! counter increment, XDP_PASS), and `orch_tests::lab` builds the namespaces. No benchmark is
+//! implemented yet.

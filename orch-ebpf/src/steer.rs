@@ -2,7 +2,10 @@
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use orch_common::{
-    maps::{FlowKey, FlowValue, ServiceKey, ServiceValue, Settings, DIR_FORWARD, DIR_REPLY},
+    maps::{
+        FlowKey, FlowValue, ServiceKey, ServiceValue, Settings, TrafficCounters, DIR_FORWARD,
+        DIR_REPLY,
+    },
     maps::{PORTS_BACKEND, PORTS_VIP},
     Reason,
 };
@@ -109,21 +112,15 @@ fn forward(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue) -> Result<(u32, R
     if !nat::rewrite(ctx, pkt, Side::Dst, &flow.nat_addr, flow.nat_port_be) {
         return Err(Reason::DropInternal);
     }
-    let bytes = pkt.l3_len as u64;
-    stats::traffic(&SERVICE_STATS, flow.service_id, |c| {
-        c.fwd_packets += 1;
-        c.fwd_bytes += bytes;
-    });
-    stats::traffic(&BACKEND_STATS, flow.backend_id, |c| {
-        c.fwd_packets += 1;
-        c.fwd_bytes += bytes;
-    });
-    Ok(
-        match fib::redirect(ctx, pkt, &pkt.src, &flow.nat_addr, &settings) {
-            Some(action) => (action, Reason::FwdRedirect),
-            None => (xdp_action::XDP_PASS, Reason::FwdStack),
-        },
-    )
+    Ok(deliver(
+        ctx,
+        pkt,
+        &flow,
+        &pkt.src,
+        &flow.nat_addr,
+        &settings,
+        false,
+    ))
 }
 
 /// A backend's reply: restore the VIP as the source so the client sees only the VIP.
@@ -132,19 +129,48 @@ fn reply(ctx: &XdpContext, pkt: &Packet, flow: &FlowValue) -> Result<(u32, Reaso
     if !nat::rewrite(ctx, pkt, Side::Src, &flow.nat_addr, flow.nat_port_be) {
         return Err(Reason::DropInternal);
     }
+    Ok(deliver(
+        ctx,
+        pkt,
+        flow,
+        &flow.nat_addr,
+        &pkt.dst,
+        &settings(),
+        true,
+    ))
+}
+
+/// Counts a translated packet (now from `src` to `dst`) for its service and backend, then
+/// forwards it: redirected when the FIB knows the way, otherwise to the kernel stack.
+#[inline(always)]
+fn deliver(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    flow: &FlowValue,
+    src: &[u32; 4],
+    dst: &[u32; 4],
+    settings: &Settings,
+    reply: bool,
+) -> (u32, Reason) {
     let bytes = pkt.l3_len as u64;
-    stats::traffic(&SERVICE_STATS, flow.service_id, |c| {
-        c.reply_packets += 1;
-        c.reply_bytes += bytes;
-    });
-    stats::traffic(&BACKEND_STATS, flow.backend_id, |c| {
-        c.reply_packets += 1;
-        c.reply_bytes += bytes;
-    });
-    Ok(
-        match fib::redirect(ctx, pkt, &flow.nat_addr, &pkt.dst, &settings()) {
-            Some(action) => (action, Reason::ReplyRedirect),
-            None => (xdp_action::XDP_PASS, Reason::ReplyStack),
-        },
-    )
+    let count = |c: &mut TrafficCounters| {
+        if reply {
+            c.reply_packets += 1;
+            c.reply_bytes += bytes;
+        } else {
+            c.fwd_packets += 1;
+            c.fwd_bytes += bytes;
+        }
+    };
+    stats::traffic(&SERVICE_STATS, flow.service_id, count);
+    stats::traffic(&BACKEND_STATS, flow.backend_id, count);
+    let (redirected, stacked) = if reply {
+        (Reason::ReplyRedirect, Reason::ReplyStack)
+    } else {
+        (Reason::FwdRedirect, Reason::FwdStack)
+    };
+    match fib::redirect(ctx, pkt, src, dst, settings) {
+        Some(action) => (action, redirected),
+        None => (xdp_action::XDP_PASS, stacked),
+    }
 }

@@ -144,6 +144,16 @@ fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
     move |source| DataplaneError::Map { name, source }
 }
 
+fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DataplaneError> {
+    ebpf.program_mut(name)
+        .ok_or(DataplaneError::Missing {
+            kind: "program",
+            name,
+        })?
+        .try_into()
+        .map_err(|source| DataplaneError::Program { name, source })
+}
+
 fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
     ebpf: &mut Ebpf,
     name: &'static str,
@@ -169,15 +179,8 @@ impl Dataplane {
             .load(OBJECT)
             .map_err(DataplaneError::Load)?;
         for name in [PROGRAM, FLOOR_PROGRAM] {
-            let prog: &mut Xdp = ebpf
-                .program_mut(name)
-                .ok_or(DataplaneError::Missing {
-                    kind: "program",
-                    name,
-                })?
-                .try_into()
-                .map_err(|source| DataplaneError::Program { name, source })?;
-            prog.load()
+            xdp_program(&mut ebpf, name)?
+                .load()
                 .map_err(|source| DataplaneError::Program { name, source })?;
         }
         let mut dp = Dataplane {
@@ -205,14 +208,7 @@ impl Dataplane {
     }
 
     fn program(&mut self, name: &'static str) -> Result<&mut Xdp, DataplaneError> {
-        self.ebpf
-            .program_mut(name)
-            .ok_or(DataplaneError::Missing {
-                kind: "program",
-                name,
-            })?
-            .try_into()
-            .map_err(|source| DataplaneError::Program { name, source })
+        xdp_program(&mut self.ebpf, name)
     }
 
     /// Attaches the balancer to `iface`.
