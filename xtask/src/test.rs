@@ -51,15 +51,46 @@ pub fn test(lint: bool, cargo_args: &[String]) -> anyhow::Result<()> {
             "note: not root, so the packet and end-to-end tests will skip; run `sudo -E cargo xtask test` for all tiers"
         );
     }
-    step(
+    let (passed, failed) = step(
         "cargo test: unit, packet (BPF_PROG_TEST_RUN) and end-to-end (netns) tiers",
-        || {
-            util::run(
-                util::cargo()
-                    .arg("test")
-                    .args(cargo_args)
-                    .env("ORCH_BIN", &bin),
-            )
-        },
-    )
+        || cargo_test(cargo_args, &bin),
+    )?;
+    // One closing line over every test binary (cargo prints one per binary).
+    println!("tests: {passed} passed, {failed} failed");
+    Ok(())
+}
+
+/// Runs `cargo test`, echoing its output, and adds up the per-binary results.
+fn cargo_test(cargo_args: &[String], bin: &std::path::Path) -> anyhow::Result<(u64, u64)> {
+    use std::io::{BufRead, BufReader};
+    let mut child = util::cargo()
+        .arg("test")
+        .args(cargo_args)
+        .env("ORCH_BIN", bin)
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let (mut passed, mut failed) = (0, 0);
+    let stdout = child.stdout.take().expect("piped stdout");
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        // "test result: ok. 9 passed; 0 failed; 0 ignored; ..."
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(['.', ';']) {
+                let mut words = part.split_whitespace();
+                if let (Some(n), Some(what)) = (words.next(), words.next()) {
+                    match (n.parse::<u64>(), what) {
+                        (Ok(n), "passed") => passed += n,
+                        (Ok(n), "failed") => failed += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("cargo test failed ({status}): {failed} failed, {passed} passed");
+    }
+    Ok((passed, failed))
 }
