@@ -117,6 +117,9 @@ pub const fn slot_table_index(service_id: u32, table: u32) -> u32 {
     service_id * 2 + (table & 1)
 }
 
+/// [`Backend::service_id`] of an entry no service uses.
+pub const NO_SERVICE: u32 = u32::MAX;
+
 /// A backend: where the data plane sends a connection.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -126,10 +129,27 @@ pub struct Backend {
     /// Port, network order.
     pub port_be: u16,
     pub _pad: u16,
-    /// The service this backend belongs to (for counters and sanity checks).
+    /// The service this backend belongs to (for counters and sanity checks), or
+    /// [`NO_SERVICE`] for a free entry. A restarted daemon rebuilds its view of which
+    /// backends each service has from this field.
     pub service_id: u32,
 }
 const _: () = assert!(size_of::<Backend>() == 24);
+
+impl Backend {
+    /// The value of a free entry.
+    pub const FREE: Backend = Backend {
+        addr: [0; 4],
+        port_be: 0,
+        _pad: 0,
+        service_id: NO_SERVICE,
+    };
+
+    /// Whether a service uses this entry (written entries always have a non-zero port).
+    pub const fn in_use(&self) -> bool {
+        self.port_be != 0 && self.service_id != NO_SERVICE
+    }
+}
 
 /// Direction of a connection-table entry.
 pub const DIR_FORWARD: u8 = 0;

@@ -16,11 +16,9 @@ use std::{
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::model::{Backend, Protocol, Service, ServiceAddr};
-
-/// Largest accepted backend weight: weights are relative, and this leaves room to express
-/// any ratio an operator needs without overflowing the table arithmetic.
-pub const MAX_WEIGHT: u32 = 10_000;
+use crate::model::{
+    self, AdminState, Backend, Protocol, Service, ServiceAddr, MAX_BACKENDS_PER_SERVICE,
+};
 /// Longest interface name Linux accepts (IFNAMSIZ - 1).
 const IFNAME_MAX: usize = 15;
 
@@ -29,8 +27,47 @@ const IFNAME_MAX: usize = 15;
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub dataplane: DataplaneConfig,
+    #[serde(default)]
+    pub registry: RegistryConfig,
+    #[serde(default)]
+    pub api: ApiConfig,
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceConfig>,
+    /// The file's text and path, to place problems found after parsing.
+    #[serde(skip)]
+    source: (PathBuf, String),
+}
+
+/// `[registry]`: where services registered through the CLI are kept.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// The SQLite database (created with its directory when missing).
+    pub path: PathBuf,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            path: PathBuf::from("/var/lib/orch/registry.db"),
+        }
+    }
+}
+
+/// `[api]`: the local admin API the CLI talks to.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// The Unix socket (mode 0660, group `orch` when that group exists).
+    pub socket: PathBuf,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            socket: PathBuf::from(crate::api::DEFAULT_SOCKET),
+        }
+    }
 }
 
 /// `[dataplane]`: where and how the XDP program runs.
@@ -60,6 +97,10 @@ pub struct DataplaneConfig {
     /// Capacity of the backend maps (over all services).
     #[serde(default = "default_max_backends")]
     pub max_backends: Spanned<u32>,
+    /// Directory on bpffs where maps and links are pinned so that the data plane outlives
+    /// daemon restarts. Under /sys/fs/bpf, bpffs is mounted when missing.
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: Spanned<PathBuf>,
 }
 
 /// XDP attach mode.
@@ -92,6 +133,9 @@ pub struct BackendConfig {
     pub address: Spanned<SocketAddr>,
     #[serde(default = "default_weight")]
     pub weight: Spanned<u32>,
+    /// `active` (default), `draining` (no new connections) or `disabled`.
+    #[serde(default)]
+    pub state: AdminState,
 }
 
 fn default_true() -> bool {
@@ -108,6 +152,9 @@ fn default_max_services() -> Spanned<u32> {
 }
 fn default_max_backends() -> Spanned<u32> {
     Spanned::new(0..0, orch_common::MAX_BACKENDS)
+}
+fn default_pin_dir() -> Spanned<PathBuf> {
+    Spanned::new(0..0, PathBuf::from("/sys/fs/bpf/orch"))
 }
 fn default_weight() -> Spanned<u32> {
     Spanned::new(0..0, 1)
@@ -187,9 +234,55 @@ impl Config {
         })?;
         let problems = config.validate(text);
         if problems.is_empty() {
+            let mut config = config;
+            config.source = (path.to_owned(), text.to_owned());
             Ok(config)
         } else {
             Err(invalid(problems))
+        }
+    }
+
+    /// Checks the file's services against services registered elsewhere (the registry):
+    /// each name and each VIP:port/protocol belongs to one source only.
+    pub fn check_against(&self, registered: &[Service]) -> Result<(), ConfigError> {
+        let (path, text) = &self.source;
+        let mut v = Validator {
+            text,
+            problems: Vec::new(),
+        };
+        for svc in &self.services {
+            let name = svc.name.get_ref();
+            if registered.iter().any(|r| &r.name == name) {
+                v.at(
+                    svc.name.span(),
+                    format!("service name {name:?} is already registered through the CLI; remove it there first (orch service rm {name}) or rename this one"),
+                );
+            }
+            let addr = ServiceAddr {
+                vip: *svc.vip.get_ref(),
+                port: *svc.port.get_ref(),
+                protocol: svc.protocol,
+            };
+            if let Some(r) = registered
+                .iter()
+                .find(|r| r.addr == addr && &r.name != name)
+            {
+                v.at(
+                    svc.vip.span(),
+                    format!(
+                        "{addr} is already the address of service {:?}, registered through the CLI",
+                        r.name
+                    ),
+                );
+            }
+        }
+        if v.problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid {
+                path: path.clone(),
+                problems: v.problems,
+            })
         }
     }
 
@@ -206,11 +299,8 @@ impl Config {
         let mut backends_total = 0usize;
         for svc in &self.services {
             let name = svc.name.get_ref();
-            if !valid_name(name) {
-                v.at(
-                    svc.name.span(),
-                    format!("service name {name:?} must be 1-63 characters of a-z, A-Z, 0-9, '.', '_', '-'"),
-                );
+            if let Err(e) = model::check_name(name) {
+                v.at(svc.name.span(), e);
             } else if let Some(first) = names.insert(name.clone(), svc.name.span()) {
                 v.at(
                     svc.name.span(),
@@ -221,20 +311,11 @@ impl Config {
                 );
             }
             let vip = *svc.vip.get_ref();
-            if vip.is_unspecified()
-                || vip.is_multicast()
-                || vip == IpAddr::from([255, 255, 255, 255])
-            {
-                v.at(
-                    svc.vip.span(),
-                    format!("VIP {vip} cannot receive connections: use a unicast address"),
-                );
+            if let Err(e) = model::check_vip(vip) {
+                v.at(svc.vip.span(), e);
             }
-            if *svc.port.get_ref() == 0 {
-                v.at(
-                    svc.port.span(),
-                    "port 0 is not a valid service port".to_owned(),
-                );
+            if let Err(e) = model::check_port(*svc.port.get_ref()) {
+                v.at(svc.port.span(), e);
             }
             let addr = ServiceAddr {
                 vip,
@@ -270,36 +351,20 @@ impl Config {
     fn validate_backends(&self, svc: &ServiceConfig, v: &mut Validator<'_>) {
         let vip = *svc.vip.get_ref();
         let name = svc.name.get_ref();
-        if svc.backends.len() > orch_common::SLOTS_PER_TABLE as usize {
+        if svc.backends.len() > MAX_BACKENDS_PER_SERVICE {
             v.at(
                 svc.name.span(),
                 format!(
-                    "service {name:?} has {} backends; at most {} are supported",
+                    "service {name:?} has {} backends; at most {MAX_BACKENDS_PER_SERVICE} are supported",
                     svc.backends.len(),
-                    orch_common::SLOTS_PER_TABLE
                 ),
             );
         }
         let mut seen = HashSet::new();
         for b in &svc.backends {
             let addr = *b.address.get_ref();
-            if addr.port() == 0 {
-                v.at(
-                    b.address.span(),
-                    format!("backend {addr}: port 0 is not valid"),
-                );
-            }
-            if addr.ip().is_unspecified() || addr.ip().is_multicast() {
-                v.at(
-                    b.address.span(),
-                    format!("backend {addr}: use a unicast address"),
-                );
-            }
-            if addr.is_ipv4() != vip.is_ipv4() {
-                v.at(
-                    b.address.span(),
-                    format!("backend {addr} is not of the same IP family as VIP {vip}; NAT mode cannot translate between IPv4 and IPv6"),
-                );
+            for problem in model::check_backend(vip, addr) {
+                v.at(b.address.span(), problem);
             }
             if !seen.insert(addr) {
                 v.at(
@@ -307,14 +372,8 @@ impl Config {
                     format!("backend {addr} is listed twice in service {name:?}"),
                 );
             }
-            if *b.weight.get_ref() > MAX_WEIGHT {
-                v.at(
-                    b.weight.span(),
-                    format!(
-                        "weight {} is above the maximum of {MAX_WEIGHT}",
-                        b.weight.get_ref()
-                    ),
-                );
+            if let Err(e) = model::check_weight(*b.weight.get_ref()) {
+                v.at(b.weight.span(), e);
             }
         }
     }
@@ -336,6 +395,7 @@ impl Config {
                     .map(|b| Backend {
                         addr: *b.address.get_ref(),
                         weight: *b.weight.get_ref(),
+                        state: b.state,
                     })
                     .collect(),
             })
@@ -419,13 +479,6 @@ impl Validator<'_> {
             message,
         });
     }
-}
-
-fn valid_name(name: &str) -> bool {
-    (1..=63).contains(&name.len())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 /// 1-based line and column (in characters) of byte `offset` in `text`.

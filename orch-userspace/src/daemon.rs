@@ -1,19 +1,37 @@
-//! The daemon: load the data plane, install the configured services, attach, and wait for a
-//! signal to detach and exit.
+//! The daemon: one event loop that owns the data plane, the registry and the config.
 //!
-//! Later issues add the registry, health checks and hot reload around the same core: the
-//! reconciler stays the only writer of the service maps.
+//! Start: load the config, open the registry, open the data plane on its pins (adopting a
+//! running one), reconcile the desired services (file + registry) into the maps, attach.
+//! Then one loop serves, one at a time: admin API requests, config file changes (watched,
+//! and SIGHUP), and SIGINT/SIGTERM. Because one task does all of it, the reconciler stays the
+//! only writer of the maps without any lock.
+//!
+//! Exit leaves the data plane running (pinned maps and links): established and new
+//! connections keep flowing while the daemon is stopped or upgraded. `--detach-on-exit`
+//! removes everything instead.
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
 
 use orch_common::maps::Settings;
-use tokio::signal::unix::{signal, SignalKind};
-use tracing::{info, warn};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::mpsc,
+};
+use tracing::{error, info, warn};
 
 use crate::{
+    api::{
+        self, ApiError, ApiServerError, BackendInfo, BackendRow, ErrorKind, Reply, Request,
+        ServiceInfo, Source, StatusInfo,
+    },
     config::{Config, ConfigError, XdpModeConfig},
     dataplane::{self, AttachMode, Capacity, Dataplane, DataplaneError},
+    model::{AdminState, Backend, Service, ServiceAddr},
     reconcile::{ReconcileError, Reconciler},
+    registry::{Change, Registry, RegistryError},
 };
 
 /// Why the daemon stopped with an error.
@@ -23,8 +41,12 @@ pub enum DaemonError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
     #[error("installing the configured services failed")]
     Reconcile(#[from] ReconcileError),
+    #[error(transparent)]
+    Api(#[from] ApiServerError),
     #[error("installing a signal handler failed")]
     Signal(#[source] std::io::Error),
 }
@@ -33,54 +55,513 @@ pub enum DaemonError {
 #[derive(Clone, Debug)]
 pub struct Options {
     pub config: PathBuf,
+    /// Detach and remove every pin on exit instead of leaving the data plane running.
+    pub detach_on_exit: bool,
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.
 pub async fn run(opts: &Options) -> Result<(), DaemonError> {
     let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(DaemonError::Signal)?;
 
-    let mut dp = start(&opts.config)?;
-    tokio::select! {
-        _ = sigint.recv() => info!("SIGINT received, shutting down"),
-        _ = sigterm.recv() => info!("SIGTERM received, shutting down"),
+    let mut d = Daemon::start(&opts.config)?;
+    let socket = d.config.api.socket.clone();
+    let listener = api::bind(&socket)?;
+    let (calls_tx, mut calls) = mpsc::channel(64);
+    let server = tokio::spawn(api::serve(listener, calls_tx));
+    let (changed_tx, mut changed) = mpsc::channel(1);
+    let _watcher = watch(&opts.config, changed_tx)
+        .inspect_err(|e| warn!(error = %e, "cannot watch the config file; reload with SIGHUP"))
+        .ok();
+    info!("orch is ready");
+
+    loop {
+        tokio::select! {
+            Some((request, reply)) = calls.recv() => {
+                let _ = reply.send(d.handle(request));
+            }
+            Some(()) = changed.recv() => {
+                // Editors save in several steps (truncate, write, rename): let them finish.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                while changed.try_recv().is_ok() {}
+                d.reload("the file changed");
+            }
+            _ = sighup.recv() => d.reload("SIGHUP"),
+            _ = sigint.recv() => { info!("SIGINT received, shutting down"); break; }
+            _ = sigterm.recv() => { info!("SIGTERM received, shutting down"); break; }
+        }
     }
-    dp.detach_all();
-    log_totals(&dp);
+    server.abort();
+    if let Err(e) = std::fs::remove_file(&socket) {
+        warn!(socket = %socket.display(), error = %e, "removing the admin socket failed");
+    }
+    log_totals(&d.dp);
+    if opts.detach_on_exit {
+        d.dp.detach_all();
+        d.dp.remove_pins();
+    } else {
+        info!(
+            pin_dir = %d.config.dataplane.pin_dir.get_ref().display(),
+            "the data plane keeps running; the next daemon takes it over"
+        );
+    }
     Ok(())
 }
 
-/// Loads the config and the data plane, installs the services and attaches. On error,
-/// whatever was attached is detached again (the data plane's `Drop`).
-pub fn start(config_path: &Path) -> Result<Dataplane, DaemonError> {
-    let config = Config::load(config_path)?;
-    raise_memlock_limit();
-    let d = &config.dataplane;
-    let capacity = Capacity {
-        max_services: *d.max_services.get_ref(),
-        max_backends: *d.max_backends.get_ref(),
-        conntrack: *d.conntrack_capacity.get_ref(),
-    };
-    let mut dp = Dataplane::load(capacity)?;
-    dp.set_settings(&settings(&config))?;
+/// Everything the daemon owns.
+pub struct Daemon {
+    config_path: PathBuf,
+    config: Config,
+    dp: Dataplane,
+    reconciler: Reconciler,
+    registry: Registry,
+    started: Instant,
+    reloads: u64,
+    reload_failures: u64,
+    last_reload_error: Option<String>,
+}
 
-    let mut reconciler = Reconciler::new(capacity.max_services, capacity.max_backends);
-    let summary = reconciler.apply(&mut dp, &config.services())?;
+impl Daemon {
+    /// Loads the config, the registry and the data plane, installs the services and
+    /// attaches. On error nothing new stays attached.
+    pub fn start(config_path: &Path) -> Result<Daemon, DaemonError> {
+        let config = Config::load(config_path)?;
+        let registry = Registry::open(&config.registry.path)?;
+        let registered: Vec<Service> = registry.services().cloned().collect();
+        config.check_against(&registered)?;
+        raise_memlock_limit();
 
-    let mode = match d.xdp_mode {
-        XdpModeConfig::Auto => AttachMode::Auto,
-        XdpModeConfig::Native => AttachMode::Native,
-        XdpModeConfig::Generic => AttachMode::Generic,
-    };
-    for iface in d.interfaces.get_ref() {
-        dp.attach(iface.get_ref(), mode)?;
+        let d = &config.dataplane;
+        let capacity = Capacity {
+            max_services: *d.max_services.get_ref(),
+            max_backends: *d.max_backends.get_ref(),
+            conntrack: *d.conntrack_capacity.get_ref(),
+        };
+        let mut dp = Dataplane::open(capacity, d.pin_dir.get_ref())?;
+        dp.set_settings(&settings(&config))?;
+        let mut reconciler = if dp.adopted() {
+            Reconciler::adopt(capacity.max_services, capacity.max_backends, &dp)?
+        } else {
+            Reconciler::new(capacity.max_services, capacity.max_backends)
+        };
+        let summary = reconciler.apply(&mut dp, &desired(&config, &registered))?;
+        let mut daemon = Daemon {
+            config_path: config_path.to_owned(),
+            config,
+            dp,
+            reconciler,
+            registry,
+            started: Instant::now(),
+            reloads: 0,
+            reload_failures: 0,
+            last_reload_error: None,
+        };
+        daemon.attach()?;
+        info!(
+            services = daemon.reconciler.len(),
+            added = summary.added,
+            updated = summary.updated,
+            removed = summary.removed,
+            unchanged = summary.unchanged,
+            adopted = daemon.dp.adopted(),
+            interfaces = ?daemon.dp.attached().collect::<Vec<_>>(),
+            "data plane in place"
+        );
+        Ok(daemon)
     }
-    info!(
-        services = summary.added,
-        interfaces = ?dp.attached().collect::<Vec<_>>(),
-        "orch is ready"
+
+    fn attach(&mut self) -> Result<(), DataplaneError> {
+        let d = &self.config.dataplane;
+        let mode = match d.xdp_mode {
+            XdpModeConfig::Auto => AttachMode::Auto,
+            XdpModeConfig::Native => AttachMode::Native,
+            XdpModeConfig::Generic => AttachMode::Generic,
+        };
+        let wanted: Vec<String> = d
+            .interfaces
+            .get_ref()
+            .iter()
+            .map(|i| i.get_ref().clone())
+            .collect();
+        for iface in &wanted {
+            if !self.dp.attached().any(|a| a == iface) {
+                self.dp.attach(iface, mode)?;
+            }
+        }
+        self.dp.detach_others(&wanted);
+        Ok(())
+    }
+
+    /// Re-reads the config file and applies it as a diff; an invalid file changes nothing.
+    pub fn reload(&mut self, why: &str) {
+        match self.try_reload() {
+            Ok(summary) => {
+                self.reloads += 1;
+                self.last_reload_error = None;
+                info!(
+                    trigger = why,
+                    added = summary.added,
+                    updated = summary.updated,
+                    removed = summary.removed,
+                    unchanged = summary.unchanged,
+                    "config reloaded"
+                );
+            }
+            Err(e) => {
+                self.reload_failures += 1;
+                let text = format!("{e:#}");
+                error!(
+                    trigger = why,
+                    "config reload rejected, the running state is unchanged:\n{text}"
+                );
+                self.last_reload_error = Some(text);
+            }
+        }
+    }
+
+    fn try_reload(&mut self) -> anyhow::Result<crate::reconcile::Summary> {
+        let next = Config::load(&self.config_path)?;
+        let registered: Vec<Service> = self.registry.services().cloned().collect();
+        next.check_against(&registered)?;
+        let desired = desired(&next, &registered);
+        self.reconciler.check(&desired)?;
+        for (what, old, new) in restart_only(&self.config, &next) {
+            warn!(
+                setting = what,
+                running = old,
+                file = new,
+                "this setting takes effect at the next restart; keeping the running value"
+            );
+        }
+        self.dp.set_settings(&settings(&next))?;
+        let summary = self.reconciler.apply(&mut self.dp, &desired)?;
+        // Keep what cannot change while running, take the rest.
+        let mut next = next;
+        next.dataplane.max_services = self.config.dataplane.max_services.clone();
+        next.dataplane.max_backends = self.config.dataplane.max_backends.clone();
+        next.dataplane.conntrack_capacity = self.config.dataplane.conntrack_capacity.clone();
+        next.dataplane.pin_dir = self.config.dataplane.pin_dir.clone();
+        next.registry = std::mem::take(&mut self.config.registry);
+        next.api = std::mem::take(&mut self.config.api);
+        self.config = next;
+        self.attach()?;
+        Ok(summary)
+    }
+
+    /// Serves one admin API request.
+    pub fn handle(&mut self, request: Request) -> Result<Reply, ApiError> {
+        match request {
+            Request::Status => Ok(Reply::Status(self.status())),
+            Request::ServiceList => Ok(Reply::Services(
+                self.all_services()
+                    .map(|(s, src)| self.info(s, src))
+                    .collect(),
+            )),
+            Request::ServiceShow { name } => self
+                .all_services()
+                .find(|(s, _)| s.name == name)
+                .map(|(s, src)| Reply::Service(self.info(s, src)))
+                .ok_or_else(|| not_found(format!("no service named {name:?}"))),
+            Request::BackendList { service } => {
+                if let Some(name) = &service {
+                    if !self.all_services().any(|(s, _)| &s.name == name) {
+                        return Err(not_found(format!("no service named {name:?}")));
+                    }
+                }
+                Ok(Reply::Backends(
+                    self.all_services()
+                        .filter(|(s, _)| service.as_ref().is_none_or(|n| *n == s.name))
+                        .flat_map(|(s, src)| {
+                            let info = self.info(s, src);
+                            let name = info.name.clone();
+                            info.backends.into_iter().map(move |b| BackendRow {
+                                service: name.clone(),
+                                backend: b,
+                            })
+                        })
+                        .collect(),
+                ))
+            }
+            Request::ServiceAdd {
+                name,
+                vip,
+                port,
+                protocol,
+                backends,
+            } => self.change(Change::AddService(Service {
+                name,
+                addr: ServiceAddr {
+                    vip,
+                    port,
+                    protocol,
+                },
+                backends: backends
+                    .into_iter()
+                    .map(|b| Backend::new(b.address, b.weight))
+                    .collect(),
+            })),
+            Request::ServiceRm { name } => self.change(Change::RemoveService { name }),
+            Request::BackendAdd {
+                service,
+                address,
+                weight,
+            } => self.change(Change::AddBackend {
+                service,
+                backend: Backend::new(address, weight),
+            }),
+            Request::BackendRm { service, address } => self.change(Change::RemoveBackend {
+                service,
+                addr: address,
+            }),
+            Request::BackendSetState {
+                service,
+                address,
+                state,
+            } => self.change(Change::SetState {
+                service,
+                addr: address,
+                state,
+            }),
+        }
+    }
+
+    /// Checks a registry change against everything (validity, the file's services,
+    /// capacity), commits it durably, then brings the data plane in line.
+    fn change(&mut self, change: Change) -> Result<Reply, ApiError> {
+        let file_services = self.config.services();
+        let target = match &change {
+            Change::AddService(s) => &s.name,
+            Change::RemoveService { name } => name,
+            Change::AddBackend { service, .. }
+            | Change::RemoveBackend { service, .. }
+            | Change::SetState { service, .. } => service,
+        };
+        if file_services.iter().any(|s| &s.name == target) {
+            return Err(ApiError::new(
+                ErrorKind::Conflict,
+                format!(
+                    "service {target:?} is defined in the config file {}; change it there",
+                    self.config_path.display()
+                ),
+            ));
+        }
+        if let Change::AddService(svc) = &change {
+            if let Some(other) = file_services.iter().find(|s| s.addr == svc.addr) {
+                return Err(ApiError::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "{} is already the address of service {:?} (config file)",
+                        svc.addr, other.name
+                    ),
+                ));
+            }
+        }
+        let registered = self.registry.preview(&change).map_err(registry_error)?;
+        let desired = desired(&self.config, &registered);
+        self.reconciler
+            .check(&desired)
+            .map_err(|e| ApiError::new(ErrorKind::Capacity, e.to_string()))?;
+        self.registry.commit(&change).map_err(registry_error)?;
+        let done = describe(&change);
+        info!(change = %done, "registry changed");
+        if let Err(e) = self.reconciler.apply(&mut self.dp, &desired) {
+            let e = anyhow::Error::from(e);
+            error!(error = %format!("{e:#}"), "applying a registry change to the data plane failed");
+            return Err(ApiError::new(
+                ErrorKind::Internal,
+                format!("{done} in the registry, but the data plane was not updated: {e:#}"),
+            ));
+        }
+        Ok(Reply::Done(done))
+    }
+
+    /// Every service with where it comes from, file first.
+    fn all_services(&self) -> impl Iterator<Item = (Service, Source)> + '_ {
+        self.config
+            .services()
+            .into_iter()
+            .map(|s| (s, Source::File))
+            .chain(
+                self.registry
+                    .services()
+                    .map(|s| (s.clone(), Source::Registry)),
+            )
+    }
+
+    fn info(&self, s: Service, source: Source) -> ServiceInfo {
+        let connections = |id: Option<u32>, service: bool| {
+            id.and_then(|id| {
+                if service {
+                    self.dp.service_counters(id).ok()
+                } else {
+                    self.dp.backend_counters(id).ok()
+                }
+            })
+            .map_or(0, |c| c.new_conns)
+        };
+        ServiceInfo {
+            connections: connections(self.reconciler.service_id(&s.addr), true),
+            backends: s
+                .backends
+                .iter()
+                .map(|b| BackendInfo {
+                    address: b.addr,
+                    weight: b.weight,
+                    state: b.state,
+                    connections: connections(self.reconciler.backend_id(&s.addr, b.addr), false),
+                })
+                .collect(),
+            name: s.name,
+            vip: s.addr.vip,
+            port: s.addr.port,
+            protocol: s.addr.protocol,
+            source,
+        }
+    }
+
+    fn status(&self) -> StatusInfo {
+        let services: Vec<(Service, Source)> = self.all_services().collect();
+        StatusInfo {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            api: api::API_VERSION,
+            pid: std::process::id(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            config: self.config_path.clone(),
+            registry: self.registry.path().to_owned(),
+            pin_dir: self.config.dataplane.pin_dir.get_ref().clone(),
+            interfaces: self.dp.attached().map(str::to_owned).collect(),
+            adopted: self.dp.adopted(),
+            services: services.len(),
+            backends: services.iter().map(|(s, _)| s.backends.len()).sum(),
+            config_reloads: self.reloads,
+            config_reload_failures: self.reload_failures,
+            last_reload_error: self.last_reload_error.clone(),
+        }
+    }
+}
+
+/// The data plane's view of the file's and the registry's services together.
+fn desired(config: &Config, registered: &[Service]) -> Vec<Service> {
+    config
+        .services()
+        .iter()
+        .chain(registered)
+        .map(Service::for_dataplane)
+        .collect()
+}
+
+fn describe(change: &Change) -> String {
+    match change {
+        Change::AddService(s) => format!(
+            "service {:?} added at {} with {} backends",
+            s.name,
+            s.addr,
+            s.backends.len()
+        ),
+        Change::RemoveService { name } => format!("service {name:?} removed"),
+        Change::AddBackend { service, backend } => format!(
+            "backend {} added to service {service:?} (weight {})",
+            backend.addr, backend.weight
+        ),
+        Change::RemoveBackend { service, addr } => {
+            format!("backend {addr} removed from service {service:?}")
+        }
+        Change::SetState {
+            service,
+            addr,
+            state,
+        } => {
+            let what = match state {
+                AdminState::Active => "enabled",
+                AdminState::Draining => "draining",
+                AdminState::Disabled => "disabled",
+            };
+            format!("backend {addr} of service {service:?} is {what}")
+        }
+    }
+}
+
+fn not_found(message: String) -> ApiError {
+    ApiError::new(ErrorKind::NotFound, message)
+}
+
+fn registry_error(e: RegistryError) -> ApiError {
+    let kind = match &e {
+        RegistryError::Invalid(_) => ErrorKind::Invalid,
+        RegistryError::UnknownService(_) | RegistryError::UnknownBackend { .. } => {
+            ErrorKind::NotFound
+        }
+        RegistryError::Conflict(_) => ErrorKind::Conflict,
+        RegistryError::Open { .. } | RegistryError::TooNew { .. } | RegistryError::Db(_) => {
+            ErrorKind::Internal
+        }
+    };
+    let message = format!("{:#}", anyhow::Error::from(e));
+    ApiError::new(kind, message)
+}
+
+/// Settings that only a restart changes, as (name, running, in the file) where they differ.
+fn restart_only(running: &Config, next: &Config) -> Vec<(&'static str, String, String)> {
+    let (a, b) = (&running.dataplane, &next.dataplane);
+    let mut out = Vec::new();
+    let mut cmp = |what, x: String, y: String| {
+        if x != y {
+            out.push((what, x, y));
+        }
+    };
+    cmp(
+        "dataplane.max_services",
+        a.max_services.get_ref().to_string(),
+        b.max_services.get_ref().to_string(),
     );
-    Ok(dp)
+    cmp(
+        "dataplane.max_backends",
+        a.max_backends.get_ref().to_string(),
+        b.max_backends.get_ref().to_string(),
+    );
+    cmp(
+        "dataplane.conntrack_capacity",
+        a.conntrack_capacity.get_ref().to_string(),
+        b.conntrack_capacity.get_ref().to_string(),
+    );
+    cmp(
+        "dataplane.pin_dir",
+        a.pin_dir.get_ref().display().to_string(),
+        b.pin_dir.get_ref().display().to_string(),
+    );
+    cmp(
+        "registry.path",
+        running.registry.path.display().to_string(),
+        next.registry.path.display().to_string(),
+    );
+    cmp(
+        "api.socket",
+        running.api.socket.display().to_string(),
+        next.api.socket.display().to_string(),
+    );
+    out
+}
+
+/// Watches the config file's directory (editors replace files by renaming, which a watch on
+/// the file itself would miss) and signals `changed` when the file is touched.
+fn watch(path: &Path, changed: mpsc::Sender<()>) -> notify::Result<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let path = std::path::absolute(path)?;
+    let name = path.file_name().map(|n| n.to_owned());
+    let dir = path.parent().unwrap_or(Path::new("/")).to_owned();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        if event.kind.is_access() {
+            return;
+        }
+        if event.paths.iter().any(|p| p.file_name() == name.as_deref()) {
+            // A full channel already holds a pending reload: nothing is lost.
+            let _ = changed.try_send(());
+        }
+    })?;
+    watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
+    Ok(watcher)
 }
 
 fn settings(config: &Config) -> Settings {

@@ -4,12 +4,30 @@
 //! to interfaces, writes map entries for the reconciler (through [`MapWriter`]) and reads the
 //! per-CPU counters back, summed over CPUs. It also runs the program on test packets
 //! (`BPF_PROG_TEST_RUN`) for the packet tests and benchmarks.
+//!
+//! # Pinning and restarts
+//! The daemon loads with a pin directory on bpffs ([`Dataplane::open`]). Every map the
+//! balancer uses is pinned there (`DIR/maps/NAME`), and every attachment is a BPF link pinned
+//! as `DIR/links/xdp_IFACE`. Neither depends on the daemon process: when it exits, the
+//! program keeps running with its connection table, cursors and counters. The next daemon
+//! finds the pins, reuses the maps as they are, and swaps its freshly loaded program into
+//! each existing link with `BPF_LINK_UPDATE`: one atomic pointer change per interface, so
+//! no packet meets an interface without a program. Map names carry a layout version
+//! (`ORCH_CT_V1`); a layout change gets a new name and therefore new pins.
 
-use std::time::Duration;
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use aya::{
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
-    programs::{xdp::XdpLinkId, ProgramError, TestRun, TestRunOptions, Xdp, XdpMode},
+    maps::{Array, HashMap, MapData, MapError, MapInfo, PerCpuArray},
+    pin::PinError,
+    programs::{
+        links::{FdLink, LinkError, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+        ProgramError, TestRun, TestRunOptions, Xdp, XdpMode,
+    },
     Ebpf, EbpfError, EbpfLoader,
 };
 use orch_common::maps::{
@@ -18,9 +36,28 @@ use orch_common::maps::{
     SERVICES_MAP, SERVICE_STATS_MAP, SETTINGS_MAP, SLOTS_MAP, STATS_MAP,
 };
 use orch_common::Reason;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
-use crate::reconcile::MapWriter;
+use crate::reconcile::{MapReader, MapWriter};
+
+/// The maps that hold the balancer's state, pinned so that it outlives the daemon.
+const PINNED_MAPS: [&str; 10] = [
+    SERVICES_MAP,
+    SLOTS_MAP,
+    BACKENDS_MAP,
+    CURSORS_MAP,
+    CONNTRACK_MAP,
+    PORTS_MAP,
+    SETTINGS_MAP,
+    STATS_MAP,
+    SERVICE_STATS_MAP,
+    BACKEND_STATS_MAP,
+];
+
+/// Where bpffs is conventionally mounted; the daemon mounts it there when it is missing.
+const BPFFS_ROOT: &str = "/sys/fs/bpf";
+/// `statfs` magic of bpffs (`BPF_FS_MAGIC` in include/uapi/linux/magic.h).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// The eBPF object built by `build.rs` from the `orch-ebpf` crate.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/orch"));
@@ -57,6 +94,50 @@ pub enum DataplaneError {
         name: &'static str,
         #[source]
         source: MapError,
+    },
+    #[error(
+        "{dir} is not on a bpffs mount, and orch only mounts bpffs at {BPFFS_ROOT} itself; \
+         mount one with `mount -t bpf bpf DIR` or choose a pin_dir under {BPFFS_ROOT}"
+    )]
+    NotBpffs { dir: PathBuf },
+    #[error("preparing the pin directory {path}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the pinned map {name} in {dir} has {pinned} entries, the config asks for {wanted}: \
+         pinned maps cannot be resized in place. Restore the old capacity, or stop orch, \
+         remove {dir} (this drops every established connection) and start again"
+    )]
+    PinnedCapacity {
+        name: &'static str,
+        dir: PathBuf,
+        pinned: u32,
+        wanted: u32,
+    },
+    #[error("reading the pinned map {path}")]
+    PinnedMap {
+        path: PathBuf,
+        #[source]
+        source: MapError,
+    },
+    #[error("pinning the XDP link of {iface} at {path}")]
+    PinLink {
+        iface: String,
+        path: PathBuf,
+        #[source]
+        source: PinError,
+    },
+    #[error(
+        "the XDP attachment to {iface} is not a BPF link (kernel older than 5.9?), so it \
+         cannot outlive the daemon"
+    )]
+    NotALink {
+        iface: String,
+        #[source]
+        source: LinkError,
     },
 }
 
@@ -124,7 +205,18 @@ pub struct TestRunOutput {
     pub duration: Duration,
 }
 
-/// The loaded data plane. Dropping it detaches the program from every interface.
+/// One attachment of the balancer to an interface.
+#[derive(Debug)]
+enum Attachment {
+    /// Owned by this process: detached when the data plane is dropped.
+    Owned(XdpLinkId),
+    /// A BPF link pinned on bpffs: it stays when the process exits, until unpinned.
+    Pinned(PinnedLink),
+}
+
+/// The loaded data plane. Dropping it detaches what this process owns; pinned links and
+/// maps stay (see the module docs) until [`Dataplane::detach_all`] or
+/// [`Dataplane::remove_pins`].
 pub struct Dataplane {
     ebpf: Ebpf,
     capacity: Capacity,
@@ -137,7 +229,9 @@ pub struct Dataplane {
     service_stats: PerCpuArray<MapData, TrafficCounters>,
     backend_stats: PerCpuArray<MapData, TrafficCounters>,
     conntrack: HashMap<MapData, FlowKey, FlowValue>,
-    attached: Vec<(String, XdpLinkId)>,
+    attached: Vec<(String, Attachment)>,
+    pin_dir: Option<PathBuf>,
+    adopted: bool,
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
@@ -166,24 +260,62 @@ fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
 
 impl Dataplane {
     /// Loads the object into the kernel (maps sized by `capacity`, programs verified) and
-    /// writes the default settings. Nothing is attached yet.
+    /// writes the default settings. Nothing is pinned and nothing is attached: this is the
+    /// data plane of packet tests and benchmarks.
     pub fn load(capacity: Capacity) -> Result<Self, DataplaneError> {
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(SERVICES_MAP, capacity.max_services)
-            .map_max_entries(SLOTS_MAP, capacity.max_services * 2)
-            .map_max_entries(CURSORS_MAP, capacity.max_services)
-            .map_max_entries(SERVICE_STATS_MAP, capacity.max_services)
-            .map_max_entries(BACKENDS_MAP, capacity.max_backends)
-            .map_max_entries(BACKEND_STATS_MAP, capacity.max_backends)
-            .map_max_entries(CONNTRACK_MAP, capacity.conntrack)
-            .load(OBJECT)
-            .map_err(DataplaneError::Load)?;
+        let mut dp = Self::load_with(capacity, None)?;
+        dp.set_settings(&default_settings())?;
+        Ok(dp)
+    }
+
+    /// Loads the object with its state maps pinned under `pin_dir` (mounting bpffs at
+    /// /sys/fs/bpf when that is where `pin_dir` lives and nothing is mounted). Maps already
+    /// pinned there are reused as they are, connection table included: see
+    /// [`Dataplane::adopted`]. Settings are left for the caller to write.
+    pub fn open(capacity: Capacity, pin_dir: &Path) -> Result<Self, DataplaneError> {
+        prepare_pin_dir(pin_dir)?;
+        let maps_dir = pin_dir.join("maps");
+        for (name, wanted) in sized_maps(capacity) {
+            let path = maps_dir.join(name);
+            if !path.exists() {
+                continue;
+            }
+            let info = MapInfo::from_pin(&path)
+                .map_err(|source| DataplaneError::PinnedMap { path, source })?;
+            if info.max_entries() != wanted {
+                return Err(DataplaneError::PinnedCapacity {
+                    name,
+                    dir: pin_dir.to_owned(),
+                    pinned: info.max_entries(),
+                    wanted,
+                });
+            }
+        }
+        let adopted = maps_dir.join(SERVICES_MAP).exists();
+        let mut dp = Self::load_with(capacity, Some(&maps_dir))?;
+        dp.pin_dir = Some(pin_dir.to_owned());
+        dp.adopted = adopted;
+        info!(pin_dir = %pin_dir.display(), adopted, "data plane loaded");
+        Ok(dp)
+    }
+
+    fn load_with(capacity: Capacity, maps_dir: Option<&Path>) -> Result<Self, DataplaneError> {
+        let mut loader = EbpfLoader::new();
+        for (name, max) in sized_maps(capacity) {
+            loader.map_max_entries(name, max);
+        }
+        if let Some(dir) = maps_dir {
+            for name in PINNED_MAPS {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(DataplaneError::Load)?;
         for name in [PROGRAM, FLOOR_PROGRAM] {
             xdp_program(&mut ebpf, name)?
                 .load()
                 .map_err(|source| DataplaneError::Program { name, source })?;
         }
-        let mut dp = Dataplane {
+        let dp = Dataplane {
             services: take(&mut ebpf, SERVICES_MAP)?,
             slots: take(&mut ebpf, SLOTS_MAP)?,
             backends: take(&mut ebpf, BACKENDS_MAP)?,
@@ -196,10 +328,17 @@ impl Dataplane {
             ebpf,
             capacity,
             attached: Vec::new(),
+            pin_dir: None,
+            adopted: false,
         };
-        dp.set_settings(&default_settings())?;
         debug!(?capacity, "data plane loaded");
         Ok(dp)
+    }
+
+    /// Whether [`Dataplane::open`] found the maps already pinned: a previous daemon left the
+    /// data plane running, and its state should be adopted rather than rewritten.
+    pub fn adopted(&self) -> bool {
+        self.adopted
     }
 
     /// The capacities the maps were created with.
@@ -211,33 +350,139 @@ impl Dataplane {
         xdp_program(&mut self.ebpf, name)
     }
 
-    /// Attaches the balancer to `iface`.
+    /// Attaches the balancer to `iface`. With a pin directory, an existing pinned link of
+    /// that interface gets this process's program swapped in atomically; otherwise a new link
+    /// is created and pinned.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<(), DataplaneError> {
         let aya_mode = match mode {
             AttachMode::Auto => XdpMode::Default,
             AttachMode::Native => XdpMode::Driver,
             AttachMode::Generic => XdpMode::Skb,
         };
-        let link = self
-            .program(PROGRAM)?
-            .attach(iface, aya_mode)
-            .map_err(|source| DataplaneError::Attach {
+        let attach_err = |source| DataplaneError::Attach {
+            iface: iface.to_owned(),
+            source,
+        };
+        let Some(links_dir) = self.links_dir() else {
+            let id = self
+                .program(PROGRAM)?
+                .attach(iface, aya_mode)
+                .map_err(attach_err)?;
+            info!(iface, ?mode, "XDP program attached");
+            self.attached
+                .push((iface.to_owned(), Attachment::Owned(id)));
+            return Ok(());
+        };
+        let path = links_dir.join(format!("xdp_{iface}"));
+        if path.exists() {
+            match self.replace_in_link(&path) {
+                Ok(pinned) => {
+                    info!(iface, "XDP program replaced in the pinned link");
+                    self.attached
+                        .push((iface.to_owned(), Attachment::Pinned(pinned)));
+                    return Ok(());
+                }
+                Err(e) => {
+                    // Typically ENOLINK: the interface went away (or was recreated) since
+                    // the link was made. Forget it and attach afresh.
+                    warn!(iface, error = %e, "the pinned link cannot be reused; attaching anew");
+                    if let Err(e) = std::fs::remove_file(&path) {
+                        warn!(iface, error = %e, "removing the stale link pin failed");
+                    }
+                }
+            }
+        }
+        let prog = self.program(PROGRAM)?;
+        let id = prog.attach(iface, aya_mode).map_err(attach_err)?;
+        let link = prog.take_link(id).map_err(attach_err)?;
+        let fd_link = FdLink::try_from(link).map_err(|source| DataplaneError::NotALink {
+            iface: iface.to_owned(),
+            source,
+        })?;
+        let pinned = fd_link
+            .pin(&path)
+            .map_err(|source| DataplaneError::PinLink {
                 iface: iface.to_owned(),
+                path: path.clone(),
                 source,
             })?;
-        info!(iface, ?mode, "XDP program attached");
-        self.attached.push((iface.to_owned(), link));
+        info!(iface, ?mode, "XDP program attached through a pinned link");
+        self.attached
+            .push((iface.to_owned(), Attachment::Pinned(pinned)));
         Ok(())
     }
 
-    /// Detaches the balancer from every interface it was attached to.
+    /// Swaps this process's program into the link pinned at `path` (`BPF_LINK_UPDATE`).
+    fn replace_in_link(&mut self, path: &Path) -> Result<PinnedLink, Box<dyn std::error::Error>> {
+        let link = XdpLink::try_from(FdLink::from(PinnedLink::from_pin(path)?))?;
+        let prog = self.program(PROGRAM)?;
+        let id = prog.attach_to_link(link)?;
+        // The program now owns an fd of the link; closing it leaves the pin, and with it the
+        // attachment, in place. Keep a handle through the pin instead.
+        drop(prog.take_link(id)?);
+        Ok(PinnedLink::from_pin(path)?)
+    }
+
+    /// Detaches pinned links of interfaces not in `keep` (left by an earlier configuration).
+    pub fn detach_others(&mut self, keep: &[String]) {
+        let Some(dir) = self.links_dir() else { return };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(iface) = name.strip_prefix("xdp_") else {
+                continue;
+            };
+            if keep.iter().any(|k| k == iface) {
+                continue;
+            }
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => info!(
+                    iface,
+                    "XDP program detached (interface no longer configured)"
+                ),
+                Err(e) => warn!(iface, error = %e, "removing a link pin failed"),
+            }
+        }
+        self.attached.retain(|(i, _)| keep.contains(i));
+    }
+
+    fn links_dir(&self) -> Option<PathBuf> {
+        self.pin_dir.as_ref().map(|d| d.join("links"))
+    }
+
+    /// Detaches the balancer from every interface it was attached to, pinned links included.
     pub fn detach_all(&mut self) {
         let attached = std::mem::take(&mut self.attached);
-        for (iface, link) in attached {
-            match self.program(PROGRAM).map(|p| p.detach(link)) {
-                Ok(Ok(())) => info!(iface, "XDP program detached"),
-                Ok(Err(e)) => tracing::warn!(iface, error = %e, "detaching XDP failed"),
-                Err(e) => tracing::warn!(iface, error = %e, "detaching XDP failed"),
+        for (iface, attachment) in attached {
+            let result = match attachment {
+                Attachment::Owned(id) => self
+                    .program(PROGRAM)
+                    .and_then(|p| {
+                        p.detach(id).map_err(|source| DataplaneError::Program {
+                            name: PROGRAM,
+                            source,
+                        })
+                    })
+                    .map_err(|e| e.to_string()),
+                // Dropping the last fd of an unpinned link detaches it.
+                Attachment::Pinned(p) => p.unpin().map(drop).map_err(|e| e.to_string()),
+            };
+            match result {
+                Ok(()) => info!(iface, "XDP program detached"),
+                Err(e) => warn!(iface, error = %e, "detaching XDP failed"),
+            }
+        }
+    }
+
+    /// Removes the pin directory: with the links detached ([`Dataplane::detach_all`]) the
+    /// maps then go once this process closes them. Leaves nothing behind.
+    pub fn remove_pins(&mut self) {
+        if let Some(dir) = self.pin_dir.take() {
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => info!(dir = %dir.display(), "pins removed"),
+                Err(e) => warn!(dir = %dir.display(), error = %e, "removing the pins failed"),
             }
         }
     }
@@ -330,8 +575,69 @@ impl Dataplane {
 
 impl Drop for Dataplane {
     fn drop(&mut self) {
+        // Owned attachments go with the process anyway; detach them explicitly so that a
+        // failed start leaves nothing half-attached. Pinned links stay by design.
+        let owned: Vec<(String, Attachment)> = std::mem::take(&mut self.attached)
+            .into_iter()
+            .filter(|(_, a)| matches!(a, Attachment::Owned(_)))
+            .collect();
+        self.attached = owned;
         self.detach_all();
     }
+}
+
+/// The maps whose size follows the capacity, with their sizes.
+fn sized_maps(c: Capacity) -> [(&'static str, u32); 7] {
+    [
+        (SERVICES_MAP, c.max_services),
+        (SLOTS_MAP, c.max_services * 2),
+        (CURSORS_MAP, c.max_services),
+        (SERVICE_STATS_MAP, c.max_services),
+        (BACKENDS_MAP, c.max_backends),
+        (BACKEND_STATS_MAP, c.max_backends),
+        (CONNTRACK_MAP, c.conntrack),
+    ]
+}
+
+/// Makes sure `dir` is a directory on bpffs with `maps` and `links` in it.
+fn prepare_pin_dir(dir: &Path) -> Result<(), DataplaneError> {
+    let pin_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| DataplaneError::PinDir { path, source }
+    };
+    // The nearest existing ancestor tells which filesystem `dir` will be on.
+    let mut probe = dir;
+    while !probe.exists() {
+        probe = probe.parent().unwrap_or(Path::new("/"));
+    }
+    if !is_bpffs(probe).map_err(pin_err(probe))? {
+        let root = Path::new(BPFFS_ROOT);
+        if !(dir.starts_with(root) && (probe == root || root.starts_with(probe))) {
+            return Err(DataplaneError::NotBpffs {
+                dir: dir.to_owned(),
+            });
+        }
+        std::fs::create_dir_all(root).map_err(pin_err(root))?;
+        nix::mount::mount(
+            Some("bpf"),
+            root,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| pin_err(root)(e.into()))?;
+        info!(path = BPFFS_ROOT, "mounted bpffs");
+    }
+    for sub in ["maps", "links"] {
+        let path = dir.join(sub);
+        std::fs::create_dir_all(&path).map_err(pin_err(&path))?;
+    }
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> std::io::Result<bool> {
+    let st = nix::sys::statfs::statfs(path)?;
+    Ok(st.filesystem_type().0 as i64 == BPF_FS_MAGIC)
 }
 
 fn sum_counters(
@@ -355,6 +661,36 @@ pub fn default_settings() -> Settings {
         touch_interval_ns: 1_000_000_000,
         flags: orch_common::maps::SETTING_REDIRECT,
         _reserved: 0,
+    }
+}
+
+impl MapReader for Dataplane {
+    type Error = DataplaneError;
+
+    fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, DataplaneError> {
+        self.services
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(SERVICES_MAP))
+    }
+
+    fn slot_table(&self, index: u32) -> Result<SlotTable, DataplaneError> {
+        self.slots.get(&index, 0).map_err(map_err(SLOTS_MAP))
+    }
+
+    fn backends(&self) -> Result<Vec<(u32, Backend)>, DataplaneError> {
+        let mut out = Vec::new();
+        for (id, b) in self.backends.iter().enumerate() {
+            let b = b.map_err(map_err(BACKENDS_MAP))?;
+            if b.in_use() {
+                out.push((id as u32, b));
+            }
+        }
+        Ok(out)
+    }
+
+    fn ports(&self, index: u32) -> Result<PortBitmap, DataplaneError> {
+        self.ports.get(&index, 0).map_err(map_err(PORTS_MAP))
     }
 }
 

@@ -1,22 +1,27 @@
 //! The orch daemon and CLI, as a library (the `orch` binary is a thin `main.rs` over it).
 //!
 //! Layout, one module per concern:
-//! - [`cli`]: the command line (clap);
+//! - [`cli`]: the command line (clap) and how its results are printed;
+//! - [`api`]: the admin API over a Unix socket: protocol types, server, client;
 //! - [`config`]: the TOML file: parsing, validation with positions, desired services;
-//! - [`model`]: the desired state in plain types (services, backends, protocols);
+//! - [`registry`]: services registered through the API, in SQLite with an in-memory index;
+//! - [`model`]: the desired state in plain types, and the rules it must follow;
 //! - [`wrr`]: smooth weighted round-robin, laid out as slot tables;
 //! - [`reconcile`]: the only writer of service maps: diffs desired against installed state
 //!   and writes the minimum, with atomic flips;
 //! - [`dataplane`]: the only module that talks to aya: load, attach, map access, counters,
 //!   test runs;
-//! - [`daemon`]: wires them together and handles signals.
+//! - [`daemon`]: the event loop that wires them together: API requests, config reloads,
+//!   signals.
 //!
 //! Kernel/user shared types live in the `orch-common` crate.
 
+pub mod api;
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod model;
 pub mod reconcile;
+pub mod registry;
 pub mod wrr;

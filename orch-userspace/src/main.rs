@@ -4,7 +4,7 @@ use std::{io::IsTerminal, process::ExitCode};
 
 use clap::Parser;
 use orch::{
-    cli::{Cli, Command, ConfigCommand},
+    cli::{self, exit, Cli, Command, ConfigCommand},
     config::Config,
     daemon::{self, DaemonError},
 };
@@ -20,60 +20,69 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
 
+    if let Some((request, opts)) = cli::request(&cli.command) {
+        return cli::run_client(&request, opts);
+    }
     match cli.command {
         Command::Config {
             command: ConfigCommand::Check { file },
-        } => match Config::load(&file) {
-            Ok(c) => {
-                println!(
-                    "{}: ok ({} services, {} backends, interfaces: {})",
-                    file.display(),
-                    c.services.len(),
-                    c.services.iter().map(|s| s.backends.len()).sum::<usize>(),
-                    c.dataplane
-                        .interfaces
-                        .get_ref()
-                        .iter()
-                        .map(|i| i.get_ref().as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::from(2)
-            }
-        },
-        Command::Daemon { config } => {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("error: starting the async runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(daemon::run(&daemon::Options { config })) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(DaemonError::Config(e)) => {
-                    eprintln!("{e}");
-                    ExitCode::from(2)
-                }
-                Err(e) => {
-                    eprintln!(
-                        "error: {}",
-                        anyhow::Error::from(e)
-                            .chain()
-                            .map(|c| c.to_string())
-                            .collect::<Vec<_>>()
-                            .join(": ")
-                    );
-                    ExitCode::FAILURE
-                }
-            }
+        } => check_config(&file),
+        Command::Daemon {
+            config,
+            detach_on_exit,
+        } => run_daemon(daemon::Options {
+            config,
+            detach_on_exit,
+        }),
+        _ => unreachable!("client commands returned above"),
+    }
+}
+
+fn check_config(file: &std::path::Path) -> ExitCode {
+    match Config::load(file) {
+        Ok(c) => {
+            println!(
+                "{}: ok ({} services, {} backends, interfaces: {})",
+                file.display(),
+                c.services.len(),
+                c.services.iter().map(|s| s.backends.len()).sum::<usize>(),
+                c.dataplane
+                    .interfaces
+                    .get_ref()
+                    .iter()
+                    .map(|i| i.get_ref().as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            ExitCode::from(exit::OK)
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(exit::REFUSED)
+        }
+    }
+}
+
+fn run_daemon(opts: daemon::Options) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::from(exit::FAILURE);
+        }
+    };
+    match runtime.block_on(daemon::run(&opts)) {
+        Ok(()) => ExitCode::from(exit::OK),
+        Err(DaemonError::Config(e)) => {
+            eprintln!("{e}");
+            ExitCode::from(exit::REFUSED)
+        }
+        Err(e) => {
+            eprintln!("error: {:#}", anyhow::Error::from(e));
+            ExitCode::from(exit::FAILURE)
         }
     }
 }

@@ -1,7 +1,10 @@
 //! The desired state in plain Rust types: what services exist and where their backends are.
-//! Config files (and, later, the registry and CLI) produce it; the reconciler consumes it.
+//! Config files and the registry produce it; the reconciler consumes it.
+//!
+//! The rules a service or backend must follow live here too, so that a config file, the
+//! CLI and the admin API reject the same things with the same words.
 
-use std::{fmt, net::IpAddr, net::SocketAddr};
+use std::{fmt, net::IpAddr, net::SocketAddr, str::FromStr};
 
 use serde::{Deserialize, Serialize};
 
@@ -51,12 +54,72 @@ impl fmt::Display for ServiceAddr {
     }
 }
 
+impl FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "tcp" => Ok(Protocol::Tcp),
+            "udp" => Ok(Protocol::Udp),
+            other => Err(format!("unknown protocol {other:?}: use tcp or udp")),
+        }
+    }
+}
+
+/// What the operator wants of a backend, independent of its health.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminState {
+    /// Takes new connections in proportion to its weight.
+    #[default]
+    Active,
+    /// Takes no new connections; established ones continue.
+    Draining,
+    /// Out of the service: no new connections, not counted as a backend.
+    Disabled,
+}
+
+impl fmt::Display for AdminState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AdminState::Active => "active",
+            AdminState::Draining => "draining",
+            AdminState::Disabled => "disabled",
+        })
+    }
+}
+
+impl FromStr for AdminState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "active" => Ok(AdminState::Active),
+            "draining" => Ok(AdminState::Draining),
+            "disabled" => Ok(AdminState::Disabled),
+            other => Err(format!(
+                "unknown backend state {other:?}: use active, draining or disabled"
+            )),
+        }
+    }
+}
+
 /// A backend of a service.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Backend {
     pub addr: SocketAddr,
     /// Relative share of new connections; 0 takes none (established ones continue).
     pub weight: u32,
+    pub state: AdminState,
+}
+
+impl Backend {
+    /// An active backend.
+    pub fn new(addr: SocketAddr, weight: u32) -> Self {
+        Backend {
+            addr,
+            weight,
+            state: AdminState::Active,
+        }
+    }
 }
 
 /// A service and its backends, in the order the operator listed them.
@@ -65,4 +128,99 @@ pub struct Service {
     pub name: String,
     pub addr: ServiceAddr,
     pub backends: Vec<Backend>,
+}
+
+impl Service {
+    /// The service as the data plane should see it: disabled backends left out, draining
+    /// ones with weight 0 (kept, so their established connections are still counted).
+    pub fn for_dataplane(&self) -> Service {
+        Service {
+            name: self.name.clone(),
+            addr: self.addr,
+            backends: self
+                .backends
+                .iter()
+                .filter(|b| b.state != AdminState::Disabled)
+                .map(|b| Backend {
+                    weight: if b.state == AdminState::Active {
+                        b.weight
+                    } else {
+                        0
+                    },
+                    ..*b
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Largest accepted backend weight: weights are relative, and this leaves room to express
+/// any ratio an operator needs without overflowing the table arithmetic.
+pub const MAX_WEIGHT: u32 = 10_000;
+/// Most backends one service can have: each needs at least one slot of its table.
+pub const MAX_BACKENDS_PER_SERVICE: usize = orch_common::SLOTS_PER_TABLE as usize;
+
+/// A service name: 1-63 characters of `a-z A-Z 0-9 . _ -` (safe in a URL, a shell and a
+/// metrics label).
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ok = (1..=63).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "service name {name:?} must be 1-63 characters of a-z, A-Z, 0-9, '.', '_', '-'"
+        ))
+    }
+}
+
+/// A VIP must be a unicast address.
+pub fn check_vip(vip: IpAddr) -> Result<(), String> {
+    if vip.is_unspecified() || vip.is_multicast() || vip == IpAddr::from([255, 255, 255, 255]) {
+        Err(format!(
+            "VIP {vip} cannot receive connections: use a unicast address"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// A service port is 1-65535.
+pub fn check_port(port: u16) -> Result<(), String> {
+    if port == 0 {
+        Err("port 0 is not a valid service port".to_owned())
+    } else {
+        Ok(())
+    }
+}
+
+/// Everything wrong with backend `addr` of a service at `vip`.
+pub fn check_backend(vip: IpAddr, addr: SocketAddr) -> Vec<String> {
+    let mut problems = Vec::new();
+    if addr.port() == 0 {
+        problems.push(format!("backend {addr}: port 0 is not valid"));
+    }
+    if addr.ip().is_unspecified() || addr.ip().is_multicast() {
+        problems.push(format!("backend {addr}: use a unicast address"));
+    }
+    if addr.is_ipv4() != vip.is_ipv4() {
+        problems.push(format!(
+            "backend {addr} is not of the same IP family as VIP {vip}; \
+             NAT mode cannot translate between IPv4 and IPv6"
+        ));
+    }
+    problems
+}
+
+/// A weight is 0..=[`MAX_WEIGHT`].
+pub fn check_weight(weight: u32) -> Result<(), String> {
+    if weight > MAX_WEIGHT {
+        Err(format!(
+            "weight {weight} is above the maximum of {MAX_WEIGHT}"
+        ))
+    } else {
+        Ok(())
+    }
 }

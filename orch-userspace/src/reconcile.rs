@@ -1,7 +1,7 @@
 //! The reconciler: the one writer of the data plane's service maps.
 //!
-//! Given the desired services, it computes what differs from what it installed before and
-//! writes only that. Ordering rules keep every packet's view consistent:
+//! Given the desired services, it computes what differs from what is installed and writes
+//! only that. Ordering rules keep every packet's view consistent:
 //! - a service's backend set changes by writing its *inactive* slot table, then replacing
 //!   the service value with `active_table` flipped: one map update, so a packet sees the old
 //!   set or the new one, never half of each;
@@ -10,20 +10,25 @@
 //! - ports are added to the pre-filter before their services appear and removed after.
 //!
 //! Capacity is checked before the first write: a change that does not fit changes nothing.
+//!
+//! The maps are the record of what is installed. A restarted daemon does not start from
+//! nothing: [`Reconciler::adopt`] reads the pinned maps back (services, their active tables,
+//! the backends that name them), keeps every id where it is, and the first `apply` then
+//! writes only what changed while the daemon was away. Connections never notice the restart.
 
 use std::{
-    collections::{BTreeMap, VecDeque},
-    net::{IpAddr, SocketAddr},
+    collections::{BTreeMap, BTreeSet, VecDeque},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
 };
 
 use orch_common::maps::{
-    slot_table_index, v4_mapped, Backend as MapBackend, PortBitmap, ServiceKey, ServiceValue,
-    SlotTable, PORTS_BACKEND, PORTS_VIP,
+    is_v4_mapped, slot_table_index, v4_mapped, Backend as MapBackend, PortBitmap, ServiceKey,
+    ServiceValue, SlotTable, PORTS_BACKEND, PORTS_VIP,
 };
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::{
-    model::{Backend, Service, ServiceAddr},
+    model::{Protocol, Service, ServiceAddr},
     wrr,
 };
 
@@ -37,6 +42,17 @@ pub trait MapWriter {
     fn set_ports(&mut self, index: u32, ports: &PortBitmap) -> Result<(), Self::Error>;
 }
 
+/// The map reads [`Reconciler::adopt`] needs to take over maps a previous daemon filled.
+pub trait MapReader {
+    type Error: std::error::Error + Send + Sync + 'static;
+    /// Every entry of the services map.
+    fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, Self::Error>;
+    fn slot_table(&self, index: u32) -> Result<SlotTable, Self::Error>;
+    /// Every backend entry that is in use ([`MapBackend::in_use`]), with its id.
+    fn backends(&self) -> Result<Vec<(u32, MapBackend)>, Self::Error>;
+    fn ports(&self, index: u32) -> Result<PortBitmap, Self::Error>;
+}
+
 /// Why a desired state could not be applied.
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -46,6 +62,8 @@ pub enum ReconcileError {
     TooManyBackends { needed: usize, max: u32 },
     #[error("writing the data plane maps failed")]
     Write(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("reading the data plane maps back failed")]
+    Read(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// What one `apply` did.
@@ -61,9 +79,42 @@ pub struct Summary {
 #[derive(Clone, Debug)]
 struct Installed {
     id: u32,
+    /// For logs; empty for a service adopted from the maps until a desired state names it.
     name: String,
     active_table: u32,
-    backends: Vec<(Backend, u32)>,
+    /// Every backend of the service (weight 0 included) with its id.
+    backends: Vec<(SocketAddr, u32)>,
+    /// The active table's backend ids, slot by slot.
+    slots: Vec<u32>,
+}
+
+impl Installed {
+    fn backend_id(&self, addr: SocketAddr) -> Option<u32> {
+        self.backends
+            .iter()
+            .find(|(a, _)| *a == addr)
+            .map(|(_, id)| *id)
+    }
+
+    /// Whether the maps already hold `svc` exactly: the same backends, and the table the
+    /// weights give with the ids those backends have.
+    fn matches(&self, svc: &Service) -> bool {
+        let same_set = self.backends.len() == svc.backends.len()
+            && svc
+                .backends
+                .iter()
+                .all(|b| self.backend_id(b.addr).is_some());
+        same_set && slot_ids(svc, |a| self.backend_id(a).expect("same set")) == self.slots
+    }
+}
+
+/// The slot table of `svc` as backend ids, given each backend's id.
+fn slot_ids(svc: &Service, id_of: impl Fn(SocketAddr) -> u32) -> Vec<u32> {
+    let weights: Vec<u32> = svc.backends.iter().map(|b| b.weight).collect();
+    wrr::slot_order(&weights)
+        .into_iter()
+        .map(|i| id_of(svc.backends[i].addr))
+        .collect()
 }
 
 /// The network-order words of an address, IPv4-mapped for IPv4 (the maps' address layout).
@@ -79,6 +130,19 @@ pub fn addr_words(ip: IpAddr) -> [u32; 4] {
     }
 }
 
+/// The inverse of [`addr_words`].
+pub fn words_addr(words: &[u32; 4]) -> IpAddr {
+    if is_v4_mapped(words) {
+        IpAddr::from(words[3].to_ne_bytes())
+    } else {
+        let mut o = [0u8; 16];
+        for (chunk, w) in o.chunks_exact_mut(4).zip(words) {
+            chunk.copy_from_slice(&w.to_ne_bytes());
+        }
+        IpAddr::V6(Ipv6Addr::from(o))
+    }
+}
+
 /// The services-map key of a service.
 pub fn service_key(addr: &ServiceAddr) -> ServiceKey {
     ServiceKey {
@@ -87,6 +151,18 @@ pub fn service_key(addr: &ServiceAddr) -> ServiceKey {
         proto: addr.protocol.number(),
         _pad: 0,
     }
+}
+
+/// The inverse of [`service_key`]; `None` for a protocol orch does not balance.
+pub fn service_addr(key: &ServiceKey) -> Option<ServiceAddr> {
+    let protocol = [Protocol::Tcp, Protocol::Udp]
+        .into_iter()
+        .find(|p| p.number() == key.proto)?;
+    Some(ServiceAddr {
+        vip: words_addr(&key.vip),
+        port: u16::from_be(key.port_be),
+        protocol,
+    })
 }
 
 fn map_backend(addr: SocketAddr, service_id: u32) -> MapBackend {
@@ -124,6 +200,16 @@ impl IdPool {
         }
     }
 
+    /// A pool in which exactly `used` are taken (ids at or above `max` are ignored).
+    fn with_used(max: u32, used: &BTreeSet<u32>) -> Self {
+        let next = used.range(..max).next_back().map_or(0, |&id| id + 1);
+        IdPool {
+            max,
+            next,
+            free: (0..next).filter(|id| !used.contains(id)).collect(),
+        }
+    }
+
     fn in_use(&self) -> usize {
         self.next as usize - self.free.len()
     }
@@ -153,6 +239,79 @@ impl Reconciler {
         }
     }
 
+    /// A reconciler that takes over what a previous daemon left in the maps: every
+    /// installed service keeps its id, active table and backend ids, so the next `apply`
+    /// writes only real differences.
+    pub fn adopt<R: MapReader>(
+        max_services: u32,
+        max_backends: u32,
+        maps: &R,
+    ) -> Result<Self, ReconcileError> {
+        let read = |e: R::Error| ReconcileError::Read(Box::new(e));
+        let mut r = Reconciler::new(max_services, max_backends);
+        let backends = maps.backends().map_err(read)?;
+        let mut service_ids = BTreeSet::new();
+        let mut backend_ids = BTreeSet::new();
+        for (key, value) in maps.services().map_err(read)? {
+            let Some(addr) = service_addr(&key) else {
+                warn!(?key, "ignoring a service entry with an unknown protocol");
+                continue;
+            };
+            if value.id >= max_services {
+                warn!(%addr, id = value.id, "ignoring a service entry beyond capacity");
+                continue;
+            }
+            let table = maps
+                .slot_table(slot_table_index(value.id, value.active_table))
+                .map_err(read)?;
+            let len = (table.len as usize).min(table.backend_ids.len());
+            let own: Vec<(SocketAddr, u32)> = backends
+                .iter()
+                .filter(|(id, b)| b.service_id == value.id && *id < max_backends)
+                .map(|(id, b)| {
+                    (
+                        SocketAddr::new(words_addr(&b.addr), u16::from_be(b.port_be)),
+                        *id,
+                    )
+                })
+                .collect();
+            service_ids.insert(value.id);
+            backend_ids.extend(own.iter().map(|(_, id)| *id));
+            r.installed.insert(
+                addr,
+                Installed {
+                    id: value.id,
+                    name: String::new(),
+                    active_table: value.active_table,
+                    backends: own,
+                    slots: table.backend_ids[..len].to_vec(),
+                },
+            );
+        }
+        r.service_ids = IdPool::with_used(max_services, &service_ids);
+        r.backend_ids = IdPool::with_used(max_backends, &backend_ids);
+        r.ports = [
+            maps.ports(PORTS_VIP).map_err(read)?,
+            maps.ports(PORTS_BACKEND).map_err(read)?,
+        ];
+        info!(
+            services = r.installed.len(),
+            backends = backend_ids.len(),
+            "adopted the data plane's existing state"
+        );
+        Ok(r)
+    }
+
+    /// How many services are installed.
+    pub fn len(&self) -> usize {
+        self.installed.len()
+    }
+
+    /// Whether no service is installed.
+    pub fn is_empty(&self) -> bool {
+        self.installed.is_empty()
+    }
+
     /// The data-plane id of the service at `addr`, if installed.
     pub fn service_id(&self, addr: &ServiceAddr) -> Option<u32> {
         self.installed.get(addr).map(|s| s.id)
@@ -160,11 +319,7 @@ impl Reconciler {
 
     /// The data-plane id of backend `backend` of the service at `addr`, if installed.
     pub fn backend_id(&self, addr: &ServiceAddr, backend: SocketAddr) -> Option<u32> {
-        let svc = self.installed.get(addr)?;
-        svc.backends
-            .iter()
-            .find(|(b, _)| b.addr == backend)
-            .map(|(_, id)| *id)
+        self.installed.get(addr)?.backend_id(backend)
     }
 
     /// Makes the maps hold exactly `desired`. On error nothing was written if the error is a
@@ -178,7 +333,7 @@ impl Reconciler {
         let write = |e: W::Error| ReconcileError::Write(Box::new(e));
 
         // Pre-filter: the union of old and new ports while services change, then the new set.
-        let target = port_sets(desired.iter().map(|s| (&s.addr, s.backends.as_slice())));
+        let target = port_sets(desired);
         let union = [
             union(&self.ports[0], &target[0]),
             union(&self.ports[1], &target[1]),
@@ -187,17 +342,11 @@ impl Reconciler {
 
         let mut summary = Summary::default();
         for svc in desired {
-            match self.installed.get(&svc.addr) {
-                Some(old)
-                    if old
-                        .backends
-                        .iter()
-                        .map(|(b, _)| *b)
-                        .eq(svc.backends.iter().copied()) =>
-                {
+            match self.installed.get_mut(&svc.addr) {
+                Some(old) if old.matches(svc) => {
                     summary.unchanged += 1;
                     if old.name != svc.name {
-                        self.installed.get_mut(&svc.addr).expect("present").name = svc.name.clone();
+                        old.name = svc.name.clone();
                     }
                 }
                 Some(_) => {
@@ -222,7 +371,7 @@ impl Reconciler {
             info!(service = %old.name, %addr, "service removed");
             self.service_ids.release(old.id);
             for (_, id) in &old.backends {
-                self.backend_ids.release(*id);
+                self.release_backend(w, *id).map_err(write)?;
             }
             summary.removed += 1;
         }
@@ -230,6 +379,12 @@ impl Reconciler {
         self.write_ports(w, &target).map_err(write)?;
         debug!(?summary, "reconciled");
         Ok(summary)
+    }
+
+    /// Whether `desired` fits the data plane's capacity; [`Reconciler::apply`] checks the
+    /// same before writing. Callers that must decide before committing elsewhere ask first.
+    pub fn check(&self, desired: &[Service]) -> Result<(), ReconcileError> {
+        self.check_capacity(desired)
     }
 
     fn check_capacity(&self, desired: &[Service]) -> Result<(), ReconcileError> {
@@ -254,7 +409,7 @@ impl Reconciler {
                 Some(old) => s
                     .backends
                     .iter()
-                    .filter(|b| !old.backends.iter().any(|(o, _)| o.addr == b.addr))
+                    .filter(|b| old.backend_id(b.addr).is_none())
                     .count(),
             })
             .sum();
@@ -276,11 +431,7 @@ impl Reconciler {
         };
         let mut backends = Vec::with_capacity(svc.backends.len());
         for b in &svc.backends {
-            let reused = old
-                .as_ref()
-                .and_then(|o| o.backends.iter().find(|(ob, _)| ob.addr == b.addr))
-                .map(|(_, id)| *id);
-            let bid = match reused {
+            let bid = match old.as_ref().and_then(|o| o.backend_id(b.addr)) {
                 Some(bid) => bid,
                 None => {
                     let bid = self.backend_ids.alloc();
@@ -288,18 +439,21 @@ impl Reconciler {
                     bid
                 }
             };
-            backends.push((*b, bid));
+            backends.push((b.addr, bid));
         }
 
-        let weights: Vec<u32> = backends.iter().map(|(b, _)| b.weight).collect();
-        let order = wrr::slot_order(&weights);
+        let slots = slot_ids(svc, |a| {
+            backends
+                .iter()
+                .find(|(b, _)| *b == a)
+                .map(|(_, id)| *id)
+                .expect("every backend has an id")
+        });
         let mut table = SlotTable {
-            len: order.len() as u32,
+            len: slots.len() as u32,
             ..SlotTable::default()
         };
-        for (slot, &i) in table.backend_ids.iter_mut().zip(&order) {
-            *slot = backends[i].1;
-        }
+        table.backend_ids[..slots.len()].copy_from_slice(&slots);
         let active_table = match &old {
             Some(o) => 1 - o.active_table,
             None => 0,
@@ -316,9 +470,9 @@ impl Reconciler {
         )?;
 
         if let Some(o) = &old {
-            for (ob, bid) in &o.backends {
-                if !backends.iter().any(|(b, _)| b.addr == ob.addr) {
-                    self.backend_ids.release(*bid);
+            for (addr, bid) in &o.backends {
+                if !backends.iter().any(|(b, _)| b == addr) {
+                    self.release_backend(w, *bid)?;
                 }
             }
         }
@@ -337,8 +491,18 @@ impl Reconciler {
                 name: svc.name.clone(),
                 active_table,
                 backends,
+                slots,
             },
         );
+        Ok(())
+    }
+
+    /// Frees a backend id once no table points at it. The entry is cleared so that a
+    /// restarted daemon does not count it as a backend of the service it belonged to;
+    /// established connections do not read it (their entries hold the address).
+    fn release_backend<W: MapWriter>(&mut self, w: &mut W, id: u32) -> Result<(), W::Error> {
+        w.set_backend(id, &MapBackend::FREE)?;
+        self.backend_ids.release(id);
         Ok(())
     }
 
@@ -357,13 +521,11 @@ impl Reconciler {
     }
 }
 
-fn port_sets<'a>(
-    services: impl Iterator<Item = (&'a ServiceAddr, &'a [Backend])>,
-) -> [PortBitmap; 2] {
+fn port_sets(services: &[Service]) -> [PortBitmap; 2] {
     let mut sets = [PortBitmap::default(), PortBitmap::default()];
-    for (addr, backends) in services {
-        sets[0].insert(addr.port);
-        for b in backends {
+    for svc in services {
+        sets[0].insert(svc.addr.port);
+        for b in &svc.backends {
             sets[1].insert(b.addr.port());
         }
     }
@@ -383,7 +545,7 @@ mod tests {
     use std::{collections::HashMap, convert::Infallible};
 
     use super::*;
-    use crate::model::Protocol;
+    use crate::model::Backend;
 
     /// Records every write, in order, and keeps the resulting map contents.
     #[derive(Default)]
@@ -398,7 +560,11 @@ mod tests {
     impl MapWriter for FakeMaps {
         type Error = Infallible;
         fn set_backend(&mut self, id: u32, b: &MapBackend) -> Result<(), Infallible> {
-            self.log.push(format!("backend {id}"));
+            if b.in_use() {
+                self.log.push(format!("backend {id}"));
+            } else {
+                self.log.push(format!("free backend {id}"));
+            }
             self.backends.insert(id, *b);
             Ok(())
         }
@@ -425,6 +591,27 @@ mod tests {
         }
     }
 
+    impl MapReader for FakeMaps {
+        type Error = Infallible;
+        fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, Infallible> {
+            Ok(self.services.iter().map(|(k, v)| (*k, *v)).collect())
+        }
+        fn slot_table(&self, index: u32) -> Result<SlotTable, Infallible> {
+            Ok(self.slots.get(&index).copied().unwrap_or_default())
+        }
+        fn backends(&self) -> Result<Vec<(u32, MapBackend)>, Infallible> {
+            Ok(self
+                .backends
+                .iter()
+                .filter(|(_, b)| b.in_use())
+                .map(|(id, b)| (*id, *b))
+                .collect())
+        }
+        fn ports(&self, index: u32) -> Result<PortBitmap, Infallible> {
+            Ok(self.ports.get(&index).copied().unwrap_or_default())
+        }
+    }
+
     impl FakeMaps {
         /// The backend addresses new connections would cycle through, as the kernel walks them.
         fn rotation(&self, addr: &ServiceAddr) -> Vec<SocketAddr> {
@@ -434,16 +621,7 @@ mod tests {
                 .iter()
                 .map(|id| {
                     let b = self.backends[id];
-                    let ip = if b.addr[..3] == [0, 0, orch_common::maps::V4_MAPPED_WORD] {
-                        IpAddr::from(b.addr[3].to_ne_bytes())
-                    } else {
-                        let mut o = [0u8; 16];
-                        for (i, w) in b.addr.iter().enumerate() {
-                            o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
-                        }
-                        IpAddr::from(o)
-                    };
-                    SocketAddr::new(ip, u16::from_be(b.port_be))
+                    SocketAddr::new(words_addr(&b.addr), u16::from_be(b.port_be))
                 })
                 .collect()
         }
@@ -459,10 +637,7 @@ mod tests {
             },
             backends: backends
                 .iter()
-                .map(|(a, w)| Backend {
-                    addr: a.parse().unwrap(),
-                    weight: *w,
-                })
+                .map(|(a, w)| Backend::new(a.parse().unwrap(), *w))
                 .collect(),
         }
     }
@@ -530,8 +705,17 @@ mod tests {
         let web = svc("web", 80, &[("198.18.2.2:8080", 1), ("198.18.3.2:8080", 1)]);
         let s = r.apply(&mut m, std::slice::from_ref(&web)).unwrap();
         assert_eq!(s.updated, 1);
-        // Only the new backend is written; the table goes to slot table 1, then the flip.
-        assert_eq!(m.log, ["backend 2", "slots 1", "service 0 table 1"]);
+        // Only the new backend is written; the table goes to slot table 1, then the flip,
+        // and only then is the dropped backend's entry freed.
+        assert_eq!(
+            m.log,
+            [
+                "backend 2",
+                "slots 1",
+                "service 0 table 1",
+                "free backend 0"
+            ]
+        );
         assert_eq!(
             m.rotation(&web.addr),
             [sa("198.18.2.2:8080"), sa("198.18.3.2:8080")]
@@ -584,7 +768,10 @@ mod tests {
             .apply(&mut m, &[svc("web", 80, &[("198.18.1.2:8080", 1)])])
             .unwrap();
         assert_eq!(s.removed, 1);
-        assert_eq!(m.log, ["remove service", "ports 0", "ports 1"]);
+        assert_eq!(
+            m.log,
+            ["remove service", "free backend 1", "ports 0", "ports 1"]
+        );
         assert!(!m.ports[&PORTS_VIP].contains(53));
         assert!(m.ports[&PORTS_VIP].contains(80));
         assert_eq!(m.services.len(), 1);
@@ -620,6 +807,99 @@ mod tests {
             "{e}"
         );
         assert!(m.log.is_empty(), "{:?}", m.log);
+    }
+
+    fn mixed() -> Vec<Service> {
+        let mut v6 = svc(
+            "web6",
+            80,
+            &[("[2001:db8:1::2]:8080", 1), ("[2001:db8:2::2]:8080", 1)],
+        );
+        v6.addr.vip = "2001:db8:ff::1".parse().unwrap();
+        vec![
+            svc(
+                "web",
+                80,
+                &[
+                    ("198.18.1.2:8080", 3),
+                    ("198.18.2.2:8080", 1),
+                    ("198.18.3.2:8080", 0),
+                ],
+            ),
+            svc("dns", 53, &[("198.18.1.2:8053", 1)]),
+            v6,
+        ]
+    }
+
+    #[test]
+    fn adopted_maps_with_the_same_desired_state_get_no_write() {
+        let mut m = FakeMaps::default();
+        let desired = mixed();
+        let mut first = Reconciler::new(8, 16);
+        first.apply(&mut m, &desired).unwrap();
+        // Churn so that ids and tables are not the trivial first ones.
+        let mut changed = desired.clone();
+        changed[0].backends.remove(1);
+        first.apply(&mut m, &changed).unwrap();
+        first.apply(&mut m, &desired).unwrap();
+        m.log.clear();
+
+        let mut adopted = Reconciler::adopt(8, 16, &m).unwrap();
+        assert_eq!(adopted.len(), 3);
+        for s in &desired {
+            assert_eq!(adopted.service_id(&s.addr), first.service_id(&s.addr));
+            for b in &s.backends {
+                assert_eq!(
+                    adopted.backend_id(&s.addr, b.addr),
+                    first.backend_id(&s.addr, b.addr),
+                    "{} {}",
+                    s.name,
+                    b.addr
+                );
+            }
+        }
+        let summary = adopted.apply(&mut m, &desired).unwrap();
+        assert_eq!(summary.unchanged, 3, "{summary:?}");
+        assert!(m.log.is_empty(), "{:?}", m.log);
+    }
+
+    #[test]
+    fn adopted_maps_get_only_the_difference_and_fresh_ids_do_not_collide() {
+        let mut m = FakeMaps::default();
+        let desired = mixed();
+        Reconciler::new(8, 16).apply(&mut m, &desired).unwrap();
+        m.log.clear();
+
+        let mut adopted = Reconciler::adopt(8, 16, &m).unwrap();
+        let mut next = desired.clone();
+        next[1]
+            .backends
+            .push(Backend::new(sa("198.18.2.2:8053"), 1));
+        next.remove(2);
+        let summary = adopted.apply(&mut m, &next).unwrap();
+        assert_eq!((summary.updated, summary.removed), (1, 1), "{summary:?}");
+        let used: Vec<u32> = desired
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| (s.addr, b.addr)))
+            .filter_map(|(s, b)| adopted.backend_id(&s, b))
+            .collect();
+        let new_id = adopted
+            .backend_id(&next[1].addr, sa("198.18.2.2:8053"))
+            .unwrap();
+        assert!(!used.contains(&new_id), "{new_id} reused while in use");
+        assert_eq!(m.log[0], format!("backend {new_id}"));
+        assert_eq!(
+            m.rotation(&next[1].addr),
+            [sa("198.18.1.2:8053"), sa("198.18.2.2:8053")]
+        );
+        assert!(!m.services.contains_key(&service_key(&desired[2].addr)));
+    }
+
+    #[test]
+    fn service_keys_round_trip() {
+        for s in mixed() {
+            assert_eq!(service_addr(&service_key(&s.addr)), Some(s.addr));
+        }
     }
 
     #[test]

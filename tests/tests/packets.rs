@@ -149,10 +149,7 @@ fn services() -> Vec<Service> {
         },
         backends: backends
             .iter()
-            .map(|(a, w)| Backend {
-                addr: sa(a),
-                weight: *w,
-            })
+            .map(|(a, w)| Backend::new(sa(a), *w))
             .collect(),
     };
     vec![
@@ -738,10 +735,9 @@ fn udp_flow_is_rebalanced_only_after_its_idle_timeout() {
         let (mut dp, mut rec) = loaded();
         // A UDP service with two backends.
         let mut svcs = services();
-        svcs[1].backends.push(Backend {
-            addr: sa("198.18.1.3:5353"),
-            weight: 1,
-        });
+        svcs[1]
+            .backends
+            .push(Backend::new(sa("198.18.1.3:5353"), 1));
         rec.apply(&mut dp, &svcs).unwrap();
         let q = Pkt::new(L4::Udp, sa("198.18.0.2:50000"), sa("198.19.0.1:53"))
             .payload(b"q")

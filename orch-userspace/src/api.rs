@@ -1,0 +1,457 @@
+//! The admin API: how the CLI (or a script) talks to the daemon.
+//!
+//! Transport: a Unix stream socket (default [`DEFAULT_SOCKET`], mode 0660, group `orch` when
+//! that group exists). Nothing listens on a network address for control; who may change the
+//! load balancer is decided by file permissions.
+//!
+//! Protocol, version [`API_VERSION`]: one request per connection. The client writes one line
+//! of JSON, `{"api": 1, "op": "...", ...arguments}`, and reads one line back:
+//! `{"api": 1, "ok": RESULT}` or `{"api": 1, "error": {"kind": KIND, "message": TEXT}}`.
+//! Operations and their arguments are the [`Request`] variants (snake_case `op`), results the
+//! [`Reply`] variants. A request with another `api` version is refused with kind
+//! `unsupported_version`; fields are only ever added within a version.
+//!
+//! Example:
+//! ```text
+//! -> {"api":1,"op":"backend_add","service":"web","address":"198.18.1.2:8080","weight":1}
+//! <- {"api":1,"ok":{"done":"backend 198.18.1.2:8080 added to service \"web\""}}
+//! ```
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{IpAddr, SocketAddr},
+    os::unix::{fs::PermissionsExt, net::UnixStream},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt},
+    net::UnixListener,
+    sync::{mpsc, oneshot},
+};
+use tracing::{debug, info, warn};
+
+use crate::model::{AdminState, Protocol};
+
+/// The protocol version this build speaks.
+pub const API_VERSION: u32 = 1;
+/// Where the daemon listens unless configured otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/orch/orch.sock";
+/// Longest request line accepted: far above any real request, low enough to bound memory.
+const MAX_REQUEST: u64 = 1 << 20;
+/// How long the CLI waits for the daemon.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A request, as the `op` field names it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// The daemon's state at a glance.
+    Status,
+    /// Every service, from the config file and the registry.
+    ServiceList,
+    /// One service with its backends.
+    ServiceShow { name: String },
+    /// Registers a service (and optionally its first backends).
+    ServiceAdd {
+        name: String,
+        vip: IpAddr,
+        port: u16,
+        protocol: Protocol,
+        #[serde(default)]
+        backends: Vec<BackendSpec>,
+    },
+    /// Removes a registered service and its backends.
+    ServiceRm { name: String },
+    /// Adds a backend to a registered service.
+    BackendAdd {
+        service: String,
+        address: SocketAddr,
+        #[serde(default = "default_weight")]
+        weight: u32,
+    },
+    /// Removes a backend from a registered service.
+    BackendRm {
+        service: String,
+        address: SocketAddr,
+    },
+    /// Sets a backend's admin state (`drain`, `enable`, `disable` in the CLI).
+    BackendSetState {
+        service: String,
+        address: SocketAddr,
+        state: AdminState,
+    },
+    /// The backends of one service, or of all.
+    BackendList {
+        #[serde(default)]
+        service: Option<String>,
+    },
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// A backend in a [`Request::ServiceAdd`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendSpec {
+    pub address: SocketAddr,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+/// A successful result.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply {
+    Status(StatusInfo),
+    Services(Vec<ServiceInfo>),
+    Service(ServiceInfo),
+    Backends(Vec<BackendRow>),
+    /// A change was made (or there was nothing to change); the text says what.
+    Done(String),
+}
+
+/// Where a service is defined; only its owner may change it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// The config file: change it by editing the file.
+    File,
+    /// The registry: change it with the CLI or this API.
+    Registry,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatusInfo {
+    pub version: String,
+    pub api: u32,
+    pub pid: u32,
+    pub uptime_secs: u64,
+    pub config: PathBuf,
+    pub registry: PathBuf,
+    pub pin_dir: PathBuf,
+    pub interfaces: Vec<String>,
+    /// Whether this daemon took over a data plane that was already running.
+    pub adopted: bool,
+    pub services: usize,
+    pub backends: usize,
+    pub config_reloads: u64,
+    pub config_reload_failures: u64,
+    /// The last config reload problem, if the last reload failed.
+    pub last_reload_error: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ServiceInfo {
+    pub name: String,
+    pub vip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub source: Source,
+    pub backends: Vec<BackendInfo>,
+    /// New connections the data plane steered to this service so far.
+    pub connections: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BackendInfo {
+    pub address: SocketAddr,
+    pub weight: u32,
+    pub state: AdminState,
+    /// New connections the data plane steered to this backend so far.
+    pub connections: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BackendRow {
+    pub service: String,
+    #[serde(flatten)]
+    pub backend: BackendInfo,
+}
+
+/// Why a request failed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+/// Classes of failure; all but `Internal` mean the request was refused and nothing changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// Malformed or invalid input (bad address, port 0, unknown field...).
+    Invalid,
+    /// The named service or backend does not exist.
+    NotFound,
+    /// Clashes with what exists (duplicate name or VIP, owned by the config file).
+    Conflict,
+    /// Would not fit the data plane's capacity.
+    Capacity,
+    /// The client speaks another protocol version.
+    UnsupportedVersion,
+    /// The daemon failed to do something it should have been able to do.
+    Internal,
+}
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        ApiError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// What travels on the wire, both ways: the version plus the body.
+#[derive(Debug, Serialize, Deserialize)]
+struct Envelope<T> {
+    api: u32,
+    #[serde(flatten)]
+    body: T,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Outcome {
+    Ok(Reply),
+    Error(ApiError),
+}
+
+/// A request on its way to the daemon's main loop, with where to send the answer.
+pub type Call = (Request, oneshot::Sender<Result<Reply, ApiError>>);
+
+/// Why the API could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiServerError {
+    #[error("another orch daemon is already serving {0}")]
+    InUse(PathBuf),
+    #[error("preparing the admin socket {path}")]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Binds the admin socket: creates its directory, replaces a stale socket file (one nobody
+/// listens on), and sets its mode and group.
+pub fn bind(path: &Path) -> Result<UnixListener, ApiServerError> {
+    let err = |source| ApiServerError::Socket {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(ApiServerError::InUse(path.to_owned()));
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
+    if let Ok(Some(group)) = nix::unistd::Group::from_name("orch") {
+        nix::unistd::chown(path, None, Some(group.gid)).map_err(|e| err(e.into()))?;
+    }
+    info!(socket = %path.display(), "admin API listening");
+    Ok(listener)
+}
+
+/// Accepts connections forever, handing each request to the main loop through `calls`.
+pub async fn serve(listener: UnixListener, calls: mpsc::Sender<Call>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let calls = calls.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = handle(stream, calls).await {
+                        debug!(error = %e, "admin connection ended with an error");
+                    }
+                });
+            }
+            Err(e) => {
+                warn!(error = %e, "accepting an admin connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn handle(stream: tokio::net::UnixStream, calls: mpsc::Sender<Call>) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = tokio::io::BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST));
+    reader.read_line(&mut line).await?;
+    let outcome = match decode(&line) {
+        Ok(request) => {
+            let (tx, rx) = oneshot::channel();
+            if calls.send((request, tx)).await.is_err() {
+                Err(ApiError::new(
+                    ErrorKind::Internal,
+                    "the daemon is shutting down",
+                ))
+            } else {
+                rx.await.unwrap_or_else(|_| {
+                    Err(ApiError::new(
+                        ErrorKind::Internal,
+                        "the daemon dropped the request",
+                    ))
+                })
+            }
+        }
+        Err(e) => Err(e),
+    };
+    let body = match outcome {
+        Ok(r) => Outcome::Ok(r),
+        Err(e) => Outcome::Error(e),
+    };
+    let mut out = serde_json::to_vec(&Envelope {
+        api: API_VERSION,
+        body,
+    })
+    .map_err(std::io::Error::other)?;
+    out.push(b'\n');
+    write.write_all(&out).await?;
+    write.shutdown().await
+}
+
+/// Parses one request line, checking the version before anything else.
+fn decode(line: &str) -> Result<Request, ApiError> {
+    let value: serde_json::Value = serde_json::from_str(line)
+        .map_err(|e| ApiError::new(ErrorKind::Invalid, format!("request is not JSON: {e}")))?;
+    match value.get("api").and_then(|v| v.as_u64()) {
+        Some(v) if v == API_VERSION as u64 => {}
+        Some(v) => {
+            return Err(ApiError::new(
+                ErrorKind::UnsupportedVersion,
+                format!("this daemon speaks API version {API_VERSION}, the request {v}"),
+            ))
+        }
+        None => {
+            return Err(ApiError::new(
+                ErrorKind::Invalid,
+                format!("the request has no \"api\" version field (expected {API_VERSION})"),
+            ))
+        }
+    }
+    let mut object = value;
+    if let Some(map) = object.as_object_mut() {
+        map.remove("api");
+    }
+    serde_json::from_value(object)
+        .map_err(|e| ApiError::new(ErrorKind::Invalid, format!("invalid request: {e}")))
+}
+
+/// Why the CLI could not get an answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "cannot reach the orch daemon at {path}: {source} (is it running? is --socket right? \
+         are you root or in group orch?)"
+    )]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("talking to the orch daemon at {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the daemon's answer is not understood: {0}")]
+    Protocol(String),
+    #[error(transparent)]
+    Refused(#[from] ApiError),
+}
+
+/// Sends one request to the daemon at `socket` and waits for its answer.
+pub fn call(socket: &Path, request: &Request) -> Result<Reply, ClientError> {
+    let io = |source| ClientError::Io {
+        path: socket.to_owned(),
+        source,
+    };
+    let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
+        path: socket.to_owned(),
+        source,
+    })?;
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT)).map_err(io)?;
+    stream.set_write_timeout(Some(CLIENT_TIMEOUT)).map_err(io)?;
+    let mut line = serde_json::to_vec(&Envelope {
+        api: API_VERSION,
+        body: request,
+    })
+    .map_err(|e| ClientError::Protocol(e.to_string()))?;
+    line.push(b'\n');
+    stream.write_all(&line).map_err(io)?;
+    let mut answer = String::new();
+    BufReader::new(&stream).read_line(&mut answer).map_err(io)?;
+    let envelope: Envelope<Outcome> = serde_json::from_str(&answer)
+        .map_err(|e| ClientError::Protocol(format!("{e}: {answer:?}")))?;
+    match envelope.body {
+        Outcome::Ok(reply) => Ok(reply),
+        Outcome::Error(e) => Err(ClientError::Refused(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_with_the_documented_shape() {
+        let line = r#"{"api":1,"op":"backend_add","service":"web","address":"198.18.1.2:8080","weight":2}"#;
+        let req = decode(line).unwrap();
+        assert_eq!(
+            req,
+            Request::BackendAdd {
+                service: "web".into(),
+                address: "198.18.1.2:8080".parse().unwrap(),
+                weight: 2
+            }
+        );
+        let back = serde_json::to_string(&Envelope {
+            api: API_VERSION,
+            body: &req,
+        })
+        .unwrap();
+        assert_eq!(back, line);
+    }
+
+    #[test]
+    fn bad_requests_are_named() {
+        let cases = [
+            ("not json", ErrorKind::Invalid, "not JSON"),
+            (r#"{"op":"status"}"#, ErrorKind::Invalid, "no \"api\""),
+            (
+                r#"{"api":2,"op":"status"}"#,
+                ErrorKind::UnsupportedVersion,
+                "version 1",
+            ),
+            (r#"{"api":1,"op":"explode"}"#, ErrorKind::Invalid, "explode"),
+            (
+                r#"{"api":1,"op":"backend_add","service":"web","address":"198.18.1.2"}"#,
+                ErrorKind::Invalid,
+                "socket address",
+            ),
+            (
+                r#"{"api":1,"op":"service_show","name":"web","extra":1}"#,
+                ErrorKind::Invalid,
+                "extra",
+            ),
+        ];
+        for (line, kind, text) in cases {
+            let e = decode(line).unwrap_err();
+            assert_eq!(e.kind, kind, "{line}: {e}");
+            assert!(e.message.contains(text), "{line}: {e}");
+        }
+    }
+}
