@@ -74,6 +74,8 @@ pub struct Lab {
     stop: Arc<AtomicBool>,
     servers: Vec<JoinHandle<()>>,
     prefix: String,
+    /// The daemon's files (registry, socket) and a private bpffs for its pins.
+    state: PathBuf,
 }
 
 impl fmt::Debug for Lab {
@@ -95,6 +97,7 @@ impl Lab {
         let prefix = format!("{NS_PREFIX}{}-{n}{tag}-", std::process::id());
         let client = Netns::create(&format!("{prefix}client"))?;
         let lb = Netns::create(&format!("{prefix}lb"))?;
+        let state = std::env::temp_dir().join(format!("{prefix}state"));
         let mut lab = Lab {
             client,
             lb,
@@ -102,7 +105,21 @@ impl Lab {
             stop: Arc::new(AtomicBool::new(false)),
             servers: Vec::new(),
             prefix,
+            state,
         };
+        // A bpffs of the lab's own: the daemon's pins live there, not in the host's
+        // /sys/fs/bpf (which `ip netns exec` hides anyway), and unmounting it when the lab
+        // ends releases every pinned map and link. Mounted before anything else can fail, so
+        // the drop below always has it to remove.
+        std::fs::create_dir_all(lab.state.join("bpffs"))?;
+        nix::mount::mount(
+            Some("bpf"),
+            &lab.state.join("bpffs"),
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| io::Error::other(format!("mounting the lab's bpffs: {e}")))?;
         lab.lb.sysctl("net.ipv4.ip_forward", "1")?;
         lab.lb.sysctl("net.ipv6.conf.all.forwarding", "1")?;
         lab.lb.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
@@ -150,36 +167,31 @@ impl Lab {
         std::env::temp_dir().join(format!("{}{what}", self.prefix))
     }
 
-    /// Starts `orch daemon` in the load balancer's namespace with `config` (TOML text) and
-    /// waits until its program is attached to every lab interface.
+    /// Starts `orch daemon` in the load balancer's namespace with `config` (TOML text, see
+    /// [`Lab::orch_config`]) and waits until it serves its API and its program is attached
+    /// to every lab interface.
     pub fn start_orch(&self, bin: &Path, config: &str) -> io::Result<Orch> {
+        self.start_orch_with(bin, config, &[])
+    }
+
+    /// [`Lab::start_orch`] with extra `orch daemon` arguments.
+    pub fn start_orch_with(&self, bin: &Path, config: &str, args: &[&str]) -> io::Result<Orch> {
         let config_path = self.scratch_path("orch.toml");
-        std::fs::write(&config_path, config)?;
-        let log_path = self.scratch_path("orch.log");
-        let log = std::fs::File::create(&log_path)?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", self.lb.name()])
-            .arg(bin)
-            .args(["daemon", "--config"])
-            .arg(&config_path)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .map_err(|e| io::Error::new(e.kind(), format!("starting {}: {e}", bin.display())))?;
         let mut orch = Orch {
-            child,
+            child: None,
+            bin: bin.to_owned(),
+            args: args.iter().map(|a| a.to_string()).collect(),
             config_path,
-            log_path,
+            log_path: self.scratch_path("orch.log"),
+            socket: self.state.join("orch.sock"),
+            pin_dir: self.state.join("bpffs/orch"),
+            registry: self.state.join("registry.db"),
             lb: self.lb.name().to_owned(),
             interfaces: self.lb_interfaces(),
             exited: None,
         };
-        orch.wait_attached(Duration::from_secs(20))?;
+        orch.write_config(config)?;
+        orch.start()?;
         Ok(orch)
     }
 }
@@ -190,7 +202,10 @@ impl Drop for Lab {
         for t in self.servers.drain(..) {
             let _ = t.join();
         }
-        // The namespaces (fields) are deleted after this, which removes every link.
+        // Unmounting the lab's bpffs unpins everything orch left (it keeps running by
+        // design); the namespaces (fields) are deleted after this, which removes every link.
+        let _ = nix::mount::umount2(&self.state.join("bpffs"), nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir_all(&self.state);
     }
 }
 
@@ -427,44 +442,129 @@ pub fn xdp_attached(ns: &str, iface: &str) -> io::Result<bool> {
     Ok(out.contains("prog/xdp"))
 }
 
-/// A running `orch daemon`. Dropping it stops the daemon (SIGTERM, then SIGKILL) and removes
-/// its config and log files.
+/// A running `orch daemon` with the lab's private paths. Dropping it stops the daemon
+/// (SIGTERM, then SIGKILL) and removes its config and log files; the lab removes the rest.
 #[derive(Debug)]
 pub struct Orch {
-    child: Child,
+    child: Option<Child>,
+    bin: PathBuf,
+    args: Vec<String>,
     config_path: PathBuf,
     log_path: PathBuf,
+    socket: PathBuf,
+    pin_dir: PathBuf,
+    registry: PathBuf,
     lb: String,
     interfaces: Vec<String>,
     exited: Option<ExitStatus>,
 }
 
 impl Orch {
-    /// What the daemon has logged so far.
+    /// What the daemon has logged so far (every run since the lab started it).
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
-    fn wait_attached(&mut self, limit: Duration) -> io::Result<()> {
+    /// The admin socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The config file the daemon watches.
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// Replaces the config file in one step (write aside, rename), as careful editors do.
+    /// `config` is the test's TOML; the lab's private paths are added (see
+    /// [`Orch::with_lab_paths`]).
+    pub fn write_config(&self, config: &str) -> io::Result<()> {
+        let text = self.with_lab_paths(config);
+        let tmp = self.config_path.with_extension("toml.tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, &self.config_path)
+    }
+
+    /// `config` with this lab's pin directory, registry and socket: a `pin_dir` line right
+    /// after `[dataplane]` (so line numbers below it move by one) and `[registry]`/`[api]`
+    /// tables at the end.
+    pub fn with_lab_paths(&self, config: &str) -> String {
+        let mut out = String::new();
+        for line in config.lines() {
+            out.push_str(line);
+            out.push('\n');
+            if line.trim() == "[dataplane]" {
+                out.push_str(&format!("pin_dir = {:?}\n", self.pin_dir));
+            }
+        }
+        out.push_str(&format!(
+            "\n[registry]\npath = {:?}\n\n[api]\nsocket = {:?}\n",
+            self.registry, self.socket
+        ));
+        out
+    }
+
+    /// Starts the daemon (again) and waits until it is ready.
+    pub fn start(&mut self) -> io::Result<()> {
+        assert!(self.child.is_none(), "orch is already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.lb])
+            .arg(&self.bin)
+            .args(["daemon", "--config"])
+            .arg(&self.config_path)
+            .args(&self.args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| {
+                io::Error::new(e.kind(), format!("starting {}: {e}", self.bin.display()))
+            })?;
+        self.child = Some(child);
+        self.exited = None;
+        self.wait_ready(Duration::from_secs(20))
+    }
+
+    /// Waits until this run of the daemon answers on its socket (its own pid in `status`)
+    /// and XDP is attached to every lab interface.
+    fn wait_ready(&mut self, limit: Duration) -> io::Result<()> {
         let start = Instant::now();
+        let pid = self.child.as_ref().map(|c| c.id()).unwrap_or(0);
         loop {
-            if let Some(status) = self.child.try_wait()? {
-                self.exited = Some(status);
-                return Err(io::Error::other(format!(
-                    "orch exited with {status} before attaching; its log:\n{}",
-                    self.log()
-                )));
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    self.child = None;
+                    self.exited = Some(status);
+                    return Err(io::Error::other(format!(
+                        "orch exited with {status} before it was ready; its log:\n{}",
+                        self.log()
+                    )));
+                }
             }
-            let mut all = true;
+            let serving = self
+                .cli(&["status", "--json"])
+                .map(|o| {
+                    o.status.success() && o.stdout_text().contains(&format!("\"pid\": {pid},"))
+                })
+                .unwrap_or(false);
+            let mut attached = true;
             for i in &self.interfaces {
-                all &= xdp_attached(&self.lb, i)?;
+                attached &= xdp_attached(&self.lb, i)?;
             }
-            if all {
+            if serving && attached {
                 return Ok(());
             }
             if start.elapsed() > limit {
                 return Err(io::Error::other(format!(
-                    "orch did not attach within {limit:?}; its log:\n{}",
+                    "orch was not ready within {limit:?}; its log:\n{}",
                     self.log()
                 )));
             }
@@ -472,27 +572,66 @@ impl Orch {
         }
     }
 
+    /// Runs the `orch` CLI against this daemon's socket (from the host namespace: a Unix
+    /// socket is a file, reachable from any network namespace).
+    pub fn cli(&self, args: &[&str]) -> io::Result<CliOutput> {
+        let out = Command::new(&self.bin)
+            .args(args)
+            .env("ORCH_SOCKET", &self.socket)
+            .stdin(Stdio::null())
+            .output()?;
+        Ok(CliOutput(out))
+    }
+
     /// Sends SIGTERM and waits (up to 10 s) for the exit status; SIGKILL after that.
     pub fn stop(&mut self) -> io::Result<ExitStatus> {
-        if let Some(s) = self.exited {
-            return Ok(s);
-        }
+        let Some(mut child) = self.child.take() else {
+            return self
+                .exited
+                .ok_or_else(|| io::Error::other("orch was never started"));
+        };
         // SAFETY: signalling our own child, which has not been reaped yet.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(10) {
-            if let Some(s) = self.child.try_wait()? {
+            if let Some(s) = child.try_wait()? {
                 self.exited = Some(s);
                 return Ok(s);
             }
             thread::sleep(Duration::from_millis(20));
         }
-        self.child.kill()?;
-        let s = self.child.wait()?;
+        child.kill()?;
+        let s = child.wait()?;
         self.exited = Some(s);
         Err(io::Error::other(format!(
             "orch ignored SIGTERM for 10 s; killed ({s})"
         )))
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGHUP`) to the running daemon.
+    pub fn signal(&self, signal: i32) -> io::Result<()> {
+        let child = self
+            .child
+            .as_ref()
+            .ok_or_else(|| io::Error::other("orch is not running"))?;
+        // SAFETY: signalling our own child, which has not been reaped yet.
+        if unsafe { libc::kill(child.id() as i32, signal) } == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    /// SIGKILL, as a crash or the OOM killer would: no cleanup of any kind.
+    pub fn kill9(&mut self) -> io::Result<ExitStatus> {
+        let mut child = self
+            .child
+            .take()
+            .ok_or_else(|| io::Error::other("orch is not running"))?;
+        child.kill()?;
+        let s = child.wait()?;
+        self.exited = Some(s);
+        Ok(s)
     }
 
     /// The interfaces it was started on, with whether XDP is still attached to each.
@@ -502,6 +641,11 @@ impl Orch {
             .map(|i| Ok((i.clone(), xdp_attached(&self.lb, i)?)))
             .collect()
     }
+
+    /// Whether anything is left in the pin directory.
+    pub fn pins_left(&self) -> bool {
+        self.pin_dir.exists()
+    }
 }
 
 impl Drop for Orch {
@@ -509,6 +653,29 @@ impl Drop for Orch {
         let _ = self.stop();
         let _ = std::fs::remove_file(&self.config_path);
         let _ = std::fs::remove_file(&self.log_path);
+    }
+}
+
+/// What a CLI run printed and how it exited.
+#[derive(Debug)]
+pub struct CliOutput(pub std::process::Output);
+
+impl CliOutput {
+    pub fn code(&self) -> Option<i32> {
+        self.0.status.code()
+    }
+    pub fn stdout_text(&self) -> String {
+        String::from_utf8_lossy(&self.0.stdout).into_owned()
+    }
+    pub fn stderr_text(&self) -> String {
+        String::from_utf8_lossy(&self.0.stderr).into_owned()
+    }
+}
+
+impl std::ops::Deref for CliOutput {
+    type Target = std::process::Output;
+    fn deref(&self) -> &std::process::Output {
+        &self.0
     }
 }
 

@@ -215,12 +215,18 @@ fn traffic_not_for_a_vip_is_untouched() {
 }
 
 #[test]
-fn sigterm_detaches_everything() {
-    if !require_root("sigterm_detaches_everything") {
+fn detach_on_exit_leaves_nothing_behind() {
+    if !require_root("detach_on_exit_leaves_nothing_behind") {
         return;
     }
-    let (lab, mut orch) = lab_with_orch("term");
+    let lab = Lab::new("term", 3).expect("building the lab");
+    let config =
+        std::fs::read_to_string(lab::example_config_path()).expect("reading examples/demo.toml");
+    let mut orch = lab
+        .start_orch_with(&lab::orch_bin(), &config, &["--detach-on-exit"])
+        .expect("starting orch");
     assert!(orch.attachment().unwrap().iter().all(|(_, on)| *on));
+    assert!(orch.pins_left());
     let status = orch.stop().expect("orch stops on SIGTERM");
     assert!(status.success(), "exit status {status}\n{}", orch.log());
     let still: Vec<_> = orch
@@ -230,6 +236,7 @@ fn sigterm_detaches_everything() {
         .filter(|(_, on)| *on)
         .collect();
     assert!(still.is_empty(), "XDP still attached after exit: {still:?}");
+    assert!(!orch.pins_left(), "pins left after --detach-on-exit");
     // With orch gone the VIP is no longer served, but plain routing still is.
     let direct = SocketAddr::from((lab::backend4(1), lab::TCP_PORT));
     let name = lab

@@ -85,7 +85,13 @@ fn on_host(bin: &Path, config: &Path) -> anyhow::Result<()> {
         "==> starting orch with {} (Ctrl-C stops it and detaches)",
         config.display()
     );
-    util::run(Command::new(bin).arg("daemon").arg("--config").arg(config))
+    util::run(
+        Command::new(bin)
+            .arg("daemon")
+            .arg("--config")
+            .arg(config)
+            .arg("--detach-on-exit"),
+    )
 }
 
 fn demo(bin: &Path, once: bool, signals: &SigSet) -> anyhow::Result<()> {
@@ -97,11 +103,11 @@ fn demo(bin: &Path, once: bool, signals: &SigSet) -> anyhow::Result<()> {
     })?;
     let orch = step(
         "starting orch in the load balancer's namespace with examples/demo.toml",
-        || Ok(lab.start_orch(bin, &config)?),
+        || Ok(lab.start_orch_with(bin, &config, &["--detach-on-exit"])?),
     )?;
     eprintln!("    attached to {}", lab.lb_interfaces().join(", "));
 
-    let result = traffic(&lab);
+    let result = traffic(&lab).and_then(|()| registry_demo(&lab, &orch));
     if let Err(e) = &result {
         eprintln!("demo traffic failed: {e:#}\norch's log:\n{}", orch.log());
     }
@@ -114,13 +120,58 @@ fn demo(bin: &Path, once: bool, signals: &SigSet) -> anyhow::Result<()> {
     println!(
         "\norch keeps running. Try it from the client namespace, for example:\n  \
          ip netns exec {} bash -c 'exec 3<>/dev/tcp/{VIP4}/80; echo hello >&3; head -1 <&3'\n\
+         and the CLI against this daemon:\n  \
+         sudo ORCH_SOCKET={} {} service list\n\
          Press Ctrl-C to stop orch and remove the lab.",
-        lab.client.name()
+        lab.client.name(),
+        orch.socket().display(),
+        bin.display()
     );
     let sig = signals.wait().context("waiting for Ctrl-C")?;
     eprintln!("\n==> {sig:?}: stopping orch and removing the lab");
     drop(orch);
     drop(lab);
+    Ok(())
+}
+
+/// Registers a service through the CLI while orch runs, and shows traffic following.
+fn registry_demo(lab: &Lab, orch: &lab::Orch) -> anyhow::Result<()> {
+    let cli = |args: &[&str]| -> anyhow::Result<String> {
+        println!("\n$ orch {}", args.join(" "));
+        let out = orch.cli(args)?;
+        anyhow::ensure!(
+            out.status.success(),
+            "orch {} failed: {}",
+            args.join(" "),
+            out.stderr_text()
+        );
+        Ok(out.stdout_text())
+    };
+    print!(
+        "{}",
+        cli(&[
+            "service",
+            "add",
+            "api",
+            "198.19.0.2:80",
+            "--backend",
+            "198.18.1.2:8080",
+            "--backend",
+            "198.18.2.2:8080@2",
+        ])?
+    );
+    let vip = SocketAddr::from(([198, 19, 0, 2], 80));
+    let answers = lab.client.run(move || {
+        lab::pin_current_thread(0)?;
+        (1..=6)
+            .map(|i| lab::tcp_ask(vip, &format!("hello {i}")))
+            .collect::<std::io::Result<Vec<_>>>()
+    })??;
+    println!(
+        "6 TCP connections to {vip} (weights 1:2): {}",
+        answers.join(" ")
+    );
+    print!("{}", cli(&["service", "list"])?);
     Ok(())
 }
 

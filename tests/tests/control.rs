@@ -1,0 +1,503 @@
+//! End-to-end tests of the control plane: the CLI and registry, config hot reload, restarts
+//! and crashes of the daemon, all with real traffic through the lab.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    process::Command,
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use orch_tests::{
+    lab::{self, Lab, LineConn, Orch, VIP4},
+    privilege::require_root,
+};
+
+fn demo_config() -> String {
+    std::fs::read_to_string(lab::example_config_path()).expect("reading examples/demo.toml")
+}
+
+fn start(tag: &str, config: &str) -> (Lab, Orch) {
+    let lab = Lab::new(tag, 3).expect("building the lab");
+    let orch = lab
+        .start_orch(&lab::orch_bin(), config)
+        .expect("starting orch");
+    (lab, orch)
+}
+
+fn cpus() -> usize {
+    thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// `n` new TCP connections to `vip`, one request each: which backend answered, tallied.
+fn spread(lab: &Lab, orch: &Orch, vip: SocketAddr, n: usize) -> BTreeMap<String, usize> {
+    let names = lab
+        .client
+        .run(move || {
+            (0..n)
+                .map(|i| lab::tcp_ask(vip, &format!("req {i}")))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .unwrap()
+        .unwrap_or_else(|e| panic!("a connection to {vip} failed: {e}\n{}", orch.log()));
+    let mut t = BTreeMap::new();
+    for n in names {
+        *t.entry(n).or_insert(0) += 1;
+    }
+    t
+}
+
+/// Runs the CLI, expecting success; returns its stdout.
+fn ok(orch: &Orch, args: &[&str]) -> String {
+    let out = orch.cli(args).expect("running the orch CLI");
+    assert!(
+        out.status.success(),
+        "orch {} failed ({:?}): {}\n{}",
+        args.join(" "),
+        out.code(),
+        out.stderr_text(),
+        orch.log()
+    );
+    out.stdout_text()
+}
+
+/// The daemon's `status` as JSON.
+fn status(orch: &Orch) -> serde_json::Value {
+    let text = ok(orch, &["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&text).expect("status is JSON");
+    v["status"].clone()
+}
+
+/// Polls `cond` every 20 ms for up to `limit`; returns how long it took to hold.
+fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if cond() {
+            return Some(start.elapsed());
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+#[test]
+fn cli_changes_steer_traffic_and_bad_input_changes_nothing() {
+    if !require_root("cli_changes_steer_traffic_and_bad_input_changes_nothing") {
+        return;
+    }
+    // Room for exactly one service more than the file has.
+    let config = demo_config().replace("[dataplane]", "[dataplane]\nmax_services = 4");
+    let (lab, orch) = start("cli", &config);
+    let api = SocketAddr::from(([198, 19, 0, 2], 80));
+
+    ok(
+        &orch,
+        &[
+            "service",
+            "add",
+            "api",
+            "198.19.0.2:80",
+            "--backend",
+            "198.18.1.2:8080",
+            "--backend",
+            "198.18.2.2:8080",
+        ],
+    );
+    let t = spread(&lab, &orch, api, 30);
+    assert_eq!(
+        t.keys().collect::<Vec<_>>(),
+        ["backend-1", "backend-2"],
+        "{t:?}"
+    );
+    for &n in t.values() {
+        assert!(n.abs_diff(15) <= cpus(), "{t:?}");
+    }
+
+    ok(&orch, &["backend", "add", "api", "198.18.3.2:8080"]);
+    let t = spread(&lab, &orch, api, 30);
+    assert_eq!(t.len(), 3, "the new backend takes connections: {t:?}");
+
+    // Drain backend-1: no new connections reach it, an established one keeps working.
+    let (mut held, held_on) = lab
+        .client
+        .run(move || -> std::io::Result<(LineConn, String)> {
+            loop {
+                let mut c = LineConn::connect(api)?;
+                let name = c.ask("hold")?;
+                if name == "backend-1" {
+                    return Ok((c, name));
+                }
+            }
+        })
+        .unwrap()
+        .expect("a connection to backend-1");
+    ok(&orch, &["backend", "drain", "api", "198.18.1.2:8080"]);
+    let t = spread(&lab, &orch, api, 30);
+    assert!(
+        !t.contains_key("backend-1"),
+        "a drained backend got new connections: {t:?}"
+    );
+    assert_eq!(held.ask("still there").unwrap(), held_on);
+    let shown = ok(&orch, &["backend", "list", "api"]);
+    assert!(shown.contains("draining"), "{shown}");
+    ok(&orch, &["backend", "enable", "api", "198.18.1.2:8080"]);
+    let t = spread(&lab, &orch, api, 30);
+    assert!(
+        t.contains_key("backend-1"),
+        "an enabled backend takes connections again: {t:?}"
+    );
+
+    // Every bad request is refused with exit code 2, a clear message, and no change.
+    let before = ok(&orch, &["service", "list", "--json"]);
+    let refused: &[(&[&str], &str)] = &[
+        (&["service", "add", "bad", "198.19.0.3:0"], "port 0"),
+        (
+            &["service", "add", "web2", "198.19.0.1:80"],
+            "already the address of service \"web\"",
+        ),
+        (
+            &["service", "add", "api", "198.19.0.9:80"],
+            "already exists",
+        ),
+        (
+            &["service", "add", "bad name", "198.19.0.9:80"],
+            "must be 1-63 characters",
+        ),
+        (&["service", "add", "more", "198.19.0.9:80"], "capacity"),
+        (&["service", "add", "x", "198.19.0.9"], "invalid value"),
+        (&["service", "rm", "nope"], "no service named \"nope\""),
+        (
+            &["backend", "add", "nope", "198.18.1.2:8080"],
+            "no service named",
+        ),
+        (
+            &["backend", "add", "web", "198.18.1.2:9999"],
+            "defined in the config file",
+        ),
+        (
+            &["backend", "add", "api", "198.18.1.2:8080"],
+            "already has backend",
+        ),
+        (
+            &["backend", "add", "api", "[2001:db8:1::2]:8080"],
+            "same IP family",
+        ),
+        (
+            &[
+                "backend",
+                "add",
+                "api",
+                "198.18.1.9:8080",
+                "--weight",
+                "10001",
+            ],
+            "maximum",
+        ),
+        (
+            &["backend", "drain", "api", "198.18.9.9:1"],
+            "has no backend",
+        ),
+    ];
+    for (args, message) in refused {
+        let out = orch.cli(args).unwrap();
+        assert_eq!(
+            out.code(),
+            Some(2),
+            "orch {}: {}",
+            args.join(" "),
+            out.stderr_text()
+        );
+        assert!(
+            out.stderr_text().contains(message),
+            "orch {}: want {message:?} in {:?}",
+            args.join(" "),
+            out.stderr_text()
+        );
+    }
+    assert_eq!(ok(&orch, &["service", "list", "--json"]), before);
+
+    ok(&orch, &["service", "rm", "api"]);
+    let out = orch.cli(&["service", "show", "api"]).unwrap();
+    assert_eq!(out.code(), Some(2));
+    let list = ok(&orch, &["service", "list"]);
+    assert!(!list.contains("api"), "{list}");
+}
+
+#[test]
+fn restart_and_reload_drop_nothing() {
+    if !require_root("restart_and_reload_drop_nothing") {
+        return;
+    }
+    let (lab, mut orch) = start("restart", &demo_config());
+    let vip = SocketAddr::from((VIP4, 80));
+
+    // Long-lived connections talk without pause through everything below. Every answer must
+    // come from the connection's first backend and echo exactly what was sent.
+    let stop = Arc::new(AtomicBool::new(false));
+    let rounds = Arc::new(AtomicUsize::new(0));
+    let talker = {
+        let (stop, rounds) = (stop.clone(), rounds.clone());
+        lab.client
+            .spawn(move || -> Result<Vec<String>, String> {
+                let mut conns = (0..6)
+                    .map(|_| LineConn::connect(vip))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| format!("connect: {e}"))?;
+                let firsts = conns
+                    .iter_mut()
+                    .map(|c| c.ask("first"))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| format!("first request: {e}"))?;
+                let deadline = Instant::now() + Duration::from_secs(60);
+                let mut round = 0usize;
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    for (i, c) in conns.iter_mut().enumerate() {
+                        let name = c
+                            .ask(&format!("round {round} conn {i}"))
+                            .map_err(|e| format!("round {round} conn {i}: {e}"))?;
+                        if name != firsts[i] {
+                            return Err(format!("conn {i} moved from {} to {name}", firsts[i]));
+                        }
+                    }
+                    round += 1;
+                    rounds.store(round, Ordering::Relaxed);
+                    thread::sleep(Duration::from_millis(2));
+                }
+                Ok(firsts)
+            })
+            .unwrap()
+    };
+    let progress = |from: usize| {
+        wait_for(Duration::from_secs(10), || {
+            rounds.load(Ordering::Relaxed) >= from + 20
+        })
+        .unwrap_or_else(|| panic!("the long-lived connections stalled\n{}", orch_log_hint()))
+    };
+    fn orch_log_hint() -> &'static str {
+        "(see the daemon log above)"
+    }
+    progress(0);
+
+    // 1. The daemon stops: the data plane stays, connections keep flowing, new ones too.
+    let exit = orch.stop().expect("stopping orch");
+    assert!(exit.success(), "{exit}\n{}", orch.log());
+    assert!(
+        orch.attachment().unwrap().iter().all(|(_, on)| *on),
+        "the data plane must stay attached while the daemon is down"
+    );
+    progress(rounds.load(Ordering::Relaxed));
+    let t = spread(&lab, &orch, vip, 30);
+    assert_eq!(
+        t.len(),
+        3,
+        "new connections while down reach every backend: {t:?}"
+    );
+
+    // 2. A new daemon takes over the running data plane without rewriting it.
+    orch.start().expect("restarting orch");
+    let st = status(&orch);
+    assert_eq!(st["adopted"], true, "{st}");
+    let log = orch.log();
+    let second_start = &log[log.rfind("registry opened").expect("two starts")..];
+    assert!(
+        second_start.contains("unchanged=3") && second_start.contains("updated=0"),
+        "a restart with the same config must write no service: {second_start}"
+    );
+    progress(rounds.load(Ordering::Relaxed));
+
+    // 3. A config reload adds a service while the connections continue.
+    let extra = "\n[[service]]\nname = \"extra\"\nvip = \"198.19.0.3\"\nport = 80\nprotocol = \"tcp\"\nbackend = [{ address = \"198.18.1.2:8080\" }]\n";
+    orch.write_config(&format!("{}{extra}", demo_config()))
+        .unwrap();
+    wait_for(Duration::from_secs(5), || {
+        status(&orch)["config_reloads"] == 1
+    })
+    .unwrap_or_else(|| panic!("the reload did not happen\n{}", orch.log()));
+    progress(rounds.load(Ordering::Relaxed));
+
+    stop.store(true, Ordering::Relaxed);
+    let firsts = talker
+        .join()
+        .expect("talker thread")
+        .unwrap_or_else(|e| panic!("a long-lived connection broke: {e}\n{}", orch.log()));
+    let total = rounds.load(Ordering::Relaxed);
+    eprintln!(
+        "{} long-lived connections ({firsts:?}) exchanged {total} rounds through a stop, a \
+         restart and a reload without an error",
+        firsts.len()
+    );
+    assert_eq!(
+        firsts.iter().collect::<BTreeSet<_>>().len(),
+        3,
+        "6 connections use all backends: {firsts:?}"
+    );
+}
+
+#[test]
+fn acknowledged_registrations_survive_kill_9() {
+    if !require_root("acknowledged_registrations_survive_kill_9") {
+        return;
+    }
+    let (lab, mut orch) = start("kill9", &demo_config());
+    let socket = orch.socket().to_owned();
+    let bin = lab::orch_bin();
+    let acked = Arc::new(AtomicUsize::new(0));
+    const MAX: usize = 400;
+
+    // A stream of registrations; the daemon is killed in the middle of it.
+    let writer = {
+        let acked = acked.clone();
+        thread::spawn(move || {
+            let mut done = Vec::new();
+            for i in 0..MAX {
+                let name = format!("s{i}");
+                let vip = format!("198.19.{}.{}:80", 1 + i / 250, 1 + i % 250);
+                let out = Command::new(&bin)
+                    .args([
+                        "service",
+                        "add",
+                        &name,
+                        &vip,
+                        "--backend",
+                        "198.18.1.2:8080",
+                    ])
+                    .env("ORCH_SOCKET", &socket)
+                    .output()
+                    .expect("running the CLI");
+                match out.status.code() {
+                    Some(0) => {
+                        done.push(name);
+                        acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // The daemon is gone: stop writing.
+                    Some(1) => break,
+                    other => panic!(
+                        "unexpected exit {other:?}: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    ),
+                }
+            }
+            done
+        })
+    };
+    wait_for(Duration::from_secs(30), || {
+        acked.load(Ordering::Relaxed) >= 25
+    })
+    .unwrap_or_else(|| panic!("registrations are too slow\n{}", orch.log()));
+    orch.kill9().expect("killing orch");
+    let done = writer.join().expect("writer thread");
+    assert!(done.len() < MAX, "the kill must land inside the stream");
+
+    orch.start().expect("restarting orch after kill -9");
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(&orch, &["service", "list", "--json"])).unwrap();
+    let names: BTreeSet<String> = list["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_owned())
+        .collect();
+    let lost: Vec<&String> = done.iter().filter(|n| !names.contains(*n)).collect();
+    assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
+    eprintln!(
+        "{} registrations acknowledged before kill -9, all {} present after restart",
+        done.len(),
+        done.len()
+    );
+    // And the data plane serves the last acknowledged one.
+    let last = done.len() - 1;
+    let vip = SocketAddr::from((
+        [198, 19, 1 + (last / 250) as u8, 1 + (last % 250) as u8],
+        80,
+    ));
+    let t = spread(&lab, &orch, vip, 3);
+    assert_eq!(t.get("backend-1"), Some(&3), "{t:?}");
+}
+
+#[test]
+fn config_edits_apply_live_and_bad_edits_change_nothing() {
+    if !require_root("config_edits_apply_live_and_bad_edits_change_nothing") {
+        return;
+    }
+    let (lab, orch) = start("reload", &demo_config());
+    let extra_vip = SocketAddr::from(([198, 19, 0, 3], 80));
+    let extra = "\n[[service]]\nname = \"extra\"\nvip = \"198.19.0.3\"\nport = 80\nprotocol = \"tcp\"\nbackend = [{ address = \"198.18.2.2:8080\" }]\n";
+    let with_extra = format!("{}{extra}", demo_config());
+
+    // A valid edit: applied without a restart, and the new service answers.
+    orch.write_config(&with_extra).unwrap();
+    let took = wait_for(Duration::from_secs(5), || {
+        status(&orch)["config_reloads"] == 1
+    })
+    .unwrap_or_else(|| panic!("the edit was not applied\n{}", orch.log()));
+    eprintln!("a config edit was applied {took:?} after the file was written");
+    assert_eq!(
+        lab.client
+            .run(move || lab::tcp_ask(extra_vip, "new?"))
+            .unwrap()
+            .unwrap_or_else(|e| panic!("the new service does not answer: {e}\n{}", orch.log())),
+        "backend-2"
+    );
+
+    // An invalid edit: rejected with file, line and reason; everything keeps working.
+    let bad = with_extra.replace(
+        "port = 80\nprotocol = \"tcp\"\nbackend = [{ address = \"198.18.2.2",
+        "port = 0\nprotocol = \"tcp\"\nbackend = [{ address = \"198.18.2.2",
+    );
+    assert_ne!(bad, with_extra);
+    orch.write_config(&bad).unwrap();
+    wait_for(Duration::from_secs(5), || {
+        status(&orch)["config_reload_failures"] == 1
+    })
+    .unwrap_or_else(|| panic!("the bad edit was not noticed\n{}", orch.log()));
+    let st = status(&orch);
+    let why = st["last_reload_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let path = orch.config_path().display().to_string();
+    assert!(
+        why.contains(&format!("{path}:")) && why.contains("port 0"),
+        "the rejection names file, line and reason: {why}"
+    );
+    let line: usize = why[why.find(&format!("{path}:")).unwrap() + path.len() + 1..]
+        .split(':')
+        .next()
+        .unwrap()
+        .parse()
+        .expect("a line number after the path");
+    let text = std::fs::read_to_string(orch.config_path()).unwrap();
+    assert_eq!(
+        text.lines().nth(line - 1).map(str::trim),
+        Some("port = 0"),
+        "the line points at the problem: {why}"
+    );
+    assert_eq!(
+        lab.client
+            .run(move || lab::tcp_ask(extra_vip, "still?"))
+            .unwrap()
+            .unwrap(),
+        "backend-2"
+    );
+    let services = ok(&orch, &["service", "list"]);
+    assert!(services.contains("extra"), "{services}");
+
+    // SIGHUP reloads too: the file without the extra service removes it.
+    orch.write_config(&demo_config()).unwrap();
+    wait_for(Duration::from_secs(5), || {
+        status(&orch)["config_reloads"] == 2
+    })
+    .unwrap_or_else(|| panic!("the fixed file was not applied\n{}", orch.log()));
+    orch.signal(libc::SIGHUP).unwrap();
+    wait_for(Duration::from_secs(5), || {
+        status(&orch)["config_reloads"] == 3
+    })
+    .unwrap_or_else(|| panic!("SIGHUP did not reload\n{}", orch.log()));
+    let services = ok(&orch, &["service", "list"]);
+    assert!(!services.contains("extra"), "{services}");
+}
