@@ -640,4 +640,20 @@ protocol = "udp"
             "orch.toml:2:14: dataplane.interfaces: name at least one interface to attach to"
         );
     }
+
+    #[test]
+    fn services_registered_elsewhere_cannot_be_redefined() {
+        let c = parse(GOOD).unwrap();
+        let mut taken = c.services()[0].clone();
+        assert!(c.check_against(std::slice::from_ref(&taken)).is_err());
+        taken.name = "api".into();
+        let e = c.check_against(&[taken.clone()]).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.starts_with("orch.toml:7:7: ") && text.contains("registered through the CLI"),
+            "{text}"
+        );
+        taken.addr.port = 8443;
+        c.check_against(&[taken]).unwrap();
+    }
 }

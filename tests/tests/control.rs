@@ -94,6 +94,16 @@ fn cli_changes_steer_traffic_and_bad_input_changes_nothing() {
     let config = demo_config().replace("[dataplane]", "[dataplane]\nmax_services = 4");
     let (lab, orch) = start("cli", &config);
     let api = SocketAddr::from(([198, 19, 0, 2], 80));
+    {
+        use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+        let meta = std::fs::metadata(orch.socket()).expect("the admin socket exists");
+        assert!(meta.file_type().is_socket());
+        assert_eq!(
+            meta.permissions().mode() & 0o777,
+            0o660,
+            "admin socket mode"
+        );
+    }
 
     ok(
         &orch,
@@ -298,8 +308,19 @@ fn restart_and_reload_drop_nothing() {
         "new connections while down reach every backend: {t:?}"
     );
 
-    // 2. A new daemon takes over the running data plane without rewriting it.
+    // 2. A new daemon takes over the running data plane without rewriting it, and swaps
+    //    its own program into the links (what an upgrade does).
+    let programs_before = xdp_program_ids(&lab);
     orch.start().expect("restarting orch");
+    let programs_after = xdp_program_ids(&lab);
+    assert!(
+        programs_before
+            .iter()
+            .zip(&programs_after)
+            .all(|(a, b)| a != b),
+        "the new daemon's program replaces the old one on every interface: \
+         {programs_before:?} -> {programs_after:?}"
+    );
     let st = status(&orch);
     assert_eq!(st["adopted"], true, "{st}");
     let log = orch.log();
@@ -336,6 +357,23 @@ fn restart_and_reload_drop_nothing() {
         3,
         "6 connections use all backends: {firsts:?}"
     );
+}
+
+/// The id of the XDP program on each lab interface of the load balancer.
+fn xdp_program_ids(lab: &Lab) -> Vec<u32> {
+    lab.lb_interfaces()
+        .iter()
+        .map(|i| {
+            let out = lab.lb.ip(&["-d", "link", "show", "dev", i]).unwrap();
+            let at = out.find("prog/xdp id ").expect("XDP attached") + "prog/xdp id ".len();
+            out[at..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect()
 }
 
 #[test]
