@@ -33,7 +33,7 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use crate::model::{AdminState, Protocol};
+use crate::model::{AdminState, HealthCheck, Protocol};
 
 /// The protocol version this build speaks.
 pub const API_VERSION: u32 = 1;
@@ -62,6 +62,9 @@ pub enum Request {
         protocol: Protocol,
         #[serde(default)]
         backends: Vec<BackendSpec>,
+        /// The health check; the protocol's default when absent.
+        #[serde(default)]
+        check: Option<HealthCheck>,
     },
     /// Removes a registered service and its backends.
     ServiceRm { name: String },
@@ -152,6 +155,7 @@ pub struct ServiceInfo {
     pub port: u16,
     pub protocol: Protocol,
     pub source: Source,
+    pub check: HealthCheck,
     pub backends: Vec<BackendInfo>,
     /// New connections the data plane steered to this service so far.
     pub connections: u64,
@@ -162,6 +166,12 @@ pub struct BackendInfo {
     pub address: SocketAddr,
     pub weight: u32,
     pub state: AdminState,
+    /// What the health checks say: `healthy`, `unhealthy`, or `unchecked` (no check).
+    pub health: String,
+    /// The circuit breaker: `closed`, `open` or `half-open`.
+    pub breaker: String,
+    /// Whether new connections go to it now (active, weight > 0, healthy, breaker closed).
+    pub in_rotation: bool,
     /// New connections the data plane steered to this backend so far.
     pub connections: u64,
 }

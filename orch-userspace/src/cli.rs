@@ -11,7 +11,7 @@ use comfy_table::{presets::NOTHING, Table};
 
 use crate::{
     api::{self, BackendInfo, BackendSpec, ClientError, ErrorKind, Reply, Request, ServiceInfo},
-    model::{AdminState, Protocol},
+    model::{AdminState, CheckKind, HealthCheck, Protocol},
 };
 
 /// Exit codes, as documented in `orch --help` and the README.
@@ -113,6 +113,11 @@ pub enum ServiceCommand {
         /// A first backend, ADDR:PORT[@WEIGHT]; repeat for more.
         #[arg(long = "backend", short, value_parser = parse_backend_spec)]
         backends: Vec<BackendSpec>,
+        /// Health check: tcp (connect), http or http:/PATH (GET, expects 200), or none.
+        /// Default: tcp for TCP services, none for UDP. Timings use the documented defaults;
+        /// set them in the API's `check` object for more.
+        #[arg(long, value_parser = parse_check)]
+        check: Option<HealthCheck>,
     },
     /// Remove a registered service and its backends.
     #[command(alias = "remove", after_help = "Example:\n  orch service rm web")]
@@ -183,6 +188,40 @@ fn parse_protocol(s: &str) -> Result<Protocol, String> {
     s.parse()
 }
 
+/// `tcp`, `none`, `http` or `http:/PATH`.
+fn parse_check(s: &str) -> Result<HealthCheck, String> {
+    let (kind, path) = match s.split_once(':') {
+        Some(("http", path)) => (CheckKind::Http, path.to_owned()),
+        None => (
+            match s {
+                "tcp" => CheckKind::Tcp,
+                "http" => CheckKind::Http,
+                "none" => CheckKind::None,
+                other => {
+                    return Err(format!(
+                        "unknown check {other:?}: use tcp, http[:/PATH] or none"
+                    ))
+                }
+            },
+            "/".to_owned(),
+        ),
+        Some(_) => {
+            return Err(format!(
+                "unknown check {s:?}: use tcp, http[:/PATH] or none"
+            ))
+        }
+    };
+    let check = HealthCheck {
+        kind,
+        path,
+        ..HealthCheck::default()
+    };
+    match check.problems().into_iter().next() {
+        Some(p) => Err(p),
+        None => Ok(check),
+    }
+}
+
 /// `ADDR:PORT[@WEIGHT]`.
 fn parse_backend_spec(s: &str) -> Result<BackendSpec, String> {
     let (addr, weight) = match s.rsplit_once('@') {
@@ -210,12 +249,14 @@ pub fn request(command: &Command) -> Option<(Request, &ClientOpts)> {
                     vip,
                     protocol,
                     backends,
+                    check,
                 } => Request::ServiceAdd {
                     name: name.clone(),
                     vip: vip.ip(),
                     port: vip.port(),
                     protocol: *protocol,
                     backends: backends.clone(),
+                    check: check.clone(),
                 },
                 ServiceCommand::Rm { name } => Request::ServiceRm { name: name.clone() },
                 ServiceCommand::List => Request::ServiceList,
@@ -340,11 +381,7 @@ pub fn render(reply: &Reply) -> String {
                 "NAME", "ADDRESS", "PROTO", "SOURCE", "BACKENDS", "ACTIVE", "CONNS",
             ]);
             for s in list {
-                let active = s
-                    .backends
-                    .iter()
-                    .filter(|b| b.state == AdminState::Active && b.weight > 0)
-                    .count();
+                let active = s.backends.iter().filter(|b| b.in_rotation).count();
                 t.add_row(vec![
                     s.name.clone(),
                     SocketAddr::new(s.vip, s.port).to_string(),
@@ -366,7 +403,9 @@ pub fn render(reply: &Reply) -> String {
                 source(s),
                 s.connections
             );
-            let mut t = table(&["BACKEND", "WEIGHT", "STATE", "CONNS"]);
+            let mut t = table(&[
+                "BACKEND", "WEIGHT", "STATE", "HEALTH", "BREAKER", "ROTATION", "CONNS",
+            ]);
             for b in &s.backends {
                 t.add_row(backend_cells(b));
             }
@@ -374,7 +413,9 @@ pub fn render(reply: &Reply) -> String {
             out
         }
         Reply::Backends(rows) => {
-            let mut t = table(&["SERVICE", "BACKEND", "WEIGHT", "STATE", "CONNS"]);
+            let mut t = table(&[
+                "SERVICE", "BACKEND", "WEIGHT", "STATE", "HEALTH", "BREAKER", "ROTATION", "CONNS",
+            ]);
             for r in rows {
                 let mut cells = vec![r.service.clone()];
                 cells.extend(backend_cells(&r.backend));
@@ -398,6 +439,9 @@ fn backend_cells(b: &BackendInfo) -> Vec<String> {
         b.address.to_string(),
         b.weight.to_string(),
         b.state.to_string(),
+        b.health.clone(),
+        b.breaker.clone(),
+        if b.in_rotation { "yes" } else { "no" }.to_owned(),
         b.connections.to_string(),
     ]
 }

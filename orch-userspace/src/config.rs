@@ -17,7 +17,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::model::{
-    self, AdminState, Backend, Protocol, Service, ServiceAddr, MAX_BACKENDS_PER_SERVICE,
+    self, AdminState, Backend, HealthCheck, Protocol, Service, ServiceAddr,
+    MAX_BACKENDS_PER_SERVICE,
 };
 /// Longest interface name Linux accepts (IFNAMSIZ - 1).
 const IFNAME_MAX: usize = 15;
@@ -123,6 +124,9 @@ pub struct ServiceConfig {
     pub protocol: Protocol,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
+    /// `[service.check]`; defaults to [`HealthCheck::default_for`] the protocol.
+    #[serde(default)]
+    pub check: Option<Spanned<HealthCheck>>,
 }
 
 /// `[[service.backend]]`.
@@ -329,6 +333,11 @@ impl Config {
                 );
             }
             self.validate_backends(svc, &mut v);
+            if let Some(check) = &svc.check {
+                for problem in check.get_ref().problems() {
+                    v.at(check.span(), problem);
+                }
+            }
             backends_total += svc.backends.len();
         }
 
@@ -389,6 +398,11 @@ impl Config {
                     port: *s.port.get_ref(),
                     protocol: s.protocol,
                 },
+                check: s
+                    .check
+                    .as_ref()
+                    .map(|c| c.get_ref().clone())
+                    .unwrap_or_else(|| HealthCheck::default_for(s.protocol)),
                 backends: s
                     .backends
                     .iter()

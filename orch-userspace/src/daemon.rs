@@ -11,14 +11,17 @@
 //! removes everything instead.
 
 use std::{
+    collections::HashMap,
+    net::SocketAddr,
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use orch_common::maps::Settings;
 use tokio::{
     signal::unix::{signal, SignalKind},
     sync::mpsc,
+    time::Instant,
 };
 use tracing::{error, info, warn};
 
@@ -27,9 +30,11 @@ use crate::{
         self, ApiError, ApiServerError, BackendInfo, BackendRow, ErrorKind, Reply, Request,
         ServiceInfo, Source, StatusInfo,
     },
+    breaker::{self, Breaker},
     config::{Config, ConfigError, XdpModeConfig},
     dataplane::{self, AttachMode, Capacity, Dataplane, DataplaneError},
-    model::{AdminState, Backend, Service, ServiceAddr},
+    health::{Checker, Outcome, Report},
+    model::{AdminState, Backend, CheckKind, HealthCheck, Service, ServiceAddr},
     reconcile::{ReconcileError, Reconciler},
     registry::{Change, Registry, RegistryError},
 };
@@ -65,7 +70,8 @@ pub async fn run(opts: &Options) -> Result<(), DaemonError> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
     let mut sighup = signal(SignalKind::hangup()).map_err(DaemonError::Signal)?;
 
-    let mut d = Daemon::start(&opts.config)?;
+    let (reports_tx, mut reports) = mpsc::channel(256);
+    let mut d = Daemon::start(&opts.config, reports_tx)?;
     let socket = d.config.api.socket.clone();
     let listener = api::bind(&socket)?;
     let (calls_tx, mut calls) = mpsc::channel(64);
@@ -74,6 +80,7 @@ pub async fn run(opts: &Options) -> Result<(), DaemonError> {
     let _watcher = watch(&opts.config, changed_tx)
         .inspect_err(|e| warn!(error = %e, "cannot watch the config file; reload with SIGHUP"))
         .ok();
+    let mut ticks = tokio::time::interval(Duration::from_millis(100));
     info!("orch is ready");
 
     loop {
@@ -81,6 +88,8 @@ pub async fn run(opts: &Options) -> Result<(), DaemonError> {
             Some((request, reply)) = calls.recv() => {
                 let _ = reply.send(d.handle(request));
             }
+            Some(report) = reports.recv() => d.on_report(report),
+            _ = ticks.tick() => d.tick(Instant::now()),
             Some(()) = changed.recv() => {
                 // Editors save in several steps (truncate, write, rename): let them finish.
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -109,6 +118,38 @@ pub async fn run(opts: &Options) -> Result<(), DaemonError> {
     Ok(())
 }
 
+/// What the daemon knows of one backend's health.
+#[derive(Debug)]
+struct BackendHealth {
+    /// The active checks' verdict. Starts healthy: a restarted daemon must not pull every
+    /// backend out of rotation while it waits for first probes.
+    healthy: bool,
+    successes: u32,
+    failures: u32,
+    last_failure: Option<String>,
+    breaker: Breaker,
+}
+
+impl BackendHealth {
+    fn new(seed: u64) -> Self {
+        BackendHealth {
+            healthy: true,
+            successes: 0,
+            failures: 0,
+            last_failure: None,
+            breaker: Breaker::new(breaker::Config::default(), seed),
+        }
+    }
+
+    /// Whether new connections may go to the backend.
+    fn usable(&self) -> bool {
+        self.healthy && self.breaker.allows_traffic()
+    }
+}
+
+/// Most probes in flight at once.
+const MAX_PROBES_IN_FLIGHT: usize = 64;
+
 /// Everything the daemon owns.
 pub struct Daemon {
     config_path: PathBuf,
@@ -116,6 +157,9 @@ pub struct Daemon {
     dp: Dataplane,
     reconciler: Reconciler,
     registry: Registry,
+    checker: Checker,
+    health: HashMap<(String, SocketAddr), BackendHealth>,
+    seeds: u64,
     started: Instant,
     reloads: u64,
     reload_failures: u64,
@@ -125,7 +169,7 @@ pub struct Daemon {
 impl Daemon {
     /// Loads the config, the registry and the data plane, installs the services and
     /// attaches. On error nothing new stays attached.
-    pub fn start(config_path: &Path) -> Result<Daemon, DaemonError> {
+    pub fn start(config_path: &Path, reports: mpsc::Sender<Report>) -> Result<Daemon, DaemonError> {
         let config = Config::load(config_path)?;
         let registry = Registry::open(&config.registry.path)?;
         let registered: Vec<Service> = registry.services().cloned().collect();
@@ -145,13 +189,19 @@ impl Daemon {
         } else {
             Reconciler::new(capacity.max_services, capacity.max_backends)
         };
-        let summary = reconciler.apply(&mut dp, &desired(&config, &registered))?;
+        let health = HashMap::new();
+        let summary = reconciler.apply(&mut dp, &desired(&config, &registered, &health))?;
+        let mut checker = Checker::new(MAX_PROBES_IN_FLIGHT, reports);
+        checker.sync(&all(&config, &registered));
         let mut daemon = Daemon {
             config_path: config_path.to_owned(),
             config,
             dp,
             reconciler,
             registry,
+            checker,
+            health,
+            seeds: 0,
             started: Instant::now(),
             reloads: 0,
             reload_failures: 0,
@@ -224,7 +274,7 @@ impl Daemon {
         let next = Config::load(&self.config_path)?;
         let registered: Vec<Service> = self.registry.services().cloned().collect();
         next.check_against(&registered)?;
-        let desired = desired(&next, &registered);
+        let desired = desired(&next, &registered, &self.health);
         self.reconciler.check(&desired)?;
         for (what, old, new) in restart_only(&self.config, &next) {
             warn!(
@@ -246,7 +296,99 @@ impl Daemon {
         next.api = std::mem::take(&mut self.config.api);
         self.config = next;
         self.attach()?;
+        self.checker.sync(&all(&self.config, &registered));
+        self.forget_removed();
         Ok(summary)
+    }
+
+    /// Takes one probe result: counts it against the thresholds, feeds the breaker, and
+    /// re-balances when the backend enters or leaves rotation.
+    pub fn on_report(&mut self, report: Report) {
+        let registered: Vec<Service> = self.registry.services().cloned().collect();
+        let Some(check) = all(&self.config, &registered)
+            .into_iter()
+            .find(|s| s.name == report.service)
+            .map(|s| s.check)
+        else {
+            return; // the service went away while the probe ran
+        };
+        let key = (report.service.clone(), report.backend);
+        self.seeds += 1;
+        let seed = self.seeds;
+        let h = self
+            .health
+            .entry(key)
+            .or_insert_with(|| BackendHealth::new(seed));
+        let before = h.usable();
+        let transition = match &report.outcome {
+            Outcome::Up { latency } => {
+                h.successes += 1;
+                h.failures = 0;
+                if !h.healthy && h.successes >= check.rise {
+                    h.healthy = true;
+                    info!(service = %report.service, backend = %report.backend, "backend healthy");
+                }
+                h.breaker.record_success(*latency, report.at)
+            }
+            Outcome::Down { reason } => {
+                h.failures += 1;
+                h.successes = 0;
+                h.last_failure = Some(reason.clone());
+                if h.healthy && h.failures >= check.fall {
+                    h.healthy = false;
+                    warn!(service = %report.service, backend = %report.backend, %reason, "backend unhealthy");
+                }
+                h.breaker.record_failure(report.at)
+            }
+        };
+        if let Some(t) = transition {
+            info!(
+                service = %report.service,
+                backend = %report.backend,
+                from = t.from.name(),
+                to = t.to.name(),
+                threshold = h.breaker.threshold(),
+                expected_ms = h.breaker.expected_latency().map(|d| d.as_secs_f64() * 1e3),
+                "breaker"
+            );
+        }
+        if h.usable() != before {
+            self.rebalance();
+        }
+    }
+
+    /// Moves open breakers whose time has come to half-open, and probes them at once.
+    pub fn tick(&mut self, now: Instant) {
+        for ((service, backend), h) in &mut self.health {
+            if let Some(t) = h.breaker.poll(now) {
+                info!(%service, %backend, from = t.from.name(), to = t.to.name(), "breaker");
+                self.checker.nudge(service, *backend);
+            }
+        }
+    }
+
+    /// Rewrites the slot tables for the current health (a diff: only services whose
+    /// rotation changed are written).
+    fn rebalance(&mut self) {
+        let registered: Vec<Service> = self.registry.services().cloned().collect();
+        let desired = desired(&self.config, &registered, &self.health);
+        match self.reconciler.apply(&mut self.dp, &desired) {
+            Ok(s) => info!(updated = s.updated, "rotation changed"),
+            Err(e) => {
+                error!(error = %format!("{:#}", anyhow::Error::from(e)), "rebalancing failed")
+            }
+        }
+    }
+
+    /// Drops health state of backends that no longer exist.
+    fn forget_removed(&mut self) {
+        let registered: Vec<Service> = self.registry.services().cloned().collect();
+        let services = all(&self.config, &registered);
+        self.health.retain(|(name, addr), _| {
+            services
+                .iter()
+                .any(|s| &s.name == name && s.backends.iter().any(|b| b.addr == *addr))
+        });
     }
 
     /// Serves one admin API request.
@@ -289,6 +431,7 @@ impl Daemon {
                 port,
                 protocol,
                 backends,
+                check,
             } => self.change(Change::AddService(Service {
                 name,
                 addr: ServiceAddr {
@@ -296,6 +439,7 @@ impl Daemon {
                     port,
                     protocol,
                 },
+                check: check.unwrap_or_else(|| HealthCheck::default_for(protocol)),
                 backends: backends
                     .into_iter()
                     .map(|b| Backend::new(b.address, b.weight))
@@ -358,14 +502,17 @@ impl Daemon {
             }
         }
         let registered = self.registry.preview(&change).map_err(registry_error)?;
-        let desired = desired(&self.config, &registered);
+        let desired = desired(&self.config, &registered, &self.health);
         self.reconciler
             .check(&desired)
             .map_err(|e| ApiError::new(ErrorKind::Capacity, e.to_string()))?;
         self.registry.commit(&change).map_err(registry_error)?;
         let done = describe(&change);
         info!(change = %done, "registry changed");
-        if let Err(e) = self.reconciler.apply(&mut self.dp, &desired) {
+        let applied = self.reconciler.apply(&mut self.dp, &desired);
+        self.checker.sync(&all(&self.config, &registered));
+        self.forget_removed();
+        if let Err(e) = applied {
             let e = anyhow::Error::from(e);
             error!(error = %format!("{e:#}"), "applying a registry change to the data plane failed");
             return Err(ApiError::new(
@@ -405,17 +552,35 @@ impl Daemon {
             backends: s
                 .backends
                 .iter()
-                .map(|b| BackendInfo {
-                    address: b.addr,
-                    weight: b.weight,
-                    state: b.state,
-                    connections: connections(self.reconciler.backend_id(&s.addr, b.addr), false),
+                .map(|b| {
+                    let h = self.health.get(&(s.name.clone(), b.addr));
+                    let health = match (s.check.kind, h) {
+                        (CheckKind::None, _) => "unchecked",
+                        (_, Some(h)) if !h.healthy => "unhealthy",
+                        _ => "healthy",
+                    };
+                    let breaker = h.map_or(breaker::State::Closed, |h| h.breaker.state());
+                    BackendInfo {
+                        address: b.addr,
+                        weight: b.weight,
+                        state: b.state,
+                        health: health.to_owned(),
+                        breaker: breaker.name().to_owned(),
+                        in_rotation: b.state == AdminState::Active
+                            && b.weight > 0
+                            && h.is_none_or(|h| h.usable()),
+                        connections: connections(
+                            self.reconciler.backend_id(&s.addr, b.addr),
+                            false,
+                        ),
+                    }
                 })
                 .collect(),
             name: s.name,
             vip: s.addr.vip,
             port: s.addr.port,
             protocol: s.addr.protocol,
+            check: s.check,
             source,
         }
     }
@@ -441,13 +606,28 @@ impl Daemon {
     }
 }
 
-/// The data plane's view of the file's and the registry's services together.
-fn desired(config: &Config, registered: &[Service]) -> Vec<Service> {
-    config
-        .services()
+/// The file's and the registry's services together.
+fn all(config: &Config, registered: &[Service]) -> Vec<Service> {
+    let mut v = config.services();
+    v.extend_from_slice(registered);
+    v
+}
+
+/// The data plane's view of [`all`] services: admin states and health applied.
+fn desired(
+    config: &Config,
+    registered: &[Service],
+    health: &HashMap<(String, SocketAddr), BackendHealth>,
+) -> Vec<Service> {
+    all(config, registered)
         .iter()
-        .chain(registered)
-        .map(Service::for_dataplane)
+        .map(|s| {
+            s.for_dataplane(|addr| {
+                health
+                    .get(&(s.name.clone(), addr))
+                    .is_none_or(BackendHealth::usable)
+            })
+        })
         .collect()
 }
 

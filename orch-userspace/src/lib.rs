@@ -6,6 +6,8 @@
 //! - [`config`]: the TOML file: parsing, validation with positions, desired services;
 //! - [`registry`]: services registered through the API, in SQLite with an in-memory index;
 //! - [`model`]: the desired state in plain types, and the rules it must follow;
+//! - [`health`]: active health checks, one task per backend, adaptive intervals;
+//! - [`breaker`]: the learning circuit breaker, one per backend;
 //! - [`wrr`]: smooth weighted round-robin, laid out as slot tables;
 //! - [`reconcile`]: the only writer of service maps: diffs desired against installed state
 //!   and writes the minimum, with atomic flips;
@@ -17,10 +19,12 @@
 //! Kernel/user shared types live in the `orch-common` crate.
 
 pub mod api;
+pub mod breaker;
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod health;
 pub mod model;
 pub mod reconcile;
 pub mod registry;

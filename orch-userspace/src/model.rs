@@ -128,21 +128,140 @@ pub struct Service {
     pub name: String,
     pub addr: ServiceAddr,
     pub backends: Vec<Backend>,
+    /// How the daemon checks the backends' health.
+    pub check: HealthCheck,
+}
+
+/// What a health check does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    /// Open a TCP connection to the backend's address.
+    #[default]
+    Tcp,
+    /// `GET path` over HTTP/1.1; healthy when the status is `expect_status`.
+    Http,
+    /// No active check: the backend is healthy unless the breaker says otherwise.
+    None,
+}
+
+/// A service's health-check spec. Defaults: TCP connect (none for UDP services), timeout 1 s,
+/// healthy after 2 successes, unhealthy after 2 failures, a probe every 5 s while stable and
+/// every 500 ms while failing or recovering.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthCheck {
+    #[serde(rename = "type")]
+    pub kind: CheckKind,
+    /// HTTP path (`http` only).
+    pub path: String,
+    /// Expected HTTP status (`http` only).
+    pub expect_status: u16,
+    pub timeout_ms: u64,
+    /// Consecutive successes that make an unhealthy backend healthy.
+    pub rise: u32,
+    /// Consecutive failures that make a healthy backend unhealthy.
+    pub fall: u32,
+    /// Interval while the backend is stable.
+    pub interval_ms: u64,
+    /// Interval while it is failing or recovering.
+    pub fast_interval_ms: u64,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            kind: CheckKind::Tcp,
+            path: "/".to_owned(),
+            expect_status: 200,
+            timeout_ms: 1000,
+            rise: 2,
+            fall: 2,
+            interval_ms: 5000,
+            fast_interval_ms: 500,
+        }
+    }
+}
+
+impl HealthCheck {
+    /// The default check for a service of `protocol`: TCP connect, or none for UDP (a UDP
+    /// port has nothing to connect to).
+    pub fn default_for(protocol: Protocol) -> Self {
+        HealthCheck {
+            kind: match protocol {
+                Protocol::Tcp => CheckKind::Tcp,
+                Protocol::Udp => CheckKind::None,
+            },
+            ..HealthCheck::default()
+        }
+    }
+
+    /// Every problem with the spec.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        let ms = |v: u64, what: &str, lo: u64, hi: u64, p: &mut Vec<String>| {
+            if !(lo..=hi).contains(&v) {
+                p.push(format!("check.{what} = {v} is outside {lo}..={hi}"));
+            }
+        };
+        ms(self.timeout_ms, "timeout_ms", 10, 60_000, &mut p);
+        ms(self.interval_ms, "interval_ms", 100, 3_600_000, &mut p);
+        ms(
+            self.fast_interval_ms,
+            "fast_interval_ms",
+            100,
+            3_600_000,
+            &mut p,
+        );
+        if self.fast_interval_ms > self.interval_ms {
+            p.push(format!(
+                "check.fast_interval_ms = {} is longer than check.interval_ms = {}",
+                self.fast_interval_ms, self.interval_ms
+            ));
+        }
+        for (what, v) in [("rise", self.rise), ("fall", self.fall)] {
+            if !(1..=100).contains(&v) {
+                p.push(format!("check.{what} = {v} is outside 1..=100"));
+            }
+        }
+        if self.kind == CheckKind::Http {
+            if !self.path.starts_with('/')
+                || self
+                    .path
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control())
+            {
+                p.push(format!(
+                    "check.path {:?} must start with '/' and contain no spaces",
+                    self.path
+                ));
+            }
+            if !(100..=599).contains(&self.expect_status) {
+                p.push(format!(
+                    "check.expect_status = {} is not an HTTP status",
+                    self.expect_status
+                ));
+            }
+        }
+        p
+    }
 }
 
 impl Service {
-    /// The service as the data plane should see it: disabled backends left out, draining
-    /// ones with weight 0 (kept, so their established connections are still counted).
-    pub fn for_dataplane(&self) -> Service {
+    /// The service as the data plane should see it: disabled backends left out; draining
+    /// ones, and those `usable` rejects (unhealthy, breaker open), with weight 0: kept, so
+    /// their established connections are still counted, but given no new ones.
+    pub fn for_dataplane(&self, usable: impl Fn(SocketAddr) -> bool) -> Service {
         Service {
             name: self.name.clone(),
             addr: self.addr,
+            check: self.check.clone(),
             backends: self
                 .backends
                 .iter()
                 .filter(|b| b.state != AdminState::Disabled)
                 .map(|b| Backend {
-                    weight: if b.state == AdminState::Active {
+                    weight: if b.state == AdminState::Active && usable(b.addr) {
                         b.weight
                     } else {
                         0

@@ -630,6 +630,7 @@ mod tests {
     fn svc(name: &str, port: u16, backends: &[(&str, u32)]) -> Service {
         Service {
             name: name.into(),
+            check: Default::default(),
             addr: ServiceAddr {
                 vip: "198.19.0.1".parse().unwrap(),
                 port,

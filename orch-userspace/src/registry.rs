@@ -24,7 +24,8 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use tracing::info;
 
 use crate::model::{
-    self, AdminState, Backend, Protocol, Service, ServiceAddr, MAX_BACKENDS_PER_SERVICE,
+    self, AdminState, Backend, HealthCheck, Protocol, Service, ServiceAddr,
+    MAX_BACKENDS_PER_SERVICE,
 };
 
 /// Schema steps; step `i` takes the database from version `i` to `i + 1`.
@@ -46,7 +47,17 @@ const MIGRATIONS: &[&str] = &[
         state      TEXT NOT NULL CHECK (state IN ('active', 'draining', 'disabled')),
         UNIQUE (service_id, address)
     );",
+    // 2: per-service options (the health-check spec), as JSON so that options can grow
+    // without a migration each; an empty object means the protocol's defaults.
+    "ALTER TABLE service ADD COLUMN options TEXT NOT NULL DEFAULT '{}';",
 ];
+
+/// Per-service options as stored in `service.options`.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+struct Options {
+    check: Option<HealthCheck>,
+}
 
 /// Why a registry operation failed. Every variant except `Db` and `Open` is the caller's
 /// input, and changes nothing.
@@ -188,6 +199,9 @@ fn apply(index: &mut BTreeMap<String, Service>, change: &Change) -> Result<(), R
             model::check_name(&svc.name).map_err(invalid)?;
             model::check_vip(svc.addr.vip).map_err(invalid)?;
             model::check_port(svc.addr.port).map_err(invalid)?;
+            if let Some(problem) = svc.check.problems().into_iter().next() {
+                return Err(invalid(problem));
+            }
             if svc.backends.len() > MAX_BACKENDS_PER_SERVICE {
                 return Err(invalid(format!(
                     "{} backends; a service has at most {MAX_BACKENDS_PER_SERVICE}",
@@ -288,13 +302,20 @@ fn write(tx: &Transaction<'_>, change: &Change) -> Result<(), rusqlite::Error> {
     };
     match change {
         Change::AddService(svc) => {
+            let options = Options {
+                check: Some(svc.check.clone()),
+            };
+            let options = serde_json::to_string(&options)
+                .map_err(|e| rusqlite::Error::ToSqlConversionFailure(e.into()))?;
             tx.execute(
-                "INSERT INTO service (name, vip, port, protocol) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO service (name, vip, port, protocol, options) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![
                     svc.name,
                     svc.addr.vip.to_string(),
                     svc.addr.port,
-                    svc.addr.protocol.to_string()
+                    svc.addr.protocol.to_string(),
+                    options
                 ],
             )?;
             let id = tx.last_insert_rowid();
@@ -372,7 +393,7 @@ fn load(conn: &Connection) -> Result<BTreeMap<String, Service>, RegistryError> {
     };
     let mut index = BTreeMap::new();
     let mut ids = BTreeMap::new();
-    let mut stmt = conn.prepare("SELECT id, name, vip, port, protocol FROM service")?;
+    let mut stmt = conn.prepare("SELECT id, name, vip, port, protocol, options FROM service")?;
     let rows = stmt.query_map([], |r| {
         Ok((
             r.get::<_, i64>(0)?,
@@ -380,17 +401,24 @@ fn load(conn: &Connection) -> Result<BTreeMap<String, Service>, RegistryError> {
             r.get::<_, String>(2)?,
             r.get::<_, u16>(3)?,
             r.get::<_, String>(4)?,
+            r.get::<_, String>(5)?,
         ))
     })?;
     for row in rows {
-        let (id, name, vip, port, protocol) = row?;
+        let (id, name, vip, port, protocol, options) = row?;
+        let protocol = protocol.parse::<Protocol>().map_err(corrupt)?;
+        let options: Options = serde_json::from_str(&options)
+            .map_err(|e| corrupt(format!("service {name}: options {options:?}: {e}")))?;
         let svc = Service {
+            check: options
+                .check
+                .unwrap_or_else(|| HealthCheck::default_for(protocol)),
             addr: ServiceAddr {
                 vip: vip
                     .parse()
                     .map_err(|_| corrupt(format!("service {name}: VIP {vip:?}")))?,
                 port,
-                protocol: protocol.parse::<Protocol>().map_err(corrupt)?,
+                protocol,
             },
             name: name.clone(),
             backends: Vec::new(),
@@ -443,6 +471,7 @@ mod tests {
     fn web() -> Service {
         Service {
             name: "web".into(),
+            check: HealthCheck::default(),
             addr: ServiceAddr {
                 vip: "198.19.0.1".parse().unwrap(),
                 port: 80,

@@ -142,6 +142,7 @@ fn edit_v4(mut p: Vec<u8>, f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
 fn services() -> Vec<Service> {
     let svc = |name: &str, vip: IpAddr, port, protocol, backends: &[(&str, u32)]| Service {
         name: name.into(),
+        check: Default::default(),
         addr: ServiceAddr {
             vip,
             port,
