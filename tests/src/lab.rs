@@ -63,6 +63,17 @@ pub struct Backend {
     /// What its servers answer with: `backend-<i>`.
     pub name: String,
     pub ns: Netns,
+    /// While set, the TCP server is closed: connections are refused, as when the service
+    /// process has died (established connections are left alone).
+    down: Arc<AtomicBool>,
+}
+
+impl Backend {
+    /// Kills (`false`) or revives (`true`) the backend's TCP server. Takes effect within
+    /// 100 ms.
+    pub fn set_up(&self, up: bool) {
+        self.down.store(!up, Ordering::Relaxed);
+    }
 }
 
 /// The whole topology. Dropping it stops the servers and deletes every namespace (which
@@ -148,9 +159,10 @@ impl Lab {
                 &format!("{}/64", backend6(i)),
             )?;
             default_routes(&ns, &format!("198.18.{i}.1"), &format!("2001:db8:{i:x}::1"))?;
-            let servers = start_servers(&ns, &name, &lab.stop)?;
+            let down = Arc::new(AtomicBool::new(false));
+            let servers = start_servers(&ns, &name, &lab.stop, &down)?;
             lab.servers.extend(servers);
-            lab.backends.push(Backend { name, ns });
+            lab.backends.push(Backend { name, ns, down });
         }
         Ok(lab)
     }
@@ -275,35 +287,50 @@ fn start_servers(
     ns: &Netns,
     name: &str,
     stop: &Arc<AtomicBool>,
+    down: &Arc<AtomicBool>,
 ) -> io::Result<Vec<JoinHandle<()>>> {
     // `[::]` with the default bindv6only=0 accepts IPv4 too (as IPv4-mapped addresses).
-    let (tcp, udp) = ns.run(|| -> io::Result<(TcpListener, UdpSocket)> {
+    let bind_tcp = || -> io::Result<TcpListener> {
+        let l = TcpListener::bind((Ipv6Addr::UNSPECIFIED, TCP_PORT))?;
+        set_recv_timeout(&l, Duration::from_millis(100))?;
+        Ok(l)
+    };
+    let (tcp, udp) = ns.run(move || -> io::Result<(TcpListener, UdpSocket)> {
         Ok((
-            TcpListener::bind((Ipv6Addr::UNSPECIFIED, TCP_PORT))?,
+            bind_tcp()?,
             UdpSocket::bind((Ipv6Addr::UNSPECIFIED, UDP_PORT))?,
         ))
     })??;
-    set_recv_timeout(&tcp, Duration::from_millis(100))?;
     udp.set_read_timeout(Some(Duration::from_millis(100)))?;
 
+    // The TCP server runs inside the namespace so that it can bind again after `down`.
     let tcp_server = {
-        let (name, stop) = (name.to_owned(), stop.clone());
-        thread::Builder::new()
-            .name(format!("{name}-tcp"))
-            .spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match tcp.accept() {
-                        Ok((conn, _)) => {
-                            let name = name.clone();
-                            thread::spawn(move || {
-                                let _ = serve_tcp(conn, &name);
-                            });
-                        }
-                        Err(e) if is_timeout(&e) => {}
-                        Err(_) => thread::sleep(Duration::from_millis(10)),
-                    }
+        let (name, stop, down) = (name.to_owned(), stop.clone(), down.clone());
+        ns.spawn(move || {
+            let mut tcp = Some(tcp);
+            while !stop.load(Ordering::Relaxed) {
+                if down.load(Ordering::Relaxed) {
+                    tcp = None;
+                    thread::sleep(Duration::from_millis(20));
+                    continue;
                 }
-            })?
+                let Some(listener) = tcp.as_ref() else {
+                    tcp = bind_tcp().ok();
+                    thread::sleep(Duration::from_millis(20));
+                    continue;
+                };
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        let name = name.clone();
+                        thread::spawn(move || {
+                            let _ = serve_tcp(conn, &name);
+                        });
+                    }
+                    Err(e) if is_timeout(&e) => {}
+                    Err(_) => thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        })?
     };
     let udp_server = {
         let (name, stop) = (name.to_owned(), stop.clone());

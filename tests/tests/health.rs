@@ -1,0 +1,133 @@
+//! End-to-end tests of health checking: a backend that dies leaves the rotation and comes
+//! back when it recovers, with real traffic through the lab.
+
+use std::{
+    net::SocketAddr,
+    thread,
+    time::{Duration, Instant},
+};
+
+use orch_tests::{
+    lab::{self, Lab, Orch, VIP4},
+    privilege::require_root,
+};
+
+/// The backend rows of `service` as `orch backend list --json` gives them.
+fn backends(orch: &Orch, service: &str) -> Vec<serde_json::Value> {
+    let out = orch
+        .cli(&["backend", "list", service, "--json"])
+        .expect("running the CLI");
+    assert!(out.status.success(), "{}", out.stderr_text());
+    let v: serde_json::Value = serde_json::from_str(&out.stdout_text()).unwrap();
+    v["backends"].as_array().unwrap().clone()
+}
+
+fn in_rotation(orch: &Orch, service: &str, address: &str) -> bool {
+    backends(orch, service)
+        .iter()
+        .find(|b| b["address"] == address)
+        .unwrap_or_else(|| panic!("no backend {address}"))["in_rotation"]
+        == true
+}
+
+fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if cond() {
+            return Some(start.elapsed());
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+#[test]
+fn a_dead_backend_leaves_the_rotation_and_returns_when_it_recovers() {
+    if !require_root("a_dead_backend_leaves_the_rotation_and_returns_when_it_recovers") {
+        return;
+    }
+    let lab = Lab::new("dead", 3).expect("building the lab");
+    let config =
+        std::fs::read_to_string(lab::example_config_path()).expect("reading examples/demo.toml");
+    let orch = lab
+        .start_orch(&lab::orch_bin(), &config)
+        .expect("starting orch");
+    let vip = SocketAddr::from((VIP4, 80));
+    let dead = "198.18.2.2:8080";
+    // Let the checks settle into their stable (slow) interval before the failure.
+    thread::sleep(Duration::from_secs(3));
+    assert!(in_rotation(&orch, "web", dead));
+
+    // Kill backend-2 while a client keeps opening connections.
+    lab.backends[1].set_up(false);
+    let killed = Instant::now();
+    // The lab closes the listener within 100 ms.
+    thread::sleep(Duration::from_millis(150));
+    let mut failed = 0usize;
+    let mut to_dead = 0usize;
+    let detected = loop {
+        let r = lab
+            .client
+            .run(move || lab::tcp_ask(vip, "are you there"))
+            .unwrap();
+        match r {
+            Ok(name) if name == "backend-2" => to_dead += 1,
+            Ok(_) => {}
+            Err(_) => failed += 1,
+        }
+        if !in_rotation(&orch, "web", dead) {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(15),
+            "backend-2 still in rotation 15 s after it died\n{}",
+            orch.log()
+        );
+        thread::sleep(Duration::from_millis(20));
+    };
+    eprintln!(
+        "dead backend out of rotation after {detected:?}; meanwhile {failed} connection \
+         attempts failed"
+    );
+    assert_eq!(
+        to_dead, 0,
+        "nothing answers as backend-2 once its server is closed"
+    );
+    let row = backends(&orch, "web")
+        .into_iter()
+        .find(|b| b["address"] == dead)
+        .unwrap();
+    assert_eq!(row["health"], "unhealthy", "{row}");
+
+    // From now on every new connection succeeds, on the two live backends.
+    let names = lab
+        .client
+        .run(move || {
+            (0..60)
+                .map(|i| lab::tcp_ask(vip, &format!("after {i}")))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .unwrap()
+        .unwrap_or_else(|e| panic!("a connection failed after detection: {e}\n{}", orch.log()));
+    assert!(names.iter().all(|n| n != "backend-2"), "{names:?}");
+    for live in ["backend-1", "backend-3"] {
+        assert!(names.iter().any(|n| n == live), "{live} missing: {names:?}");
+    }
+
+    // Revive it: it returns to the rotation (after `rise` good probes) and takes
+    // connections again.
+    lab.backends[1].set_up(true);
+    let back = wait_until(Duration::from_secs(15), || in_rotation(&orch, "web", dead))
+        .unwrap_or_else(|| panic!("backend-2 did not come back\n{}", orch.log()));
+    eprintln!("revived backend back in rotation after {back:?}");
+    let names = lab
+        .client
+        .run(move || {
+            (0..30)
+                .map(|i| lab::tcp_ask(vip, &format!("back {i}")))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .unwrap()
+        .unwrap();
+    assert!(names.iter().any(|n| n == "backend-2"), "{names:?}");
+}
