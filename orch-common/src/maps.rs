@@ -151,6 +151,30 @@ impl Backend {
     }
 }
 
+/// [`FlowValue::seen`]: a FIN went this way.
+pub const SEEN_FIN: u32 = 1;
+/// [`FlowValue::seen`]: a RST went this way.
+pub const SEEN_RST: u32 = 2;
+/// TCP header flags (RFC 9293 section 3.1).
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+impl FlowValue {
+    /// The `seen` bits a packet with TCP `flags` adds.
+    #[inline(always)]
+    pub const fn seen_bits(flags: u8) -> u32 {
+        (if flags & TCP_FIN != 0 { SEEN_FIN } else { 0 })
+            | (if flags & TCP_RST != 0 { SEEN_RST } else { 0 })
+    }
+
+    /// Whether a connection whose two entries have seen `a` and `b` is over.
+    pub const fn closed(a: u32, b: u32) -> bool {
+        (a | b) & SEEN_RST != 0 || (a & SEEN_FIN != 0 && b & SEEN_FIN != 0)
+    }
+}
+
 /// Direction of a connection-table entry.
 pub const DIR_FORWARD: u8 = 0;
 /// See [`DIR_FORWARD`].
@@ -188,7 +212,11 @@ pub struct FlowValue {
     pub backend_id: u32,
     /// The service of the connection (counters).
     pub service_id: u32,
-    pub _pad2: u32,
+    /// [`SEEN_FIN`] / [`SEEN_RST`]: what this direction has sent. Written only by the rare
+    /// packets that carry them, so the hot path stays read-only. A connection is over when
+    /// either direction saw RST or both saw FIN; the daemon counts live connections so.
+    /// (Zero in entries of older daemons: they read as "open", the old meaning.)
+    pub seen: u32,
     /// `bpf_ktime_get_ns()` of the last packet seen, refreshed at most every
     /// [`Settings::touch_interval_ns`] to keep the hot path free of shared writes.
     pub last_seen_ns: u64,

@@ -11,10 +11,11 @@ use crate::{
     stats,
 };
 
-/// The connection's entry, if it has one that is still valid. A UDP flow idle for longer
-/// than the configured timeout is treated as new, so it is balanced again.
+/// The connection's entry, if it has one that is still valid, with the packet's FIN/RST
+/// (`seen`) recorded. A UDP flow idle for longer than the configured timeout is treated as
+/// new, so it is balanced again.
 #[inline(always)]
-pub fn existing(key: &FlowKey, now: u64, settings: &Settings) -> Option<FlowValue> {
+pub fn existing(key: &FlowKey, now: u64, settings: &Settings, seen: u32) -> Option<FlowValue> {
     let entry = CONNTRACK.get_ptr_mut(key)?;
     // SAFETY: a live map value; concurrent writers only store whole aligned u64s into
     // `last_seen_ns`, the rest is written once at insert.
@@ -28,13 +29,28 @@ pub fn existing(key: &FlowKey, now: u64, settings: &Settings) -> Option<FlowValu
     if idle > settings.touch_interval_ns {
         entry.last_seen_ns = now;
     }
+    record_seen(entry, seen);
     Some(*entry)
+}
+
+/// Adds FIN/RST bits to an entry; writes only when they are new (a few packets per
+/// connection), so established traffic never writes here.
+#[inline(always)]
+pub fn record_seen(entry: &mut FlowValue, seen: u32) {
+    if seen & !entry.seen != 0 {
+        entry.seen |= seen;
+    }
 }
 
 /// Balances a new connection: takes the service's next round-robin slot and records the
 /// connection in both directions.
 #[inline(always)]
-pub fn new_flow(key: &FlowKey, svc: &ServiceValue, now: u64) -> Result<FlowValue, Reason> {
+pub fn new_flow(
+    key: &FlowKey,
+    svc: &ServiceValue,
+    now: u64,
+    seen: u32,
+) -> Result<FlowValue, Reason> {
     let table = SLOTS
         .get(slot_table_index(svc.id, svc.active_table))
         .ok_or(Reason::DropInternal)?;
@@ -68,7 +84,7 @@ pub fn new_flow(key: &FlowKey, svc: &ServiceValue, now: u64) -> Result<FlowValue
         _pad: 0,
         backend_id,
         service_id: svc.id,
-        _pad2: 0,
+        seen,
         last_seen_ns: now,
     };
     let reply_key = FlowKey {
@@ -83,6 +99,7 @@ pub fn new_flow(key: &FlowKey, svc: &ServiceValue, now: u64) -> Result<FlowValue
     let reply = FlowValue {
         nat_addr: key.dst,
         nat_port_be: key.dst_port_be,
+        seen: 0,
         ..forward
     };
     // The reply entry goes in first: once the forward entry exists, later packets of the

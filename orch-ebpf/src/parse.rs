@@ -79,6 +79,8 @@ pub struct Packet {
     pub dst_port_be: u16,
     /// IP total length (header and payload), for byte counters and the FIB MTU check.
     pub l3_len: u16,
+    /// The TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10); 0 for UDP.
+    pub tcp_flags: u8,
 }
 
 impl Packet {
@@ -164,7 +166,7 @@ fn parse_v4(ctx: &XdpContext) -> Result<Packet, Reason> {
     if ihl != 5 {
         return Err(Reason::PassIpOptions);
     }
-    let (src_port_be, dst_port_be) = read_l4(ctx, L4_OFF_V4, proto)?;
+    let (src_port_be, dst_port_be, tcp_flags) = read_l4(ctx, L4_OFF_V4, proto)?;
     let tot_len = u16::from_be(field!(ip, tot_len));
     if (tot_len as usize) < IPV4_HLEN + l4_min {
         return Err(Reason::PassMalformed);
@@ -180,6 +182,7 @@ fn parse_v4(ctx: &XdpContext) -> Result<Packet, Reason> {
         src_port_be,
         dst_port_be,
         l3_len: tot_len,
+        tcp_flags,
     })
 }
 
@@ -198,7 +201,7 @@ fn parse_v6(ctx: &XdpContext) -> Result<Packet, Reason> {
         return Err(Reason::PassIpOptions);
     }
     let l4_min = l4_min_len(next)?;
-    let (src_port_be, dst_port_be) = read_l4(ctx, L4_OFF_V6, next)?;
+    let (src_port_be, dst_port_be, tcp_flags) = read_l4(ctx, L4_OFF_V6, next)?;
     let payload_len = u16::from_be(field!(ip, payload_len)) as usize;
     if payload_len < l4_min {
         return Err(Reason::PassMalformed);
@@ -214,6 +217,7 @@ fn parse_v6(ctx: &XdpContext) -> Result<Packet, Reason> {
         src_port_be,
         dst_port_be,
         l3_len: (IPV6_HLEN + payload_len) as u16,
+        tcp_flags,
     })
 }
 
@@ -227,25 +231,24 @@ fn l4_min_len(proto: u8) -> Result<usize, Reason> {
     }
 }
 
-/// Reads the ports, after checking that the whole fixed L4 header (with its checksum field,
-/// which NAT rewrites) is in the packet.
+/// Reads the ports (and TCP's flags), after checking that the whole fixed L4 header (with
+/// its checksum field, which NAT rewrites) is in the packet.
 #[inline(always)]
-fn read_l4(ctx: &XdpContext, off: usize, proto: u8) -> Result<(u16, u16), Reason> {
-    let ports = if proto == IPPROTO_TCP {
+fn read_l4(ctx: &XdpContext, off: usize, proto: u8) -> Result<(u16, u16, u8), Reason> {
+    let (ports, flags) = if proto == IPPROTO_TCP {
         let tcp = ptr_at::<[u8; TCP_HLEN]>(ctx, off).ok_or(Reason::PassTruncated)?;
         // SAFETY: ptr_at proved the 20 bytes are in the packet.
-        let data_offset = unsafe { (*tcp)[12] } >> 4;
+        let (data_offset, flags) = unsafe { ((*tcp)[12] >> 4, (*tcp)[13]) };
         // Data offset below 5 words cannot be a TCP header (RFC 9293 section 3.1).
         if data_offset < 5 {
             return Err(Reason::PassMalformed);
         }
-        tcp.cast::<[u16; 2]>()
+        (tcp.cast::<[u16; 2]>(), flags)
     } else {
-        ptr_at::<[u8; UDP_HLEN]>(ctx, off)
-            .ok_or(Reason::PassTruncated)?
-            .cast::<[u16; 2]>()
+        let udp = ptr_at::<[u8; UDP_HLEN]>(ctx, off).ok_or(Reason::PassTruncated)?;
+        (udp.cast::<[u16; 2]>(), 0)
     };
     // SAFETY: both branches proved at least 8 bytes at `off`.
     let [src, dst] = unsafe { ptr::read_unaligned(ports) };
-    Ok((src, dst))
+    Ok((src, dst, flags))
 }

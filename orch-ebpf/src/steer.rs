@@ -76,9 +76,11 @@ fn try_steer(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
             dir: DIR_REPLY,
             _pad: 0,
         };
-        // SAFETY: copied out at once.
-        if let Some(flow) = unsafe { CONNTRACK.get(key) } {
-            let flow = *flow;
+        if let Some(entry) = CONNTRACK.get_ptr_mut(&key) {
+            // SAFETY: a live map value, updated only by whole-word stores.
+            let entry = unsafe { &mut *entry };
+            balance::record_seen(entry, FlowValue::seen_bits(pkt.tcp_flags));
+            let flow = *entry;
             return reply(ctx, &pkt, &flow);
         }
     }
@@ -105,9 +107,10 @@ fn forward(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue) -> Result<(u32, R
         dir: DIR_FORWARD,
         _pad: 0,
     };
-    let flow = match balance::existing(&key, now, &settings) {
+    let seen = FlowValue::seen_bits(pkt.tcp_flags);
+    let flow = match balance::existing(&key, now, &settings, seen) {
         Some(flow) => flow,
-        None => balance::new_flow(&key, svc, now)?,
+        None => balance::new_flow(&key, svc, now, seen)?,
     };
     if !nat::rewrite(ctx, pkt, Side::Dst, &flow.nat_addr, flow.nat_port_be) {
         return Err(Reason::DropInternal);

@@ -16,9 +16,13 @@ use etherparse::PacketBuilder;
 use orch::{
     dataplane::{default_settings, Capacity, Dataplane, Verdict},
     model::{Backend, Protocol, Service, ServiceAddr},
-    reconcile::Reconciler,
+    reconcile::{addr_words, words_addr, Reconciler},
 };
-use orch_common::{csum::checksum_be, Reason};
+use orch_common::{
+    csum::checksum_be,
+    maps::{FlowKey, FlowValue, DIR_FORWARD, DIR_REPLY, SEEN_FIN, SEEN_RST},
+    Reason,
+};
 use orch_tests::{netns::Netns, privilege::require_root};
 
 const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
@@ -40,6 +44,8 @@ fn v6(s: &str) -> IpAddr {
 enum L4 {
     Syn,
     Ack,
+    FinAck,
+    Rst,
     Udp,
 }
 
@@ -111,6 +117,12 @@ impl Pkt {
                 .tcp(sp, dp, 1001, 64240)
                 .ack(5000)
                 .write(&mut out, self.payload),
+            L4::FinAck => ip
+                .tcp(sp, dp, 1001, 64240)
+                .fin()
+                .ack(5000)
+                .write(&mut out, self.payload),
+            L4::Rst => ip.tcp(sp, dp, 1001, 0).rst().write(&mut out, self.payload),
             L4::Udp => ip.udp(sp, dp).write(&mut out, self.payload),
         }
         .expect("building a packet");
@@ -724,6 +736,89 @@ fn weighted_round_robin_order_in_the_kernel() {
         assert_eq!(chosen, [a, b, a, a, b, a, a, b, a]);
     })
     .expect("weighted order");
+}
+
+/// The connection-table entries of a client's TCP connection to a VIP: (forward, reply).
+fn tcp_entries(dp: &Dataplane, client: SocketAddr, vip: SocketAddr) -> (FlowValue, FlowValue) {
+    let forward = dp
+        .flow(&FlowKey {
+            src: addr_words(client.ip()),
+            dst: addr_words(vip.ip()),
+            src_port_be: client.port().to_be(),
+            dst_port_be: vip.port().to_be(),
+            proto: 6,
+            dir: DIR_FORWARD,
+            _pad: 0,
+        })
+        .unwrap()
+        .expect("a forward entry");
+    let reply = dp
+        .flow(&FlowKey {
+            src: forward.nat_addr,
+            dst: addr_words(client.ip()),
+            src_port_be: forward.nat_port_be,
+            dst_port_be: client.port().to_be(),
+            proto: 6,
+            dir: DIR_REPLY,
+            _pad: 0,
+        })
+        .unwrap()
+        .expect("a reply entry");
+    (forward, reply)
+}
+
+#[test]
+fn tcp_fin_and_rst_are_recorded_so_closed_connections_can_be_told() {
+    if !require_root("tcp_fin_and_rst_are_recorded_so_closed_connections_can_be_told") {
+        return;
+    }
+    let ns = test_netns("fin");
+    ns.run(|| {
+        let (mut dp, mut rec) = loaded();
+        rec.apply(&mut dp, &services()).unwrap();
+        let vip = sa("198.19.0.1:80");
+        let run = |dp: &mut Dataplane, p: Pkt| dp.test_run(&p.bytes()).unwrap().verdict;
+
+        // Both sides close with FIN: closed only once both have.
+        let client = sa("198.18.0.2:40001");
+        run(&mut dp, Pkt::new(L4::Syn, client, vip));
+        let (f, r) = tcp_entries(&dp, client, vip);
+        assert_eq!((f.seen, r.seen), (0, 0));
+        run(&mut dp, Pkt::new(L4::Ack, client, vip));
+        assert_eq!(
+            tcp_entries(&dp, client, vip).0.seen,
+            0,
+            "plain ACKs write nothing"
+        );
+        run(&mut dp, Pkt::new(L4::FinAck, client, vip));
+        let (f, r) = tcp_entries(&dp, client, vip);
+        assert_eq!(f.seen, SEEN_FIN);
+        assert!(
+            !FlowValue::closed(f.seen, r.seen),
+            "half-closed is still open"
+        );
+        let backend = SocketAddr::new(words_addr(&f.nat_addr), u16::from_be(f.nat_port_be));
+        let verdict = run(&mut dp, Pkt::new(L4::FinAck, backend, client));
+        assert_eq!(
+            verdict,
+            Verdict::Redirect,
+            "the backend's FIN is translated as usual"
+        );
+        let (f, r) = tcp_entries(&dp, client, vip);
+        assert_eq!(r.seen, SEEN_FIN);
+        assert!(FlowValue::closed(f.seen, r.seen));
+
+        // A RST from either side closes at once.
+        let client = sa("198.18.0.2:40002");
+        run(&mut dp, Pkt::new(L4::Syn, client, vip));
+        let (f, _) = tcp_entries(&dp, client, vip);
+        let backend = SocketAddr::new(words_addr(&f.nat_addr), u16::from_be(f.nat_port_be));
+        run(&mut dp, Pkt::new(L4::Rst, backend, client));
+        let (f, r) = tcp_entries(&dp, client, vip);
+        assert_eq!(r.seen, SEEN_RST);
+        assert!(FlowValue::closed(f.seen, r.seen));
+    })
+    .expect("FIN/RST bookkeeping");
 }
 
 #[test]
