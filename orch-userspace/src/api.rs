@@ -172,6 +172,8 @@ pub struct BackendInfo {
     pub breaker: String,
     /// Whether new connections go to it now (active, weight > 0, healthy, breaker closed).
     pub in_rotation: bool,
+    /// Live connections to it now, counted from the connection table.
+    pub established: u64,
     /// New connections the data plane steered to this backend so far.
     pub connections: u64,
 }

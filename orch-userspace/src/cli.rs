@@ -23,6 +23,8 @@ pub mod exit {
     /// Invalid usage, configuration or input; or the request was refused (unknown service,
     /// duplicate, conflict, over capacity). Nothing was changed.
     pub const REFUSED: u8 = 2;
+    /// `backend drain --wait` timed out with connections left (the backend stays draining).
+    pub const TIMED_OUT: u8 = 3;
 }
 
 /// orch: an eBPF/XDP layer-4 load balancer.
@@ -150,11 +152,19 @@ pub enum BackendCommand {
         service: String,
         address: SocketAddr,
     },
-    /// Stop new connections to a backend; established ones continue.
-    #[command(after_help = "Example:\n  orch backend drain web 198.18.1.2:8080")]
+    /// Stop new connections to a backend; established ones continue. With --wait, report
+    /// the live connections until none is left (exit 0) or the timeout passes (exit 3).
+    #[command(after_help = "Examples:\n  orch backend drain web 198.18.1.2:8080\n  \
+                            orch backend drain web 198.18.1.2:8080 --wait --timeout 600")]
     Drain {
         service: String,
         address: SocketAddr,
+        /// Wait until the backend has no live connection left.
+        #[arg(long)]
+        wait: bool,
+        /// Seconds to wait at most.
+        #[arg(long, default_value_t = 300, requires = "wait")]
+        timeout: u64,
     },
     /// Let a drained or disabled backend take new connections again.
     #[command(after_help = "Example:\n  orch backend enable web 198.18.1.2:8080")]
@@ -285,9 +295,9 @@ pub fn request(command: &Command) -> Option<(Request, &ClientOpts)> {
                         service: service.clone(),
                         address: *address,
                     },
-                    BackendCommand::Drain { service, address } => {
-                        state(service, address, AdminState::Draining)
-                    }
+                    BackendCommand::Drain {
+                        service, address, ..
+                    } => state(service, address, AdminState::Draining),
                     BackendCommand::Enable { service, address } => {
                         state(service, address, AdminState::Active)
                     }
@@ -304,6 +314,58 @@ pub fn request(command: &Command) -> Option<(Request, &ClientOpts)> {
         Command::Daemon { .. } | Command::Config { .. } => return None,
     };
     Some(r)
+}
+
+/// After a successful `backend drain --wait`: polls the backend's live connections, printing
+/// each change, until none is left or `timeout` passes.
+pub fn wait_drained(
+    opts: &ClientOpts,
+    service: &str,
+    address: SocketAddr,
+    timeout: std::time::Duration,
+) -> ExitCode {
+    let start = std::time::Instant::now();
+    let mut last = None;
+    loop {
+        let request = Request::BackendList {
+            service: Some(service.to_owned()),
+        };
+        let left = match api::call(&opts.socket, &request) {
+            Ok(Reply::Backends(rows)) => rows
+                .iter()
+                .find(|r| r.backend.address == address)
+                .map(|r| r.backend.established),
+            Ok(_) => None,
+            Err(e) => {
+                eprintln!("error: {:#}", anyhow::Error::from(e));
+                return ExitCode::from(exit::FAILURE);
+            }
+        };
+        let Some(left) = left else {
+            eprintln!("error: backend {address} of service {service:?} is gone");
+            return ExitCode::from(exit::FAILURE);
+        };
+        if last != Some(left) {
+            eprintln!(
+                "{address}: {left} connection{} left ({}s)",
+                if left == 1 { "" } else { "s" },
+                start.elapsed().as_secs()
+            );
+            last = Some(left);
+        }
+        if left == 0 {
+            println!("{address} of service {service:?} is drained");
+            return ExitCode::from(exit::OK);
+        }
+        if start.elapsed() >= timeout {
+            eprintln!(
+                "error: {left} connections still on {address} after {}s; it stays draining",
+                timeout.as_secs()
+            );
+            return ExitCode::from(exit::TIMED_OUT);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
 }
 
 /// Sends `request`, prints the answer, and returns the exit code.
@@ -404,7 +466,7 @@ pub fn render(reply: &Reply) -> String {
                 s.connections
             );
             let mut t = table(&[
-                "BACKEND", "WEIGHT", "STATE", "HEALTH", "BREAKER", "ROTATION", "CONNS",
+                "BACKEND", "WEIGHT", "STATE", "HEALTH", "BREAKER", "ROTATION", "LIVE", "CONNS",
             ]);
             for b in &s.backends {
                 t.add_row(backend_cells(b));
@@ -414,7 +476,8 @@ pub fn render(reply: &Reply) -> String {
         }
         Reply::Backends(rows) => {
             let mut t = table(&[
-                "SERVICE", "BACKEND", "WEIGHT", "STATE", "HEALTH", "BREAKER", "ROTATION", "CONNS",
+                "SERVICE", "BACKEND", "WEIGHT", "STATE", "HEALTH", "BREAKER", "ROTATION", "LIVE",
+                "CONNS",
             ]);
             for r in rows {
                 let mut cells = vec![r.service.clone()];
@@ -442,6 +505,7 @@ fn backend_cells(b: &BackendInfo) -> Vec<String> {
         b.health.clone(),
         b.breaker.clone(),
         if b.in_rotation { "yes" } else { "no" }.to_owned(),
+        b.established.to_string(),
         b.connections.to_string(),
     ]
 }

@@ -395,27 +395,33 @@ impl Daemon {
     pub fn handle(&mut self, request: Request) -> Result<Reply, ApiError> {
         match request {
             Request::Status => Ok(Reply::Status(self.status())),
-            Request::ServiceList => Ok(Reply::Services(
+            Request::ServiceList => {
+                let live = self.live();
+                Ok(Reply::Services(
+                    self.all_services()
+                        .map(|(s, src)| self.info(s, src, &live))
+                        .collect(),
+                ))
+            }
+            Request::ServiceShow { name } => {
+                let live = self.live();
                 self.all_services()
-                    .map(|(s, src)| self.info(s, src))
-                    .collect(),
-            )),
-            Request::ServiceShow { name } => self
-                .all_services()
-                .find(|(s, _)| s.name == name)
-                .map(|(s, src)| Reply::Service(self.info(s, src)))
-                .ok_or_else(|| not_found(format!("no service named {name:?}"))),
+                    .find(|(s, _)| s.name == name)
+                    .map(|(s, src)| Reply::Service(self.info(s, src, &live)))
+                    .ok_or_else(|| not_found(format!("no service named {name:?}")))
+            }
             Request::BackendList { service } => {
                 if let Some(name) = &service {
                     if !self.all_services().any(|(s, _)| &s.name == name) {
                         return Err(not_found(format!("no service named {name:?}")));
                     }
                 }
+                let live = self.live();
                 Ok(Reply::Backends(
                     self.all_services()
                         .filter(|(s, _)| service.as_ref().is_none_or(|n| *n == s.name))
                         .flat_map(|(s, src)| {
-                            let info = self.info(s, src);
+                            let info = self.info(s, src, &live);
                             let name = info.name.clone();
                             info.backends.into_iter().map(move |b| BackendRow {
                                 service: name.clone(),
@@ -536,7 +542,16 @@ impl Daemon {
             )
     }
 
-    fn info(&self, s: Service, source: Source) -> ServiceInfo {
+    /// Live connections per backend id, or none when the table cannot be read.
+    fn live(&self) -> HashMap<u32, u64> {
+        let idle = self.config.dataplane.udp_idle_timeout_secs.get_ref() * 1_000_000_000;
+        self.dp.live_connections(idle).unwrap_or_else(|e| {
+            warn!(error = %e, "counting live connections failed");
+            HashMap::new()
+        })
+    }
+
+    fn info(&self, s: Service, source: Source, live: &HashMap<u32, u64>) -> ServiceInfo {
         let connections = |id: Option<u32>, service: bool| {
             id.and_then(|id| {
                 if service {
@@ -560,7 +575,9 @@ impl Daemon {
                         _ => "healthy",
                     };
                     let breaker = h.map_or(breaker::State::Closed, |h| h.breaker.state());
+                    let id = self.reconciler.backend_id(&s.addr, b.addr);
                     BackendInfo {
+                        established: id.and_then(|id| live.get(&id)).copied().unwrap_or(0),
                         address: b.addr,
                         weight: b.weight,
                         state: b.state,
@@ -569,10 +586,7 @@ impl Daemon {
                         in_rotation: b.state == AdminState::Active
                             && b.weight > 0
                             && h.is_none_or(|h| h.usable()),
-                        connections: connections(
-                            self.reconciler.backend_id(&s.addr, b.addr),
-                            false,
-                        ),
+                        connections: connections(id, false),
                     }
                 })
                 .collect(),

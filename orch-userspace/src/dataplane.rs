@@ -527,6 +527,48 @@ impl Dataplane {
         }
     }
 
+    /// Live connections per backend id, counted from the connection table: TCP connections
+    /// until a RST or both FINs, UDP flows until their idle timeout (`udp_idle_ns`).
+    /// Connections whose backend vanished without a FIN or RST stay counted until the table
+    /// evicts them; callers that wait on this use a timeout.
+    pub fn live_connections(
+        &self,
+        udp_idle_ns: u64,
+    ) -> Result<std::collections::HashMap<u32, u64>, DataplaneError> {
+        use orch_common::maps::{DIR_FORWARD, DIR_REPLY};
+        let entries: std::collections::HashMap<FlowKey, FlowValue> = self
+            .conntrack
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(CONNTRACK_MAP))?;
+        let now = monotonic_ns();
+        let mut counts = std::collections::HashMap::new();
+        for (key, value) in &entries {
+            if key.dir != DIR_FORWARD {
+                continue;
+            }
+            let live = if key.proto == orch_common::IPPROTO_UDP {
+                now.saturating_sub(value.last_seen_ns) <= udp_idle_ns
+            } else {
+                let reply_key = FlowKey {
+                    src: value.nat_addr,
+                    dst: key.src,
+                    src_port_be: value.nat_port_be,
+                    dst_port_be: key.src_port_be,
+                    proto: key.proto,
+                    dir: DIR_REPLY,
+                    _pad: 0,
+                };
+                let reply_seen = entries.get(&reply_key).map_or(0, |r| r.seen);
+                !FlowValue::closed(value.seen, reply_seen)
+            };
+            if live {
+                *counts.entry(value.backend_id).or_insert(0) += 1;
+            }
+        }
+        Ok(counts)
+    }
+
     /// Runs the balancer once on `packet` (BPF_PROG_TEST_RUN). The kernel runs it in the
     /// network namespace of the calling thread, which decides what the FIB lookup sees.
     pub fn test_run(&mut self, packet: &[u8]) -> Result<TestRunOutput, DataplaneError> {
@@ -584,6 +626,13 @@ impl Drop for Dataplane {
         self.attached = owned;
         self.detach_all();
     }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always available");
+    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
 }
 
 /// The maps whose size follows the capacity, with their sizes.

@@ -21,7 +21,28 @@ fn main() -> ExitCode {
         .init();
 
     if let Some((request, opts)) = cli::request(&cli.command) {
-        return cli::run_client(&request, opts);
+        let code = cli::run_client(&request, opts);
+        if let Command::Backend {
+            command:
+                cli::BackendCommand::Drain {
+                    service,
+                    address,
+                    wait: true,
+                    timeout,
+                },
+            ..
+        } = &cli.command
+        {
+            if code == ExitCode::from(exit::OK) {
+                return cli::wait_drained(
+                    opts,
+                    service,
+                    *address,
+                    std::time::Duration::from_secs(*timeout),
+                );
+            }
+        }
+        return code;
     }
     match cli.command {
         Command::Config {

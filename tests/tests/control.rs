@@ -539,3 +539,118 @@ fn config_edits_apply_live_and_bad_edits_change_nothing() {
     let services = ok(&orch, &["service", "list"]);
     assert!(!services.contains("extra"), "{services}");
 }
+
+#[test]
+fn drain_wait_reports_live_connections_until_none_is_left() {
+    if !require_root("drain_wait_reports_live_connections_until_none_is_left") {
+        return;
+    }
+    let (lab, orch) = start("drain", &demo_config());
+    ok(
+        &orch,
+        &[
+            "service",
+            "add",
+            "api",
+            "198.19.0.2:80",
+            "--backend",
+            "198.18.1.2:8080",
+            "--backend",
+            "198.18.2.2:8080",
+        ],
+    );
+    let api = SocketAddr::from(([198, 19, 0, 2], 80));
+    // Two connections held on backend-1, one on backend-2.
+    let mut held = lab
+        .client
+        .run(
+            move || -> std::io::Result<BTreeMap<String, Vec<LineConn>>> {
+                let mut by_backend: BTreeMap<String, Vec<LineConn>> = BTreeMap::new();
+                for _ in 0..20 {
+                    let mut c = LineConn::connect(api)?;
+                    let name = c.ask("hold")?;
+                    by_backend.entry(name).or_default().push(c);
+                }
+                Ok(by_backend)
+            },
+        )
+        .unwrap()
+        .expect("holding connections");
+    let mut on_1 = held.remove("backend-1").expect("connections on backend-1");
+    on_1.truncate(2);
+    let mut on_2 = held.remove("backend-2").expect("connections on backend-2");
+    on_2.truncate(1);
+    drop(held);
+
+    let drain = |addr: &str, timeout: &str| {
+        Command::new(lab::orch_bin())
+            .args([
+                "backend",
+                "drain",
+                "api",
+                addr,
+                "--wait",
+                "--timeout",
+                timeout,
+            ])
+            .env("ORCH_SOCKET", orch.socket())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("running orch backend drain")
+    };
+
+    // A drain that times out: exit code 3, the backend stays draining.
+    let out = drain("198.18.2.2:8080", "1").wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("1 connection left"));
+    let rows = ok(&orch, &["backend", "list", "api"]);
+    assert!(rows.contains("draining"), "{rows}");
+    ok(&orch, &["backend", "enable", "api", "198.18.2.2:8080"]);
+
+    // A drain that completes once the held connections close.
+    let mut waiting = drain("198.18.1.2:8080", "20");
+    thread::sleep(Duration::from_secs(1));
+    assert!(
+        waiting.try_wait().unwrap().is_none(),
+        "returned with connections left"
+    );
+    for c in &mut on_1 {
+        assert_eq!(c.ask("still served").unwrap(), "backend-1");
+    }
+    let t = spread(&lab, &orch, api, 20);
+    assert!(
+        !t.contains_key("backend-1"),
+        "a drained backend got new connections: {t:?}"
+    );
+    on_1.pop(); // the client closes: FIN both ways
+    thread::sleep(Duration::from_secs(1));
+    assert!(
+        waiting.try_wait().unwrap().is_none(),
+        "returned with one connection left"
+    );
+    on_1.pop();
+    let done = wait_for(Duration::from_secs(5), || {
+        waiting.try_wait().unwrap().is_some()
+    });
+    assert!(
+        done.is_some(),
+        "drain --wait did not return after the last connection closed"
+    );
+    let out = waiting.wait_with_output().unwrap();
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{progress}");
+    for line in [
+        "2 connections left",
+        "1 connection left",
+        "0 connections left",
+    ] {
+        assert!(progress.contains(line), "missing {line:?} in {progress}");
+    }
+    drop(on_2);
+}
