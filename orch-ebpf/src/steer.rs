@@ -76,7 +76,7 @@ fn try_steer(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
             dir: DIR_REPLY,
             _pad: 0,
         };
-        if let Some(entry) = CONNTRACK.get_ptr_mut(&key) {
+        if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
             // SAFETY: a live map value, updated only by whole-word stores.
             let entry = unsafe { &mut *entry };
             balance::record_seen(entry, FlowValue::seen_bits(pkt.tcp_flags));

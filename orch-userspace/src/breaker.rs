@@ -143,6 +143,11 @@ impl Breaker {
         self.threshold.floor().max(1.0) as u32
     }
 
+    /// Bad samples counted toward the next trip (closed state).
+    pub fn pending_bad(&self) -> u32 {
+        self.bad
+    }
+
     /// When an open breaker turns half-open.
     pub fn reopens_at(&self) -> Option<Instant> {
         self.open_until

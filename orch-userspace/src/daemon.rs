@@ -352,8 +352,16 @@ impl Daemon {
                 "breaker"
             );
         }
+        // A closed breaker that has started counting bad samples, and a half-open one
+        // running its trials, want the next sample now rather than at the stable interval:
+        // a slow backend is judged, and a recovered one readmitted, in seconds.
+        let suspicious =
+            h.breaker.pending_bad() > 0 || h.breaker.state() == breaker::State::HalfOpen;
         if h.usable() != before {
             self.rebalance();
+        }
+        if suspicious {
+            self.checker.nudge(&report.service, report.backend);
         }
     }
 

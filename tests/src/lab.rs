@@ -42,6 +42,9 @@ pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
 /// Backend server ports.
 pub const TCP_PORT: u16 = 8080;
 pub const UDP_PORT: u16 = 8053;
+/// Backend HTTP server port: answers any request with `200 OK` and its name as the body,
+/// after the backend's configured delay (see [`Backend::set_delay`]).
+pub const HTTP_PORT: u16 = 8081;
 /// Prefix of every namespace the lab creates (then the pid, so stale ones can be swept).
 pub const NS_PREFIX: &str = "orcht";
 /// How long one client request may take before it counts as failed.
@@ -66,9 +69,17 @@ pub struct Backend {
     /// While set, the TCP server is closed: connections are refused, as when the service
     /// process has died (established connections are left alone).
     down: Arc<AtomicBool>,
+    /// Milliseconds the HTTP server waits before answering.
+    delay_ms: Arc<AtomicUsize>,
 }
 
 impl Backend {
+    /// Makes the HTTP server answer after `delay`: a backend that accepts but is slow.
+    pub fn set_delay(&self, delay: Duration) {
+        self.delay_ms
+            .store(delay.as_millis() as usize, Ordering::Relaxed);
+    }
+
     /// Kills (`false`) or revives (`true`) the backend's TCP server. Takes effect within
     /// 100 ms.
     pub fn set_up(&self, up: bool) {
@@ -160,9 +171,17 @@ impl Lab {
             )?;
             default_routes(&ns, &format!("198.18.{i}.1"), &format!("2001:db8:{i:x}::1"))?;
             let down = Arc::new(AtomicBool::new(false));
+            let delay_ms = Arc::new(AtomicUsize::new(0));
             let servers = start_servers(&ns, &name, &lab.stop, &down)?;
             lab.servers.extend(servers);
-            lab.backends.push(Backend { name, ns, down });
+            lab.servers
+                .push(start_http(&ns, &name, &lab.stop, &delay_ms)?);
+            lab.backends.push(Backend {
+                name,
+                ns,
+                down,
+                delay_ms,
+            });
         }
         Ok(lab)
     }
@@ -283,6 +302,74 @@ fn set_recv_timeout(fd: &impl AsRawFd, timeout: Duration) -> io::Result<()> {
 }
 
 /// Binds the backend's servers inside its namespace and serves them on threads.
+/// The backend's HTTP server: reads a request head, waits the configured delay, answers
+/// `200 OK` with the backend's name.
+fn start_http(
+    ns: &Netns,
+    name: &str,
+    stop: &Arc<AtomicBool>,
+    delay_ms: &Arc<AtomicUsize>,
+) -> io::Result<JoinHandle<()>> {
+    let listener = ns.run(|| -> io::Result<TcpListener> {
+        let l = TcpListener::bind((Ipv6Addr::UNSPECIFIED, HTTP_PORT))?;
+        set_recv_timeout(&l, Duration::from_millis(100))?;
+        Ok(l)
+    })??;
+    let (name, stop, delay_ms) = (name.to_owned(), stop.clone(), delay_ms.clone());
+    thread::Builder::new()
+        .name(format!("{name}-http"))
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        let (name, delay) = (name.clone(), delay_ms.load(Ordering::Relaxed));
+                        thread::spawn(move || {
+                            let _ = serve_http(conn, &name, Duration::from_millis(delay as u64));
+                        });
+                    }
+                    Err(e) if is_timeout(&e) => {}
+                    Err(_) => thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        })
+}
+
+fn serve_http(conn: TcpStream, name: &str, delay: Duration) -> io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut writer = conn.try_clone()?;
+    let mut reader = BufReader::new(conn);
+    let mut line = String::new();
+    // The request head ends with an empty line.
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 || line.trim_end().is_empty() {
+            break;
+        }
+    }
+    thread::sleep(delay);
+    write!(
+        writer,
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{name}",
+        name.len()
+    )
+}
+
+/// One HTTP GET through `addr`: the body (the answering backend's name).
+pub fn http_get(addr: SocketAddr) -> io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, REQUEST_TIMEOUT)?;
+    s.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut answer = String::new();
+    io::Read::read_to_string(&mut s, &mut answer)?;
+    answer
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .ok_or_else(|| io::Error::other(format!("malformed HTTP answer {answer:?}")))
+}
+
 fn start_servers(
     ns: &Netns,
     name: &str,

@@ -131,3 +131,94 @@ fn a_dead_backend_leaves_the_rotation_and_returns_when_it_recovers() {
         .unwrap();
     assert!(names.iter().any(|n| n == "backend-2"), "{names:?}");
 }
+
+fn backend_row(orch: &Orch, service: &str, address: &str) -> serde_json::Value {
+    backends(orch, service)
+        .into_iter()
+        .find(|b| b["address"] == address)
+        .unwrap_or_else(|| panic!("no backend {address}"))
+}
+
+#[test]
+fn a_slow_backend_trips_its_breaker_and_recovery_closes_it() {
+    if !require_root("a_slow_backend_trips_its_breaker_and_recovery_closes_it") {
+        return;
+    }
+    let lab = Lab::new("slow", 3).expect("building the lab");
+    let config =
+        std::fs::read_to_string(lab::example_config_path()).expect("reading examples/demo.toml");
+    let orch = lab
+        .start_orch(&lab::orch_bin(), &config)
+        .expect("starting orch");
+    let http = |i: usize| format!("{}:{}", lab::backend4(i), lab::HTTP_PORT);
+    let add = orch
+        .cli(&[
+            "service",
+            "add",
+            "slowweb",
+            "198.19.0.4:80",
+            "--check",
+            "http:/",
+            "--backend",
+            &http(1),
+            "--backend",
+            &http(2),
+        ])
+        .unwrap();
+    assert!(add.status.success(), "{}", add.stderr_text());
+    let vip = SocketAddr::from(([198, 19, 0, 4], 80));
+    let slow = http(2);
+
+    // Let the breaker learn the normal latency (probes every 0.5 s while new).
+    thread::sleep(Duration::from_secs(2));
+    assert_eq!(backend_row(&orch, "slowweb", &slow)["breaker"], "closed");
+
+    // backend-2 keeps accepting but answers in 300 ms: far above twice what was learned,
+    // well within the probe timeout (1 s), so the health check alone still says healthy.
+    lab.backends[1].set_delay(Duration::from_millis(300));
+    let tripped = wait_until(Duration::from_secs(20), || {
+        backend_row(&orch, "slowweb", &slow)["breaker"] == "open"
+    })
+    .unwrap_or_else(|| panic!("the breaker did not open\n{}", orch.log()));
+    let row = backend_row(&orch, "slowweb", &slow);
+    eprintln!("slow backend's breaker open after {tripped:?}: {row}");
+    assert_eq!(row["health"], "healthy", "slow, not failing: {row}");
+    assert_eq!(row["in_rotation"], false);
+    let names = lab
+        .client
+        .run(move || {
+            (0..10)
+                .map(|_| lab::http_get(vip))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .unwrap()
+        .unwrap_or_else(|e| panic!("HTTP through the VIP failed: {e}\n{}", orch.log()));
+    assert!(names.iter().all(|n| n == "backend-1"), "{names:?}");
+
+    // It recovers: half-open after the backoff, three good trials, closed, back in rotation.
+    lab.backends[1].set_delay(Duration::ZERO);
+    let closed = wait_until(Duration::from_secs(20), || {
+        backend_row(&orch, "slowweb", &slow)["breaker"] == "closed"
+    })
+    .unwrap_or_else(|| panic!("the breaker did not close again\n{}", orch.log()));
+    eprintln!("recovered backend's breaker closed after {closed:?}");
+    assert!(in_rotation(&orch, "slowweb", &slow));
+    let log = orch.log().replace('"', "");
+    for step in [
+        "from=closed to=open",
+        "from=open to=half-open",
+        "from=half-open to=closed",
+    ] {
+        assert!(log.contains(step), "missing {step:?} in the log");
+    }
+    let names = lab
+        .client
+        .run(move || {
+            (0..10)
+                .map(|_| lab::http_get(vip))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .unwrap()
+        .unwrap();
+    assert!(names.iter().any(|n| n == "backend-2"), "{names:?}");
+}
