@@ -74,11 +74,15 @@ pub enum Reason {
     /// A slot or backend lookup failed (the daemon wrote an inconsistent table). Never
     /// expected; counted so it would be seen.
     DropInternal = 13,
+    /// A backend answered a new connection's SYN with RST. The RST is dropped and the
+    /// connection forgotten, so the client's SYN retransmission is balanced again (to
+    /// another backend: this one is ejected from selection at once).
+    DropRefused = 14,
 }
 
 impl Reason {
     /// Number of reasons: the size of the statistics array.
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 15;
 
     /// Every reason, in index order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -96,6 +100,7 @@ impl Reason {
         Reason::DropNoBackend,
         Reason::DropConntrackFull,
         Reason::DropInternal,
+        Reason::DropRefused,
     ];
 
     /// A stable snake_case name, used in logs and (later) metric labels.
@@ -115,6 +120,7 @@ impl Reason {
             Reason::DropNoBackend => "drop_no_backend",
             Reason::DropConntrackFull => "drop_conntrack_full",
             Reason::DropInternal => "drop_internal",
+            Reason::DropRefused => "drop_refused",
         }
     }
 }

@@ -29,11 +29,17 @@ pub const PORTS_MAP: &str = "ORCH_PORTS_V1";
 /// Runtime settings: index 0 → [`Settings`] (array).
 pub const SETTINGS_MAP: &str = "ORCH_CFG_V1";
 /// Verdict counters: [`crate::Reason`] → `u64` (per-CPU array).
-pub const STATS_MAP: &str = "ORCH_STATS_V1";
+pub const STATS_MAP: &str = "ORCH_STATS_V2";
 /// Per-service traffic: service id → [`TrafficCounters`] (per-CPU array).
 pub const SERVICE_STATS_MAP: &str = "ORCH_SVC_ST_V1";
 /// Per-backend traffic: backend id → [`TrafficCounters`] (per-CPU array).
 pub const BACKEND_STATS_MAP: &str = "ORCH_BE_ST_V1";
+/// Passive health signals per backend: backend id → [`BackendSignals`] (per-CPU array).
+pub const BACKEND_SIGNALS_MAP: &str = "ORCH_BE_SIG_V1";
+/// Backends the data plane ejected itself: backend id → non-zero when a backend refused a
+/// connection (array of u32). New connections skip them; the daemon clears the mark once
+/// probes find the backend healthy again.
+pub const BACKEND_DOWN_MAP: &str = "ORCH_BE_DOWN_V1";
 
 /// Index of the VIP-port bitmap in [`PORTS_MAP`]: destination ports of any service.
 pub const PORTS_VIP: u32 = 0;
@@ -155,6 +161,9 @@ impl Backend {
 pub const SEEN_FIN: u32 = 1;
 /// [`FlowValue::seen`]: a RST went this way.
 pub const SEEN_RST: u32 = 2;
+/// [`FlowValue::seen`] of a reply entry: the backend's SYN-ACK went through (the handshake
+/// latency was measured; later RSTs are not refusals).
+pub const SEEN_SYNACK: u32 = 4;
 /// TCP header flags (RFC 9293 section 3.1).
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -311,6 +320,54 @@ mod pod {
     unsafe impl aya::Pod for PortBitmap {}
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for TrafficCounters {}
+    unsafe impl aya::Pod for BackendSignals {}
+}
+
+/// Handshake latency histogram buckets: upper bounds in microseconds (the last is open).
+pub const HANDSHAKE_BUCKETS_US: [u64; 8] = [50, 100, 250, 500, 1_000, 5_000, 25_000, u64::MAX];
+
+/// What the data plane observes of a backend's connections, without probing it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendSignals {
+    /// SYN-ACKs seen in reply to a balanced SYN.
+    pub handshakes: u64,
+    /// Sum of SYN-to-SYN-ACK latencies, nanoseconds.
+    pub handshake_ns: u64,
+    /// Handshakes by latency bucket ([`HANDSHAKE_BUCKETS_US`]).
+    pub handshake_hist: [u64; 8],
+    /// RSTs in reply to a SYN: the backend refused the connection.
+    pub refused: u64,
+    /// SYN retransmissions on a balanced flow: the first SYN got no answer in time.
+    pub syn_retrans: u64,
+}
+const _: () = assert!(size_of::<BackendSignals>() == 96);
+
+impl BackendSignals {
+    /// Field-wise sum, for adding up the per-CPU values.
+    pub fn add(&mut self, o: &BackendSignals) {
+        self.handshakes += o.handshakes;
+        self.handshake_ns += o.handshake_ns;
+        for (a, b) in self.handshake_hist.iter_mut().zip(&o.handshake_hist) {
+            *a += b;
+        }
+        self.refused += o.refused;
+        self.syn_retrans += o.syn_retrans;
+    }
+
+    /// The histogram bucket of a latency.
+    #[inline(always)]
+    pub const fn bucket(latency_ns: u64) -> usize {
+        let us = latency_ns / 1000;
+        let mut i = 0;
+        while i < HANDSHAKE_BUCKETS_US.len() - 1 {
+            if us <= HANDSHAKE_BUCKETS_US[i] {
+                return i;
+            }
+            i += 1;
+        }
+        HANDSHAKE_BUCKETS_US.len() - 1
+    }
 }
 
 #[cfg(test)]

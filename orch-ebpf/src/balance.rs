@@ -2,24 +2,41 @@
 
 use aya_ebpf::helpers::bpf_get_smp_processor_id;
 use orch_common::{
-    maps::{slot_table_index, FlowKey, FlowValue, ServiceValue, Settings, DIR_REPLY},
-    Reason, IPPROTO_UDP, SLOTS_PER_TABLE,
+    maps::{
+        slot_table_index, FlowKey, FlowValue, ServiceValue, Settings, SlotTable, DIR_REPLY,
+        TCP_ACK, TCP_SYN,
+    },
+    Reason, IPPROTO_TCP, IPPROTO_UDP, SLOTS_PER_TABLE,
 };
 
 use crate::{
-    maps::{BACKENDS, BACKEND_STATS, CONNTRACK, CURSORS, SERVICE_STATS, SLOTS},
+    maps::{BACKENDS, BACKEND_DOWN, BACKEND_STATS, CONNTRACK, CURSORS, SERVICE_STATS, SLOTS},
     stats,
 };
+
+/// How many further slots a new connection tries when its slot's backend was ejected by the
+/// data plane (it refused a connection and the daemon has not yet rebuilt the table).
+const EJECTED_RETRIES: u64 = 3;
 
 /// The connection's entry, if it has one that is still valid, with the packet's FIN/RST
 /// (`seen`) recorded. A UDP flow idle for longer than the configured timeout is treated as
 /// new, so it is balanced again.
 #[inline(always)]
-pub fn existing(key: &FlowKey, now: u64, settings: &Settings, seen: u32) -> Option<FlowValue> {
+pub fn existing(
+    key: &FlowKey,
+    now: u64,
+    settings: &Settings,
+    seen: u32,
+    tcp_flags: u8,
+) -> Option<FlowValue> {
     let entry = CONNTRACK.get_ptr_mut(key)?;
     // SAFETY: a live map value; concurrent writers only store whole aligned u64s into
     // `last_seen_ns`, the rest is written once at insert.
     let entry = unsafe { &mut *entry };
+    // A bare SYN on a known flow is the client retrying: its first SYN got no answer.
+    if key.proto == IPPROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        stats::signals(entry.backend_id, |s| s.syn_retrans += 1);
+    }
     let idle = now.saturating_sub(entry.last_seen_ns);
     if key.proto == IPPROTO_UDP && idle > settings.udp_idle_ns {
         return None;
@@ -70,12 +87,19 @@ pub fn new_flow(
         *cursor = n + 1;
         n + bpf_get_smp_processor_id() as u64
     };
-    let slot = (ticket % len as u64) as usize;
-    // Bound for the verifier (and against a corrupt `len`).
-    if slot >= SLOTS_PER_TABLE as usize {
-        return Err(Reason::DropInternal);
+    let mut backend_id = slot_backend(table, ticket % len as u64)?;
+    // A backend the data plane ejected (it refused a connection moments ago) is skipped for
+    // the next slots until the daemon rewrites the table; if all of those are ejected too,
+    // the first choice stands (better a try than a certain drop).
+    if is_ejected(backend_id) {
+        for i in 1..=EJECTED_RETRIES {
+            let candidate = slot_backend(table, (ticket + i) % len as u64)?;
+            if !is_ejected(candidate) {
+                backend_id = candidate;
+                break;
+            }
+        }
     }
-    let backend_id = table.backend_ids[slot];
     let backend = BACKENDS.get(backend_id).ok_or(Reason::DropInternal)?;
 
     let forward = FlowValue {
@@ -114,4 +138,28 @@ pub fn new_flow(
     stats::traffic(&SERVICE_STATS, svc.id, |c| c.new_conns += 1);
     stats::traffic(&BACKEND_STATS, backend_id, |c| c.new_conns += 1);
     Ok(forward)
+}
+
+#[inline(always)]
+fn slot_backend(table: &SlotTable, slot: u64) -> Result<u32, Reason> {
+    let slot = slot as usize;
+    // Bound for the verifier (and against a corrupt `len`).
+    if slot >= SLOTS_PER_TABLE as usize {
+        return Err(Reason::DropInternal);
+    }
+    Ok(table.backend_ids[slot])
+}
+
+#[inline(always)]
+fn is_ejected(backend_id: u32) -> bool {
+    BACKEND_DOWN.get(backend_id).is_some_and(|d| *d != 0)
+}
+
+/// Marks a backend as refusing connections: new connections skip it from now on.
+#[inline(always)]
+pub fn eject(backend_id: u32) {
+    if let Some(d) = BACKEND_DOWN.get_ptr_mut(backend_id) {
+        // SAFETY: a u32 slot of an array map; a racing writer stores the same value.
+        unsafe { *d = 1 };
+    }
 }

@@ -10,8 +10,8 @@ use aya_ebpf::{
 };
 use orch_common::{
     maps::{
-        Backend, FlowKey, FlowValue, PortBitmap, ServiceKey, ServiceValue, Settings, SlotTable,
-        TrafficCounters,
+        Backend, BackendSignals, FlowKey, FlowValue, PortBitmap, ServiceKey, ServiceValue,
+        Settings, SlotTable, TrafficCounters,
     },
     Reason, CONNTRACK_CAPACITY, MAX_BACKENDS, MAX_SERVICES,
 };
@@ -38,7 +38,7 @@ pub static PORTS: Array<PortBitmap> = Array::with_max_entries(2, 0);
 #[map(name = "ORCH_CFG_V1")]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
-#[map(name = "ORCH_STATS_V1")]
+#[map(name = "ORCH_STATS_V2")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
 
 #[map(name = "ORCH_SVC_ST_V1")]
@@ -48,3 +48,10 @@ pub static SERVICE_STATS: PerCpuArray<TrafficCounters> =
 #[map(name = "ORCH_BE_ST_V1")]
 pub static BACKEND_STATS: PerCpuArray<TrafficCounters> =
     PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+#[map(name = "ORCH_BE_SIG_V1")]
+pub static BACKEND_SIGNALS: PerCpuArray<BackendSignals> =
+    PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+#[map(name = "ORCH_BE_DOWN_V1")]
+pub static BACKEND_DOWN: Array<u32> = Array::with_max_entries(MAX_BACKENDS, 0);

@@ -2,9 +2,12 @@
 //! daemon sums them when it reads.
 
 use aya_ebpf::maps::PerCpuArray;
-use orch_common::{maps::TrafficCounters, Reason};
+use orch_common::{
+    maps::{BackendSignals, TrafficCounters},
+    Reason,
+};
 
-use crate::maps::STATS;
+use crate::maps::{BACKEND_SIGNALS, STATS};
 
 /// Counts one packet under `reason`.
 #[inline(always)]
@@ -19,6 +22,15 @@ pub fn count(reason: Reason) {
 #[inline(always)]
 pub fn traffic(map: &PerCpuArray<TrafficCounters>, id: u32, f: impl FnOnce(&mut TrafficCounters)) {
     if let Some(c) = map.get_ptr_mut(id) {
+        // SAFETY: as in `count`.
+        f(unsafe { &mut *c });
+    }
+}
+
+/// Updates the passive signals of backend `id`.
+#[inline(always)]
+pub fn signals(id: u32, f: impl FnOnce(&mut BackendSignals)) {
+    if let Some(c) = BACKEND_SIGNALS.get_ptr_mut(id) {
         // SAFETY: as in `count`.
         f(unsafe { &mut *c });
     }

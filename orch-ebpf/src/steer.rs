@@ -3,11 +3,11 @@
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use orch_common::{
     maps::{
-        FlowKey, FlowValue, ServiceKey, ServiceValue, Settings, TrafficCounters, DIR_FORWARD,
-        DIR_REPLY,
+        BackendSignals, FlowKey, FlowValue, ServiceKey, ServiceValue, Settings, TrafficCounters,
+        DIR_FORWARD, DIR_REPLY, SEEN_SYNACK, TCP_ACK, TCP_RST, TCP_SYN,
     },
     maps::{PORTS_BACKEND, PORTS_VIP},
-    Reason,
+    Reason, IPPROTO_TCP,
 };
 
 use crate::{
@@ -32,9 +32,10 @@ pub fn steer(ctx: &XdpContext) -> (u32, Reason) {
 #[inline(always)]
 fn action_for(reason: Reason) -> u32 {
     match reason {
-        Reason::DropNoBackend | Reason::DropConntrackFull | Reason::DropInternal => {
-            xdp_action::XDP_DROP
-        }
+        Reason::DropNoBackend
+        | Reason::DropConntrackFull
+        | Reason::DropInternal
+        | Reason::DropRefused => xdp_action::XDP_DROP,
         _ => xdp_action::XDP_PASS,
     }
 }
@@ -79,12 +80,54 @@ fn try_steer(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
         if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
             // SAFETY: a live map value, updated only by whole-word stores.
             let entry = unsafe { &mut *entry };
+            if pkt.proto == IPPROTO_TCP && entry.seen & SEEN_SYNACK == 0 {
+                handshake(&key, entry, &pkt)?;
+            }
             balance::record_seen(entry, FlowValue::seen_bits(pkt.tcp_flags));
             let flow = *entry;
             return reply(ctx, &pkt, &flow);
         }
     }
     Err(Reason::PassNotService)
+}
+
+/// A backend's first answers to a balanced SYN: a SYN-ACK gives the handshake latency (the
+/// reply entry's timestamp is the SYN's: replies never refresh it); a RST before any SYN-ACK
+/// is a refusal. The refusing backend is ejected from selection, the RST dropped and the flow
+/// forgotten, so the client's SYN retransmission (about a second later) is balanced again
+/// onto a backend that is up, instead of the client seeing "connection refused".
+#[inline(always)]
+fn handshake(key: &FlowKey, entry: &mut FlowValue, pkt: &Packet) -> Result<(), Reason> {
+    let flags = pkt.tcp_flags;
+    if flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
+        // SAFETY: a helper without arguments.
+        let latency = unsafe { bpf_ktime_get_ns() }.saturating_sub(entry.last_seen_ns);
+        entry.seen |= SEEN_SYNACK;
+        stats::signals(entry.backend_id, |s| {
+            s.handshakes += 1;
+            s.handshake_ns += latency;
+            let b = BackendSignals::bucket(latency);
+            if b < s.handshake_hist.len() {
+                s.handshake_hist[b] += 1;
+            }
+        });
+    } else if flags & TCP_RST != 0 {
+        stats::signals(entry.backend_id, |s| s.refused += 1);
+        balance::eject(entry.backend_id);
+        let forward = FlowKey {
+            src: key.dst,
+            dst: entry.nat_addr,
+            src_port_be: key.dst_port_be,
+            dst_port_be: entry.nat_port_be,
+            proto: key.proto,
+            dir: DIR_FORWARD,
+            _pad: 0,
+        };
+        let _ = CONNTRACK.remove(forward);
+        let _ = CONNTRACK.remove(key);
+        return Err(Reason::DropRefused);
+    }
+    Ok(())
 }
 
 #[inline(always)]
@@ -108,7 +151,7 @@ fn forward(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue) -> Result<(u32, R
         _pad: 0,
     };
     let seen = FlowValue::seen_bits(pkt.tcp_flags);
-    let flow = match balance::existing(&key, now, &settings, seen) {
+    let flow = match balance::existing(&key, now, &settings, seen, pkt.tcp_flags) {
         Some(flow) => flow,
         None => balance::new_flow(&key, svc, now, seen)?,
     };

@@ -31,9 +31,10 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 use orch_common::maps::{
-    Backend, FlowKey, FlowValue, PortBitmap, ServiceKey, ServiceValue, Settings, SlotTable,
-    TrafficCounters, BACKENDS_MAP, BACKEND_STATS_MAP, CONNTRACK_MAP, CURSORS_MAP, PORTS_MAP,
-    SERVICES_MAP, SERVICE_STATS_MAP, SETTINGS_MAP, SLOTS_MAP, STATS_MAP,
+    Backend, BackendSignals, FlowKey, FlowValue, PortBitmap, ServiceKey, ServiceValue, Settings,
+    SlotTable, TrafficCounters, BACKENDS_MAP, BACKEND_DOWN_MAP, BACKEND_SIGNALS_MAP,
+    BACKEND_STATS_MAP, CONNTRACK_MAP, CURSORS_MAP, PORTS_MAP, SERVICES_MAP, SERVICE_STATS_MAP,
+    SETTINGS_MAP, SLOTS_MAP, STATS_MAP,
 };
 use orch_common::Reason;
 use tracing::{debug, info, warn};
@@ -41,7 +42,9 @@ use tracing::{debug, info, warn};
 use crate::reconcile::{MapReader, MapWriter};
 
 /// The maps that hold the balancer's state, pinned so that it outlives the daemon.
-const PINNED_MAPS: [&str; 10] = [
+const PINNED_MAPS: [&str; 12] = [
+    BACKEND_SIGNALS_MAP,
+    BACKEND_DOWN_MAP,
     SERVICES_MAP,
     SLOTS_MAP,
     BACKENDS_MAP,
@@ -228,6 +231,8 @@ pub struct Dataplane {
     stats: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, TrafficCounters>,
     backend_stats: PerCpuArray<MapData, TrafficCounters>,
+    backend_signals: PerCpuArray<MapData, BackendSignals>,
+    backend_down: Array<MapData, u32>,
     conntrack: HashMap<MapData, FlowKey, FlowValue>,
     attached: Vec<(String, Attachment)>,
     pin_dir: Option<PathBuf>,
@@ -324,6 +329,8 @@ impl Dataplane {
             stats: take(&mut ebpf, STATS_MAP)?,
             service_stats: take(&mut ebpf, SERVICE_STATS_MAP)?,
             backend_stats: take(&mut ebpf, BACKEND_STATS_MAP)?,
+            backend_signals: take(&mut ebpf, BACKEND_SIGNALS_MAP)?,
+            backend_down: take(&mut ebpf, BACKEND_DOWN_MAP)?,
             conntrack: take(&mut ebpf, CONNTRACK_MAP)?,
             ebpf,
             capacity,
@@ -518,6 +525,36 @@ impl Dataplane {
         sum_counters(&self.backend_stats, id, BACKEND_STATS_MAP)
     }
 
+    /// The passive signals of backend `id`, summed over CPUs.
+    pub fn backend_signals(&self, id: u32) -> Result<BackendSignals, DataplaneError> {
+        let per_cpu = self
+            .backend_signals
+            .get(&id, 0)
+            .map_err(map_err(BACKEND_SIGNALS_MAP))?;
+        let mut total = BackendSignals::default();
+        for s in per_cpu.iter() {
+            total.add(s);
+        }
+        Ok(total)
+    }
+
+    /// Whether the data plane ejected backend `id` (it refused a connection).
+    pub fn ejected(&self, id: u32) -> Result<bool, DataplaneError> {
+        Ok(self
+            .backend_down
+            .get(&id, 0)
+            .map_err(map_err(BACKEND_DOWN_MAP))?
+            != 0)
+    }
+
+    /// Lets new connections reach backend `id` again (after probes found it healthy), or
+    /// clears the mark of an id being reused.
+    pub fn clear_ejection(&mut self, id: u32) -> Result<(), DataplaneError> {
+        self.backend_down
+            .set(id, 0, 0)
+            .map_err(map_err(BACKEND_DOWN_MAP))
+    }
+
     /// The connection-table entry for `key`, if any.
     pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowValue>, DataplaneError> {
         match self.conntrack.get(key, 0) {
@@ -636,8 +673,10 @@ fn monotonic_ns() -> u64 {
 }
 
 /// The maps whose size follows the capacity, with their sizes.
-fn sized_maps(c: Capacity) -> [(&'static str, u32); 7] {
+fn sized_maps(c: Capacity) -> [(&'static str, u32); 9] {
     [
+        (BACKEND_SIGNALS_MAP, c.max_backends),
+        (BACKEND_DOWN_MAP, c.max_backends),
         (SERVICES_MAP, c.max_services),
         (SLOTS_MAP, c.max_services * 2),
         (CURSORS_MAP, c.max_services),
@@ -747,6 +786,9 @@ impl MapWriter for Dataplane {
     type Error = DataplaneError;
 
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError> {
+        // A (re)written entry starts with a clean slate: an ejection mark left by the id's
+        // previous backend must not keep the new one out.
+        self.clear_ejection(id)?;
         self.backends
             .set(id, backend, 0)
             .map_err(map_err(BACKENDS_MAP))

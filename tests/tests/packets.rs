@@ -20,7 +20,7 @@ use orch::{
 };
 use orch_common::{
     csum::checksum_be,
-    maps::{FlowKey, FlowValue, DIR_FORWARD, DIR_REPLY, SEEN_FIN, SEEN_RST},
+    maps::{FlowKey, FlowValue, DIR_FORWARD, DIR_REPLY, SEEN_FIN, SEEN_RST, SEEN_SYNACK},
     Reason,
 };
 use orch_tests::{netns::Netns, privilege::require_root};
@@ -43,6 +43,7 @@ fn v6(s: &str) -> IpAddr {
 #[derive(Clone, Copy, Debug)]
 enum L4 {
     Syn,
+    SynAck,
     Ack,
     FinAck,
     Rst,
@@ -112,6 +113,11 @@ impl Pkt {
             L4::Syn => ip
                 .tcp(sp, dp, 1000, 64240)
                 .syn()
+                .write(&mut out, self.payload),
+            L4::SynAck => ip
+                .tcp(sp, dp, 5000, 64240)
+                .syn()
+                .ack(1001)
                 .write(&mut out, self.payload),
             L4::Ack => ip
                 .tcp(sp, dp, 1001, 64240)
@@ -808,17 +814,111 @@ fn tcp_fin_and_rst_are_recorded_so_closed_connections_can_be_told() {
         assert_eq!(r.seen, SEEN_FIN);
         assert!(FlowValue::closed(f.seen, r.seen));
 
-        // A RST from either side closes at once.
+        // A RST from either side of an established connection closes it at once.
         let client = sa("198.18.0.2:40002");
         run(&mut dp, Pkt::new(L4::Syn, client, vip));
         let (f, _) = tcp_entries(&dp, client, vip);
         let backend = SocketAddr::new(words_addr(&f.nat_addr), u16::from_be(f.nat_port_be));
+        run(&mut dp, Pkt::new(L4::SynAck, backend, client));
         run(&mut dp, Pkt::new(L4::Rst, backend, client));
         let (f, r) = tcp_entries(&dp, client, vip);
-        assert_eq!(r.seen, SEEN_RST);
+        assert_eq!(r.seen, SEEN_SYNACK | SEEN_RST);
         assert!(FlowValue::closed(f.seen, r.seen));
     })
     .expect("FIN/RST bookkeeping");
+}
+
+#[test]
+fn a_refused_syn_ejects_the_backend_and_the_retry_goes_elsewhere() {
+    if !require_root("a_refused_syn_ejects_the_backend_and_the_retry_goes_elsewhere") {
+        return;
+    }
+    let ns = test_netns("refuse");
+    ns.run(|| {
+        let (mut dp, mut rec) = loaded();
+        let svcs = services();
+        rec.apply(&mut dp, &svcs).unwrap();
+        let web = &svcs[0];
+        let vip = sa("198.19.0.1:80");
+        let client = sa("198.18.0.2:41000");
+        let syn = Pkt::new(L4::Syn, client, vip);
+
+        // A handshake that succeeds is measured.
+        let ok_client = sa("198.18.0.2:41001");
+        dp.test_run(&Pkt::new(L4::Syn, ok_client, vip).bytes())
+            .unwrap();
+        let (f, _) = tcp_entries(&dp, ok_client, vip);
+        let ok_backend = SocketAddr::new(words_addr(&f.nat_addr), u16::from_be(f.nat_port_be));
+        dp.test_run(&Pkt::new(L4::SynAck, ok_backend, ok_client).bytes())
+            .unwrap();
+        let ok_id = rec.backend_id(&web.addr, ok_backend).unwrap();
+        let sig = dp.backend_signals(ok_id).unwrap();
+        assert_eq!((sig.handshakes, sig.refused), (1, 0));
+        assert_eq!(sig.handshake_hist.iter().sum::<u64>(), 1);
+
+        // The next SYN's backend answers RST.
+        let out = dp.test_run(&syn.bytes()).unwrap();
+        assert_eq!(out.verdict, Verdict::Redirect);
+        let (f, _) = tcp_entries(&dp, client, vip);
+        let refusing = SocketAddr::new(words_addr(&f.nat_addr), u16::from_be(f.nat_port_be));
+        let refusing_id = rec.backend_id(&web.addr, refusing).unwrap();
+        let before = counts(&dp);
+        let out = dp
+            .test_run(&Pkt::new(L4::Rst, refusing, client).bytes())
+            .unwrap();
+        assert_eq!(
+            out.verdict,
+            Verdict::Drop,
+            "the client never sees the refusal"
+        );
+        let after = counts(&dp);
+        let moved: Vec<_> = before
+            .iter()
+            .zip(&after)
+            .filter(|(b, a)| b.1 != a.1)
+            .map(|(_, a)| a.0)
+            .collect();
+        assert_eq!(moved, [Reason::DropRefused]);
+        assert!(dp.ejected(refusing_id).unwrap());
+        assert_eq!(dp.backend_signals(refusing_id).unwrap().refused, 1);
+        let forward = FlowKey {
+            src: addr_words(client.ip()),
+            dst: addr_words(vip.ip()),
+            src_port_be: client.port().to_be(),
+            dst_port_be: vip.port().to_be(),
+            proto: 6,
+            dir: DIR_FORWARD,
+            _pad: 0,
+        };
+        assert_eq!(
+            dp.flow(&forward).unwrap(),
+            None,
+            "the refused flow is forgotten"
+        );
+
+        // The client's SYN retransmission is balanced again, never to the ejected backend,
+        // and neither is any other new connection until the daemon clears the mark.
+        for port in 0..12u16 {
+            let c = SocketAddr::new(client.ip(), 42000 + port);
+            let c = if port == 0 { client } else { c };
+            dp.test_run(&Pkt::new(L4::Syn, c, vip).bytes()).unwrap();
+            let (f, _) = tcp_entries(&dp, c, vip);
+            let chosen = SocketAddr::new(words_addr(&f.nat_addr), u16::from_be(f.nat_port_be));
+            assert_ne!(
+                chosen, refusing,
+                "connection from {c} went to the ejected backend"
+            );
+        }
+        dp.clear_ejection(refusing_id).unwrap();
+        let reached = (0..12u16).any(|port| {
+            let c = SocketAddr::new(client.ip(), 43000 + port);
+            dp.test_run(&Pkt::new(L4::Syn, c, vip).bytes()).unwrap();
+            let (f, _) = tcp_entries(&dp, c, vip);
+            SocketAddr::new(words_addr(&f.nat_addr), u16::from_be(f.nat_port_be)) == refusing
+        });
+        assert!(reached, "a cleared backend takes connections again");
+    })
+    .expect("refusal handling");
 }
 
 #[test]
