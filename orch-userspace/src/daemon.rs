@@ -121,6 +121,10 @@ pub async fn run(opts: &Options) -> Result<(), DaemonError> {
 /// What the daemon knows of one backend's health.
 #[derive(Debug)]
 struct BackendHealth {
+    /// The data plane's signals at the last read, to take differences.
+    signals: orch_common::maps::BackendSignals,
+    /// The data plane's ejection of this backend has been counted as a failure.
+    ejection_noted: bool,
     /// The active checks' verdict. Starts healthy: a restarted daemon must not pull every
     /// backend out of rotation while it waits for first probes.
     healthy: bool,
@@ -133,6 +137,8 @@ struct BackendHealth {
 impl BackendHealth {
     fn new(seed: u64) -> Self {
         BackendHealth {
+            signals: Default::default(),
+            ejection_noted: false,
             healthy: true,
             successes: 0,
             failures: 0,
@@ -365,8 +371,10 @@ impl Daemon {
         }
     }
 
-    /// Moves open breakers whose time has come to half-open, and probes them at once.
+    /// Reads the data plane's passive signals, and moves open breakers whose time has come
+    /// to half-open (probing them at once).
     pub fn tick(&mut self, now: Instant) {
+        self.read_signals(now);
         for ((service, backend), h) in &mut self.health {
             if let Some(t) = h.breaker.poll(now) {
                 info!(%service, %backend, from = t.from.name(), to = t.to.name(), "breaker");
@@ -375,10 +383,94 @@ impl Daemon {
         }
     }
 
+    /// What the kernel saw since the last tick, per backend. Refusals (and the kernel's own
+    /// ejection of the backend) count as a failed check and get a probe at once; once probes
+    /// find the backend healthy again, the ejection is cleared. Completed handshakes vouch for
+    /// the backend, so its stable checks can be sparser.
+    fn read_signals(&mut self, now: Instant) {
+        let registered: Vec<Service> = self.registry.services().cloned().collect();
+        let mut changed = false;
+        for svc in all(&self.config, &registered) {
+            for b in &svc.backends {
+                let Some(id) = self.reconciler.backend_id(&svc.addr, b.addr) else {
+                    continue;
+                };
+                let (Ok(signals), Ok(ejected)) = (self.dp.backend_signals(id), self.dp.ejected(id))
+                else {
+                    continue;
+                };
+                self.seeds += 1;
+                let seed = self.seeds;
+                let h = self
+                    .health
+                    .entry((svc.name.clone(), b.addr))
+                    .or_insert_with(|| BackendHealth::new(seed));
+                let refused = signals.refused.saturating_sub(h.signals.refused);
+                let handshakes = signals.handshakes.saturating_sub(h.signals.handshakes);
+                h.signals = signals;
+                if svc.check.kind == CheckKind::None {
+                    // No probe could ever bring it back: the kernel's ejection saved the
+                    // refused attempt; lift it at once rather than for good.
+                    if ejected {
+                        if let Err(e) = self.dp.clear_ejection(id) {
+                            warn!(error = %e, "clearing an ejection failed");
+                        }
+                    }
+                    continue;
+                }
+                if refused > 0 || (ejected && !h.ejection_noted) {
+                    let before = h.usable();
+                    h.ejection_noted = ejected;
+                    h.successes = 0;
+                    h.failures += 1;
+                    h.last_failure = Some("refused connections (seen by the data plane)".into());
+                    if h.healthy {
+                        h.healthy = false;
+                        warn!(service = %svc.name, backend = %b.addr, refused, "backend refuses connections: out of rotation");
+                    }
+                    if let Some(t) = h.breaker.record_failure(now) {
+                        info!(service = %svc.name, backend = %b.addr, from = t.from.name(), to = t.to.name(), "breaker");
+                    }
+                    changed |= h.usable() != before;
+                    self.checker.nudge(&svc.name, b.addr);
+                } else if ejected && h.usable() {
+                    // Probes found it healthy again: let the data plane choose it again.
+                    match self.dp.clear_ejection(id) {
+                        Ok(()) => h.ejection_noted = false,
+                        Err(e) => warn!(error = %e, "clearing an ejection failed"),
+                    }
+                } else if handshakes > 0 {
+                    self.checker.vouch(&svc.name, b.addr);
+                }
+            }
+        }
+        if changed {
+            self.rebalance();
+        }
+    }
+
     /// Rewrites the slot tables for the current health (a diff: only services whose
     /// rotation changed are written).
     fn rebalance(&mut self) {
         let registered: Vec<Service> = self.registry.services().cloned().collect();
+        // A backend back in rotation must also be choosable by the kernel at once: lift the
+        // data plane's ejection before the table that includes it is written.
+        for svc in all(&self.config, &registered) {
+            for b in &svc.backends {
+                let Some(h) = self.health.get_mut(&(svc.name.clone(), b.addr)) else {
+                    continue;
+                };
+                if !(h.ejection_noted && h.usable()) {
+                    continue;
+                }
+                if let Some(id) = self.reconciler.backend_id(&svc.addr, b.addr) {
+                    match self.dp.clear_ejection(id) {
+                        Ok(()) => h.ejection_noted = false,
+                        Err(e) => warn!(error = %e, "clearing an ejection failed"),
+                    }
+                }
+            }
+        }
         let desired = desired(&self.config, &registered, &self.health);
         match self.reconciler.apply(&mut self.dp, &desired) {
             Ok(s) => info!(updated = s.updated, "rotation changed"),

@@ -12,8 +12,19 @@
 //!   has its own timeout, so a backend that hangs delays no other.
 //! - **Probe now.** The daemon can ask for an immediate probe ([`Checker::nudge`]), e.g. when
 //!   the data plane sees a backend refuse connections.
+//! - **Probe less when traffic vouches.** When the data plane has seen the backend complete
+//!   handshakes since the last probe ([`Checker::vouch`]), a stable backend's interval
+//!   doubles: real traffic is already checking it.
 
-use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
@@ -50,6 +61,7 @@ type Key = (String, SocketAddr);
 struct Task {
     check: HealthCheck,
     nudge: Arc<Notify>,
+    vouched: Arc<AtomicBool>,
     handle: JoinHandle<()>,
 }
 
@@ -99,12 +111,14 @@ impl Checker {
                 continue;
             }
             let nudge = Arc::new(Notify::new());
+            let vouched = Arc::new(AtomicBool::new(false));
             let handle = tokio::spawn(run(
                 key.clone(),
                 check.clone(),
                 self.limit.clone(),
                 self.reports.clone(),
                 nudge.clone(),
+                vouched.clone(),
             ));
             debug!(service = %key.0, backend = %key.1, "health check started");
             self.tasks.insert(
@@ -112,6 +126,7 @@ impl Checker {
                 Task {
                     check,
                     nudge,
+                    vouched,
                     handle,
                 },
             );
@@ -122,6 +137,13 @@ impl Checker {
     pub fn nudge(&self, service: &str, backend: SocketAddr) {
         if let Some(t) = self.tasks.get(&(service.to_owned(), backend)) {
             t.nudge.notify_one();
+        }
+    }
+
+    /// Tells the check of `backend` that real traffic has just gone well.
+    pub fn vouch(&self, service: &str, backend: SocketAddr) {
+        if let Some(t) = self.tasks.get(&(service.to_owned(), backend)) {
+            t.vouched.store(true, Ordering::Relaxed);
         }
     }
 
@@ -151,6 +173,7 @@ async fn run(
     limit: Arc<Semaphore>,
     reports: mpsc::Sender<Report>,
     nudge: Arc<Notify>,
+    vouched: Arc<AtomicBool>,
 ) {
     let mut stability = 0.0f64;
     let mut rng = fastrand::Rng::new();
@@ -174,7 +197,10 @@ async fn run(
         if reports.send(report).await.is_err() {
             return;
         }
-        let wait = next_interval(&check, stability, rng.f64());
+        let mut wait = next_interval(&check, stability, rng.f64());
+        if vouched.swap(false, Ordering::Relaxed) && stability > 0.9 {
+            wait *= 2;
+        }
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = nudge.notified() => {}
