@@ -143,6 +143,8 @@ pub struct StatusInfo {
     pub services: usize,
     pub backends: usize,
     pub config_reloads: u64,
+    /// Health probes sent since the daemon started.
+    pub probes_total: u64,
     pub config_reload_failures: u64,
     /// The last config reload problem, if the last reload failed.
     pub last_reload_error: Option<String>,

@@ -414,7 +414,8 @@ pub fn render(reply: &Reply) -> String {
                  pins:        {}{}\n\
                  interfaces:  {}\n\
                  services:    {} ({} backends)\n\
-                 reloads:     {} ok, {} rejected\n",
+                 reloads:     {} ok, {} rejected\n\
+                 probes:      {} sent\n",
                 s.version,
                 s.pid,
                 s.uptime_secs,
@@ -432,6 +433,7 @@ pub fn render(reply: &Reply) -> String {
                 s.backends,
                 s.config_reloads,
                 s.config_reload_failures,
+                s.probes_total,
             );
             if let Some(e) = &s.last_reload_error {
                 out.push_str(&format!("last reload rejected:\n{e}\n"));

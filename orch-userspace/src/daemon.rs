@@ -166,6 +166,7 @@ pub struct Daemon {
     checker: Checker,
     health: HashMap<(String, SocketAddr), BackendHealth>,
     seeds: u64,
+    probes: u64,
     started: Instant,
     reloads: u64,
     reload_failures: u64,
@@ -208,6 +209,7 @@ impl Daemon {
             checker,
             health,
             seeds: 0,
+            probes: 0,
             started: Instant::now(),
             reloads: 0,
             reload_failures: 0,
@@ -310,6 +312,7 @@ impl Daemon {
     /// Takes one probe result: counts it against the thresholds, feeds the breaker, and
     /// re-balances when the backend enters or leaves rotation.
     pub fn on_report(&mut self, report: Report) {
+        self.probes += 1;
         let registered: Vec<Service> = self.registry.services().cloned().collect();
         let Some(check) = all(&self.config, &registered)
             .into_iter()
@@ -714,6 +717,7 @@ impl Daemon {
             services: services.len(),
             backends: services.iter().map(|(s, _)| s.backends.len()).sum(),
             config_reloads: self.reloads,
+            probes_total: self.probes,
             config_reload_failures: self.reload_failures,
             last_reload_error: self.last_reload_error.clone(),
         }
