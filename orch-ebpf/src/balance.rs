@@ -4,7 +4,7 @@ use aya_ebpf::helpers::bpf_get_smp_processor_id;
 use orch_common::{
     maps::{
         slot_table_index, FlowKey, FlowValue, ServiceValue, Settings, SlotTable, DIR_REPLY,
-        TCP_ACK, TCP_SYN,
+        SEEN_FIN, SEEN_RST, TCP_ACK, TCP_SYN,
     },
     Reason, IPPROTO_TCP, IPPROTO_UDP, SLOTS_PER_TABLE,
 };
@@ -33,8 +33,13 @@ pub fn existing(
     // SAFETY: a live map value; concurrent writers only store whole aligned u64s into
     // `last_seen_ns`, the rest is written once at insert.
     let entry = unsafe { &mut *entry };
-    // A bare SYN on a known flow is the client retrying: its first SYN got no answer.
     if key.proto == IPPROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        // A bare SYN after the client closed (FIN or RST) is a new connection reusing the
+        // port: balance it afresh rather than send it to the old connection's backend.
+        if entry.seen & (SEEN_FIN | SEEN_RST) != 0 {
+            return None;
+        }
+        // Otherwise it is the client retrying: its first SYN got no answer.
         stats::signals(entry.backend_id, |s| s.syn_retrans += 1);
     }
     let idle = now.saturating_sub(entry.last_seen_ns);

@@ -813,6 +813,16 @@ fn tcp_fin_and_rst_are_recorded_so_closed_connections_can_be_told() {
         let (f, r) = tcp_entries(&dp, client, vip);
         assert_eq!(r.seen, SEEN_FIN);
         assert!(FlowValue::closed(f.seen, r.seen));
+        // The same port opens a new connection: balanced afresh (the next backend), with a
+        // clean entry.
+        let first_backend = f.nat_addr;
+        run(&mut dp, Pkt::new(L4::Syn, client, vip));
+        let (f, r) = tcp_entries(&dp, client, vip);
+        assert_ne!(
+            f.nat_addr, first_backend,
+            "a reused port is a new connection"
+        );
+        assert_eq!((f.seen, r.seen), (0, 0));
 
         // A RST from either side of an established connection closes it at once.
         let client = sa("198.18.0.2:40002");

@@ -1,0 +1,100 @@
+//! Failover under load: one of three backends dies for 4 s while clients open a new
+//! connection per request as fast as they can; counts the requests that fail.
+//!
+//! ```text
+//! sudo target/release/failover [--threads N] [--seconds S]
+//! ```
+//! Needs root and the `orch` binary (`ORCH_BIN`, default target/release/orch). Traffic stays
+//! in the lab's namespaces. The backend "dies" by closing its listening socket, so new
+//! connections are refused (as when its process has exited) while requests already accepted
+//! finish.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use orch_tests::lab::{self, Lab, VIP4};
+
+fn main() -> anyhow::Result<()> {
+    let mut threads = 8usize;
+    let mut seconds = 12u64;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--threads" => threads = args.next().context("--threads N")?.parse()?,
+            "--seconds" => seconds = args.next().context("--seconds S")?.parse()?,
+            other => anyhow::bail!("unknown argument {other:?}"),
+        }
+    }
+    let bin = std::env::var_os("ORCH_BIN")
+        .map(Into::into)
+        .unwrap_or_else(|| std::path::PathBuf::from("target/release/orch"));
+    let lab = Lab::new("failover", 3)?;
+    let config = std::fs::read_to_string(lab::example_config_path())?;
+    let orch = lab.start_orch(&bin, &config)?;
+    thread::sleep(Duration::from_secs(2));
+
+    let vip = SocketAddr::from((VIP4, 80));
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for i in 0..threads {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        workers.push(lab.client.spawn(move || {
+            let _ = lab::pin_current_thread(i % 2);
+            while !stop.load(Ordering::Relaxed) {
+                match lab::tcp_ask(vip, "x") {
+                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        })?);
+    }
+    let start = Instant::now();
+    let kill_at = Duration::from_secs(seconds / 3);
+    let revive_at = kill_at + Duration::from_secs(4);
+    let (mut killed, mut revived) = (false, false);
+    let mut last = (0, 0);
+    while start.elapsed() < Duration::from_secs(seconds) {
+        thread::sleep(Duration::from_secs(1));
+        if !killed && start.elapsed() >= kill_at {
+            lab.backends[1].set_up(false);
+            killed = true;
+            println!("{:>5.1}s  backend-2 killed", start.elapsed().as_secs_f64());
+        }
+        if killed && !revived && start.elapsed() >= revive_at {
+            lab.backends[1].set_up(true);
+            revived = true;
+            println!("{:>5.1}s  backend-2 revived", start.elapsed().as_secs_f64());
+        }
+        let now = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+        println!(
+            "{:>5.1}s  {:>6} requests/s  {:>4} failed",
+            start.elapsed().as_secs_f64(),
+            now.0 - last.0,
+            now.1 - last.1
+        );
+        last = now;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        let _ = w.join();
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    println!(
+        "total: {} requests in {elapsed:.1} s ({:.0}/s), {failed} failed",
+        ok + failed,
+        (ok + failed) as f64 / elapsed
+    );
+    drop(orch);
+    Ok(())
+}
