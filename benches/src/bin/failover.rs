@@ -37,6 +37,11 @@ fn main() -> anyhow::Result<()> {
         .map(Into::into)
         .unwrap_or_else(|| std::path::PathBuf::from("target/release/orch"));
     let lab = Lab::new("failover", 3)?;
+    // A new connection per request at thousands a second: give the client every ephemeral
+    // port and let it reuse TIME_WAIT ones, or it measures its own port search.
+    lab.client
+        .sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
+    lab.client.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
     let config = std::fs::read_to_string(lab::example_config_path())?;
     let orch = lab.start_orch(&bin, &config)?;
     thread::sleep(Duration::from_secs(2));
