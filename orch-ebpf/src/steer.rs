@@ -4,7 +4,7 @@ use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpCon
 use orch_common::{
     maps::{
         BackendSignals, FlowKey, FlowValue, ServiceKey, ServiceValue, Settings, TrafficCounters,
-        DIR_FORWARD, DIR_REPLY, SEEN_SYNACK, TCP_ACK, TCP_RST, TCP_SYN,
+        DIR_FORWARD, DIR_REPLY, SEEN_RST, SEEN_SYNACK, TCP_ACK, TCP_RST, TCP_SYN,
     },
     maps::{PORTS_BACKEND, PORTS_VIP},
     Reason, IPPROTO_TCP,
@@ -82,6 +82,14 @@ fn try_steer(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
             let entry = unsafe { &mut *entry };
             if pkt.proto == IPPROTO_TCP && entry.seen & SEEN_SYNACK == 0 {
                 handshake(&key, entry, &pkt)?;
+            } else if pkt.tcp_flags & TCP_RST != 0 {
+                // The backend reset an established connection. The client sends nothing
+                // more on it, so mark its forward entry too: a SYN that reuses the port is
+                // then a new connection, not one for this (perhaps dead) backend.
+                if let Some(forward) = CONNTRACK.get_ptr_mut(forward_key(&key, entry)) {
+                    // SAFETY: a live map value, updated only by whole-word stores.
+                    balance::record_seen(unsafe { &mut *forward }, SEEN_RST);
+                }
             }
             balance::record_seen(entry, FlowValue::seen_bits(pkt.tcp_flags));
             let flow = *entry;
@@ -114,20 +122,25 @@ fn handshake(key: &FlowKey, entry: &mut FlowValue, pkt: &Packet) -> Result<(), R
     } else if flags & TCP_RST != 0 {
         stats::signals(entry.backend_id, |s| s.refused += 1);
         balance::eject(entry.backend_id);
-        let forward = FlowKey {
-            src: key.dst,
-            dst: entry.nat_addr,
-            src_port_be: key.dst_port_be,
-            dst_port_be: entry.nat_port_be,
-            proto: key.proto,
-            dir: DIR_FORWARD,
-            _pad: 0,
-        };
-        let _ = CONNTRACK.remove(forward);
+        let _ = CONNTRACK.remove(forward_key(key, entry));
         let _ = CONNTRACK.remove(key);
         return Err(Reason::DropRefused);
     }
     Ok(())
+}
+
+/// The forward entry's key of the connection whose reply entry is (`key`, `entry`).
+#[inline(always)]
+fn forward_key(key: &FlowKey, entry: &FlowValue) -> FlowKey {
+    FlowKey {
+        src: key.dst,
+        dst: entry.nat_addr,
+        src_port_be: key.dst_port_be,
+        dst_port_be: entry.nat_port_be,
+        proto: key.proto,
+        dir: DIR_FORWARD,
+        _pad: 0,
+    }
 }
 
 #[inline(always)]

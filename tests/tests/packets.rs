@@ -833,7 +833,17 @@ fn tcp_fin_and_rst_are_recorded_so_closed_connections_can_be_told() {
         run(&mut dp, Pkt::new(L4::Rst, backend, client));
         let (f, r) = tcp_entries(&dp, client, vip);
         assert_eq!(r.seen, SEEN_SYNACK | SEEN_RST);
+        assert_eq!(
+            f.seen, SEEN_RST,
+            "the backend's reset marks the client's side too"
+        );
         assert!(FlowValue::closed(f.seen, r.seen));
+        // So a SYN reusing the port is balanced afresh, not sent to the resetting backend.
+        let resetting = f.nat_addr;
+        run(&mut dp, Pkt::new(L4::Syn, client, vip));
+        let (f, _) = tcp_entries(&dp, client, vip);
+        assert_ne!(f.nat_addr, resetting);
+        assert_eq!(f.seen, 0);
     })
     .expect("FIN/RST bookkeeping");
 }

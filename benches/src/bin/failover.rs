@@ -50,20 +50,34 @@ fn main() -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let t0 = Instant::now();
     let mut workers = Vec::new();
     for i in 0..threads {
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        let (stop, ok, failed, errors) = (stop.clone(), ok.clone(), failed.clone(), errors.clone());
         workers.push(lab.client.spawn(move || {
             let _ = lab::pin_current_thread(i % 2);
             while !stop.load(Ordering::Relaxed) {
+                let started = t0.elapsed();
                 match lab::tcp_ask(vip, "x") {
-                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
-                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                    Ok(_) => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        if let Ok(mut v) = errors.lock() {
+                            v.push(format!(
+                                "request started at {:.3}s failed at {:.3}s: {e}",
+                                started.as_secs_f64(),
+                                t0.elapsed().as_secs_f64()
+                            ));
+                        }
+                    }
                 };
             }
         })?);
     }
-    let start = Instant::now();
+    let start = t0;
     let kill_at = Duration::from_secs(seconds / 3);
     let revive_at = kill_at + Duration::from_secs(4);
     let (mut killed, mut revived) = (false, false);
@@ -100,6 +114,11 @@ fn main() -> anyhow::Result<()> {
         ok + failed,
         (ok + failed) as f64 / elapsed
     );
+    if let Ok(v) = errors.lock() {
+        for e in v.iter().take(20) {
+            println!("  {e}");
+        }
+    }
     drop(orch);
     Ok(())
 }
