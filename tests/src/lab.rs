@@ -816,3 +816,20 @@ pub fn orch_bin() -> PathBuf {
 pub fn example_config_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo.toml")
 }
+
+/// The text of [`example_config_path`]; panics (in a test) when it cannot be read.
+pub fn demo_config() -> String {
+    std::fs::read_to_string(example_config_path()).expect("reading examples/demo.toml")
+}
+
+/// Polls `cond` every 20 ms for up to `limit`; returns how long it took to hold.
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if cond() {
+            return Some(start.elapsed());
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    None
+}

@@ -18,10 +18,6 @@ use orch_tests::{
     privilege::require_root,
 };
 
-fn demo_config() -> String {
-    std::fs::read_to_string(lab::example_config_path()).expect("reading examples/demo.toml")
-}
-
 fn start(tag: &str, config: &str) -> (Lab, Orch) {
     let lab = Lab::new(tag, 3).expect("building the lab");
     let orch = lab
@@ -73,25 +69,13 @@ fn status(orch: &Orch) -> serde_json::Value {
     v["status"].clone()
 }
 
-/// Polls `cond` every 20 ms for up to `limit`; returns how long it took to hold.
-fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if cond() {
-            return Some(start.elapsed());
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    None
-}
-
 #[test]
 fn cli_changes_steer_traffic_and_bad_input_changes_nothing() {
     if !require_root("cli_changes_steer_traffic_and_bad_input_changes_nothing") {
         return;
     }
     // Room for exactly one service more than the file has.
-    let config = demo_config().replace("[dataplane]", "[dataplane]\nmax_services = 4");
+    let config = lab::demo_config().replace("[dataplane]", "[dataplane]\nmax_services = 4");
     let (lab, orch) = start("cli", &config);
     let api = SocketAddr::from(([198, 19, 0, 2], 80));
     {
@@ -243,7 +227,7 @@ fn restart_and_reload_drop_nothing() {
     if !require_root("restart_and_reload_drop_nothing") {
         return;
     }
-    let (lab, mut orch) = start("restart", &demo_config());
+    let (lab, mut orch) = start("restart", &lab::demo_config());
     let vip = SocketAddr::from((VIP4, 80));
 
     // Long-lived connections talk without pause through everything below. Every answer must
@@ -283,7 +267,7 @@ fn restart_and_reload_drop_nothing() {
             .unwrap()
     };
     let progress = |from: usize| {
-        wait_for(Duration::from_secs(10), || {
+        lab::wait_until(Duration::from_secs(10), || {
             rounds.load(Ordering::Relaxed) >= from + 20
         })
         .unwrap_or_else(|| panic!("the long-lived connections stalled\n{}", orch_log_hint()))
@@ -333,9 +317,9 @@ fn restart_and_reload_drop_nothing() {
 
     // 3. A config reload adds a service while the connections continue.
     let extra = "\n[[service]]\nname = \"extra\"\nvip = \"198.19.0.3\"\nport = 80\nprotocol = \"tcp\"\nbackend = [{ address = \"198.18.1.2:8080\" }]\n";
-    orch.write_config(&format!("{}{extra}", demo_config()))
+    orch.write_config(&format!("{}{extra}", lab::demo_config()))
         .unwrap();
-    wait_for(Duration::from_secs(5), || {
+    lab::wait_until(Duration::from_secs(5), || {
         status(&orch)["config_reloads"] == 1
     })
     .unwrap_or_else(|| panic!("the reload did not happen\n{}", orch.log()));
@@ -381,7 +365,7 @@ fn acknowledged_registrations_survive_kill_9() {
     if !require_root("acknowledged_registrations_survive_kill_9") {
         return;
     }
-    let (lab, mut orch) = start("kill9", &demo_config());
+    let (lab, mut orch) = start("kill9", &lab::demo_config());
     let socket = orch.socket().to_owned();
     let bin = lab::orch_bin();
     let acked = Arc::new(AtomicUsize::new(0));
@@ -423,7 +407,7 @@ fn acknowledged_registrations_survive_kill_9() {
             done
         })
     };
-    wait_for(Duration::from_secs(30), || {
+    lab::wait_until(Duration::from_secs(30), || {
         acked.load(Ordering::Relaxed) >= 25
     })
     .unwrap_or_else(|| panic!("registrations are too slow\n{}", orch.log()));
@@ -462,14 +446,14 @@ fn config_edits_apply_live_and_bad_edits_change_nothing() {
     if !require_root("config_edits_apply_live_and_bad_edits_change_nothing") {
         return;
     }
-    let (lab, orch) = start("reload", &demo_config());
+    let (lab, orch) = start("reload", &lab::demo_config());
     let extra_vip = SocketAddr::from(([198, 19, 0, 3], 80));
     let extra = "\n[[service]]\nname = \"extra\"\nvip = \"198.19.0.3\"\nport = 80\nprotocol = \"tcp\"\nbackend = [{ address = \"198.18.2.2:8080\" }]\n";
-    let with_extra = format!("{}{extra}", demo_config());
+    let with_extra = format!("{}{extra}", lab::demo_config());
 
     // A valid edit: applied without a restart, and the new service answers.
     orch.write_config(&with_extra).unwrap();
-    let took = wait_for(Duration::from_secs(5), || {
+    let took = lab::wait_until(Duration::from_secs(5), || {
         status(&orch)["config_reloads"] == 1
     })
     .unwrap_or_else(|| panic!("the edit was not applied\n{}", orch.log()));
@@ -489,7 +473,7 @@ fn config_edits_apply_live_and_bad_edits_change_nothing() {
     );
     assert_ne!(bad, with_extra);
     orch.write_config(&bad).unwrap();
-    wait_for(Duration::from_secs(5), || {
+    lab::wait_until(Duration::from_secs(5), || {
         status(&orch)["config_reload_failures"] == 1
     })
     .unwrap_or_else(|| panic!("the bad edit was not noticed\n{}", orch.log()));
@@ -526,13 +510,13 @@ fn config_edits_apply_live_and_bad_edits_change_nothing() {
     assert!(services.contains("extra"), "{services}");
 
     // SIGHUP reloads too: the file without the extra service removes it.
-    orch.write_config(&demo_config()).unwrap();
-    wait_for(Duration::from_secs(5), || {
+    orch.write_config(&lab::demo_config()).unwrap();
+    lab::wait_until(Duration::from_secs(5), || {
         status(&orch)["config_reloads"] == 2
     })
     .unwrap_or_else(|| panic!("the fixed file was not applied\n{}", orch.log()));
     orch.signal(libc::SIGHUP).unwrap();
-    wait_for(Duration::from_secs(5), || {
+    lab::wait_until(Duration::from_secs(5), || {
         status(&orch)["config_reloads"] == 3
     })
     .unwrap_or_else(|| panic!("SIGHUP did not reload\n{}", orch.log()));
@@ -545,7 +529,7 @@ fn drain_wait_reports_live_connections_until_none_is_left() {
     if !require_root("drain_wait_reports_live_connections_until_none_is_left") {
         return;
     }
-    let (lab, orch) = start("drain", &demo_config());
+    let (lab, orch) = start("drain", &lab::demo_config());
     ok(
         &orch,
         &[
@@ -635,7 +619,7 @@ fn drain_wait_reports_live_connections_until_none_is_left() {
         "returned with one connection left"
     );
     on_1.pop();
-    let done = wait_for(Duration::from_secs(5), || {
+    let done = lab::wait_until(Duration::from_secs(5), || {
         waiting.try_wait().unwrap().is_some()
     });
     assert!(

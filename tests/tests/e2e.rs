@@ -15,8 +15,7 @@ use orch_tests::{
 /// A lab with three backends and orch running the shipped example config.
 fn lab_with_orch(tag: &str) -> (Lab, Orch) {
     let lab = Lab::new(tag, 3).expect("building the lab");
-    let config =
-        std::fs::read_to_string(lab::example_config_path()).expect("reading examples/demo.toml");
+    let config = lab::demo_config();
     let orch = lab
         .start_orch(&lab::orch_bin(), &config)
         .expect("starting orch");
@@ -220,8 +219,7 @@ fn detach_on_exit_leaves_nothing_behind() {
         return;
     }
     let lab = Lab::new("term", 3).expect("building the lab");
-    let config =
-        std::fs::read_to_string(lab::example_config_path()).expect("reading examples/demo.toml");
+    let config = lab::demo_config();
     let mut orch = lab
         .start_orch_with(&lab::orch_bin(), &config, &["--detach-on-exit"])
         .expect("starting orch");

@@ -30,25 +30,13 @@ fn in_rotation(orch: &Orch, service: &str, address: &str) -> bool {
         == true
 }
 
-fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if cond() {
-            return Some(start.elapsed());
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    None
-}
-
 #[test]
 fn a_dead_backend_leaves_the_rotation_and_returns_when_it_recovers() {
     if !require_root("a_dead_backend_leaves_the_rotation_and_returns_when_it_recovers") {
         return;
     }
     let lab = Lab::new("dead", 3).expect("building the lab");
-    let config =
-        std::fs::read_to_string(lab::example_config_path()).expect("reading examples/demo.toml");
+    let config = lab::demo_config();
     let orch = lab
         .start_orch(&lab::orch_bin(), &config)
         .expect("starting orch");
@@ -84,12 +72,14 @@ fn a_dead_backend_leaves_the_rotation_and_returns_when_it_recovers() {
             })
             .unwrap()
     };
-    wait_until(Duration::from_secs(15), || !in_rotation(&orch, "web", dead)).unwrap_or_else(|| {
-        panic!(
-            "backend-2 still in rotation 15 s after it died\n{}",
-            orch.log()
-        )
-    });
+    lab::wait_until(Duration::from_secs(15), || !in_rotation(&orch, "web", dead)).unwrap_or_else(
+        || {
+            panic!(
+                "backend-2 still in rotation 15 s after it died\n{}",
+                orch.log()
+            )
+        },
+    );
     // Counted from the kill (the listener closes within its first 100 ms).
     let detected = killed.elapsed();
     // Keep the client going a little longer: nothing may fail after detection either.
@@ -135,7 +125,7 @@ fn a_dead_backend_leaves_the_rotation_and_returns_when_it_recovers() {
     // Revive it: it returns to the rotation (after `rise` good probes) and takes
     // connections again.
     lab.backends[1].set_up(true);
-    let back = wait_until(Duration::from_secs(15), || in_rotation(&orch, "web", dead))
+    let back = lab::wait_until(Duration::from_secs(15), || in_rotation(&orch, "web", dead))
         .unwrap_or_else(|| panic!("backend-2 did not come back\n{}", orch.log()));
     eprintln!("revived backend back in rotation after {back:?}");
     let names = lab
@@ -163,8 +153,7 @@ fn a_slow_backend_trips_its_breaker_and_recovery_closes_it() {
         return;
     }
     let lab = Lab::new("slow", 3).expect("building the lab");
-    let config =
-        std::fs::read_to_string(lab::example_config_path()).expect("reading examples/demo.toml");
+    let config = lab::demo_config();
     let orch = lab
         .start_orch(&lab::orch_bin(), &config)
         .expect("starting orch");
@@ -194,7 +183,7 @@ fn a_slow_backend_trips_its_breaker_and_recovery_closes_it() {
     // backend-2 keeps accepting but answers in 300 ms: far above twice what was learned,
     // well within the probe timeout (1 s), so the health check alone still says healthy.
     lab.backends[1].set_delay(Duration::from_millis(300));
-    let tripped = wait_until(Duration::from_secs(20), || {
+    let tripped = lab::wait_until(Duration::from_secs(20), || {
         backend_row(&orch, "slowweb", &slow)["breaker"] == "open"
     })
     .unwrap_or_else(|| panic!("the breaker did not open\n{}", orch.log()));
@@ -215,7 +204,7 @@ fn a_slow_backend_trips_its_breaker_and_recovery_closes_it() {
 
     // It recovers: half-open after the backoff, three good trials, closed, back in rotation.
     lab.backends[1].set_delay(Duration::ZERO);
-    let closed = wait_until(Duration::from_secs(20), || {
+    let closed = lab::wait_until(Duration::from_secs(20), || {
         backend_row(&orch, "slowweb", &slow)["breaker"] == "closed"
     })
     .unwrap_or_else(|| panic!("the breaker did not close again\n{}", orch.log()));
