@@ -32,6 +32,10 @@ pub struct Config {
     pub registry: RegistryConfig,
     #[serde(default)]
     pub api: ApiConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub log: LogConfig,
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceConfig>,
     /// The file's text and path, to place problems found after parsing.
@@ -69,6 +73,52 @@ impl Default for ApiConfig {
             socket: PathBuf::from(crate::api::DEFAULT_SOCKET),
         }
     }
+}
+
+/// `[metrics]`: the Prometheus endpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Serve `/metrics` at all.
+    pub enabled: bool,
+    /// Address and port of the HTTP listener. Loopback by default: put a scraper on the same
+    /// host, or choose an address that only the monitoring network reaches.
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            enabled: true,
+            listen: crate::metrics::DEFAULT_LISTEN
+                .parse()
+                .expect("the default is a valid address"),
+        }
+    }
+}
+
+/// `[log]`: what the kernel program logs (the daemon's own format and level are chosen on
+/// its command line: `--log-format`, `RUST_LOG`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// The most verbose level the XDP program logs at, forwarded into the daemon's log
+    /// (target `orch::kernel`). `off` by default: a disabled level is removed from the
+    /// program by the verifier, so it costs nothing per packet.
+    pub kernel: KernelLogLevel,
+}
+
+/// Kernel log levels, most quiet first.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelLogLevel {
+    #[default]
+    Off,
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
 }
 
 /// `[dataplane]`: where and how the XDP program runs.

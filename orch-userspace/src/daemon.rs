@@ -34,6 +34,7 @@ use crate::{
     config::{Config, ConfigError, XdpModeConfig},
     dataplane::{self, AttachMode, Capacity, Dataplane, DataplaneError},
     health::{Checker, Outcome, Report},
+    metrics::{self, BackendSample, Metrics, OpResult, ServiceSample, Snapshot},
     model::{AdminState, Backend, CheckKind, HealthCheck, Service, ServiceAddr},
     reconcile::{ReconcileError, Reconciler},
     registry::{Change, Registry, RegistryError},
@@ -52,6 +53,8 @@ pub enum DaemonError {
     Reconcile(#[from] ReconcileError),
     #[error(transparent)]
     Api(#[from] ApiServerError),
+    #[error(transparent)]
+    Metrics(#[from] metrics::ListenError),
     #[error("installing a signal handler failed")]
     Signal(#[source] std::io::Error),
 }
@@ -76,6 +79,13 @@ pub async fn run(opts: &Options) -> Result<(), DaemonError> {
     let listener = api::bind(&socket)?;
     let (calls_tx, mut calls) = mpsc::channel(64);
     let server = tokio::spawn(api::serve(listener, calls_tx));
+    let (scrapes_tx, mut scrapes) = mpsc::channel::<metrics::Scrape>(16);
+    let metrics_server = if d.config.metrics.enabled {
+        let listener = metrics::bind(d.config.metrics.listen).await?;
+        Some(tokio::spawn(metrics::serve(listener, scrapes_tx)))
+    } else {
+        None
+    };
     let (changed_tx, mut changed) = mpsc::channel(1);
     let _watcher = watch(&opts.config, changed_tx)
         .inspect_err(|e| warn!(error = %e, "cannot watch the config file; reload with SIGHUP"))
@@ -89,6 +99,9 @@ pub async fn run(opts: &Options) -> Result<(), DaemonError> {
                 let _ = reply.send(d.handle(request));
             }
             Some(report) = reports.recv() => d.on_report(report),
+            Some(scrape) = scrapes.recv() => {
+                let _ = scrape.send(d.scrape());
+            }
             _ = ticks.tick() => d.tick(Instant::now()),
             Some(()) = changed.recv() => {
                 // Editors save in several steps (truncate, write, rename): let them finish.
@@ -102,6 +115,9 @@ pub async fn run(opts: &Options) -> Result<(), DaemonError> {
         }
     }
     server.abort();
+    if let Some(m) = metrics_server {
+        m.abort();
+    }
     if let Err(e) = std::fs::remove_file(&socket) {
         warn!(socket = %socket.display(), error = %e, "removing the admin socket failed");
     }
@@ -171,6 +187,7 @@ pub struct Daemon {
     reloads: u64,
     reload_failures: u64,
     last_reload_error: Option<String>,
+    metrics: Metrics,
 }
 
 impl Daemon {
@@ -197,7 +214,11 @@ impl Daemon {
             Reconciler::new(capacity.max_services, capacity.max_backends)
         };
         let health = HashMap::new();
-        let summary = reconciler.apply(&mut dp, &desired(&config, &registered, &health))?;
+        let metrics = Metrics::new();
+        let began = std::time::Instant::now();
+        let applied = reconciler.apply(&mut dp, &desired(&config, &registered, &health));
+        metrics.map_sync(began.elapsed(), applied.is_ok());
+        let summary = applied?;
         let mut checker = Checker::new(MAX_PROBES_IN_FLIGHT, reports);
         checker.sync(&all(&config, &registered));
         let mut daemon = Daemon {
@@ -214,8 +235,10 @@ impl Daemon {
             reloads: 0,
             reload_failures: 0,
             last_reload_error: None,
+            metrics,
         };
         daemon.attach()?;
+        daemon.forget_removed();
         info!(
             services = daemon.reconciler.len(),
             added = summary.added,
@@ -256,6 +279,7 @@ impl Daemon {
         match self.try_reload() {
             Ok(summary) => {
                 self.reloads += 1;
+                self.metrics.config_reload(true);
                 self.last_reload_error = None;
                 info!(
                     trigger = why,
@@ -268,6 +292,7 @@ impl Daemon {
             }
             Err(e) => {
                 self.reload_failures += 1;
+                self.metrics.config_reload(false);
                 let text = format!("{e:#}");
                 error!(
                     trigger = why,
@@ -293,7 +318,7 @@ impl Daemon {
             );
         }
         self.dp.set_settings(&settings(&next))?;
-        let summary = self.reconciler.apply(&mut self.dp, &desired)?;
+        let summary = self.apply(&desired)?;
         // Keep what cannot change while running, take the rest.
         let mut next = next;
         next.dataplane.max_services = self.config.dataplane.max_services.clone();
@@ -302,6 +327,8 @@ impl Daemon {
         next.dataplane.pin_dir = self.config.dataplane.pin_dir.clone();
         next.registry = std::mem::take(&mut self.config.registry);
         next.api = std::mem::take(&mut self.config.api);
+        next.metrics = self.config.metrics.clone();
+        next.log = self.config.log.clone();
         self.config = next;
         self.attach()?;
         self.checker.sync(&all(&self.config, &registered));
@@ -329,6 +356,14 @@ impl Daemon {
             .entry(key)
             .or_insert_with(|| BackendHealth::new(seed));
         let before = h.usable();
+        self.metrics.probe(
+            &report.service,
+            report.backend,
+            match &report.outcome {
+                Outcome::Up { latency } => Some(*latency),
+                Outcome::Down { .. } => None,
+            },
+        );
         let transition = match &report.outcome {
             Outcome::Up { latency } => {
                 h.successes += 1;
@@ -351,6 +386,8 @@ impl Daemon {
             }
         };
         if let Some(t) = transition {
+            self.metrics
+                .breaker_transition(&report.service, report.backend, t.to);
             info!(
                 service = %report.service,
                 backend = %report.backend,
@@ -380,6 +417,7 @@ impl Daemon {
         self.read_signals(now);
         for ((service, backend), h) in &mut self.health {
             if let Some(t) = h.breaker.poll(now) {
+                self.metrics.breaker_transition(service, *backend, t.to);
                 info!(%service, %backend, from = t.from.name(), to = t.to.name(), "breaker");
                 self.checker.nudge(service, *backend);
             }
@@ -432,6 +470,7 @@ impl Daemon {
                         warn!(service = %svc.name, backend = %b.addr, refused, "backend refuses connections: out of rotation");
                     }
                     if let Some(t) = h.breaker.record_failure(now) {
+                        self.metrics.breaker_transition(&svc.name, b.addr, t.to);
                         info!(service = %svc.name, backend = %b.addr, from = t.from.name(), to = t.to.name(), "breaker");
                     }
                     changed |= h.usable() != before;
@@ -475,7 +514,7 @@ impl Daemon {
             }
         }
         let desired = desired(&self.config, &registered, &self.health);
-        match self.reconciler.apply(&mut self.dp, &desired) {
+        match self.apply(&desired) {
             Ok(s) => info!(updated = s.updated, "rotation changed"),
             Err(e) => {
                 error!(error = %format!("{:#}", anyhow::Error::from(e)), "rebalancing failed")
@@ -492,6 +531,70 @@ impl Daemon {
                 .iter()
                 .any(|s| &s.name == name && s.backends.iter().any(|b| b.addr == *addr))
         });
+        self.metrics.sync_backends(
+            &services
+                .iter()
+                .flat_map(|s| s.backends.iter().map(|b| (s.name.clone(), b.addr)))
+                .collect(),
+        );
+    }
+
+    /// Brings the maps in line with `desired`, timing it for the metrics.
+    fn apply(&mut self, desired: &[Service]) -> Result<crate::reconcile::Summary, ReconcileError> {
+        let began = std::time::Instant::now();
+        let applied = self.reconciler.apply(&mut self.dp, desired);
+        self.metrics.map_sync(began.elapsed(), applied.is_ok());
+        applied
+    }
+
+    /// The Prometheus text: event counters, and the kernel's counters and the daemon's
+    /// view of each backend read now.
+    pub fn scrape(&self) -> String {
+        let idle = self.config.dataplane.udp_idle_timeout_secs.get_ref() * 1_000_000_000;
+        let census = self.dp.census(idle).unwrap_or_else(|e| {
+            warn!(error = %e, "walking the connection table failed");
+            Default::default()
+        });
+        let reasons = self.dp.reason_counts().unwrap_or_else(|e| {
+            warn!(error = %e, "reading the verdict counters failed");
+            Vec::new()
+        });
+        let mut snapshot = Snapshot {
+            reasons,
+            conntrack_entries: census.entries,
+            conntrack_capacity: u64::from(self.dp.capacity().conntrack),
+            uptime: self.started.elapsed(),
+            ..Default::default()
+        };
+        for (s, _) in self.all_services() {
+            let Some(id) = self.reconciler.service_id(&s.addr) else {
+                continue;
+            };
+            let mut sample = ServiceSample {
+                traffic: self.dp.service_counters(id).unwrap_or_default(),
+                name: s.name.clone(),
+                backends: Vec::new(),
+            };
+            for b in &s.backends {
+                let Some(bid) = self.reconciler.backend_id(&s.addr, b.addr) else {
+                    continue;
+                };
+                let h = self.health.get(&(s.name.clone(), b.addr));
+                sample.backends.push(BackendSample {
+                    addr: b.addr,
+                    traffic: self.dp.backend_counters(bid).unwrap_or_default(),
+                    signals: self.dp.backend_signals(bid).unwrap_or_default(),
+                    ejected: self.dp.ejected(bid).unwrap_or(false),
+                    active: census.live.get(&bid).copied().unwrap_or(0),
+                    healthy: h.is_none_or(|h| h.healthy),
+                    in_rotation: in_rotation(b, h),
+                    breaker: h.map_or(breaker::State::Closed, |h| h.breaker.state()),
+                });
+            }
+            snapshot.backends_total += s.backends.len() as u64;
+            snapshot.services.push(sample);
+        }
+        self.metrics.render(&snapshot)
     }
 
     /// Serves one admin API request.
@@ -582,6 +685,26 @@ impl Daemon {
     /// Checks a registry change against everything (validity, the file's services,
     /// capacity), commits it durably, then brings the data plane in line.
     fn change(&mut self, change: Change) -> Result<Reply, ApiError> {
+        let operation = match &change {
+            Change::AddService(_) => "service_add",
+            Change::RemoveService { .. } => "service_rm",
+            Change::AddBackend { .. } => "backend_add",
+            Change::RemoveBackend { .. } => "backend_rm",
+            Change::SetState { .. } => "backend_set_state",
+        };
+        let result = self.try_change(change);
+        self.metrics.registry_op(
+            operation,
+            match &result {
+                Ok(_) => OpResult::Ok,
+                Err(e) if e.kind == ErrorKind::Internal => OpResult::Error,
+                Err(_) => OpResult::Refused,
+            },
+        );
+        result
+    }
+
+    fn try_change(&mut self, change: Change) -> Result<Reply, ApiError> {
         let file_services = self.config.services();
         let target = match &change {
             Change::AddService(s) => &s.name,
@@ -618,7 +741,7 @@ impl Daemon {
         self.registry.commit(&change).map_err(registry_error)?;
         let done = describe(&change);
         info!(change = %done, "registry changed");
-        let applied = self.reconciler.apply(&mut self.dp, &desired);
+        let applied = self.apply(&desired);
         self.checker.sync(&all(&self.config, &registered));
         self.forget_removed();
         if let Err(e) = applied {
@@ -648,10 +771,13 @@ impl Daemon {
     /// Live connections per backend id, or none when the table cannot be read.
     fn live(&self) -> HashMap<u32, u64> {
         let idle = self.config.dataplane.udp_idle_timeout_secs.get_ref() * 1_000_000_000;
-        self.dp.live_connections(idle).unwrap_or_else(|e| {
-            warn!(error = %e, "counting live connections failed");
-            HashMap::new()
-        })
+        match self.dp.census(idle) {
+            Ok(c) => c.live,
+            Err(e) => {
+                warn!(error = %e, "counting live connections failed");
+                HashMap::new()
+            }
+        }
     }
 
     fn info(&self, s: Service, source: Source, live: &HashMap<u32, u64>) -> ServiceInfo {
@@ -686,9 +812,7 @@ impl Daemon {
                         state: b.state,
                         health: health.to_owned(),
                         breaker: breaker.name().to_owned(),
-                        in_rotation: b.state == AdminState::Active
-                            && b.weight > 0
-                            && h.is_none_or(|h| h.usable()),
+                        in_rotation: in_rotation(b, h),
                         connections: connections(id, false),
                     }
                 })
@@ -722,6 +846,11 @@ impl Daemon {
             last_reload_error: self.last_reload_error.clone(),
         }
     }
+}
+
+/// Whether new connections may go to backend `b` with health `h`.
+fn in_rotation(b: &Backend, h: Option<&BackendHealth>) -> bool {
+    b.state == AdminState::Active && b.weight > 0 && h.is_none_or(|h| h.usable())
 }
 
 /// The file's and the registry's services together.
@@ -837,6 +966,16 @@ fn restart_only(running: &Config, next: &Config) -> Vec<(&'static str, String, S
         "api.socket",
         running.api.socket.display().to_string(),
         next.api.socket.display().to_string(),
+    );
+    cmp(
+        "metrics",
+        format!("{:?}", running.metrics),
+        format!("{:?}", next.metrics),
+    );
+    cmp(
+        "log.kernel",
+        format!("{:?}", running.log.kernel),
+        format!("{:?}", next.log.kernel),
     );
     out
 }

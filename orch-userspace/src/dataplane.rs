@@ -65,6 +65,15 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// The eBPF object built by `build.rs` from the `orch-ebpf` crate.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/orch"));
 
+/// What a walk of the connection table found: see [`Dataplane::census`].
+#[derive(Clone, Debug, Default)]
+pub struct Census {
+    /// Entries in the table (two per connection).
+    pub entries: u64,
+    /// Live connections per backend id.
+    pub live: std::collections::HashMap<u32, u64>,
+}
+
 /// The balancer program's name in the object.
 const PROGRAM: &str = "orch_xdp";
 /// The benchmark floor program (one counter increment, XDP_PASS).
@@ -92,6 +101,8 @@ pub enum DataplaneError {
         #[source]
         source: ProgramError,
     },
+    #[error("reading the number of possible CPUs")]
+    Cpus(#[source] std::io::Error),
     #[error("map {name}: {source}")]
     Map {
         name: &'static str,
@@ -564,14 +575,11 @@ impl Dataplane {
         }
     }
 
-    /// Live connections per backend id, counted from the connection table: TCP connections
-    /// until a RST or both FINs, UDP flows until their idle timeout (`udp_idle_ns`).
-    /// Connections whose backend vanished without a FIN or RST stay counted until the table
-    /// evicts them; callers that wait on this use a timeout.
-    pub fn live_connections(
-        &self,
-        udp_idle_ns: u64,
-    ) -> Result<std::collections::HashMap<u32, u64>, DataplaneError> {
+    /// Walks the connection table: its entry count, and the live connections per backend
+    /// id: TCP connections until a RST or both FINs, UDP flows until their idle timeout
+    /// (`udp_idle_ns`). Connections whose backend vanished without a FIN or RST stay counted
+    /// until the table evicts them; callers that wait on this use a timeout.
+    pub fn census(&self, udp_idle_ns: u64) -> Result<Census, DataplaneError> {
         use orch_common::maps::{DIR_FORWARD, DIR_REPLY};
         let entries: std::collections::HashMap<FlowKey, FlowValue> = self
             .conntrack
@@ -603,7 +611,10 @@ impl Dataplane {
                 *counts.entry(value.backend_id).or_insert(0) += 1;
             }
         }
-        Ok(counts)
+        Ok(Census {
+            entries: entries.len() as u64,
+            live: counts,
+        })
     }
 
     /// Runs the balancer once on `packet` (BPF_PROG_TEST_RUN). The kernel runs it in the
@@ -787,8 +798,13 @@ impl MapWriter for Dataplane {
 
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError> {
         // A (re)written entry starts with a clean slate: an ejection mark left by the id's
-        // previous backend must not keep the new one out.
+        // previous backend must not keep the new one out, and its counters must not be
+        // reported as the new backend's (a Prometheus counter starts at zero).
         self.clear_ejection(id)?;
+        if backend.in_use() {
+            zero_per_cpu(&mut self.backend_stats, id, BACKEND_STATS_MAP)?;
+            zero_per_cpu(&mut self.backend_signals, id, BACKEND_SIGNALS_MAP)?;
+        }
         self.backends
             .set(id, backend, 0)
             .map_err(map_err(BACKENDS_MAP))
@@ -818,4 +834,20 @@ impl MapWriter for Dataplane {
     fn set_ports(&mut self, index: u32, ports: &PortBitmap) -> Result<(), DataplaneError> {
         self.ports.set(index, ports, 0).map_err(map_err(PORTS_MAP))
     }
+
+    fn zero_service_counters(&mut self, id: u32) -> Result<(), DataplaneError> {
+        zero_per_cpu(&mut self.service_stats, id, SERVICE_STATS_MAP)
+    }
+}
+
+/// Sets every CPU's copy of entry `id` to its default (zero).
+fn zero_per_cpu<T: aya::Pod + Default>(
+    map: &mut PerCpuArray<MapData, T>,
+    id: u32,
+    name: &'static str,
+) -> Result<(), DataplaneError> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e))?;
+    let values = aya::maps::PerCpuValues::try_from(vec![T::default(); cpus])
+        .map_err(DataplaneError::Cpus)?;
+    map.set(id, values, 0).map_err(map_err(name))
 }

@@ -25,6 +25,7 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod health;
+pub mod metrics;
 pub mod model;
 pub mod reconcile;
 pub mod registry;

@@ -40,6 +40,8 @@ pub trait MapWriter {
     fn set_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), Self::Error>;
     fn remove_service(&mut self, key: &ServiceKey) -> Result<(), Self::Error>;
     fn set_ports(&mut self, index: u32, ports: &PortBitmap) -> Result<(), Self::Error>;
+    /// Zeroes the traffic counters of a service id about to be given to a new service.
+    fn zero_service_counters(&mut self, id: u32) -> Result<(), Self::Error>;
 }
 
 /// The map reads [`Reconciler::adopt`] needs to take over maps a previous daemon filled.
@@ -427,7 +429,11 @@ impl Reconciler {
         let old = self.installed.get(&svc.addr).cloned();
         let id = match &old {
             Some(o) => o.id,
-            None => self.service_ids.alloc(),
+            None => {
+                let id = self.service_ids.alloc();
+                w.zero_service_counters(id)?;
+                id
+            }
         };
         let mut backends = Vec::with_capacity(svc.backends.len());
         for b in &svc.backends {
@@ -587,6 +593,10 @@ mod tests {
         fn set_ports(&mut self, index: u32, p: &PortBitmap) -> Result<(), Infallible> {
             self.log.push(format!("ports {index}"));
             self.ports.insert(index, *p);
+            Ok(())
+        }
+        fn zero_service_counters(&mut self, id: u32) -> Result<(), Infallible> {
+            self.log.push(format!("zero service {id}"));
             Ok(())
         }
     }

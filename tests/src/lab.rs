@@ -45,6 +45,9 @@ pub const UDP_PORT: u16 = 8053;
 /// Backend HTTP server port: answers any request with `200 OK` and its name as the body,
 /// after the backend's configured delay (see [`Backend::set_delay`]).
 pub const HTTP_PORT: u16 = 8081;
+/// Where the daemon serves metrics by default (inside the lb namespace: loopback there is
+/// the namespace's own).
+pub const METRICS_ADDR: &str = "127.0.0.1:9477";
 /// Prefix of every namespace the lab creates (then the pid, so stale ones can be swept).
 pub const NS_PREFIX: &str = "orcht";
 /// How long one client request may take before it counts as failed.
@@ -205,6 +208,25 @@ impl Lab {
         self.start_orch_with(bin, config, &[])
     }
 
+    /// The daemon's `/metrics` text, fetched inside the load balancer's namespace (where
+    /// it listens on its default loopback address).
+    pub fn metrics(&self) -> io::Result<String> {
+        let (status, body) = self.lb_http("GET", "/metrics")?;
+        if status != 200 {
+            return Err(io::Error::other(format!(
+                "/metrics answered {status}: {body}"
+            )));
+        }
+        Ok(body)
+    }
+
+    /// One request to the daemon's metrics listener, from inside the lb namespace.
+    pub fn lb_http(&self, method: &str, path: &str) -> io::Result<(u16, String)> {
+        let (method, path) = (method.to_owned(), path.to_owned());
+        self.lb
+            .run(move || http_request(METRICS_ADDR.parse().expect("valid"), &method, &path))?
+    }
+
     /// [`Lab::start_orch`] with extra `orch daemon` arguments.
     pub fn start_orch_with(&self, bin: &Path, config: &str, args: &[&str]) -> io::Result<Orch> {
         let config_path = self.scratch_path("orch.toml");
@@ -356,18 +378,31 @@ fn serve_http(conn: TcpStream, name: &str, delay: Duration) -> io::Result<()> {
 
 /// One HTTP GET through `addr`: the body (the answering backend's name).
 pub fn http_get(addr: SocketAddr) -> io::Result<String> {
+    let (status, body) = http_request(addr, "GET", "/")?;
+    if status != 200 {
+        return Err(io::Error::other(format!("HTTP {status}: {body:?}")));
+    }
+    Ok(body)
+}
+
+/// One HTTP/1.1 request without a body to `addr`: the status code and the body.
+pub fn http_request(addr: SocketAddr, method: &str, path: &str) -> io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, REQUEST_TIMEOUT)?;
     s.set_read_timeout(Some(REQUEST_TIMEOUT))?;
     write!(
         s,
-        "GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )?;
     let mut answer = String::new();
     io::Read::read_to_string(&mut s, &mut answer)?;
-    answer
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .ok_or_else(|| io::Error::other(format!("malformed HTTP answer {answer:?}")))
+    let malformed = || io::Error::other(format!("malformed HTTP answer {answer:?}"));
+    let (head, body) = answer.split_once("\r\n\r\n").ok_or_else(malformed)?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(malformed)?;
+    Ok((status, body.to_owned()))
 }
 
 fn start_servers(

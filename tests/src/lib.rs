@@ -4,6 +4,7 @@
 //! - [`netns`]: network namespaces that delete themselves, and running code inside them;
 //! - [`lab`]: the topology (client, load balancer, backends), backend servers that answer
 //!   with their own name, clients, and the `orch` daemon process;
+//! - [`prom`]: reading the daemon's `/metrics` text;
 //! - [`privilege`]: the rule for tests that need root: run under CI, skip (saying why)
 //!   elsewhere.
 //!
@@ -14,3 +15,4 @@
 pub mod lab;
 pub mod netns;
 pub mod privilege;
+pub mod prom;
