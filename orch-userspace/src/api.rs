@@ -91,6 +91,12 @@ pub enum Request {
         #[serde(default)]
         service: Option<String>,
     },
+    /// Where the data plane steers (or would steer) a flow, and why.
+    Explain {
+        protocol: Protocol,
+        client: SocketAddr,
+        vip: SocketAddr,
+    },
 }
 
 fn default_weight() -> u32 {
@@ -116,6 +122,7 @@ pub enum Reply {
     Backends(Vec<BackendRow>),
     /// A change was made (or there was nothing to change); the text says what.
     Done(String),
+    Explain(crate::explain::Explanation),
 }
 
 /// Where a service is defined; only its owner may change it.

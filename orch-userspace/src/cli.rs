@@ -92,6 +92,26 @@ pub enum Command {
         #[command(flatten)]
         client: ClientOpts,
     },
+    /// Where the data plane steers a flow (or would steer a new one), and why.
+    #[command(
+        after_help = "Examples:\n  orch explain tcp 198.18.0.2:40000 198.19.0.1:80\n  \
+                            orch explain udp '[2001:db8::2]:5353' '[2001:db8:ff::1]:53' --json\n\n\
+                            An existing connection-table entry decides an established flow. A new \
+                            one takes the next round-robin slot of the CPU that receives its first \
+                            packet: every CPU's choice is listed, with the backends' health and \
+                            breaker state."
+    )]
+    Explain {
+        /// tcp or udp.
+        #[arg(value_parser = parse_protocol)]
+        protocol: Protocol,
+        /// The client's address and port (IPv6 in brackets).
+        client: SocketAddr,
+        /// The VIP and port the client connects to.
+        vip: SocketAddr,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
     /// Work with configuration files.
     Config {
         #[command(subcommand)]
@@ -311,6 +331,19 @@ pub fn request(command: &Command) -> Option<(Request, &ClientOpts)> {
                 client,
             )
         }
+        Command::Explain {
+            protocol,
+            client,
+            vip,
+            opts,
+        } => (
+            Request::Explain {
+                protocol: *protocol,
+                client: *client,
+                vip: *vip,
+            },
+            opts,
+        ),
         Command::Daemon { .. } | Command::Config { .. } => return None,
     };
     Some(r)
@@ -406,6 +439,7 @@ pub fn run_client(request: &Request, opts: &ClientOpts) -> ExitCode {
 pub fn render(reply: &Reply) -> String {
     match reply {
         Reply::Done(text) => format!("{text}\n"),
+        Reply::Explain(e) => crate::explain::render(e),
         Reply::Status(s) => {
             let mut out = format!(
                 "orch {} (pid {}), up {}s, API v{}\n\

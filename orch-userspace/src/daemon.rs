@@ -17,7 +17,9 @@ use std::{
     time::Duration,
 };
 
-use orch_common::maps::Settings;
+use orch_common::maps::{
+    slot_table_index, FlowKey, Settings, DIR_FORWARD, DIR_REPLY, SEEN_FIN, SEEN_RST,
+};
 use tokio::{
     signal::unix::{signal, SignalKind},
     sync::mpsc,
@@ -33,10 +35,11 @@ use crate::{
     breaker::{self, Breaker},
     config::{Config, ConfigError, XdpModeConfig},
     dataplane::{self, AttachMode, Capacity, Dataplane, DataplaneError},
+    explain::{self, CpuChoice, Explanation, Path as ExplainPath},
     health::{Checker, Outcome, Report},
     metrics::{self, BackendSample, Metrics, OpResult, ServiceSample, Snapshot},
-    model::{AdminState, Backend, CheckKind, HealthCheck, Service, ServiceAddr},
-    reconcile::{ReconcileError, Reconciler},
+    model::{AdminState, Backend, CheckKind, HealthCheck, Protocol, Service, ServiceAddr},
+    reconcile::{self, MapReader, ReconcileError, Reconciler},
     registry::{Change, Registry, RegistryError},
 };
 
@@ -539,6 +542,151 @@ impl Daemon {
         );
     }
 
+    /// Where the data plane sends the next packet of `client` -> `vip`, read from the maps
+    /// the program reads (see [`crate::explain`]).
+    fn explain(
+        &self,
+        protocol: Protocol,
+        client: SocketAddr,
+        vip: SocketAddr,
+    ) -> Result<Explanation, ApiError> {
+        let invalid = |m: String| ApiError::new(ErrorKind::Invalid, m);
+        if client.is_ipv4() != vip.is_ipv4() {
+            return Err(invalid(format!(
+                "{client} and {vip} are not of the same address family"
+            )));
+        }
+        if client.port() == 0 || vip.port() == 0 {
+            return Err(invalid("ports must be 1-65535".into()));
+        }
+        let internal = |e: DataplaneError| {
+            ApiError::new(
+                ErrorKind::Internal,
+                format!("reading the data plane: {:#}", anyhow::Error::from(e)),
+            )
+        };
+        let addr = ServiceAddr {
+            vip: vip.ip(),
+            port: vip.port(),
+            protocol,
+        };
+        let mut e = Explanation {
+            protocol,
+            client,
+            vip,
+            service: None,
+            path: ExplainPath::NotAService,
+            backends: Vec::new(),
+        };
+        let Some((svc, source)) = self.all_services().find(|(s, _)| s.addr == addr) else {
+            return Ok(e);
+        };
+        e.service = Some(svc.name.clone());
+        let Some(entry) = self
+            .dp
+            .service_entry(&reconcile::service_key(&addr))
+            .map_err(internal)?
+        else {
+            return Ok(e); // not installed: the program does not know it either
+        };
+        let key = FlowKey {
+            src: reconcile::addr_words(client.ip()),
+            dst: reconcile::addr_words(vip.ip()),
+            src_port_be: client.port().to_be(),
+            dst_port_be: vip.port().to_be(),
+            proto: protocol.number(),
+            dir: DIR_FORWARD,
+            _pad: 0,
+        };
+        let mut named = Vec::new();
+        let mut stale = None;
+        if let Some(flow) = self.dp.flow(&key).map_err(internal)? {
+            let backend = SocketAddr::new(
+                reconcile::words_addr(&flow.nat_addr),
+                u16::from_be(flow.nat_port_be),
+            );
+            let idle_ns = dataplane::monotonic_ns().saturating_sub(flow.last_seen_ns);
+            let udp_idle = self.config.dataplane.udp_idle_timeout_secs.get_ref() * 1_000_000_000;
+            if protocol == Protocol::Udp && idle_ns > udp_idle {
+                stale = Some(backend);
+            } else {
+                let reply = FlowKey {
+                    src: flow.nat_addr,
+                    dst: key.src,
+                    src_port_be: flow.nat_port_be,
+                    dst_port_be: key.src_port_be,
+                    proto: key.proto,
+                    dir: DIR_REPLY,
+                    _pad: 0,
+                };
+                let reply_seen = self
+                    .dp
+                    .flow(&reply)
+                    .map_err(internal)?
+                    .map_or(0, |r| r.seen);
+                let closed = |seen: u32| seen & (SEEN_FIN | SEEN_RST) != 0;
+                e.path = ExplainPath::Existing {
+                    backend,
+                    idle_ms: idle_ns / 1_000_000,
+                    client_closed: closed(flow.seen),
+                    backend_closed: closed(reply_seen),
+                };
+                named.push(backend);
+            }
+        }
+        if named.is_empty() {
+            let table = self
+                .dp
+                .slot_table(slot_table_index(entry.id, entry.active_table))
+                .map_err(internal)?;
+            let cursors = self.dp.cursors(entry.id).map_err(internal)?;
+            let picks =
+                explain::next_picks(&cursors, &table, |id| self.dp.ejected(id).unwrap_or(false));
+            let addr_of = |id: u32| {
+                self.dp
+                    .backend_entry(id)
+                    .map(|b| {
+                        SocketAddr::new(reconcile::words_addr(&b.addr), u16::from_be(b.port_be))
+                    })
+                    .map_err(internal)
+            };
+            e.path = if picks.is_empty() {
+                ExplainPath::NoBackend
+            } else {
+                let mut by_cpu = Vec::new();
+                for p in picks {
+                    let backend = addr_of(p.backend_id)?;
+                    if !named.contains(&backend) {
+                        named.push(backend);
+                    }
+                    by_cpu.push(CpuChoice {
+                        cpu: p.cpu,
+                        slot: p.slot,
+                        backend,
+                        skipped: p
+                            .skipped
+                            .into_iter()
+                            .map(addr_of)
+                            .collect::<Result<_, _>>()?,
+                    });
+                }
+                ExplainPath::New {
+                    stale,
+                    slots: table.len,
+                    by_cpu,
+                }
+            };
+        }
+        let live = self.live();
+        e.backends = self
+            .info(svc, source, &live)
+            .backends
+            .into_iter()
+            .filter(|b| named.contains(&b.address))
+            .collect();
+        Ok(e)
+    }
+
     /// Brings the maps in line with `desired`, timing it for the metrics.
     fn apply(&mut self, desired: &[Service]) -> Result<crate::reconcile::Summary, ReconcileError> {
         let began = std::time::Instant::now();
@@ -616,6 +764,11 @@ impl Daemon {
                     .map(|(s, src)| Reply::Service(self.info(s, src, &live)))
                     .ok_or_else(|| not_found(format!("no service named {name:?}")))
             }
+            Request::Explain {
+                protocol,
+                client,
+                vip,
+            } => self.explain(protocol, client, vip).map(Reply::Explain),
             Request::BackendList { service } => {
                 if let Some(name) = &service {
                     if !self.all_services().any(|(s, _)| &s.name == name) {

@@ -240,6 +240,7 @@ pub struct Dataplane {
     ports: Array<MapData, PortBitmap>,
     settings: Array<MapData, Settings>,
     stats: PerCpuArray<MapData, u64>,
+    cursors: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, TrafficCounters>,
     backend_stats: PerCpuArray<MapData, TrafficCounters>,
     backend_signals: PerCpuArray<MapData, BackendSignals>,
@@ -338,6 +339,7 @@ impl Dataplane {
             ports: take(&mut ebpf, PORTS_MAP)?,
             settings: take(&mut ebpf, SETTINGS_MAP)?,
             stats: take(&mut ebpf, STATS_MAP)?,
+            cursors: take(&mut ebpf, CURSORS_MAP)?,
             service_stats: take(&mut ebpf, SERVICE_STATS_MAP)?,
             backend_stats: take(&mut ebpf, BACKEND_STATS_MAP)?,
             backend_signals: take(&mut ebpf, BACKEND_SIGNALS_MAP)?,
@@ -566,6 +568,26 @@ impl Dataplane {
             .map_err(map_err(BACKEND_DOWN_MAP))
     }
 
+    /// The services-map entry of `key`, if the service is installed.
+    pub fn service_entry(&self, key: &ServiceKey) -> Result<Option<ServiceValue>, DataplaneError> {
+        match self.services.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(SERVICES_MAP)(e)),
+        }
+    }
+
+    /// Service `id`'s new-connection cursor on every CPU, in CPU order.
+    pub fn cursors(&self, id: u32) -> Result<Vec<u64>, DataplaneError> {
+        let per_cpu = self.cursors.get(&id, 0).map_err(map_err(CURSORS_MAP))?;
+        Ok(per_cpu.iter().copied().collect())
+    }
+
+    /// Backend entry `id`.
+    pub fn backend_entry(&self, id: u32) -> Result<Backend, DataplaneError> {
+        self.backends.get(&id, 0).map_err(map_err(BACKENDS_MAP))
+    }
+
     /// The connection-table entry for `key`, if any.
     pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowValue>, DataplaneError> {
         match self.conntrack.get(key, 0) {
@@ -677,7 +699,7 @@ impl Drop for Dataplane {
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`.
-fn monotonic_ns() -> u64 {
+pub fn monotonic_ns() -> u64 {
     let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .expect("CLOCK_MONOTONIC is always available");
     ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64

@@ -13,6 +13,9 @@
 //!   and writes the minimum, with atomic flips;
 //! - [`dataplane`]: the only module that talks to aya: load, attach, map access, counters,
 //!   test runs;
+//! - [`metrics`]: Prometheus metrics: daemon events, kernel counters read at scrape, the
+//!   `/metrics` listener;
+//! - [`explain`]: `orch explain`: where a flow goes and why, by the program's own rules;
 //! - [`daemon`]: the event loop that wires them together: API requests, config reloads,
 //!   signals.
 //!
@@ -24,6 +27,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod explain;
 pub mod health;
 pub mod metrics;
 pub mod model;

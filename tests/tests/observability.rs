@@ -450,3 +450,136 @@ fn the_dashboard_uses_only_metrics_a_live_daemon_serves() {
         "the dashboard uses metrics the daemon does not serve: {missing:?}"
     );
 }
+
+/// `orch explain ... --json`, parsed.
+fn explain(orch: &Orch, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["explain"];
+    all.extend_from_slice(args);
+    all.push("--json");
+    let out = orch.cli(&all).unwrap();
+    assert!(out.status.success(), "orch {all:?}: {}", out.stderr_text());
+    let v: serde_json::Value = serde_json::from_str(&out.stdout_text()).unwrap();
+    v["explain"].clone()
+}
+
+#[test]
+fn explain_predicts_new_flows_and_names_existing_ones() {
+    if !require_root("explain_predicts_new_flows_and_names_existing_ones") {
+        return;
+    }
+    let (lab, orch) = lab_with_orch("explain", VOID_SERVICE);
+    let dns = SocketAddr::from((VIP4, 53));
+    let name_to_addr = |name: &str, port| backend_addr(name, port);
+
+    let e = explain(&orch, &["tcp", "198.18.0.2:40000", "198.19.0.1:81"]);
+    assert_eq!(e["path"]["kind"], "not_a_service", "{e}");
+    let e = explain(&orch, &["udp", "198.18.0.2:40000", "198.19.0.1:54"]);
+    assert_eq!(e["path"]["kind"], "no_backend", "{e}");
+    assert_eq!(e["service"], "void");
+
+    // New flows: the prediction for CPU 0 is where a client on CPU 0 lands, flow after flow
+    // (each one moves the cursor on).
+    for i in 0..6u16 {
+        let port = 41000 + i;
+        let client = SocketAddr::from((lab::CLIENT4, port)).to_string();
+        let e = explain(&orch, &["udp", &client, "198.19.0.1:53"]);
+        assert_eq!(e["path"]["kind"], "new", "{e}");
+        let by_cpu = e["path"]["by_cpu"].as_array().unwrap();
+        assert_eq!(by_cpu.len(), lab_cpus(), "one choice per CPU: {e}");
+        let predicted = by_cpu[0]["backend"].as_str().unwrap().to_owned();
+        assert!(
+            e["backends"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|b| b["address"] == predicted.as_str() && b["health"].is_string()),
+            "the predicted backend's state is shown: {e}"
+        );
+        let answered = lab
+            .client
+            .run(move || -> std::io::Result<String> {
+                lab::pin_current_thread(0)?;
+                let sock = UdpSocket::bind(SocketAddr::from((lab::CLIENT4, port)))?;
+                Ok(lab::udp_ask(&sock, dns, "which")?.0)
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            name_to_addr(&answered, lab::UDP_PORT),
+            predicted,
+            "flow {i}: explain predicted {predicted}, {answered} answered"
+        );
+        // Now the flow exists: explain names its entry.
+        let e = explain(&orch, &["udp", &client, "198.19.0.1:53"]);
+        assert_eq!(e["path"]["kind"], "existing", "{e}");
+        assert_eq!(e["path"]["backend"], predicted.as_str());
+    }
+
+    // An established TCP connection, then the same after the client closed it.
+    let (conn, local, name) = lab
+        .client
+        .run(|| -> std::io::Result<(LineConn, SocketAddr, String)> {
+            let mut c = LineConn::connect(SocketAddr::from((VIP4, 80)))?;
+            let name = c.ask("hi")?;
+            let local = c.local_addr()?;
+            Ok((c, local, name))
+        })
+        .unwrap()
+        .unwrap();
+    let client = local.to_string();
+    let e = explain(&orch, &["tcp", &client, "198.19.0.1:80"]);
+    assert_eq!(e["path"]["kind"], "existing", "{e}");
+    assert_eq!(
+        e["path"]["backend"],
+        name_to_addr(&name, lab::TCP_PORT).as_str()
+    );
+    assert_eq!(e["path"]["client_closed"], false);
+    assert_eq!(e["backends"][0]["established"], 1, "{e}");
+    let text = orch
+        .cli(&["explain", "tcp", &client, "198.19.0.1:80"])
+        .unwrap()
+        .stdout_text();
+    assert!(
+        text.contains("existing connection") && text.contains("in rotation"),
+        "{text}"
+    );
+    drop(conn);
+    let closed = lab::wait_until(Duration::from_secs(3), || {
+        explain(&orch, &["tcp", &client, "198.19.0.1:80"])["path"]["client_closed"] == true
+    });
+    assert!(closed.is_some(), "the client's FIN is recorded");
+
+    // Bad input: a clear error, exit 2.
+    for (args, want) in [
+        (
+            &["tcp", "198.18.0.2:1", "[2001:db8:ff::1]:80"][..],
+            "address family",
+        ),
+        (&["tcp", "198.18.0.2:0", "198.19.0.1:80"][..], "ports"),
+        (&["sctp", "198.18.0.2:1", "198.19.0.1:80"][..], "sctp"),
+        (&["tcp", "nonsense", "198.19.0.1:80"][..], "nonsense"),
+    ] {
+        let mut all = vec!["explain"];
+        all.extend_from_slice(args);
+        let out = orch.cli(&all).unwrap();
+        assert_eq!(out.code(), Some(2), "{all:?}: {}", out.stderr_text());
+        assert!(
+            out.stderr_text().contains(want),
+            "{all:?}: {}",
+            out.stderr_text()
+        );
+    }
+}
+
+fn lab_cpus() -> usize {
+    // The per-CPU cursor map has one value per possible CPU.
+    let possible = std::fs::read_to_string("/sys/devices/system/cpu/possible").unwrap();
+    possible
+        .trim()
+        .split(',')
+        .map(|r| match r.split_once('-') {
+            Some((a, b)) => b.parse::<usize>().unwrap() - a.parse::<usize>().unwrap() + 1,
+            None => 1,
+        })
+        .sum()
+}
