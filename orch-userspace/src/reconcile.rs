@@ -669,6 +669,8 @@ mod tests {
             [
                 "ports 0",
                 "ports 1",
+                // A fresh id's counters start at zero before any packet can reach it.
+                "zero service 0",
                 "backend 0",
                 "backend 1",
                 "slots 0",
