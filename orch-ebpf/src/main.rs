@@ -9,12 +9,14 @@
 //!
 //! Layout: [`parse`] reads headers with bounds checks, [`steer`] decides, [`balance`] picks
 //! backends, [`nat`] rewrites addresses and checksums, [`fib`] forwards, [`maps`] declares the
-//! maps, [`stats`] counts. Only `main.rs` has entry points.
+//! maps, [`stats`] counts, [`log`] tells the operator (off unless asked for). Only `main.rs`
+//! has entry points.
 #![no_std]
 #![no_main]
 
 mod balance;
 mod fib;
+mod log;
 mod maps;
 mod nat;
 mod parse;
@@ -28,6 +30,7 @@ use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 pub fn orch_xdp(ctx: XdpContext) -> u32 {
     let (action, reason) = steer::steer(&ctx);
     stats::count(reason);
+    log::verdict(&ctx, reason);
     action
 }
 

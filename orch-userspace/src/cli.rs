@@ -34,11 +34,24 @@ pub mod exit {
     version,
     after_help = "Exit codes: 0 success; 1 runtime error (daemon unreachable, internal failure); \
                   2 invalid usage, configuration or input, or a refused request (nothing changed).\n\
-                  Logs go to stderr; RUST_LOG (e.g. RUST_LOG=orch=debug) sets the level."
+                  Logs go to stderr; RUST_LOG (e.g. RUST_LOG=orch=debug) sets the level, \
+                  --log-format json makes them machine-readable."
 )]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log format on stderr: `human`, or `json` (one object per line, for log shippers).
+    #[arg(long, global = true, env = "ORCH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+}
+
+/// How logs are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One readable line per event (colored on a terminal).
+    Human,
+    /// One JSON object per line: timestamp, level, target, fields, message.
+    Json,
 }
 
 /// Options of every command that talks to the daemon.

@@ -108,17 +108,18 @@ pub struct LogConfig {
     pub kernel: KernelLogLevel,
 }
 
-/// Kernel log levels, most quiet first.
+/// Kernel log levels, most quiet first; the discriminants are aya-log's numbering.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[repr(u8)]
 pub enum KernelLogLevel {
     #[default]
-    Off,
-    Error,
-    Warn,
-    Info,
-    Debug,
-    Trace,
+    Off = 0,
+    Error = 1,
+    Warn = 2,
+    Info = 3,
+    Debug = 4,
+    Trace = 5,
 }
 
 /// `[dataplane]`: where and how the XDP program runs.

@@ -78,6 +78,7 @@ pub async fn run(opts: &Options) -> Result<(), DaemonError> {
 
     let (reports_tx, mut reports) = mpsc::channel(256);
     let mut d = Daemon::start(&opts.config, reports_tx)?;
+    d.dp.forward_kernel_log()?;
     let socket = d.config.api.socket.clone();
     let listener = api::bind(&socket)?;
     let (calls_tx, mut calls) = mpsc::channel(64);
@@ -209,7 +210,7 @@ impl Daemon {
             max_backends: *d.max_backends.get_ref(),
             conntrack: *d.conntrack_capacity.get_ref(),
         };
-        let mut dp = Dataplane::open(capacity, d.pin_dir.get_ref())?;
+        let mut dp = Dataplane::open(capacity, d.pin_dir.get_ref(), config.log.kernel as u8)?;
         dp.set_settings(&settings(&config))?;
         let mut reconciler = if dp.adopted() {
             Reconciler::adopt(capacity.max_services, capacity.max_backends, &dp)?

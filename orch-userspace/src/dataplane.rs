@@ -65,6 +65,36 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// The eBPF object built by `build.rs` from the `orch-ebpf` crate.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/orch"));
 
+/// aya-log's level global in the program (see `orch-ebpf/src/log.rs`).
+const KERNEL_LOG_LEVEL_GLOBAL: &str = "AYA_LOG_LEVEL";
+/// [`Dataplane::open`]'s `kernel_log` value for no logging at all.
+pub const KERNEL_LOG_OFF: u8 = 0;
+
+/// Re-emits the program's log records (which aya-log hands over as `log` records) as
+/// tracing events with target `orch::kernel`, so they share the daemon's format (human or
+/// JSON) and filter (`RUST_LOG=orch::kernel=debug`).
+struct KernelLog;
+
+impl log::Log for KernelLog {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, r: &log::Record<'_>) {
+        let (file, line) = (r.file().unwrap_or("?"), r.line().unwrap_or(0));
+        let msg = r.args();
+        match r.level() {
+            log::Level::Error => tracing::error!(target: "orch::kernel", %file, line, "{msg}"),
+            log::Level::Warn => tracing::warn!(target: "orch::kernel", %file, line, "{msg}"),
+            log::Level::Info => tracing::info!(target: "orch::kernel", %file, line, "{msg}"),
+            log::Level::Debug => tracing::debug!(target: "orch::kernel", %file, line, "{msg}"),
+            log::Level::Trace => tracing::trace!(target: "orch::kernel", %file, line, "{msg}"),
+        }
+    }
+
+    fn flush(&self) {}
+}
+
 /// What a walk of the connection table found: see [`Dataplane::census`].
 #[derive(Clone, Debug, Default)]
 pub struct Census {
@@ -101,6 +131,10 @@ pub enum DataplaneError {
         #[source]
         source: ProgramError,
     },
+    #[error("setting up the kernel program's log")]
+    KernelLog(#[source] aya_log::Error),
+    #[error("watching the kernel program's log")]
+    KernelLogReader(#[source] std::io::Error),
     #[error("reading the number of possible CPUs")]
     Cpus(#[source] std::io::Error),
     #[error("map {name}: {source}")]
@@ -246,6 +280,8 @@ pub struct Dataplane {
     backend_signals: PerCpuArray<MapData, BackendSignals>,
     backend_down: Array<MapData, u32>,
     conntrack: HashMap<MapData, FlowKey, FlowValue>,
+    /// The reader of the program's log ring buffer, when kernel logging is on.
+    kernel_log: Option<aya_log::EbpfLogger<KernelLog>>,
     attached: Vec<(String, Attachment)>,
     pin_dir: Option<PathBuf>,
     adopted: bool,
@@ -280,7 +316,13 @@ impl Dataplane {
     /// writes the default settings. Nothing is pinned and nothing is attached: this is the
     /// data plane of packet tests and benchmarks.
     pub fn load(capacity: Capacity) -> Result<Self, DataplaneError> {
-        let mut dp = Self::load_with(capacity, None)?;
+        Self::load_logging(capacity, KERNEL_LOG_OFF)
+    }
+
+    /// [`Dataplane::load`] with the program logging up to `kernel_log` (see
+    /// [`Dataplane::open`]): each level is a different program for the verifier.
+    pub fn load_logging(capacity: Capacity, kernel_log: u8) -> Result<Self, DataplaneError> {
+        let mut dp = Self::load_with(capacity, None, kernel_log)?;
         dp.set_settings(&default_settings())?;
         Ok(dp)
     }
@@ -289,7 +331,15 @@ impl Dataplane {
     /// /sys/fs/bpf when that is where `pin_dir` lives and nothing is mounted). Maps already
     /// pinned there are reused as they are, connection table included: see
     /// [`Dataplane::adopted`]. Settings are left for the caller to write.
-    pub fn open(capacity: Capacity, pin_dir: &Path) -> Result<Self, DataplaneError> {
+    ///
+    /// `kernel_log` is the most verbose level the program logs at (aya-log's numbering:
+    /// 0 off, 1 error, 2 warn, 3 info, 4 debug, 5 trace); its lines are forwarded into the
+    /// daemon's log once [`Dataplane::forward_kernel_log`] runs.
+    pub fn open(
+        capacity: Capacity,
+        pin_dir: &Path,
+        kernel_log: u8,
+    ) -> Result<Self, DataplaneError> {
         prepare_pin_dir(pin_dir)?;
         let maps_dir = pin_dir.join("maps");
         for (name, wanted) in sized_maps(capacity) {
@@ -309,15 +359,22 @@ impl Dataplane {
             }
         }
         let adopted = maps_dir.join(SERVICES_MAP).exists();
-        let mut dp = Self::load_with(capacity, Some(&maps_dir))?;
+        let mut dp = Self::load_with(capacity, Some(&maps_dir), kernel_log)?;
         dp.pin_dir = Some(pin_dir.to_owned());
         dp.adopted = adopted;
         info!(pin_dir = %pin_dir.display(), adopted, "data plane loaded");
         Ok(dp)
     }
 
-    fn load_with(capacity: Capacity, maps_dir: Option<&Path>) -> Result<Self, DataplaneError> {
+    fn load_with(
+        capacity: Capacity,
+        maps_dir: Option<&Path>,
+        kernel_log: u8,
+    ) -> Result<Self, DataplaneError> {
         let mut loader = EbpfLoader::new();
+        // Patched into read-only data before verification: the verifier then removes every
+        // log call above this level from the program.
+        loader.override_global(KERNEL_LOG_LEVEL_GLOBAL, &kernel_log, true);
         for (name, max) in sized_maps(capacity) {
             loader.map_max_entries(name, max);
         }
@@ -327,6 +384,16 @@ impl Dataplane {
             }
         }
         let mut ebpf = loader.load(OBJECT).map_err(DataplaneError::Load)?;
+        // Taken before the programs load, and kept as long as they live: the log map's fd
+        // is in their instructions.
+        let kernel_log = if kernel_log > KERNEL_LOG_OFF {
+            Some(
+                aya_log::EbpfLogger::init_with_logger(&mut ebpf, KernelLog)
+                    .map_err(DataplaneError::KernelLog)?,
+            )
+        } else {
+            None
+        };
         for name in [PROGRAM, FLOOR_PROGRAM] {
             xdp_program(&mut ebpf, name)?
                 .load()
@@ -345,6 +412,7 @@ impl Dataplane {
             backend_signals: take(&mut ebpf, BACKEND_SIGNALS_MAP)?,
             backend_down: take(&mut ebpf, BACKEND_DOWN_MAP)?,
             conntrack: take(&mut ebpf, CONNTRACK_MAP)?,
+            kernel_log,
             ebpf,
             capacity,
             attached: Vec::new(),
@@ -353,6 +421,37 @@ impl Dataplane {
         };
         debug!(?capacity, "data plane loaded");
         Ok(dp)
+    }
+
+    /// Forwards the program's log lines into the daemon's log (target `orch::kernel`) from a
+    /// task on the current tokio runtime. Does nothing when kernel logging is off. The
+    /// program keeps its own reference to the ring buffer, so the task may outlive nothing
+    /// of importance: it ends with the runtime.
+    pub fn forward_kernel_log(&mut self) -> Result<(), DataplaneError> {
+        let Some(logger) = self.kernel_log.take() else {
+            return Ok(());
+        };
+        // SAFETY: the fd is the logger's ring buffer map, which the logger owns and keeps
+        // open, unchanged, until it is dropped, and the AsyncFd owns the logger.
+        let mut fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| DataplaneError::KernelLogReader(e.into_parts().1))?;
+        tokio::spawn(async move {
+            loop {
+                match fd.readable_mut().await {
+                    Ok(mut guard) => {
+                        guard.get_inner_mut().flush();
+                        guard.clear_ready();
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "reading the kernel program's log failed; it is no longer forwarded");
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(())
     }
 
     /// Whether [`Dataplane::open`] found the maps already pinned: a previous daemon left the

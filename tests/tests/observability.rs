@@ -583,3 +583,87 @@ fn lab_cpus() -> usize {
         })
         .sum()
 }
+
+/// Kills backend `i` (1-based) and opens connections until one of them met its refusal
+/// (the data plane counts it as `drop_refused`).
+fn provoke_refusal(lab: &Lab, orch: &Orch, i: usize) {
+    lab.backends[i - 1].set_up(false);
+    let before = refused(lab, orch);
+    let seen = lab::wait_until(Duration::from_secs(10), || {
+        let _ = lab
+            .client
+            .run(|| lab::tcp_ask(SocketAddr::from((VIP4, 80)), "anyone"));
+        refused(lab, orch) > before
+    });
+    assert!(
+        seen.is_some(),
+        "no refusal from backend-{i}\n{}",
+        orch.log()
+    );
+}
+
+fn refused(lab: &Lab, orch: &Orch) -> f64 {
+    prom::get(
+        &scrape(lab, orch),
+        "orch_xdp_packets_total",
+        &[("reason", "drop_refused")],
+    )
+}
+
+#[test]
+fn kernel_log_lines_join_the_json_log_at_the_chosen_level() {
+    if !require_root("kernel_log_lines_join_the_json_log_at_the_chosen_level") {
+        return;
+    }
+    let lab = Lab::new("klog", 3).expect("building the lab");
+    let mut orch = lab
+        .start_orch_with(
+            &lab::orch_bin(),
+            &lab::demo_config(),
+            &["--log-format", "json"],
+        )
+        .expect("starting orch");
+    let kernel_lines = |orch: &Orch| -> Vec<serde_json::Value> {
+        orch.log()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .unwrap_or_else(|e| panic!("a log line that is not JSON ({e}): {l:?}"))
+            })
+            .filter(|v| v["target"] == "orch::kernel")
+            .collect()
+    };
+
+    // Off by default: a refusal happens, and the kernel says nothing.
+    provoke_refusal(&lab, &orch, 1);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        kernel_lines(&orch).is_empty(),
+        "kernel logging must be off by default"
+    );
+
+    // Asked for at info: the next refusal is told, in the same JSON stream.
+    orch.stop().unwrap();
+    orch.write_config(&(lab::demo_config() + "\n[log]\nkernel = \"info\"\n"))
+        .unwrap();
+    orch.start().unwrap();
+    provoke_refusal(&lab, &orch, 2);
+    let told = lab::wait_until(Duration::from_secs(5), || {
+        kernel_lines(&orch).iter().any(|v| {
+            v["level"] == "INFO"
+                && v["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("refused a new connection"))
+        })
+    });
+    assert!(
+        told.is_some(),
+        "no kernel line for the refusal:\n{}",
+        orch.log()
+    );
+    // Per-packet lines are at trace: not at info.
+    assert!(
+        !kernel_lines(&orch).iter().any(|v| v["level"] == "TRACE"),
+        "trace lines at level info"
+    );
+}

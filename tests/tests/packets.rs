@@ -286,10 +286,15 @@ fn test_netns(tag: &str) -> Netns {
 
 /// Loads the data plane with [`services`] installed; call on the test's namespace thread.
 fn loaded() -> (Dataplane, Reconciler) {
+    loaded_logging(orch::dataplane::KERNEL_LOG_OFF)
+}
+
+/// [`loaded`] with the program logging up to `kernel_log`.
+fn loaded_logging(kernel_log: u8) -> (Dataplane, Reconciler) {
     // The per-CPU cursor starts at the CPU's number: pin to CPU 0 for a known order.
     orch_tests::lab::pin_current_thread(0).expect("pinning to CPU 0");
     let cap = Capacity::default();
-    let mut dp = Dataplane::load(cap).expect("loading the data plane");
+    let mut dp = Dataplane::load_logging(cap, kernel_log).expect("loading the data plane");
     let mut rec = Reconciler::new(cap.max_services, cap.max_backends);
     rec.apply(&mut dp, &services())
         .expect("installing services");
@@ -712,6 +717,25 @@ fn fixture_table_verdicts_outputs_and_counters() {
         assert_eq!(empty.no_backend, 1, "{empty:?}");
     })
     .expect("the fixture table");
+}
+
+/// Every kernel log level is a different program for the verifier (disabled levels are
+/// pruned): each must load, and none may change a verdict or an output byte.
+#[test]
+fn every_kernel_log_level_verifies_and_changes_no_verdict() {
+    if !require_root("every_kernel_log_level_verifies_and_changes_no_verdict") {
+        return;
+    }
+    let ns = test_netns("pktlog");
+    ns.run(|| {
+        for level in 1..=5u8 {
+            let (mut dp, _) = loaded_logging(level);
+            for case in &fixture_table() {
+                run_case(&mut dp, case);
+            }
+        }
+    })
+    .expect("the fixture table at every log level");
 }
 
 #[test]
