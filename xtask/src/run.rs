@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{bail, Context};
 use nix::sys::signal::{SigSet, Signal};
-use orch_tests::lab::{self, Lab, VIP4, VIP6};
+use orch_tests::lab::{self, Lab, CLIENT4, VIP4, VIP6};
 
 use crate::{
     prereqs,
@@ -107,7 +107,9 @@ fn demo(bin: &Path, once: bool, signals: &SigSet) -> anyhow::Result<()> {
     )?;
     eprintln!("    attached to {}", lab.lb_interfaces().join(", "));
 
-    let result = traffic(&lab).and_then(|()| registry_demo(&lab, &orch));
+    let result = traffic(&lab)
+        .and_then(|()| registry_demo(&lab, &orch))
+        .and_then(|()| metrics_demo(&lab));
     if let Err(e) = &result {
         eprintln!("demo traffic failed: {e:#}\norch's log:\n{}", orch.log());
     }
@@ -121,16 +123,41 @@ fn demo(bin: &Path, once: bool, signals: &SigSet) -> anyhow::Result<()> {
         "\norch keeps running. Try it from the client namespace, for example:\n  \
          ip netns exec {} bash -c 'exec 3<>/dev/tcp/{VIP4}/80; echo hello >&3; head -1 <&3'\n\
          and the CLI against this daemon:\n  \
-         sudo ORCH_SOCKET={} {} service list\n\
+         sudo ORCH_SOCKET={} {} service list\n  \
+         sudo ORCH_SOCKET={} {} explain tcp {CLIENT4}:40000 {VIP4}:80\n\
+         and its metrics (the daemon listens on loopback in its namespace):\n  \
+         ip netns exec {} curl -s {}/metrics\n\
          Press Ctrl-C to stop orch and remove the lab.",
         lab.client.name(),
         orch.socket().display(),
-        bin.display()
+        bin.display(),
+        orch.socket().display(),
+        bin.display(),
+        lab.lb.name(),
+        lab::METRICS_ADDR,
     );
     let sig = signals.wait().context("waiting for Ctrl-C")?;
     eprintln!("\n==> {sig:?}: stopping orch and removing the lab");
     drop(orch);
     drop(lab);
+    Ok(())
+}
+
+/// Shows what Prometheus would scrape: the demo's connections, counted by the kernel.
+fn metrics_demo(lab: &Lab) -> anyhow::Result<()> {
+    let text = lab.metrics().context("scraping /metrics")?;
+    println!(
+        "\n$ curl {}/metrics   # {} series in all; the connections counted per backend:",
+        lab::METRICS_ADDR,
+        text.lines().filter(|l| !l.starts_with('#')).count()
+    );
+    for line in text.lines().filter(|l| {
+        l.starts_with("orch_backend_connections_total") || l.starts_with("orch_xdp_packets_total")
+    }) {
+        if !line.ends_with(" 0") {
+            println!("{line}");
+        }
+    }
     Ok(())
 }
 
