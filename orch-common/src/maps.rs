@@ -208,6 +208,23 @@ pub struct FlowKey {
 }
 const _: () = assert!(size_of::<FlowKey>() == 40);
 
+impl FlowKey {
+    /// The key of the reply entry of a connection whose forward entry is `self`, balanced
+    /// to `backend_addr`:`backend_port_be`: the backend's packets as they arrive.
+    #[inline(always)]
+    pub const fn reply(&self, backend_addr: [u32; 4], backend_port_be: u16) -> FlowKey {
+        FlowKey {
+            src: backend_addr,
+            dst: self.src,
+            src_port_be: backend_port_be,
+            dst_port_be: self.src_port_be,
+            proto: self.proto,
+            dir: DIR_REPLY,
+            _pad: 0,
+        }
+    }
+}
+
 /// A connection-table value: the address and port to write into the packet.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

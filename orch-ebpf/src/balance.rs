@@ -3,8 +3,8 @@
 use aya_ebpf::helpers::bpf_get_smp_processor_id;
 use orch_common::{
     maps::{
-        slot_table_index, FlowKey, FlowValue, ServiceValue, Settings, SlotTable, DIR_REPLY,
-        SEEN_FIN, SEEN_RST, TCP_ACK, TCP_SYN,
+        slot_table_index, FlowKey, FlowValue, ServiceValue, Settings, SlotTable, SEEN_FIN,
+        SEEN_RST, TCP_ACK, TCP_SYN,
     },
     Reason, IPPROTO_TCP, IPPROTO_UDP, SLOTS_PER_TABLE,
 };
@@ -116,15 +116,7 @@ pub fn new_flow(
         seen,
         last_seen_ns: now,
     };
-    let reply_key = FlowKey {
-        src: backend.addr,
-        dst: key.src,
-        src_port_be: backend.port_be,
-        dst_port_be: key.src_port_be,
-        proto: key.proto,
-        dir: DIR_REPLY,
-        _pad: 0,
-    };
+    let reply_key = key.reply(backend.addr, backend.port_be);
     let reply = FlowValue {
         nat_addr: key.dst,
         nat_port_be: key.dst_port_be,

@@ -17,9 +17,7 @@ use std::{
     time::Duration,
 };
 
-use orch_common::maps::{
-    slot_table_index, FlowKey, Settings, DIR_FORWARD, DIR_REPLY, SEEN_FIN, SEEN_RST,
-};
+use orch_common::maps::{slot_table_index, FlowKey, Settings, DIR_FORWARD, SEEN_FIN, SEEN_RST};
 use tokio::{
     signal::unix::{signal, SignalKind},
     sync::mpsc,
@@ -611,15 +609,7 @@ impl Daemon {
             if protocol == Protocol::Udp && idle_ns > udp_idle {
                 stale = Some(backend);
             } else {
-                let reply = FlowKey {
-                    src: flow.nat_addr,
-                    dst: key.src,
-                    src_port_be: flow.nat_port_be,
-                    dst_port_be: key.src_port_be,
-                    proto: key.proto,
-                    dir: DIR_REPLY,
-                    _pad: 0,
-                };
+                let reply = key.reply(flow.nat_addr, flow.nat_port_be);
                 let reply_seen = self
                     .dp
                     .flow(&reply)

@@ -701,7 +701,7 @@ impl Dataplane {
     /// (`udp_idle_ns`). Connections whose backend vanished without a FIN or RST stay counted
     /// until the table evicts them; callers that wait on this use a timeout.
     pub fn census(&self, udp_idle_ns: u64) -> Result<Census, DataplaneError> {
-        use orch_common::maps::{DIR_FORWARD, DIR_REPLY};
+        use orch_common::maps::DIR_FORWARD;
         let entries: std::collections::HashMap<FlowKey, FlowValue> = self
             .conntrack
             .iter()
@@ -716,15 +716,7 @@ impl Dataplane {
             let live = if key.proto == orch_common::IPPROTO_UDP {
                 now.saturating_sub(value.last_seen_ns) <= udp_idle_ns
             } else {
-                let reply_key = FlowKey {
-                    src: value.nat_addr,
-                    dst: key.src,
-                    src_port_be: value.nat_port_be,
-                    dst_port_be: key.src_port_be,
-                    proto: key.proto,
-                    dir: DIR_REPLY,
-                    _pad: 0,
-                };
+                let reply_key = key.reply(value.nat_addr, value.nat_port_be);
                 let reply_seen = entries.get(&reply_key).map_or(0, |r| r.seen);
                 !FlowValue::closed(value.seen, reply_seen)
             };
