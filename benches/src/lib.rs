@@ -6,7 +6,9 @@
 //! packet N times through the balancer or through the `orch_floor` program (one per-CPU
 //! counter increment, XDP_PASS), and `orch_tests::lab` builds the namespaces.
 //!
-//! Implemented so far: `failover` (src/bin/failover.rs): clients open a new connection per
+//! Implemented so far: `packet_cost` (src/bin/packet_cost.rs): nanoseconds per packet for
+//! each path of the program against the floor program, alternating in the same run (figures
+//! in BENCHMARKS.md); and `failover` (src/bin/failover.rs): clients open a new connection per
 //! request as fast as they can while one of three backends dies for 4 s; it prints requests
 //! per second and failures per second. Run it as root after a release build:
 //! `cargo build --release -p orch-userspace -p orch-benches && sudo target/release/failover`.
