@@ -23,7 +23,7 @@ use std::{
 };
 
 use anyhow::{ensure, Context};
-use etherparse::PacketBuilder;
+use etherparse::{IpHeaders, PacketBuilder, PacketBuilderStep};
 use orch::{
     dataplane::{Capacity, Dataplane, Verdict},
     model::{Backend, HealthCheck, Protocol, Service, ServiceAddr},
@@ -47,14 +47,19 @@ enum Flags {
     Ack,
 }
 
-fn tcp(src: SocketAddr, dst: SocketAddr, flags: Flags) -> Vec<u8> {
+/// Ethernet and IP headers from `src` to `dst` (one family), TTL 64.
+fn ip(src: SocketAddr, dst: SocketAddr) -> PacketBuilderStep<IpHeaders> {
     let b = PacketBuilder::ethernet2(MAC_A, MAC_B);
     let b = match (src.ip(), dst.ip()) {
         (IpAddr::V4(s), IpAddr::V4(d)) => b.ipv4(s.octets(), d.octets(), 64),
         (IpAddr::V6(s), IpAddr::V6(d)) => b.ipv6(s.octets(), d.octets(), 64),
         _ => unreachable!("one family per packet"),
     };
-    let b = b.tcp(src.port(), dst.port(), 1000, 64240);
+    b
+}
+
+fn tcp(src: SocketAddr, dst: SocketAddr, flags: Flags) -> Vec<u8> {
+    let b = ip(src, dst).tcp(src.port(), dst.port(), 1000, 64240);
     let (b, payload) = match flags {
         Flags::Syn => (b.syn(), &[][..]),
         Flags::Ack => (b.ack(1).psh(), PAYLOAD),
@@ -65,13 +70,7 @@ fn tcp(src: SocketAddr, dst: SocketAddr, flags: Flags) -> Vec<u8> {
 }
 
 fn udp(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(MAC_A, MAC_B);
-    let b = match (src.ip(), dst.ip()) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => b.ipv4(s.octets(), d.octets(), 64),
-        (IpAddr::V6(s), IpAddr::V6(d)) => b.ipv6(s.octets(), d.octets(), 64),
-        _ => unreachable!("one family per packet"),
-    };
-    let b = b.udp(src.port(), dst.port());
+    let b = ip(src, dst).udp(src.port(), dst.port());
     let mut out = Vec::with_capacity(b.size(PAYLOAD.len()));
     b.write(&mut out, PAYLOAD).expect("writing to a Vec");
     out
