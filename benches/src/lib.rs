@@ -1,14 +1,22 @@
-//! orch's benchmarks live in this crate (the benchmark issue): per-packet cost through
-//! BPF_PROG_TEST_RUN against a floor program in the same run, end-to-end throughput and
-//! latency against the peers in the test lab's namespaces, control-plane latencies and memory.
+//! orch's benchmarks (see BENCHMARKS.md for the figures and `cargo xtask bench` to produce
+//! them). Every figure is a ratio to a baseline measured in the same run, so it holds on a
+//! noisy shared machine.
 //!
-//! The pieces they build on already exist: `orch::dataplane::Dataplane::bench_run` runs a
-//! packet N times through the balancer or through the `orch_floor` program (one per-CPU
-//! counter increment, XDP_PASS), and `orch_tests::lab` builds the namespaces.
+//! Binaries (run as root after `cargo build --release -p orch-userspace -p orch-benches`):
+//! - `packet_cost`: nanoseconds per packet for each path of the XDP program through
+//!   BPF_PROG_TEST_RUN, against a floor program alternating in the same run;
+//! - `e2e`: HTTP requests per second and latency percentiles through orch, the backends
+//!   directly, nftables DNAT, HAProxy and nginx stream, with wrk in the lab's namespaces;
+//! - `control_plane`: register-to-first-connection, kill-to-no-new-connections, probe rate,
+//!   start-to-first-steered and a restart under load;
+//! - `memory`: daemon RSS and map memory at 24 x 3 and 10,000 x 8, load time at that size;
+//! - `failover`: requests that fail while a backend dies under load (a stress check);
+//! - `bench_report`: assembles the sections into BENCHMARKS.md.
 //!
-//! Implemented so far: `packet_cost` (src/bin/packet_cost.rs): nanoseconds per packet for
-//! each path of the program against the floor program, alternating in the same run (figures
-//! in BENCHMARKS.md); and `failover` (src/bin/failover.rs): clients open a new connection per
-//! request as fast as they can while one of three backends dies for 4 s; it prints requests
-//! per second and failures per second. Run it as root after a release build:
-//! `cargo build --release -p orch-userspace -p orch-benches && sudo target/release/failover`.
+//! The library holds what they share: child processes in namespaces ([`child`]), statistics
+//! over rounds ([`stats`]), SVG charts ([`chart`]) and where results go ([`report`]).
+
+pub mod chart;
+pub mod child;
+pub mod report;
+pub mod stats;
