@@ -18,5 +18,6 @@
 
 pub mod chart;
 pub mod child;
+pub mod probe;
 pub mod report;
 pub mod stats;
