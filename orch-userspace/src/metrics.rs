@@ -51,12 +51,12 @@ const LATENCY_BUCKETS: [f64; 12] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0, 5.0,
 ];
 
-/// The daemon's event counters.
+/// The daemon's event counters. Per-backend events are not here but in [`BackendEvents`],
+/// rendered at scrape: a labelled Prometheus series costs about a kilobyte, and five per
+/// backend made 400 MB of a daemon with 80,000 backends.
 pub struct Metrics {
     registry: Registry,
-    health_checks: IntCounterVec,
     health_check_seconds: HistogramVec,
-    breaker_transitions: IntCounterVec,
     registry_ops: IntCounterVec,
     config_reloads: IntCounterVec,
     map_sync_seconds: Histogram,
@@ -100,14 +100,6 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
-        let health_checks = IntCounterVec::new(
-            Opts::new(
-                "orch_health_checks_total",
-                "Active health check probes by result (up or down).",
-            ),
-            &["service", "backend", "result"],
-        )
-        .expect("valid metric");
         let health_check_seconds = HistogramVec::new(
             HistogramOpts::new(
                 "orch_health_check_duration_seconds",
@@ -115,14 +107,6 @@ impl Metrics {
             )
             .buckets(LATENCY_BUCKETS.to_vec()),
             &["service"],
-        )
-        .expect("valid metric");
-        let breaker_transitions = IntCounterVec::new(
-            Opts::new(
-                "orch_breaker_transitions_total",
-                "Circuit breaker state changes, by the state entered.",
-            ),
-            &["service", "backend", "to"],
         )
         .expect("valid metric");
         let registry_ops = IntCounterVec::new(
@@ -167,9 +151,7 @@ impl Metrics {
         }
 
         for c in [
-            Box::new(health_checks.clone()) as Box<dyn Collector>,
-            Box::new(health_check_seconds.clone()),
-            Box::new(breaker_transitions.clone()),
+            Box::new(health_check_seconds.clone()) as Box<dyn Collector>,
             Box::new(registry_ops.clone()),
             Box::new(config_reloads.clone()),
             Box::new(map_sync_seconds.clone()),
@@ -186,9 +168,7 @@ impl Metrics {
 
         Metrics {
             registry,
-            health_checks,
             health_check_seconds,
-            breaker_transitions,
             registry_ops,
             config_reloads,
             map_sync_seconds,
@@ -196,25 +176,12 @@ impl Metrics {
         }
     }
 
-    /// Counts one probe of `backend` of `service`; `latency` is set when it succeeded.
-    pub fn probe(&self, service: &str, backend: SocketAddr, latency: Option<Duration>) {
-        let b = backend.to_string();
-        let result = if latency.is_some() { "up" } else { "down" };
-        self.health_checks
-            .with_label_values(&[service, &b, result])
-            .inc();
-        if let Some(l) = latency {
-            self.health_check_seconds
-                .with_label_values(&[service])
-                .observe(l.as_secs_f64());
-        }
-    }
-
-    /// Counts a breaker transition into `to`.
-    pub fn breaker_transition(&self, service: &str, backend: SocketAddr, to: breaker::State) {
-        self.breaker_transitions
-            .with_label_values(&[service, &backend.to_string(), to.name()])
-            .inc();
+    /// Records the latency of a successful probe of a backend of `service` (the count per
+    /// backend is in its [`BackendEvents`]).
+    pub fn probe_latency(&self, service: &str, latency: Duration) {
+        self.health_check_seconds
+            .with_label_values(&[service])
+            .observe(latency.as_secs_f64());
     }
 
     /// Counts a registry operation (one of [`REGISTRY_OPERATIONS`]).
@@ -240,42 +207,21 @@ impl Metrics {
     }
 
     /// Follows the set of backends: `backends` holds every (service, backend) pair there
-    /// is. Series of removed services and backends are dropped (cardinality follows the
-    /// config, never history); new ones get their event series at zero, so a dashboard's
-    /// `rate()` has a starting point before the first event.
+    /// is. Series of removed services are dropped (cardinality follows the config, never
+    /// history); new ones get their series at zero, so a dashboard's `rate()` has a
+    /// starting point before the first event. (Per-backend series are rendered from the
+    /// snapshot, so they come and go with the backends by construction.)
     pub fn sync_backends(&self, backends: &HashSet<(String, SocketAddr)>) {
-        for (service, backend) in backends {
-            let b = backend.to_string();
-            for result in ["up", "down"] {
-                self.health_checks
-                    .with_label_values(&[service.as_str(), &b, result]);
-            }
-            for to in [
-                breaker::State::Closed,
-                breaker::State::Open,
-                breaker::State::HalfOpen,
-            ] {
-                self.breaker_transitions
-                    .with_label_values(&[service.as_str(), &b, to.name()]);
-            }
-            self.health_check_seconds
-                .with_label_values(&[service.as_str()]);
-        }
         let services: HashSet<&str> = backends.iter().map(|(s, _)| s.as_str()).collect();
+        for service in &services {
+            self.health_check_seconds.with_label_values(&[service]);
+        }
         let keep = |labels: &HashMap<&str, &str>| {
-            let Some(service) = labels.get("service") else {
-                return true;
-            };
-            match labels.get("backend") {
-                None => services.contains(service),
-                Some(b) => b
-                    .parse::<SocketAddr>()
-                    .is_ok_and(|b| backends.contains(&(service.to_string(), b))),
-            }
+            labels
+                .get("service")
+                .is_none_or(|service| services.contains(service))
         };
-        retain_vec(&self.health_checks, &keep);
         retain_vec(&self.health_check_seconds, &keep);
-        retain_vec(&self.breaker_transitions, &keep);
     }
 
     /// The text exposition of everything: the event counters and `snapshot`.
@@ -361,6 +307,39 @@ pub struct BackendSample {
     pub healthy: bool,
     pub in_rotation: bool,
     pub breaker: breaker::State,
+    pub events: BackendEvents,
+}
+
+/// What happened to one backend in the daemon: probes by result and breaker transitions by
+/// the state entered. Kept with the backend's health (40 bytes) and exported as counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendEvents {
+    pub probes_up: u64,
+    pub probes_down: u64,
+    /// Transitions into closed, open and half-open.
+    pub transitions: [u64; 3],
+}
+
+impl BackendEvents {
+    pub fn probe(&mut self, up: bool) {
+        if up {
+            self.probes_up += 1;
+        } else {
+            self.probes_down += 1;
+        }
+    }
+
+    pub fn transition(&mut self, to: breaker::State) {
+        self.transitions[Self::index(to)] += 1;
+    }
+
+    fn index(state: breaker::State) -> usize {
+        match state {
+            breaker::State::Closed => 0,
+            breaker::State::Open => 1,
+            breaker::State::HalfOpen => 2,
+        }
+    }
 }
 
 impl Snapshot {
@@ -479,11 +458,34 @@ impl Snapshot {
                     &labels,
                     f64::from(u8::from(b.ejected)),
                 );
+                for (result, n) in [("up", b.events.probes_up), ("down", b.events.probes_down)] {
+                    f.counter(
+                        "orch_health_checks_total",
+                        "Active health check probes by result (up or down).",
+                        &[
+                            ("service", s.name.as_str()),
+                            ("backend", addr.as_str()),
+                            ("result", result),
+                        ],
+                        n,
+                    );
+                }
                 for state in [
                     breaker::State::Closed,
                     breaker::State::Open,
                     breaker::State::HalfOpen,
                 ] {
+                    let to = [
+                        ("service", s.name.as_str()),
+                        ("backend", addr.as_str()),
+                        ("to", state.name()),
+                    ];
+                    f.counter(
+                        "orch_breaker_transitions_total",
+                        "Circuit breaker state changes, by the state entered.",
+                        &to,
+                        b.events.transitions[BackendEvents::index(state)],
+                    );
                     f.gauge(
                         "orch_breaker_state",
                         "1 for the state the backend's circuit breaker is in.",
@@ -749,6 +751,11 @@ mod tests {
                     healthy: true,
                     in_rotation: true,
                     breaker: breaker::State::HalfOpen,
+                    events: BackendEvents {
+                        probes_up: 4,
+                        probes_down: 1,
+                        transitions: [0, 1, 1],
+                    },
                 }],
             }],
             backends_total: 1,
@@ -784,6 +791,22 @@ mod tests {
             (format!(r#"orch_breaker_state{{{b},state="half-open"}}"#), "1"),
             (format!(r#"orch_breaker_state{{{b},state="open"}}"#), "0"),
             (format!("orch_backend_refused_total{{{b}}}"), "1"),
+            (
+                r#"orch_health_checks_total{backend="198.18.1.2:8080",result="up",service="web"}"#.into(),
+                "4",
+            ),
+            (
+                r#"orch_health_checks_total{backend="198.18.1.2:8080",result="down",service="web"}"#.into(),
+                "1",
+            ),
+            (
+                format!(r#"orch_breaker_transitions_total{{{b},to="open"}}"#),
+                "1",
+            ),
+            (
+                format!(r#"orch_breaker_transitions_total{{{b},to="closed"}}"#),
+                "0",
+            ),
             // 80 µs lands in the 100 µs bucket, 440 µs in the 500 µs one: cumulative counts.
             (
                 format!(r#"orch_backend_handshake_duration_seconds_bucket{{{b},le="0.0001"}}"#),
@@ -816,38 +839,45 @@ mod tests {
     }
 
     #[test]
-    fn removed_backends_and_services_lose_their_event_series() {
+    fn removed_services_lose_their_event_series() {
         let m = Metrics::new();
-        let (a, b): (SocketAddr, SocketAddr) = (
-            "198.18.1.2:8080".parse().unwrap(),
-            "198.18.2.2:8080".parse().unwrap(),
-        );
-        m.probe("web", a, Some(Duration::from_millis(1)));
-        m.probe("web", b, None);
-        m.probe("db", a, Some(Duration::from_millis(1)));
-        m.breaker_transition("web", b, breaker::State::Open);
+        let a: SocketAddr = "198.18.1.2:8080".parse().unwrap();
+        m.probe_latency("web", Duration::from_millis(1));
+        m.probe_latency("db", Duration::from_millis(1));
         let empty = Snapshot::default();
-        let before = m.render(&empty);
-        assert!(before.contains(r#"backend="198.18.2.2:8080""#));
-        assert!(before.contains(r#"service="db""#));
+        assert!(m.render(&empty).contains(r#"service="db""#));
 
-        m.sync_backends(&HashSet::from([("web".to_string(), a)]));
+        m.sync_backends(&HashSet::from([
+            ("web".to_string(), a),
+            ("new".to_string(), a),
+        ]));
         let after = m.render(&empty);
-        assert!(!after.contains(r#"backend="198.18.2.2:8080""#), "{after}");
         assert!(!after.contains(r#"service="db""#), "{after}");
-        let up = r#"orch_health_checks_total{backend="198.18.1.2:8080",result="up",service="web"}"#;
-        assert_eq!(value(&after, up).as_deref(), Some("1"));
-        assert_eq!(
+        let count = |service: &str| {
             value(
                 &after,
-                r#"orch_health_check_duration_seconds_count{service="web"}"#
+                &format!(r#"orch_health_check_duration_seconds_count{{service="{service}"}}"#),
             )
-            .as_deref(),
-            Some("1")
+        };
+        assert_eq!(count("web").as_deref(), Some("1"));
+        assert_eq!(
+            count("new").as_deref(),
+            Some("0"),
+            "new services start at zero"
         );
-        let zero =
-            r#"orch_breaker_transitions_total{backend="198.18.1.2:8080",service="web",to="open"}"#;
-        assert_eq!(value(&after, zero).as_deref(), Some("0"), "{after}");
+    }
+
+    #[test]
+    fn backend_events_count_by_kind() {
+        let mut e = BackendEvents::default();
+        e.probe(true);
+        e.probe(true);
+        e.probe(false);
+        e.transition(breaker::State::Open);
+        e.transition(breaker::State::HalfOpen);
+        e.transition(breaker::State::Open);
+        assert_eq!((e.probes_up, e.probes_down), (2, 1));
+        assert_eq!(e.transitions, [0, 2, 1]);
     }
 
     #[test]

@@ -638,3 +638,58 @@ fn drain_wait_reports_live_connections_until_none_is_left() {
     }
     drop(on_2);
 }
+
+/// 10,000 services of 8 backends each beside the demo's: the daemon loads them, keeps
+/// answering its API while its periodic work runs (reading 80,000 backends' kernel signals
+/// every tick once starved the API for good), and still steers the demo service.
+#[test]
+fn a_large_fleet_loads_and_the_daemon_keeps_answering() {
+    if !require_root("a_large_fleet_loads_and_the_daemon_keeps_answering") {
+        return;
+    }
+    const SERVICES: usize = 10_000;
+    let mut config = lab::demo_config().replace(
+        "[dataplane]",
+        "[dataplane]\nmax_services = 10240\nmax_backends = 81920",
+    );
+    for i in 0..SERVICES {
+        let vip = format!("198.19.{}.{}", i / 250 + 1, i % 250 + 1);
+        let backends: Vec<String> = (0..8)
+            .map(|b| {
+                format!(
+                    "{{ address = \"198.18.200.{}:{}\" }}",
+                    i % 250 + 1,
+                    20_000 + b
+                )
+            })
+            .collect();
+        config.push_str(&format!(
+            "\n[[service]]\nname = \"s{i}\"\nvip = \"{vip}\"\nport = 80\nprotocol = \"tcp\"\n\
+             check = {{ type = \"none\" }}\nbackend = [{}]\n",
+            backends.join(", ")
+        ));
+    }
+    let (lab, orch) = start("large", &config);
+    let s = status(&orch);
+    assert_eq!(s["services"], SERVICES + 3, "{s}");
+    assert_eq!(s["backends"], SERVICES * 8 + 9, "{s}");
+    // Many ticks' worth of API calls, every one answered (the CLI gives up after 10 s).
+    let started = Instant::now();
+    let mut calls = 0;
+    while started.elapsed() < Duration::from_secs(2) || calls < 5 {
+        status(&orch);
+        calls += 1;
+    }
+    // The last service loaded is in the maps the program reads: a new flow to it would go
+    // to one of its backends.
+    let explained = ok(
+        &orch,
+        &["explain", "tcp", "198.18.0.2:40000", "198.19.40.250:80"],
+    );
+    assert!(
+        explained.contains("198.18.200.250:200"),
+        "no backend of s9999 in:\n{explained}"
+    );
+    let t = spread(&lab, &orch, SocketAddr::from((VIP4, 80)), 6);
+    assert_eq!(t.len(), 3, "the demo service stopped round-robin: {t:?}");
+}
