@@ -2,8 +2,11 @@
 //! program (one per-CPU counter increment, XDP_PASS) measured in the same run.
 //!
 //! ```text
-//! sudo target/release/packet_cost [--repeat N] [--rounds R]
+//! sudo target/release/packet_cost [--repeat N] [--rounds R] [--services N]
 //! ```
+//! `--services N` adds N services of 8 backends each (and as many connections in the
+//! connection table) before measuring: the cost at that size, saved as the section
+//! `packet_cost_at_scale`.
 //! Needs root (loads BPF). Runs inside a network namespace it creates and removes, so the
 //! program's FIB lookups see an empty routing table (no route: the translated packet is
 //! handed to the stack; the lookup itself is paid).
@@ -28,6 +31,11 @@ use orch::{
     dataplane::{Capacity, Dataplane, Verdict},
     model::{Backend, HealthCheck, Protocol, Service, ServiceAddr},
     reconcile::Reconciler,
+};
+use orch_benches::{
+    chart::{self, Bars},
+    report,
+    stats::{median, verdict},
 };
 use orch_tests::netns::Netns;
 
@@ -98,48 +106,94 @@ struct Case {
     setup: Option<Vec<u8>>,
     /// The verdict every repetition must end with (proves the path did not change).
     verdict: Verdict,
+    /// The issue's target, as a ratio to the floor.
+    target: Option<f64>,
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+/// One line of the result table.
+struct Row {
+    name: &'static str,
+    ns: f64,
+    floor: f64,
+    ratio: f64,
+    /// The issue's target for this path, as a ratio to the floor.
+    target: Option<f64>,
+}
+
+struct Options {
+    repeat: u32,
+    rounds: usize,
+    services: usize,
 }
 
 fn main() -> anyhow::Result<()> {
-    let mut repeat = 1_000_000u32;
-    let mut rounds = 5usize;
+    let mut o = Options {
+        repeat: 1_000_000,
+        rounds: 5,
+        services: 0,
+    };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
+        let mut value = |flag: &str| -> anyhow::Result<u64> {
+            args.next()
+                .with_context(|| format!("{flag} needs a value"))?
+                .parse()
+                .with_context(|| format!("{flag} takes a whole number"))
+        };
         match a.as_str() {
-            "--repeat" => repeat = args.next().context("--repeat N")?.parse()?,
-            "--rounds" => rounds = args.next().context("--rounds R")?.parse()?,
-            other => anyhow::bail!("unknown argument {other:?} (--repeat N, --rounds R)"),
+            "--repeat" => o.repeat = value("--repeat")? as u32,
+            "--rounds" => o.rounds = value("--rounds")? as usize,
+            "--services" => o.services = value("--services")? as usize,
+            other => {
+                anyhow::bail!("unknown argument {other:?} (--repeat N, --rounds R, --services N)")
+            }
         }
     }
     ensure!(
-        (1..=100).contains(&rounds) && repeat > 0,
+        (1..=100).contains(&o.rounds) && o.repeat > 0,
         "--repeat must be positive and --rounds within 1..=100"
     );
+    ensure!(o.services <= 100_000, "--services is at most 100000");
     orch_tests::netns::sweep_stale(orch_tests::lab::NS_PREFIX);
     let ns = Netns::create(&format!(
         "{}{}-bench",
         orch_tests::lab::NS_PREFIX,
         std::process::id()
     ))?;
-    ns.run(move || run(repeat, rounds))?
+    let (rows, at_scale) = ns.run(move || run(&o).map(|rows| (rows, o)))??;
+    let o = at_scale;
+    section(&rows, &o)
 }
 
-fn run(repeat: u32, rounds: usize) -> anyhow::Result<()> {
+fn run(o: &Options) -> anyhow::Result<Vec<Row>> {
+    let (repeat, rounds) = (o.repeat, o.rounds);
     orch_tests::lab::pin_current_thread(0)?;
-    let cap = Capacity::default();
+    let extra = o.services;
+    let cap = Capacity {
+        max_services: (extra as u32 + 16).max(Capacity::default().max_services),
+        max_backends: (extra as u32 * 8 + 64).max(Capacity::default().max_backends),
+        ..Capacity::default()
+    };
     let mut dp = Dataplane::load(cap).context("loading the data plane (root needed)")?;
     let mut rec = Reconciler::new(cap.max_services, cap.max_backends);
-    let services = [
+    let mut services = vec![
         mirror("web", VIP4.into(), 80, Protocol::Tcp),
         mirror("dns", VIP4.into(), 53, Protocol::Udp),
         mirror("web6", VIP6.into(), 80, Protocol::Tcp),
     ];
+    services.extend((0..extra).map(scale_service));
     rec.apply(&mut dp, &services)?;
+    // As many open connections as services, spread over them, so lookups run in a table
+    // of that size too.
+    for i in 0..extra {
+        let svc = &services[3 + i];
+        let client = SocketAddr::from((
+            Ipv4Addr::new(198, 18, 100 + (i / 60_000) as u8, 2),
+            1024 + (i % 60_000) as u16,
+        ));
+        let vip = SocketAddr::new(svc.addr.vip, svc.addr.port);
+        dp.test_run(&tcp(client, vip, Flags::Syn))?;
+    }
 
     let web = SocketAddr::from((VIP4, 80));
     let dns = SocketAddr::from((VIP4, 53));
@@ -153,30 +207,35 @@ fn run(repeat: u32, rounds: usize) -> anyhow::Result<()> {
             packet: tcp(client, SocketAddr::from(([198, 18, 9, 9], 443)), Flags::Ack),
             setup: None,
             verdict: pass,
+            target: Some(1.5),
         },
         Case {
             name: "established TCP",
             packet: tcp(client, web, Flags::Ack),
             setup: Some(tcp(client, web, Flags::Syn)),
             verdict: pass,
+            target: Some(5.0),
         },
         Case {
             name: "reply translation",
             packet: tcp(web, client, Flags::Ack),
             setup: None, // the entries of "established TCP"
             verdict: pass,
+            target: None,
         },
         Case {
             name: "UDP",
             packet: udp(client, dns),
             setup: Some(udp(client, dns)),
             verdict: pass,
+            target: None,
         },
         Case {
             name: "IPv6 established TCP",
             packet: tcp(client6, web6, Flags::Ack),
             setup: Some(tcp(client6, web6, Flags::Syn)),
             verdict: pass,
+            target: None,
         },
     ];
     for c in &cases {
@@ -194,13 +253,7 @@ fn run(repeat: u32, rounds: usize) -> anyhow::Result<()> {
         );
     }
 
-    println!(
-        "per-packet cost, BPF_PROG_TEST_RUN, repeat {repeat}, {rounds} rounds (medians; ratio = case / floor in the same round)"
-    );
-    println!(
-        "{:<24} {:>10} {:>10} {:>8}",
-        "case", "ns/pkt", "floor ns", "ratio"
-    );
+    let mut rows = Vec::new();
     for c in &cases {
         let (mut ns, mut floor, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..rounds {
@@ -210,12 +263,19 @@ fn run(repeat: u32, rounds: usize) -> anyhow::Result<()> {
             floor.push(f);
             ratio.push(t / f);
         }
-        println!(
-            "{:<24} {:>10.1} {:>10.1} {:>7.2}x",
+        rows.push(Row {
+            name: c.name,
+            ns: median(&ns),
+            floor: median(&floor),
+            ratio: median(&ratio),
+            target: c.target,
+        });
+        eprintln!(
+            "{:<24} {:>8.1} ns  floor {:>6.1} ns  {:>6.2}x",
             c.name,
-            median(&mut ns),
-            median(&mut floor),
-            median(&mut ratio)
+            median(&ns),
+            median(&floor),
+            median(&ratio)
         );
     }
 
@@ -238,14 +298,126 @@ fn run(repeat: u32, rounds: usize) -> anyhow::Result<()> {
         floor.push(f);
         ratio.push(t / f);
     }
-    println!(
-        "{:<24} {:>10.1} {:>10.1} {:>7.2}x   ({flows} new flows per round, repeat 1 each)",
-        "new TCP flow",
-        median(&mut ns),
-        median(&mut floor),
-        median(&mut ratio)
-    );
-    Ok(())
+    rows.push(Row {
+        name: "new TCP flow",
+        ns: median(&ns),
+        floor: median(&floor),
+        ratio: median(&ratio),
+        target: Some(10.0),
+    });
+    Ok(rows)
+}
+
+/// Service `i` of the scale run: its own VIP in 198.19.0.0/16 (from 198.19.100.0 on),
+/// port 80, 8 backends.
+fn scale_service(i: usize) -> Service {
+    let vip = Ipv4Addr::new(198, 19, 100 + (i / 250) as u8 % 150, (i % 250 + 1) as u8);
+    let port = 80 + (i / 37_500) as u16;
+    Service {
+        name: format!("s{i}"),
+        addr: ServiceAddr {
+            vip: vip.into(),
+            port,
+            protocol: Protocol::Tcp,
+        },
+        check: HealthCheck::default_for(Protocol::Tcp),
+        backends: (0..8)
+            .map(|b| {
+                let host = Ipv4Addr::new(198, 18, 200 + (i % 4) as u8, (i % 250 + 1) as u8);
+                Backend::new(SocketAddr::from((host, 20_000 + b)), 1)
+            })
+            .collect(),
+    }
+}
+
+fn section(rows: &[Row], o: &Options) -> anyhow::Result<()> {
+    use std::fmt::Write as _;
+    let scale = o.services > 0;
+    let (name, title) = if scale {
+        (
+            "packet_cost_at_scale",
+            format!(
+                "## Per-packet cost with {} services of 8 backends\n",
+                o.services
+            ),
+        )
+    } else {
+        (
+            "packet_cost",
+            "## Per-packet cost (BPF_PROG_TEST_RUN)\n".to_owned(),
+        )
+    };
+    let mut md = format!("{title}\n");
+    let extra = if scale {
+        format!(" --services {}", o.services)
+    } else {
+        String::new()
+    };
+    writeln!(
+        md,
+        "```sh\nsudo target/release/packet_cost --repeat {} --rounds {}{extra}\n```\n",
+        o.repeat, o.rounds
+    )?;
+    if scale {
+        writeln!(
+            md,
+            "The same cases with {} more services in the maps ({} backends) and {} open \
+             connections in the connection table, to compare with the table above.\n",
+            o.services,
+            o.services * 8,
+            o.services
+        )?;
+    } else {
+        writeln!(
+            md,
+            "The balancer against the floor program (one per-CPU counter increment, `XDP_PASS`), \
+             run alternately on the same packet in each of {} rounds; medians over rounds. The \
+             program runs in a network namespace with no routes, so FIB lookups are paid but find \
+             nothing and translated packets go to the stack; established-flow cases use a service \
+             whose backend is the VIP itself, so the rewrite leaves identical bytes and every \
+             repetition takes the same path (checked before measuring). New flows cannot repeat: \
+             one `repeat = 1` run per new connection, and the floor likewise.\n",
+            o.rounds
+        )?;
+    }
+    writeln!(md, "| case | ns/packet | floor ns | ratio | target |")?;
+    writeln!(md, "|---|---:|---:|---:|---|")?;
+    for r in rows {
+        let target = match r.target {
+            Some(t) => format!("within {t}x: {}", verdict(r.ratio <= t)),
+            None => String::new(),
+        };
+        writeln!(
+            md,
+            "| {} | {:.0} | {:.0} | {:.2}x | {target} |",
+            r.name, r.ns, r.floor, r.ratio
+        )?;
+    }
+    writeln!(md)?;
+    if !scale {
+        let svg = report::charts_dir().join("packet_cost.svg");
+        chart::draw(
+            &svg,
+            &Bars {
+                title: "Nanoseconds per packet (BPF_PROG_TEST_RUN)",
+                y_label: "ns per packet (median of rounds)",
+                groups: rows.iter().map(|r| r.name.to_owned()).collect(),
+                series: vec![
+                    ("orch".to_owned(), rows.iter().map(|r| r.ns).collect()),
+                    (
+                        "floor program".to_owned(),
+                        rows.iter().map(|r| r.floor).collect(),
+                    ),
+                ],
+                reference: None,
+            },
+        )?;
+        writeln!(
+            md,
+            "![nanoseconds per packet by path](benches/charts/packet_cost.svg)\n"
+        )?;
+    }
+    report::save_section(name, &md)
 }
 
 fn per_packet(d: Duration) -> f64 {
