@@ -26,6 +26,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 pub struct Syn {
     pub at: Instant,
     pub dst_port: u16,
+    /// Source port and initial sequence number: a retransmitted SYN repeats both.
+    pub attempt: (u16, u32),
 }
 
 /// Records the connection-opening SYNs (SYN without ACK) arriving in a namespace from the
@@ -57,13 +59,15 @@ impl SynSniffer {
         })
     }
 
-    /// Arrival times of SYNs to `port` at or after `since`.
+    /// When new connections to `port` first reached the host, at or after `since`: one
+    /// time per connection attempt (retransmissions of a SYN seen before are left out).
     pub fn syns(&self, port: u16, since: Instant) -> Vec<Instant> {
         let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        seen.iter()
-            .filter(|s| s.dst_port == port && s.at >= since)
-            .map(|s| s.at)
-            .collect()
+        let mut first = std::collections::HashMap::new();
+        for s in seen.iter().filter(|s| s.dst_port == port) {
+            first.entry(s.attempt).or_insert(s.at);
+        }
+        first.into_values().filter(|at| *at >= since).collect()
     }
 
     /// Forgets what was recorded (between trials, to keep lookups short).
@@ -139,17 +143,19 @@ fn sniff(
             continue;
         }
         let ip = &buf[..(n as usize).min(buf.len())];
-        if let Some((_, dst_port)) = client_syn(ip).filter(|(src, _)| watch(*src)) {
-            seen.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(Syn { at, dst_port });
+        if let Some((_, dst_port, attempt)) = client_syn(ip).filter(|(src, ..)| watch(*src)) {
+            seen.lock().unwrap_or_else(|e| e.into_inner()).push(Syn {
+                at,
+                dst_port,
+                attempt,
+            });
         }
     }
 }
 
-/// The source address and destination port if `ip` is an IPv4 TCP segment with SYN set and
-/// ACK clear.
-fn client_syn(ip: &[u8]) -> Option<(Ipv4Addr, u16)> {
+/// The source address, destination port and (source port, sequence number) if `ip` is an
+/// IPv4 TCP segment with SYN set and ACK clear.
+fn client_syn(ip: &[u8]) -> Option<(Ipv4Addr, u16, (u16, u32))> {
     let ihl = usize::from(*ip.first()? & 0x0f) * 4;
     if ip.get(9) != Some(&6) || ihl < 20 {
         return None;
@@ -157,7 +163,11 @@ fn client_syn(ip: &[u8]) -> Option<(Ipv4Addr, u16)> {
     let tcp = ip.get(ihl..ihl + 14)?;
     let flags = tcp[13];
     let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
-    (flags & 0x12 == 0x02).then(|| (src, u16::from_be_bytes([tcp[2], tcp[3]])))
+    let attempt = (
+        u16::from_be_bytes([tcp[0], tcp[1]]),
+        u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
+    );
+    (flags & 0x12 == 0x02).then(|| (src, u16::from_be_bytes([tcp[2], tcp[3]]), attempt))
 }
 
 /// A TCP service in a backend's namespace that accepts and closes connections, and can be
@@ -313,7 +323,7 @@ mod tests {
     fn only_client_syns_count() {
         assert_eq!(
             client_syn(&segment(0x02)),
-            Some((Ipv4Addr::new(198, 18, 0, 2), 9000))
+            Some((Ipv4Addr::new(198, 18, 0, 2), 9000, (0, 0)))
         );
         assert_eq!(client_syn(&segment(0x12)), None, "SYN-ACK");
         assert_eq!(client_syn(&segment(0x10)), None, "ACK");

@@ -28,7 +28,13 @@ pub fn charts_dir() -> PathBuf {
 }
 
 /// The order of the sections in BENCHMARKS.md, by fragment name.
-pub const SECTIONS: [&str; 4] = ["packet_cost", "e2e", "control_plane", "memory"];
+pub const SECTIONS: [&str; 5] = [
+    "packet_cost",
+    "packet_cost_at_scale",
+    "e2e",
+    "control_plane",
+    "memory",
+];
 
 /// Prints a benchmark's section and saves it as `<results>/<name>.md`.
 pub fn save_section(name: &str, markdown: &str) -> anyhow::Result<()> {

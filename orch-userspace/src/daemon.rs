@@ -434,8 +434,9 @@ impl Daemon {
 
     /// What the kernel saw since the last tick, per backend. Refusals (and the kernel's own
     /// ejection of the backend) count as a failed check and get a probe at once; once probes
-    /// find the backend healthy again, the ejection is cleared. Completed handshakes vouch for
-    /// the backend, so its stable checks can be sparser.
+    /// find the backend healthy again, the ejection is cleared. Unanswered SYNs with no
+    /// completed handshake get a probe at once too. Completed handshakes vouch for the
+    /// backend, so its stable checks can be sparser.
     ///
     /// A tick reads at most [`SIGNALS_PER_TICK`] backends, resuming where the last one
     /// stopped, so its cost is bounded whatever the fleet's size.
@@ -467,6 +468,7 @@ impl Daemon {
                     .or_insert_with(|| BackendHealth::new(seed));
                 let refused = signals.refused.saturating_sub(h.signals.refused);
                 let handshakes = signals.handshakes.saturating_sub(h.signals.handshakes);
+                let unanswered = signals.syn_retrans.saturating_sub(h.signals.syn_retrans);
                 h.signals = signals;
                 if target.check == CheckKind::None {
                     // No probe could ever bring it back: the kernel's ejection saved the
@@ -500,6 +502,12 @@ impl Daemon {
                         Ok(()) => h.ejection_noted = false,
                         Err(e) => warn!(error = %e, "clearing an ejection failed"),
                     }
+                } else if unanswered > 0 && handshakes == 0 {
+                    // Clients retransmit SYNs it left unanswered and no handshake with it
+                    // completed since the last read: a host gone dark, or one whose accept
+                    // queue is full. Not proof (a lost packet looks the same), so no failure
+                    // is counted; the next probe goes out now instead of at its slot.
+                    self.checker.nudge(&target.service, target.backend);
                 } else if handshakes > 0 {
                     self.checker.vouch(&target.service, target.backend);
                 }

@@ -3,8 +3,10 @@
 //! - `cargo xtask run`: install what the build needs, build, and start orch in a demo lab
 //!   (or, with `--config`, on this host's interfaces);
 //! - `cargo xtask test`: every check and every test tier, as CI runs them;
+//! - `cargo xtask bench`: every benchmark against its baseline, written to BENCHMARKS.md;
 //! - `cargo xtask prereqs`: only the installation step.
 
+mod bench;
 mod prereqs;
 mod run;
 mod test;
@@ -47,6 +49,14 @@ enum Cmd {
         #[arg(last = true)]
         cargo_args: Vec<String>,
     },
+    /// Install the peers (wrk, nginx, HAProxy, nftables), build in release mode, run every
+    /// benchmark and write BENCHMARKS.md with its charts. Needs root; about 12 minutes.
+    Bench {
+        /// Fewer rounds and repetitions (about 4 minutes): to check the pipeline, not for
+        /// figures to quote.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -62,6 +72,7 @@ fn main() -> ExitCode {
             no_lint,
             cargo_args,
         } => test::test(!no_lint, &cargo_args),
+        Cmd::Bench { quick } => bench::bench(quick),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
