@@ -106,7 +106,7 @@ fn draw_inner(path: &Path, bars: &Bars) -> Result<(), Box<dyn std::error::Error>
         .configure_series_labels()
         .border_style(BLACK.mix(0.3))
         .background_style(WHITE.mix(0.9))
-        .position(SeriesLabelPosition::UpperRight)
+        .position(SeriesLabelPosition::UpperMiddle)
         .draw()?;
     root.present()?;
     Ok(())

@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! sudo target/release/e2e [--rounds R] [--seconds S] [--connections C] [--xdp-mode M]
+//!                           [--only direct|orch|nftables|haproxy|nginx]
 //! ```
 //! Needs root, the `orch` binary (`ORCH_BIN`, default target/release/orch), and nginx (with
 //! its stream module), HAProxy, wrk and nft on the PATH (`cargo xtask bench` installs them).
@@ -66,6 +67,17 @@ impl Route {
         Route::Nginx,
     ];
 
+    /// The name `--only` takes.
+    fn key(self) -> &'static str {
+        match self {
+            Route::Direct => "direct",
+            Route::Orch => "orch",
+            Route::Nftables => "nftables",
+            Route::Haproxy => "haproxy",
+            Route::Nginx => "nginx",
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Route::Direct => "direct",
@@ -117,6 +129,8 @@ struct Options {
     connections: usize,
     /// orch's `xdp_mode`: `auto` (native on veth), `native` or `generic`.
     xdp_mode: String,
+    /// Measure this path alone (for profiling it); no section is written.
+    only: Option<Route>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -125,6 +139,7 @@ fn main() -> anyhow::Result<()> {
         seconds: 5,
         connections: 30,
         xdp_mode: "auto".to_owned(),
+        only: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -145,8 +160,19 @@ fn main() -> anyhow::Result<()> {
                     "--xdp-mode takes auto, native or generic"
                 );
             }
+            "--only" => {
+                let key = args.next().context("--only needs a path")?;
+                o.only = Some(
+                    Route::ALL
+                        .into_iter()
+                        .find(|r| r.key() == key)
+                        .with_context(|| {
+                            format!("--only takes direct, orch, nftables, haproxy or nginx, not {key:?}")
+                        })?,
+                );
+            }
             other => bail!(
-                "unknown argument {other:?} (--rounds R, --seconds S, --connections C, --xdp-mode M)"
+                "unknown argument {other:?} (--rounds R, --seconds S, --connections C, --xdp-mode M, --only PATH)"
             ),
         }
     }
@@ -176,6 +202,10 @@ fn main() -> anyhow::Result<()> {
     let lab = Lab::new("e2e", BACKENDS)?;
     let bench = Bench::new(&lab, bin, o)?;
     let results = bench.run()?;
+    if bench.o.only.is_some() {
+        eprintln!("--only: one path measured, no ratios, no section written");
+        return Ok(());
+    }
     let markdown = bench.section(&results)?;
     report::save_section("e2e", &markdown)
 }
@@ -262,6 +292,9 @@ impl<'a> Bench<'a> {
             for k in 0..Route::ALL.len() {
                 let ri = (k + round) % Route::ALL.len();
                 let route = Route::ALL[ri];
+                if self.o.only.is_some_and(|only| only != route) {
+                    continue;
+                }
                 let setup = self.set_up(ri)?;
                 self.check_spread(route)?;
                 // One second to warm caches (and the proxies' connection pools) first.
