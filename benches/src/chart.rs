@@ -46,7 +46,7 @@ fn draw_inner(path: &Path, bars: &Bars) -> Result<(), Box<dyn std::error::Error>
         .chain(bars.reference.as_ref().map(|r| r.0))
         .filter(|v| v.is_finite())
         .fold(0.0f64, f64::max)
-        * 1.15;
+        * 1.35; // headroom for the legend above the bars
     let top = if top > 0.0 { top } else { 1.0 };
 
     let root = SVGBackend::new(path, (860, 420)).into_drawing_area();
