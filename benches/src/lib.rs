@@ -16,6 +16,7 @@
 //! The library holds what they share: child processes in namespaces ([`child`]), statistics
 //! over rounds ([`stats`]), SVG charts ([`chart`]) and where results go ([`report`]).
 
+pub mod args;
 pub mod chart;
 pub mod child;
 pub mod probe;

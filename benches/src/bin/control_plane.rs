@@ -33,6 +33,7 @@ use std::{
 
 use anyhow::{bail, ensure, Context};
 use orch_benches::{
+    args,
     probe::{Acceptor, SynSniffer, SynSpray},
     report,
     stats::{max, median, percentile, thousands, verdict},
@@ -53,13 +54,7 @@ fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
-            "--trials" => {
-                trials = args
-                    .next()
-                    .context("--trials needs a number")?
-                    .parse()
-                    .context("--trials takes a whole number")?
-            }
+            "--trials" => trials = args::number(&mut args, "--trials")? as usize,
             other => bail!("unknown argument {other:?} (--trials N)"),
         }
     }
@@ -67,14 +62,7 @@ fn main() -> anyhow::Result<()> {
         (3..=1000).contains(&trials),
         "--trials must be within 3..=1000"
     );
-    let bin = std::env::var_os("ORCH_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| report::repo_root().join("target/release/orch"));
-    ensure!(
-        bin.exists(),
-        "{} not found: build it with `cargo build --release -p orch-userspace`",
-        bin.display()
-    );
+    let bin = args::orch_bin()?;
 
     let lab = Lab::new("cp", 3)?;
     lab.client

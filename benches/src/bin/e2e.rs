@@ -38,6 +38,7 @@ use std::{
 
 use anyhow::{bail, ensure, Context};
 use orch_benches::{
+    args,
     chart::{self, Bars},
     child::Child,
     report,
@@ -143,16 +144,10 @@ fn main() -> anyhow::Result<()> {
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
-        let mut value = |flag: &str| -> anyhow::Result<u64> {
-            args.next()
-                .with_context(|| format!("{flag} needs a value"))?
-                .parse()
-                .with_context(|| format!("{flag} takes a whole number"))
-        };
         match a.as_str() {
-            "--rounds" => o.rounds = value("--rounds")? as usize,
-            "--seconds" => o.seconds = value("--seconds")?,
-            "--connections" => o.connections = value("--connections")? as usize,
+            "--rounds" => o.rounds = args::number(&mut args, "--rounds")? as usize,
+            "--seconds" => o.seconds = args::number(&mut args, "--seconds")?,
+            "--connections" => o.connections = args::number(&mut args, "--connections")? as usize,
             "--xdp-mode" => {
                 o.xdp_mode = args.next().context("--xdp-mode needs auto, native or generic")?;
                 ensure!(
@@ -190,14 +185,7 @@ fn main() -> anyhow::Result<()> {
             "{tool} is not installed (`cargo xtask bench` installs the peers: apt-get install wrk nginx-light libnginx-mod-stream haproxy nftables)"
         );
     }
-    let bin = std::env::var_os("ORCH_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| report::repo_root().join("target/release/orch"));
-    ensure!(
-        bin.exists(),
-        "{} not found: build it with `cargo build --release -p orch-userspace`",
-        bin.display()
-    );
+    let bin = args::orch_bin()?;
 
     let lab = Lab::new("e2e", BACKENDS)?;
     let bench = Bench::new(&lab, bin, o)?;

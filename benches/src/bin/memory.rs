@@ -18,13 +18,13 @@
 use std::{
     fmt::Write as _,
     net::{Ipv4Addr, SocketAddr},
-    path::{Path, PathBuf},
+    path::Path,
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{ensure, Context};
-use orch_benches::{report, stats::verdict};
+use orch_benches::{args, report, stats::verdict};
 use orch_tests::lab::{self, Lab, Orch, VIP4};
 
 /// The large fleet: services and backends per service.
@@ -32,14 +32,7 @@ const LARGE: (usize, usize) = (10_000, 8);
 
 fn main() -> anyhow::Result<()> {
     ensure!(std::env::args().len() == 1, "memory takes no arguments");
-    let bin = std::env::var_os("ORCH_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| report::repo_root().join("target/release/orch"));
-    ensure!(
-        bin.exists(),
-        "{} not found: build it with `cargo build --release -p orch-userspace`",
-        bin.display()
-    );
+    let bin = args::orch_bin()?;
     let lab = Lab::new("mem", 3)?;
 
     eprintln!("24 services x 3 backends");

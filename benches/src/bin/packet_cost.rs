@@ -33,6 +33,7 @@ use orch::{
     reconcile::Reconciler,
 };
 use orch_benches::{
+    args,
     chart::{self, Bars},
     report,
     stats::{median, verdict},
@@ -134,16 +135,10 @@ fn main() -> anyhow::Result<()> {
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
-        let mut value = |flag: &str| -> anyhow::Result<u64> {
-            args.next()
-                .with_context(|| format!("{flag} needs a value"))?
-                .parse()
-                .with_context(|| format!("{flag} takes a whole number"))
-        };
         match a.as_str() {
-            "--repeat" => o.repeat = value("--repeat")? as u32,
-            "--rounds" => o.rounds = value("--rounds")? as usize,
-            "--services" => o.services = value("--services")? as usize,
+            "--repeat" => o.repeat = args::number(&mut args, "--repeat")? as u32,
+            "--rounds" => o.rounds = args::number(&mut args, "--rounds")? as usize,
+            "--services" => o.services = args::number(&mut args, "--services")? as usize,
             other => {
                 anyhow::bail!("unknown argument {other:?} (--repeat N, --rounds R, --services N)")
             }
