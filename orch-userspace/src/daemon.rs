@@ -455,62 +455,60 @@ impl Daemon {
         let mut changed = false;
         for target in targets.iter().cycle().skip(start).take(n) {
             let id = target.id;
-            {
-                let (Ok(signals), Ok(ejected)) = (self.dp.backend_signals(id), self.dp.ejected(id))
-                else {
-                    continue;
-                };
-                self.seeds += 1;
-                let seed = self.seeds;
-                let h = self
-                    .health
-                    .entry((target.service.clone(), target.backend))
-                    .or_insert_with(|| BackendHealth::new(seed));
-                let refused = signals.refused.saturating_sub(h.signals.refused);
-                let handshakes = signals.handshakes.saturating_sub(h.signals.handshakes);
-                let unanswered = signals.syn_retrans.saturating_sub(h.signals.syn_retrans);
-                h.signals = signals;
-                if target.check == CheckKind::None {
-                    // No probe could ever bring it back: the kernel's ejection saved the
-                    // refused attempt; lift it at once rather than for good.
-                    if ejected {
-                        if let Err(e) = self.dp.clear_ejection(id) {
-                            warn!(error = %e, "clearing an ejection failed");
-                        }
+            let (Ok(signals), Ok(ejected)) = (self.dp.backend_signals(id), self.dp.ejected(id))
+            else {
+                continue;
+            };
+            self.seeds += 1;
+            let seed = self.seeds;
+            let h = self
+                .health
+                .entry((target.service.clone(), target.backend))
+                .or_insert_with(|| BackendHealth::new(seed));
+            let refused = signals.refused.saturating_sub(h.signals.refused);
+            let handshakes = signals.handshakes.saturating_sub(h.signals.handshakes);
+            let unanswered = signals.syn_retrans.saturating_sub(h.signals.syn_retrans);
+            h.signals = signals;
+            if target.check == CheckKind::None {
+                // No probe could ever bring it back: the kernel's ejection saved the
+                // refused attempt; lift it at once rather than for good.
+                if ejected {
+                    if let Err(e) = self.dp.clear_ejection(id) {
+                        warn!(error = %e, "clearing an ejection failed");
                     }
-                    continue;
                 }
-                if refused > 0 || (ejected && !h.ejection_noted) {
-                    let before = h.usable();
-                    h.ejection_noted = ejected;
-                    h.successes = 0;
-                    h.failures += 1;
-                    h.last_failure = Some("refused connections (seen by the data plane)".into());
-                    if h.healthy {
-                        h.healthy = false;
-                        warn!(service = %target.service, backend = %target.backend, refused, "backend refuses connections: out of rotation");
-                    }
-                    if let Some(t) = h.breaker.record_failure(now) {
-                        h.events.transition(t.to);
-                        info!(service = %target.service, backend = %target.backend, from = t.from.name(), to = t.to.name(), "breaker");
-                    }
-                    changed |= h.usable() != before;
-                    self.checker.nudge(&target.service, target.backend);
-                } else if ejected && h.usable() {
-                    // Probes found it healthy again: let the data plane choose it again.
-                    match self.dp.clear_ejection(id) {
-                        Ok(()) => h.ejection_noted = false,
-                        Err(e) => warn!(error = %e, "clearing an ejection failed"),
-                    }
-                } else if unanswered > 0 && handshakes == 0 {
-                    // Clients retransmit SYNs it left unanswered and no handshake with it
-                    // completed since the last read: a host gone dark, or one whose accept
-                    // queue is full. Not proof (a lost packet looks the same), so no failure
-                    // is counted; the next probe goes out now instead of at its slot.
-                    self.checker.nudge(&target.service, target.backend);
-                } else if handshakes > 0 {
-                    self.checker.vouch(&target.service, target.backend);
+                continue;
+            }
+            if refused > 0 || (ejected && !h.ejection_noted) {
+                let before = h.usable();
+                h.ejection_noted = ejected;
+                h.successes = 0;
+                h.failures += 1;
+                h.last_failure = Some("refused connections (seen by the data plane)".into());
+                if h.healthy {
+                    h.healthy = false;
+                    warn!(service = %target.service, backend = %target.backend, refused, "backend refuses connections: out of rotation");
                 }
+                if let Some(t) = h.breaker.record_failure(now) {
+                    h.events.transition(t.to);
+                    info!(service = %target.service, backend = %target.backend, from = t.from.name(), to = t.to.name(), "breaker");
+                }
+                changed |= h.usable() != before;
+                self.checker.nudge(&target.service, target.backend);
+            } else if ejected && h.usable() {
+                // Probes found it healthy again: let the data plane choose it again.
+                match self.dp.clear_ejection(id) {
+                    Ok(()) => h.ejection_noted = false,
+                    Err(e) => warn!(error = %e, "clearing an ejection failed"),
+                }
+            } else if unanswered > 0 && handshakes == 0 {
+                // Clients retransmit SYNs it left unanswered and no handshake with it
+                // completed since the last read: a host gone dark, or one whose accept
+                // queue is full. Not proof (a lost packet looks the same), so no failure
+                // is counted; the next probe goes out now instead of at its slot.
+                self.checker.nudge(&target.service, target.backend);
+            } else if handshakes > 0 {
+                self.checker.vouch(&target.service, target.backend);
             }
         }
         // Put back unless a sync in this tick made them stale.
