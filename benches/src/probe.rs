@@ -96,23 +96,7 @@ fn packet_socket() -> io::Result<OwnedFd> {
     }
     // SAFETY: a fresh fd that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    let tv = libc::timeval {
-        tv_sec: 0,
-        tv_usec: 20_000,
-    };
-    // SAFETY: a valid fd and a timeval of the size we pass.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    orch_tests::lab::set_recv_timeout(&fd, Duration::from_millis(20))?;
     Ok(fd)
 }
 

@@ -301,7 +301,7 @@ fn default_routes(ns: &Netns, gw4: &str, gw6: &str) -> io::Result<()> {
 }
 
 /// Makes blocking `accept`/`recv` return every `timeout` so loops can notice `stop`.
-fn set_recv_timeout(fd: &impl AsRawFd, timeout: Duration) -> io::Result<()> {
+pub fn set_recv_timeout(fd: &impl AsRawFd, timeout: Duration) -> io::Result<()> {
     let tv = libc::timeval {
         tv_sec: timeout.as_secs() as libc::time_t,
         tv_usec: timeout.subsec_micros() as libc::suseconds_t,

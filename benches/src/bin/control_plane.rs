@@ -40,6 +40,7 @@ use orch_benches::{
 };
 use orch_tests::{
     lab::{self, Lab, LineConn, Orch, VIP4},
+    netns::Netns,
     prom,
 };
 
@@ -226,6 +227,64 @@ fn config() -> String {
     s
 }
 
+/// Two client threads repeating one attempt as fast as they can, counting successes and
+/// failures; stopped by [`Load::finish`] or when dropped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    counts: Arc<[AtomicU64; 2]>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(
+        ns: &Netns,
+        attempt: impl Fn() -> bool + Clone + Send + 'static,
+    ) -> anyhow::Result<Load> {
+        let mut load = Load {
+            stop: Arc::new(AtomicBool::new(false)),
+            counts: Arc::new([AtomicU64::new(0), AtomicU64::new(0)]),
+            threads: Vec::new(),
+        };
+        for _ in 0..2 {
+            let (stop, counts, attempt) = (load.stop.clone(), load.counts.clone(), attempt.clone());
+            load.threads.push(ns.spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let i = if attempt() { 0 } else { 1 };
+                    counts[i].fetch_add(1, Ordering::Relaxed);
+                }
+            })?);
+        }
+        Ok(load)
+    }
+
+    /// Successes and failures so far.
+    fn counts(&self) -> (u64, u64) {
+        (
+            self.counts[0].load(Ordering::Relaxed),
+            self.counts[1].load(Ordering::Relaxed),
+        )
+    }
+
+    /// Stops the threads; the final counts.
+    fn finish(mut self) -> (u64, u64) {
+        self.stop_threads();
+        self.counts()
+    }
+
+    fn stop_threads(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop_threads();
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kill {
     /// The backend's process exits: its listener closes and SYNs are answered with RST.
@@ -356,20 +415,9 @@ impl ControlPlane<'_> {
         kill: Kill,
     ) -> anyhow::Result<KillResult> {
         let vip = SocketAddr::from((VIP4, ACCEPT_PORT));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-        let mut load = Vec::new();
-        for _ in 0..2 {
-            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-            load.push(self.lab.client.spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match std::net::TcpStream::connect_timeout(&vip, Duration::from_secs(2)) {
-                        Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
-                        Err(_) => failed.fetch_add(1, Ordering::Relaxed),
-                    };
-                }
-            })?);
-        }
+        let load = Load::start(&self.lab.client, move || {
+            std::net::TcpStream::connect_timeout(&vip, Duration::from_secs(2)).is_ok()
+        })?;
         let victim = 1; // backend-2
         let mut latency_ms = Vec::new();
         let result = (|| -> anyhow::Result<()> {
@@ -411,15 +459,12 @@ impl ControlPlane<'_> {
             }
             Ok(())
         })();
-        stop.store(true, Ordering::Relaxed);
-        for l in load {
-            let _ = l.join();
-        }
+        let (ok, failed) = load.finish();
         result?;
         Ok(KillResult {
             latency_ms,
-            ok: ok.load(Ordering::Relaxed),
-            failed: failed.load(Ordering::Relaxed),
+            ok,
+            failed,
         })
     }
 
@@ -498,20 +543,8 @@ impl ControlPlane<'_> {
 
     fn restart_under_load(&self, orch: &mut Orch) -> anyhow::Result<Restart> {
         let vip = SocketAddr::from((VIP4, FLEET_PORT));
+        let load = Load::start(&self.lab.client, move || lab::tcp_ask(vip, "x").is_ok())?;
         let stop = Arc::new(AtomicBool::new(false));
-        let (requests, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-        let mut threads = Vec::new();
-        for _ in 0..2 {
-            let (stop, requests, failed) = (stop.clone(), requests.clone(), failed.clone());
-            threads.push(self.lab.client.spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match lab::tcp_ask(vip, "x") {
-                        Ok(_) => requests.fetch_add(1, Ordering::Relaxed),
-                        Err(_) => failed.fetch_add(1, Ordering::Relaxed),
-                    };
-                }
-            })?);
-        }
         const HELD: usize = 20;
         let held = {
             let stop = stop.clone();
@@ -540,11 +573,7 @@ impl ControlPlane<'_> {
             })?
         };
         thread::sleep(Duration::from_secs(2));
-        let (r0, f0, t0) = (
-            requests.load(Ordering::Relaxed),
-            failed.load(Ordering::Relaxed),
-            Instant::now(),
-        );
+        let ((r0, f0), t0) = (load.counts(), Instant::now());
         let status = orch.stop()?;
         ensure!(
             status.success(),
@@ -554,14 +583,8 @@ impl ControlPlane<'_> {
         let gap = t0.elapsed();
         thread::sleep(Duration::from_secs(2));
         let window = t0.elapsed();
-        let (r1, f1) = (
-            requests.load(Ordering::Relaxed),
-            failed.load(Ordering::Relaxed),
-        );
+        let (r1, f1) = load.finish();
         stop.store(true, Ordering::Relaxed);
-        for t in threads {
-            let _ = t.join();
-        }
         let (held_alive, held_exchanges, held_failed) = held
             .join()
             .map_err(|_| anyhow::anyhow!("the long-lived connections' thread panicked"))?;
