@@ -78,11 +78,24 @@ pub enum Reason {
     /// connection forgotten, so the client's SYN retransmission is balanced again (to
     /// another backend: this one is ejected from selection at once).
     DropRefused = 14,
+    /// A TCP segment without SYN (an ACK, FIN, RST, data...) for a VIP that matches no
+    /// connection: a scan, a forgery, or a connection whose state was lost. Only a SYN may
+    /// create state; balancing it would make the chosen backend answer with a RST, which
+    /// must never be read as that backend refusing connections.
+    DropTcpNoFlow = 15,
+    /// A packet with a balanced backend's source address that arrived on an interface the
+    /// backend is not routed through: whoever sent it is not that backend.
+    DropReplyInterface = 16,
+    /// A new connection whose translated 4-tuple (backend, client address and port) is
+    /// already used by a live connection of another service that shares the backend; its
+    /// replies could not be told apart. Dropped when no other backend is free of the clash:
+    /// the client's SYN retransmission tries again.
+    DropReplyCollision = 17,
 }
 
 impl Reason {
     /// Number of reasons: the size of the statistics array.
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 18;
 
     /// Every reason, in index order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -101,6 +114,9 @@ impl Reason {
         Reason::DropConntrackFull,
         Reason::DropInternal,
         Reason::DropRefused,
+        Reason::DropTcpNoFlow,
+        Reason::DropReplyInterface,
+        Reason::DropReplyCollision,
     ];
 
     /// A stable snake_case name, used in logs and (later) metric labels.
@@ -121,6 +137,9 @@ impl Reason {
             Reason::DropConntrackFull => "drop_conntrack_full",
             Reason::DropInternal => "drop_internal",
             Reason::DropRefused => "drop_refused",
+            Reason::DropTcpNoFlow => "drop_tcp_no_flow",
+            Reason::DropReplyInterface => "drop_reply_interface",
+            Reason::DropReplyCollision => "drop_reply_collision",
         }
     }
 }

@@ -23,13 +23,19 @@ pub const BACKENDS_MAP: &str = "ORCH_BE_V1";
 /// Per-service new-connection cursor: service id → `u64` (per-CPU array).
 pub const CURSORS_MAP: &str = "ORCH_CURSOR_V1";
 /// Connection table: [`FlowKey`] → [`FlowValue`] (LRU hash).
-pub const CONNTRACK_MAP: &str = "ORCH_CT_V1";
+pub const CONNTRACK_MAP: &str = "ORCH_CT_V2";
+/// The connection table of the previous layout ([`v1::FlowValue`]); a daemon that finds it
+/// pinned migrates its entries into [`CONNTRACK_MAP`] before it swaps its program in.
+pub const CONNTRACK_MAP_V1: &str = "ORCH_CT_V1";
 /// Port pre-filter: index [`PORTS_VIP`] / [`PORTS_BACKEND`] → [`PortBitmap`] (array).
 pub const PORTS_MAP: &str = "ORCH_PORTS_V1";
 /// Runtime settings: index 0 → [`Settings`] (array).
 pub const SETTINGS_MAP: &str = "ORCH_CFG_V1";
 /// Verdict counters: [`crate::Reason`] → `u64` (per-CPU array).
-pub const STATS_MAP: &str = "ORCH_STATS_V2";
+pub const STATS_MAP: &str = "ORCH_STATS_V3";
+/// The verdict counters of the previous layout (fewer reasons, same indices); migrated into
+/// [`STATS_MAP`] so that counters never go backwards across an upgrade.
+pub const STATS_MAP_V2: &str = "ORCH_STATS_V2";
 /// Per-service traffic: service id → [`TrafficCounters`] (per-CPU array).
 pub const SERVICE_STATS_MAP: &str = "ORCH_SVC_ST_V1";
 /// Per-backend traffic: backend id → [`TrafficCounters`] (per-CPU array).
@@ -161,8 +167,8 @@ impl Backend {
 pub const SEEN_FIN: u32 = 1;
 /// [`FlowValue::seen`]: a RST went this way.
 pub const SEEN_RST: u32 = 2;
-/// [`FlowValue::seen`] of a reply entry: the backend's SYN-ACK went through (the handshake
-/// latency was measured; later RSTs are not refusals).
+/// [`FlowValue::seen`] of a reply entry: the backend's SYN-ACK to the balanced SYN went
+/// through (the handshake latency was measured; later RSTs are not refusals).
 pub const SEEN_SYNACK: u32 = 4;
 /// TCP header flags (RFC 9293 section 3.1).
 pub const TCP_FIN: u8 = 0x01;
@@ -170,15 +176,25 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
+/// Whether TCP `flags` open a connection: SYN alone (ACK, RST and FIN clear; PSH, URG, ECE
+/// and CWR may ride along). Only such a segment may create connection state: anything
+/// else that matches no entry is stray (lost state, a scan, a forgery) and is dropped.
+#[inline(always)]
+pub const fn tcp_opens(flags: u8) -> bool {
+    flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
+}
+
 impl FlowValue {
-    /// The `seen` bits a packet with TCP `flags` adds.
+    /// The [`SEEN_FIN`] / [`SEEN_RST`] / [`SEEN_SYNACK`] summary of this entry's flags.
     #[inline(always)]
-    pub const fn seen_bits(flags: u8) -> u32 {
-        (if flags & TCP_FIN != 0 { SEEN_FIN } else { 0 })
-            | (if flags & TCP_RST != 0 { SEEN_RST } else { 0 })
+    pub const fn seen(&self) -> u32 {
+        (if self.fin != 0 { SEEN_FIN } else { 0 })
+            | (if self.rst != 0 { SEEN_RST } else { 0 })
+            | (if self.synack != 0 { SEEN_SYNACK } else { 0 })
     }
 
-    /// Whether a connection whose two entries have seen `a` and `b` is over.
+    /// Whether a connection whose two entries have seen `a` and `b` ([`FlowValue::seen`])
+    /// is over.
     pub const fn closed(a: u32, b: u32) -> bool {
         (a | b) & SEEN_RST != 0 || (a & SEEN_FIN != 0 && b & SEEN_FIN != 0)
     }
@@ -223,9 +239,28 @@ impl FlowKey {
             _pad: 0,
         }
     }
+
+    /// The key of the forward entry of a connection whose reply entry is (`self`, `reply`):
+    /// the client's packets as they arrive.
+    #[inline(always)]
+    pub const fn forward_of(&self, reply: &FlowValue) -> FlowKey {
+        FlowKey {
+            src: self.dst,
+            dst: reply.nat_addr,
+            src_port_be: self.dst_port_be,
+            dst_port_be: reply.nat_port_be,
+            proto: self.proto,
+            dir: DIR_FORWARD,
+            _pad: 0,
+        }
+    }
 }
 
-/// A connection-table value: the address and port to write into the packet.
+/// A connection-table value: the address and port to write into the packet, and what the
+/// data plane has seen of the connection.
+///
+/// Layout 2 (`ORCH_CT_V2`). Against [`v1::FlowValue`]: the flags are one byte each, the
+/// client's SYN sequence number and the reply interface are new.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowValue {
@@ -238,16 +273,74 @@ pub struct FlowValue {
     pub backend_id: u32,
     /// The service of the connection (counters).
     pub service_id: u32,
-    /// [`SEEN_FIN`] / [`SEEN_RST`]: what this direction has sent. Written only by the rare
-    /// packets that carry them, so the hot path stays read-only. A connection is over when
-    /// either direction saw RST or both saw FIN; the daemon counts live connections so.
-    /// (Zero in entries of older daemons: they read as "open", the old meaning.)
-    pub seen: u32,
+    /// Non-zero once a FIN went this way.
+    ///
+    /// Each flag is a byte of its own, set with a single store and never read-modified-
+    /// written: the two directions of a connection (and, with RSS, one direction) run on
+    /// different CPUs, and a shared bit word updated with a plain `|=` loses one of two
+    /// flags set at once (a lost FIN left a connection "live" for `drain --wait`). Flags are
+    /// written only by the few packets that carry them, so the hot path stays read-only.
+    pub fin: u8,
+    /// Non-zero once a RST went this way.
+    pub rst: u8,
+    /// Reply entries: non-zero once the backend's SYN-ACK to the balanced SYN went through.
+    pub synack: u8,
+    pub _flags_pad: u8,
+    /// The client's initial sequence number plus one (host order): what a SYN-ACK or a RST
+    /// that answers the balanced SYN acknowledges. Only such a RST is a refusal.
+    pub syn_next: u32,
+    /// Reply entries: the interface through which the backend is routed (the forward
+    /// path's FIB egress). A packet with the backend's source address that arrives on
+    /// another interface did not come from the backend and is dropped. 0: not checked (an
+    /// entry migrated from layout 1, which did not record it).
+    pub ifindex: u32,
     /// `bpf_ktime_get_ns()` of the last packet seen, refreshed at most every
     /// [`Settings::touch_interval_ns`] to keep the hot path free of shared writes.
     pub last_seen_ns: u64,
 }
-const _: () = assert!(size_of::<FlowValue>() == 40);
+const _: () = assert!(size_of::<FlowValue>() == 48);
+
+/// Layout 1 of the connection table (`ORCH_CT_V1`), kept to migrate its entries.
+pub mod v1 {
+    use core::mem::size_of;
+
+    /// A connection-table value as layout 1 stored it (the key is unchanged).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct FlowValue {
+        pub nat_addr: [u32; 4],
+        pub nat_port_be: u16,
+        pub _pad: u16,
+        pub backend_id: u32,
+        pub service_id: u32,
+        /// `SEEN_*` bits.
+        pub seen: u32,
+        pub last_seen_ns: u64,
+    }
+    const _: () = assert!(size_of::<FlowValue>() == 40);
+
+    impl FlowValue {
+        /// The entry in layout 2. What layout 1 did not record stays unknown: no SYN
+        /// sequence number (so no RST counts as a refusal on it) and no reply interface (not
+        /// checked).
+        pub const fn upgrade(&self) -> super::FlowValue {
+            super::FlowValue {
+                nat_addr: self.nat_addr,
+                nat_port_be: self.nat_port_be,
+                _pad: 0,
+                backend_id: self.backend_id,
+                service_id: self.service_id,
+                fin: (self.seen & super::SEEN_FIN != 0) as u8,
+                rst: (self.seen & super::SEEN_RST != 0) as u8,
+                synack: (self.seen & super::SEEN_SYNACK != 0) as u8,
+                _flags_pad: 0,
+                syn_next: 0,
+                ifindex: 0,
+                last_seen_ns: self.last_seen_ns,
+            }
+        }
+    }
+}
 
 /// A set of ports, one bit each. The program checks it before any hash lookup, so traffic to
 /// ports no service uses costs one array load.
@@ -334,6 +427,7 @@ mod pod {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for v1::FlowValue {}
     unsafe impl aya::Pod for PortBitmap {}
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for TrafficCounters {}

@@ -4,7 +4,7 @@
 use core::mem::{size_of, zeroed};
 
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup, BPF_FIB_LKUP_RET_SUCCESS},
+    bindings::{bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect},
     programs::XdpContext,
     EbpfContext,
@@ -23,28 +23,31 @@ const V4_TTL: usize = ETH_HLEN + 8;
 const V4_CHECK: usize = ETH_HLEN + 10;
 const V6_HOP_LIMIT: usize = ETH_HLEN + 7;
 
-/// Routes the (already translated) packet from `src` to `dst`. On success it sets the MACs,
-/// decrements the TTL as a router must, and returns the redirect action. `None` means "let
-/// the kernel route it": no route, an unresolved neighbour (the stack will resolve it and the
-/// next packets will take the fast path), a TTL about to expire (the stack sends the ICMP
-/// error), or redirect disabled.
-#[inline(always)]
-pub fn redirect(
-    ctx: &XdpContext,
-    pkt: &Packet,
-    src: &[u32; 4],
-    dst: &[u32; 4],
-    settings: &Settings,
-) -> Option<u32> {
-    if settings.flags & SETTING_REDIRECT == 0 {
-        return None;
-    }
-    let ttl_off = if pkt.v6 { V6_HOP_LIMIT } else { V4_TTL };
-    let ttl = read::<u8>(ctx, ttl_off)?;
-    if ttl <= 1 {
-        return None;
-    }
+/// The kernel's route for a translated packet.
+pub struct Route {
+    params: bpf_fib_lookup,
+    rc: i64,
+}
 
+impl Route {
+    /// The interface the packet leaves by, or 0 when the FIB has no route. Known also when
+    /// the neighbour is not yet resolved (the kernel sets the egress before it looks the
+    /// neighbour up).
+    #[inline(always)]
+    pub fn egress(&self) -> u32 {
+        if self.rc == BPF_FIB_LKUP_RET_SUCCESS as i64 || self.rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64
+        {
+            self.params.ifindex
+        } else {
+            0
+        }
+    }
+}
+
+/// Looks up the route of a (translated) packet from `src` to `dst`, as received on this
+/// packet's interface.
+#[inline(always)]
+pub fn lookup(ctx: &XdpContext, pkt: &Packet, src: &[u32; 4], dst: &[u32; 4]) -> Route {
     // SAFETY: a plain C struct for which all-zero is a valid value.
     let mut params: bpf_fib_lookup = unsafe { zeroed() };
     params.l4_protocol = pkt.proto;
@@ -70,9 +73,35 @@ pub fn redirect(
             0,
         )
     };
-    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+    Route { params, rc }
+}
+
+/// Forwards the (already translated) packet from `src` to `dst`. On success it sets the MACs, decrements the TTL as a
+/// router must, and returns the redirect action. `None` means "let the kernel route it": no
+/// route, an unresolved neighbour (the stack will resolve it and the next packets will take
+/// the fast path), a TTL about to expire (the stack sends the ICMP error), or redirect
+/// disabled.
+#[inline(always)]
+pub fn redirect(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    src: &[u32; 4],
+    dst: &[u32; 4],
+    settings: &Settings,
+) -> Option<u32> {
+    if settings.flags & SETTING_REDIRECT == 0 {
         return None;
     }
+    let ttl_off = if pkt.v6 { V6_HOP_LIMIT } else { V4_TTL };
+    let ttl = read::<u8>(ctx, ttl_off)?;
+    if ttl <= 1 {
+        return None;
+    }
+    let route = lookup(ctx, pkt, src, dst);
+    if route.rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return None;
+    }
+    let params = &route.params;
 
     if !write(ctx, 0, params.dmac) || !write(ctx, 6, params.smac) {
         return None;

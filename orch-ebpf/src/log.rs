@@ -31,6 +31,18 @@ pub fn verdict(ctx: &XdpContext, reason: Reason) {
             ctx,
             "new connection to a service with no backend in rotation: dropped"
         ),
+        Reason::DropTcpNoFlow => debug!(
+            ctx,
+            "TCP segment without SYN matches no connection: dropped"
+        ),
+        Reason::DropReplyInterface => warn!(
+            ctx,
+            "packet from a backend's address on an interface the backend is not routed through: dropped"
+        ),
+        Reason::DropReplyCollision => warn!(
+            ctx,
+            "new connection's translated 4-tuple is in use by another service's connection: dropped"
+        ),
         Reason::PassTruncated | Reason::PassMalformed => {
             debug!(ctx, "malformed or truncated header: passed to the stack")
         }

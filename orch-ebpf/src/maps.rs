@@ -28,7 +28,7 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 #[map(name = "ORCH_CURSOR_V1")]
 pub static CURSORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 
-#[map(name = "ORCH_CT_V1")]
+#[map(name = "ORCH_CT_V2")]
 pub static CONNTRACK: LruHashMap<FlowKey, FlowValue> =
     LruHashMap::with_max_entries(CONNTRACK_CAPACITY, 0);
 
@@ -38,7 +38,7 @@ pub static PORTS: Array<PortBitmap> = Array::with_max_entries(2, 0);
 #[map(name = "ORCH_CFG_V1")]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
-#[map(name = "ORCH_STATS_V2")]
+#[map(name = "ORCH_STATS_V3")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
 
 #[map(name = "ORCH_SVC_ST_V1")]

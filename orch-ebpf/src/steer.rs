@@ -3,8 +3,8 @@
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use orch_common::{
     maps::{
-        BackendSignals, FlowKey, FlowValue, ServiceKey, ServiceValue, Settings, TrafficCounters,
-        DIR_FORWARD, DIR_REPLY, SEEN_RST, SEEN_SYNACK, TCP_ACK, TCP_RST, TCP_SYN,
+        tcp_opens, BackendSignals, FlowKey, FlowValue, ServiceKey, ServiceValue, Settings,
+        TrafficCounters, DIR_FORWARD, DIR_REPLY, TCP_ACK, TCP_RST, TCP_SYN,
     },
     maps::{PORTS_BACKEND, PORTS_VIP},
     Reason, IPPROTO_TCP,
@@ -17,6 +17,10 @@ use crate::{
     parse::{self, Packet},
     stats,
 };
+
+/// Offsets of the sequence and acknowledgment numbers in the TCP header (RFC 9293).
+const TCP_SEQ_OFF: usize = 4;
+const TCP_ACK_SEQ_OFF: usize = 8;
 
 /// Returns the XDP action and the reason to count.
 #[inline(always)]
@@ -35,7 +39,10 @@ fn action_for(reason: Reason) -> u32 {
         Reason::DropNoBackend
         | Reason::DropConntrackFull
         | Reason::DropInternal
-        | Reason::DropRefused => xdp_action::XDP_DROP,
+        | Reason::DropRefused
+        | Reason::DropTcpNoFlow
+        | Reason::DropReplyInterface
+        | Reason::DropReplyCollision => xdp_action::XDP_DROP,
         _ => xdp_action::XDP_PASS,
     }
 }
@@ -78,20 +85,26 @@ fn try_steer(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
             _pad: 0,
         };
         if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
-            // SAFETY: a live map value, updated only by whole-word stores.
+            // SAFETY: a live map value, updated only by whole-word and single-byte stores.
             let entry = unsafe { &mut *entry };
-            if pkt.proto == IPPROTO_TCP && entry.seen & SEEN_SYNACK == 0 {
-                handshake(&key, entry, &pkt)?;
+            // A reverse-path check: the backend's packets come from where it is routed.
+            // Anything else claiming its address (a host on the client side, say) is neither
+            // translated towards a client nor read as the backend's answer.
+            if entry.ifindex != 0 && entry.ifindex != ctx.ingress_ifindex() as u32 {
+                return Err(Reason::DropReplyInterface);
+            }
+            if pkt.proto == IPPROTO_TCP && entry.synack == 0 {
+                handshake(ctx, &key, entry, &pkt)?;
             } else if pkt.tcp_flags & TCP_RST != 0 {
                 // The backend reset an established connection. The client sends nothing
                 // more on it, so mark its forward entry too: a SYN that reuses the port is
                 // then a new connection, not one for this (perhaps dead) backend.
-                if let Some(forward) = CONNTRACK.get_ptr_mut(forward_key(&key, entry)) {
-                    // SAFETY: a live map value, updated only by whole-word stores.
-                    balance::record_seen(unsafe { &mut *forward }, SEEN_RST);
+                if let Some(forward) = CONNTRACK.get_ptr_mut(key.forward_of(entry)) {
+                    // SAFETY: as above.
+                    balance::record_flags(unsafe { &mut *forward }, TCP_RST);
                 }
             }
-            balance::record_seen(entry, FlowValue::seen_bits(pkt.tcp_flags));
+            balance::record_flags(entry, pkt.tcp_flags);
             let flow = *entry;
             return reply(ctx, &pkt, &flow);
         }
@@ -99,18 +112,35 @@ fn try_steer(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     Err(Reason::PassNotService)
 }
 
-/// A backend's first answers to a balanced SYN: a SYN-ACK gives the handshake latency (the
-/// reply entry's timestamp is the SYN's: replies never refresh it); a RST before any SYN-ACK
-/// is a refusal. The refusing backend is ejected from selection, the RST dropped and the flow
-/// forgotten, so the client's SYN retransmission (about a second later) is balanced again
-/// onto a backend that is up, instead of the client seeing "connection refused".
+/// A backend's first answers to a balanced SYN, recognised by what they acknowledge: the
+/// client's SYN sequence number plus one. A SYN-ACK gives the handshake latency (the reply
+/// entry's timestamp is the SYN's: replies never refresh it); a RST is a refusal. The
+/// refusing backend is ejected from selection, the RST dropped and the flow forgotten, so the
+/// client's SYN retransmission (about a second later) is balanced again onto a backend that
+/// is up, instead of the client seeing "connection refused".
+///
+/// Any other RST (one that acknowledges something else, or nothing) is not an answer to our
+/// SYN: it is translated and passed on like any packet of the connection, and ejects nobody.
 #[inline(always)]
-fn handshake(key: &FlowKey, entry: &mut FlowValue, pkt: &Packet) -> Result<(), Reason> {
+fn handshake(
+    ctx: &XdpContext,
+    key: &FlowKey,
+    entry: &mut FlowValue,
+    pkt: &Packet,
+) -> Result<(), Reason> {
     let flags = pkt.tcp_flags;
-    if flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
+    if flags & TCP_ACK == 0 || flags & (TCP_SYN | TCP_RST) == 0 {
+        return Ok(());
+    }
+    let ack =
+        parse::read::<u32>(ctx, pkt.l4_off() + TCP_ACK_SEQ_OFF).ok_or(Reason::PassTruncated)?;
+    if u32::from_be(ack) != entry.syn_next {
+        return Ok(());
+    }
+    if flags & TCP_SYN != 0 {
         // SAFETY: a helper without arguments.
         let latency = unsafe { bpf_ktime_get_ns() }.saturating_sub(entry.last_seen_ns);
-        entry.seen |= SEEN_SYNACK;
+        entry.synack = 1;
         stats::signals(entry.backend_id, |s| {
             s.handshakes += 1;
             s.handshake_ns += latency;
@@ -119,28 +149,14 @@ fn handshake(key: &FlowKey, entry: &mut FlowValue, pkt: &Packet) -> Result<(), R
                 s.handshake_hist[b] += 1;
             }
         });
-    } else if flags & TCP_RST != 0 {
+    } else {
         stats::signals(entry.backend_id, |s| s.refused += 1);
         balance::eject(entry.backend_id);
-        let _ = CONNTRACK.remove(forward_key(key, entry));
+        let _ = CONNTRACK.remove(key.forward_of(entry));
         let _ = CONNTRACK.remove(key);
         return Err(Reason::DropRefused);
     }
     Ok(())
-}
-
-/// The forward entry's key of the connection whose reply entry is (`key`, `entry`).
-#[inline(always)]
-fn forward_key(key: &FlowKey, entry: &FlowValue) -> FlowKey {
-    FlowKey {
-        src: key.dst,
-        dst: entry.nat_addr,
-        src_port_be: key.dst_port_be,
-        dst_port_be: entry.nat_port_be,
-        proto: key.proto,
-        dir: DIR_FORWARD,
-        _pad: 0,
-    }
 }
 
 #[inline(always)]
@@ -163,23 +179,36 @@ fn forward(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue) -> Result<(u32, R
         dir: DIR_FORWARD,
         _pad: 0,
     };
-    let seen = FlowValue::seen_bits(pkt.tcp_flags);
-    let flow = match balance::existing(&key, now, &settings, seen, pkt.tcp_flags) {
+    let tcp = pkt.proto == IPPROTO_TCP;
+    let flow = match balance::existing(&key, now, &settings, pkt.tcp_flags) {
         Some(flow) => flow,
-        None => balance::new_flow(&key, svc, now, seen)?,
+        None => {
+            // Only a SYN opens a connection (UDP: any datagram).
+            if tcp && !tcp_opens(pkt.tcp_flags) {
+                return Err(Reason::DropTcpNoFlow);
+            }
+            let syn_next = if tcp {
+                let seq = parse::read::<u32>(ctx, pkt.l4_off() + TCP_SEQ_OFF)
+                    .ok_or(Reason::PassTruncated)?;
+                u32::from_be(seq).wrapping_add(1)
+            } else {
+                0
+            };
+            let new = balance::NewFlow {
+                now,
+                syn_next,
+                udp_idle_ns: settings.udp_idle_ns,
+            };
+            balance::new_flow(&key, svc, &new, |backend| {
+                fib::lookup(ctx, pkt, &pkt.src, backend).egress()
+            })?
+        }
     };
     if !nat::rewrite(ctx, pkt, Side::Dst, &flow.nat_addr, flow.nat_port_be) {
         return Err(Reason::DropInternal);
     }
-    Ok(deliver(
-        ctx,
-        pkt,
-        &flow,
-        &pkt.src,
-        &flow.nat_addr,
-        &settings,
-        false,
-    ))
+    let targets = (&pkt.src, &flow.nat_addr);
+    Ok(deliver(ctx, pkt, &flow, targets, &settings, false))
 }
 
 /// A backend's reply: restore the VIP as the source so the client sees only the VIP.
@@ -188,15 +217,8 @@ fn reply(ctx: &XdpContext, pkt: &Packet, flow: &FlowValue) -> Result<(u32, Reaso
     if !nat::rewrite(ctx, pkt, Side::Src, &flow.nat_addr, flow.nat_port_be) {
         return Err(Reason::DropInternal);
     }
-    Ok(deliver(
-        ctx,
-        pkt,
-        flow,
-        &flow.nat_addr,
-        &pkt.dst,
-        &settings(),
-        true,
-    ))
+    let targets = (&flow.nat_addr, &pkt.dst);
+    Ok(deliver(ctx, pkt, flow, targets, &settings(), true))
 }
 
 /// Counts a translated packet (now from `src` to `dst`) for its service and backend, then
@@ -206,8 +228,7 @@ fn deliver(
     ctx: &XdpContext,
     pkt: &Packet,
     flow: &FlowValue,
-    src: &[u32; 4],
-    dst: &[u32; 4],
+    (src, dst): (&[u32; 4], &[u32; 4]),
     settings: &Settings,
     reply: bool,
 ) -> (u32, Reason) {

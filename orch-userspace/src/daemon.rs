@@ -249,6 +249,11 @@ impl Daemon {
             metrics,
         };
         daemon.attach()?;
+        // The new program is in every link now: what the old one did since the first pass
+        // is carried over too, and the old layout's maps are retired.
+        if let Err(e) = daemon.dp.migrate(true) {
+            error!(error = %format!("{:#}", anyhow::Error::from(e)), "migrating the previous map layout failed");
+        }
         daemon.forget_removed();
         release_freed_memory();
         info!(
@@ -654,12 +659,12 @@ impl Daemon {
                     .dp
                     .flow(&reply)
                     .map_err(internal)?
-                    .map_or(0, |r| r.seen);
+                    .map_or(0, |r| r.seen());
                 let closed = |seen: u32| seen & (SEEN_FIN | SEEN_RST) != 0;
                 e.path = ExplainPath::Existing {
                     backend,
                     idle_ms: idle_ns / 1_000_000,
-                    client_closed: closed(flow.seen),
+                    client_closed: closed(flow.seen()),
                     backend_closed: closed(reply_seen),
                 };
                 named.push(backend);

@@ -21,7 +21,7 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, MapData, MapError, MapInfo, PerCpuArray},
+    maps::{Array, HashMap, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues},
     pin::PinError,
     programs::{
         links::{FdLink, LinkError, PinnedLink},
@@ -31,10 +31,10 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 use orch_common::maps::{
-    Backend, BackendSignals, FlowKey, FlowValue, PortBitmap, ServiceKey, ServiceValue, Settings,
-    SlotTable, TrafficCounters, BACKENDS_MAP, BACKEND_DOWN_MAP, BACKEND_SIGNALS_MAP,
-    BACKEND_STATS_MAP, CONNTRACK_MAP, CURSORS_MAP, PORTS_MAP, SERVICES_MAP, SERVICE_STATS_MAP,
-    SETTINGS_MAP, SLOTS_MAP, STATS_MAP,
+    v1, Backend, BackendSignals, FlowKey, FlowValue, PortBitmap, ServiceKey, ServiceValue,
+    Settings, SlotTable, TrafficCounters, BACKENDS_MAP, BACKEND_DOWN_MAP, BACKEND_SIGNALS_MAP,
+    BACKEND_STATS_MAP, CONNTRACK_MAP, CONNTRACK_MAP_V1, CURSORS_MAP, PORTS_MAP, SERVICES_MAP,
+    SERVICE_STATS_MAP, SETTINGS_MAP, SLOTS_MAP, STATS_MAP, STATS_MAP_V2,
 };
 use orch_common::Reason;
 use tracing::{debug, info, warn};
@@ -187,6 +187,32 @@ pub enum DataplaneError {
         #[source]
         source: LinkError,
     },
+}
+
+/// What [`Dataplane::migrate`] carried over from an earlier layout.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Migration {
+    /// Connection-table entries copied into the new table.
+    pub connections: u64,
+    /// Entries the new table refused (it is smaller, or full).
+    pub refused: u64,
+    /// Whether the old verdict counters were added to the new ones.
+    pub counters: bool,
+    /// Old pins removed.
+    pub retired: u32,
+}
+
+/// `bpf_map_update_elem` flag: insert only if the key is absent.
+const BPF_NOEXIST: u64 = 1;
+
+/// Opens a map pinned at `path`.
+fn open_pinned(path: &Path) -> Result<aya::maps::Map, DataplaneError> {
+    let pinned_err = |source| DataplaneError::PinnedMap {
+        path: path.to_owned(),
+        source,
+    };
+    let data = MapData::from_pin(path).map_err(pinned_err)?;
+    aya::maps::Map::from_map_data(data).map_err(pinned_err)
 }
 
 /// Map capacities, fixed when the object is loaded.
@@ -363,7 +389,87 @@ impl Dataplane {
         dp.pin_dir = Some(pin_dir.to_owned());
         dp.adopted = adopted;
         info!(pin_dir = %pin_dir.display(), adopted, "data plane loaded");
+        dp.migrate(false)?;
         Ok(dp)
+    }
+
+    /// Carries the state of an earlier layout's pinned maps into this layout's, so that an
+    /// upgrade that changes a layout drops no connection and no counter:
+    /// - the connection table (`ORCH_CT_V1`): every entry the new table lacks, converted;
+    /// - with `finish`, the verdict counters (`ORCH_STATS_V2`), added to the new ones, and
+    ///   then the old pins are removed.
+    ///
+    /// [`Dataplane::open`] runs it before the program swap, so the new program finds the
+    /// established connections in its table from its first packet on; the daemon runs it
+    /// again with `finish` once its program is in every link, for the connections the old
+    /// program opened in between, and to retire the old maps. Maps the old layout shares
+    /// with this one (services, backends, cursors...) were adopted as they are.
+    pub fn migrate(&mut self, finish: bool) -> Result<Migration, DataplaneError> {
+        let mut done = Migration::default();
+        let Some(maps_dir) = self.pin_dir.as_ref().map(|d| d.join("maps")) else {
+            return Ok(done);
+        };
+        let old_ct = maps_dir.join(CONNTRACK_MAP_V1);
+        if old_ct.exists() {
+            let old = open_pinned(&old_ct)?;
+            let old: HashMap<MapData, FlowKey, v1::FlowValue> =
+                HashMap::try_from(old).map_err(map_err(CONNTRACK_MAP_V1))?;
+            for entry in old.iter() {
+                // An entry deleted while we walk is simply skipped.
+                let Ok((key, value)) = entry else { continue };
+                match self.conntrack.insert(key, value.upgrade(), BPF_NOEXIST) {
+                    Ok(()) => done.connections += 1,
+                    // Already there: copied by the first pass, or opened by the new program.
+                    Err(MapError::SyscallError(e))
+                        if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                    Err(e) => {
+                        warn!(error = %e, "the new connection table refused a migrated entry");
+                        done.refused += 1;
+                    }
+                }
+            }
+        }
+        let old_stats = maps_dir.join(STATS_MAP_V2);
+        if finish && old_stats.exists() {
+            let old = open_pinned(&old_stats)?;
+            let old: PerCpuArray<MapData, u64> =
+                PerCpuArray::try_from(old).map_err(map_err(STATS_MAP_V2))?;
+            for index in 0..old.len().min(Reason::COUNT) {
+                let (Ok(before), Ok(now)) = (old.get(&index, 0), self.stats.get(&index, 0)) else {
+                    continue;
+                };
+                let sum: Vec<u64> = before.iter().zip(now.iter()).map(|(a, b)| a + b).collect();
+                let values = PerCpuValues::try_from(sum).map_err(|source| DataplaneError::Map {
+                    name: STATS_MAP,
+                    source: MapError::IoError(source),
+                })?;
+                self.stats
+                    .set(index, values, 0)
+                    .map_err(map_err(STATS_MAP))?;
+            }
+            done.counters = true;
+        }
+        if finish {
+            for path in [old_ct, old_stats] {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => done.retired += 1,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        warn!(path = %path.display(), error = %e, "removing an old pin failed")
+                    }
+                }
+            }
+        }
+        if done != Migration::default() {
+            info!(
+                connections = done.connections,
+                refused = done.refused,
+                counters = done.counters,
+                retired_pins = done.retired,
+                "state migrated from the previous map layout"
+            );
+        }
+        Ok(done)
     }
 
     fn load_with(
@@ -717,8 +823,8 @@ impl Dataplane {
                 now.saturating_sub(value.last_seen_ns) <= udp_idle_ns
             } else {
                 let reply_key = key.reply(value.nat_addr, value.nat_port_be);
-                let reply_seen = entries.get(&reply_key).map_or(0, |r| r.seen);
-                !FlowValue::closed(value.seen, reply_seen)
+                let reply_seen = entries.get(&reply_key).map_or(0, |r| r.seen());
+                !FlowValue::closed(value.seen(), reply_seen)
             };
             if live {
                 *counts.entry(value.backend_id).or_insert(0) += 1;
@@ -730,10 +836,21 @@ impl Dataplane {
         })
     }
 
-    /// Runs the balancer once on `packet` (BPF_PROG_TEST_RUN). The kernel runs it in the
-    /// network namespace of the calling thread, which decides what the FIB lookup sees.
+    /// Runs the balancer once on `packet` (BPF_PROG_TEST_RUN) as received on the loopback
+    /// device. The kernel runs it in the network namespace of the calling thread, which
+    /// decides what the FIB lookup sees.
     pub fn test_run(&mut self, packet: &[u8]) -> Result<TestRunOutput, DataplaneError> {
-        self.run(PROGRAM, packet, 1)
+        self.run(PROGRAM, packet, 1, 0)
+    }
+
+    /// [`Dataplane::test_run`] as received on interface `ingress_ifindex` (of the calling
+    /// thread's namespace): what the program's reverse-path check compares.
+    pub fn test_run_on(
+        &mut self,
+        packet: &[u8],
+        ingress_ifindex: u32,
+    ) -> Result<TestRunOutput, DataplaneError> {
+        self.run(PROGRAM, packet, 1, ingress_ifindex)
     }
 
     /// Runs `packet` `repeat` times through the balancer (`floor == false`) or the floor
@@ -745,7 +862,12 @@ impl Dataplane {
         packet: &[u8],
         repeat: u32,
     ) -> Result<TestRunOutput, DataplaneError> {
-        self.run(if floor { FLOOR_PROGRAM } else { PROGRAM }, packet, repeat)
+        self.run(
+            if floor { FLOOR_PROGRAM } else { PROGRAM },
+            packet,
+            repeat,
+            0,
+        )
     }
 
     fn run(
@@ -753,14 +875,22 @@ impl Dataplane {
         name: &'static str,
         packet: &[u8],
         repeat: u32,
+        ingress_ifindex: u32,
     ) -> Result<TestRunOutput, DataplaneError> {
         // Room for the program to grow the packet (it does not today) and the kernel's check
         // that the output fits.
         let mut out = vec![0u8; packet.len() + 256];
+        // `struct xdp_md`: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex. The kernel wants data 0 and data_end the packet's length.
+        let ctx: Vec<u8> = [0, packet.len() as u32, 0, ingress_ifindex, 0, 0]
+            .iter()
+            .flat_map(|w| w.to_ne_bytes())
+            .collect();
         let prog = self.program(name)?;
         let opts = TestRunOptions {
             data_in: Some(packet),
             data_out: Some(&mut out),
+            ctx_in: (ingress_ifindex != 0).then_some(&ctx[..]),
             repeat,
             ..Default::default()
         };

@@ -5,6 +5,7 @@
 //! - [`lab`]: the topology (client, load balancer, backends), backend servers that answer
 //!   with their own name, clients, and the `orch` daemon process;
 //! - [`prom`]: reading the daemon's `/metrics` text;
+//! - [`oldmaps`]: maps pinned in an earlier release's layout, for the upgrade tests;
 //! - [`privilege`]: the rule for tests that need root: run under CI, skip (saying why)
 //!   elsewhere.
 //!
@@ -14,5 +15,6 @@
 
 pub mod lab;
 pub mod netns;
+pub mod oldmaps;
 pub mod privilege;
 pub mod prom;

@@ -14,7 +14,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use etherparse::PacketBuilder;
 use orch::{
-    dataplane::{default_settings, Capacity, Dataplane, Verdict},
+    dataplane::{default_settings, Capacity, Dataplane, DataplaneError, TestRunOutput, Verdict},
     model::{Backend, Protocol, Service, ServiceAddr},
     reconcile::{addr_words, words_addr, Reconciler},
 };
@@ -47,6 +47,9 @@ enum L4 {
     Ack,
     FinAck,
     Rst,
+    BareRst,
+    Psh,
+    Fin,
     Udp,
 }
 
@@ -128,7 +131,22 @@ impl Pkt {
                 .fin()
                 .ack(5000)
                 .write(&mut out, self.payload),
-            L4::Rst => ip.tcp(sp, dp, 1001, 0).rst().write(&mut out, self.payload),
+            // As a stack resets a SYN: acknowledging it (RFC 9293 section 3.10.7.1).
+            L4::Rst => ip
+                .tcp(sp, dp, 0, 0)
+                .rst()
+                .ack(1001)
+                .write(&mut out, self.payload),
+            // A reset that answers nothing of ours: no ACK.
+            L4::BareRst => ip.tcp(sp, dp, 1001, 0).rst().write(&mut out, self.payload),
+            L4::Psh => ip
+                .tcp(sp, dp, 1001, 64240)
+                .psh()
+                .write(&mut out, self.payload),
+            L4::Fin => ip
+                .tcp(sp, dp, 1001, 64240)
+                .fin()
+                .write(&mut out, self.payload),
             L4::Udp => ip.udp(sp, dp).write(&mut out, self.payload),
         }
         .expect("building a packet");
@@ -327,11 +345,40 @@ struct Case {
     reason: Reason,
 }
 
+/// Runs `packet` through the program as received where its source lives: on `tp0` when it
+/// comes from the backends' subnets, on `tc0` otherwise (the reverse-path check looks).
+fn test_run(dp: &mut Dataplane, packet: &[u8]) -> Result<TestRunOutput, DataplaneError> {
+    let ingress = if from_backend_side(packet) {
+        "tp0"
+    } else {
+        "tc0"
+    };
+    test_run_on(dp, packet, ingress)
+}
+
+/// Runs `packet` as received on interface `iface` of the test's namespace.
+fn test_run_on(
+    dp: &mut Dataplane,
+    packet: &[u8],
+    iface: &str,
+) -> Result<TestRunOutput, DataplaneError> {
+    let ifindex = nix::net::if_::if_nametoindex(iface).expect("the test netns has its veths");
+    dp.test_run_on(packet, ifindex)
+}
+
+/// Whether a frame's source address is in one of the backend subnets of [`test_netns`].
+fn from_backend_side(packet: &[u8]) -> bool {
+    match packet.get(12..14) {
+        Some([0x08, 0x00]) => matches!(packet.get(26..29), Some([198, 18, 1 | 2])),
+        Some([0x86, 0xdd]) => packet.get(22..30) == Some(&[0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0]),
+        _ => false,
+    }
+}
+
 fn run_case(dp: &mut Dataplane, case: &Case) {
     let before = counts(dp);
-    let out = dp
-        .test_run(&case.input)
-        .unwrap_or_else(|e| panic!("{}: test run failed: {e}", case.desc));
+    let out =
+        test_run(dp, &case.input).unwrap_or_else(|e| panic!("{}: test run failed: {e}", case.desc));
     assert_eq!(out.verdict, case.verdict, "{}: verdict", case.desc);
     let expected = case.output.as_ref().unwrap_or(&case.input);
     assert!(
@@ -750,7 +797,7 @@ fn weighted_round_robin_order_in_the_kernel() {
         let chosen: Vec<String> = (0..9u16)
             .map(|i| {
                 let p = Pkt::new(L4::Syn, SocketAddr::new(v4("198.18.0.2"), 41000 + i), vip);
-                let out = dp.test_run(&p.bytes()).unwrap();
+                let out = test_run(&mut dp, &p.bytes()).unwrap();
                 assert_eq!(out.verdict, Verdict::Redirect);
                 let dst = Ipv4Addr::new(
                     out.packet[30],
@@ -807,24 +854,24 @@ fn tcp_fin_and_rst_are_recorded_so_closed_connections_can_be_told() {
         let (mut dp, mut rec) = loaded();
         rec.apply(&mut dp, &services()).unwrap();
         let vip = sa("198.19.0.1:80");
-        let run = |dp: &mut Dataplane, p: Pkt| dp.test_run(&p.bytes()).unwrap().verdict;
+        let run = |dp: &mut Dataplane, p: Pkt| test_run(dp, &p.bytes()).unwrap().verdict;
 
         // Both sides close with FIN: closed only once both have.
         let client = sa("198.18.0.2:40001");
         run(&mut dp, Pkt::new(L4::Syn, client, vip));
         let (f, r) = tcp_entries(&dp, client, vip);
-        assert_eq!((f.seen, r.seen), (0, 0));
+        assert_eq!((f.seen(), r.seen()), (0, 0));
         run(&mut dp, Pkt::new(L4::Ack, client, vip));
         assert_eq!(
-            tcp_entries(&dp, client, vip).0.seen,
+            tcp_entries(&dp, client, vip).0.seen(),
             0,
             "plain ACKs write nothing"
         );
         run(&mut dp, Pkt::new(L4::FinAck, client, vip));
         let (f, r) = tcp_entries(&dp, client, vip);
-        assert_eq!(f.seen, SEEN_FIN);
+        assert_eq!(f.seen(), SEEN_FIN);
         assert!(
-            !FlowValue::closed(f.seen, r.seen),
+            !FlowValue::closed(f.seen(), r.seen()),
             "half-closed is still open"
         );
         let backend = SocketAddr::new(words_addr(&f.nat_addr), u16::from_be(f.nat_port_be));
@@ -835,8 +882,8 @@ fn tcp_fin_and_rst_are_recorded_so_closed_connections_can_be_told() {
             "the backend's FIN is translated as usual"
         );
         let (f, r) = tcp_entries(&dp, client, vip);
-        assert_eq!(r.seen, SEEN_FIN);
-        assert!(FlowValue::closed(f.seen, r.seen));
+        assert_eq!(r.seen(), SEEN_FIN);
+        assert!(FlowValue::closed(f.seen(), r.seen()));
         // The same port opens a new connection: balanced afresh (the next backend), with a
         // clean entry.
         let first_backend = f.nat_addr;
@@ -846,7 +893,7 @@ fn tcp_fin_and_rst_are_recorded_so_closed_connections_can_be_told() {
             f.nat_addr, first_backend,
             "a reused port is a new connection"
         );
-        assert_eq!((f.seen, r.seen), (0, 0));
+        assert_eq!((f.seen(), r.seen()), (0, 0));
 
         // A RST from either side of an established connection closes it at once.
         let client = sa("198.18.0.2:40002");
@@ -856,18 +903,19 @@ fn tcp_fin_and_rst_are_recorded_so_closed_connections_can_be_told() {
         run(&mut dp, Pkt::new(L4::SynAck, backend, client));
         run(&mut dp, Pkt::new(L4::Rst, backend, client));
         let (f, r) = tcp_entries(&dp, client, vip);
-        assert_eq!(r.seen, SEEN_SYNACK | SEEN_RST);
+        assert_eq!(r.seen(), SEEN_SYNACK | SEEN_RST);
         assert_eq!(
-            f.seen, SEEN_RST,
+            f.seen(),
+            SEEN_RST,
             "the backend's reset marks the client's side too"
         );
-        assert!(FlowValue::closed(f.seen, r.seen));
+        assert!(FlowValue::closed(f.seen(), r.seen()));
         // So a SYN reusing the port is balanced afresh, not sent to the resetting backend.
         let resetting = f.nat_addr;
         run(&mut dp, Pkt::new(L4::Syn, client, vip));
         let (f, _) = tcp_entries(&dp, client, vip);
         assert_ne!(f.nat_addr, resetting);
-        assert_eq!(f.seen, 0);
+        assert_eq!(f.seen(), 0);
     })
     .expect("FIN/RST bookkeeping");
 }
@@ -889,27 +937,27 @@ fn a_refused_syn_ejects_the_backend_and_the_retry_goes_elsewhere() {
 
         // A handshake that succeeds is measured.
         let ok_client = sa("198.18.0.2:41001");
-        dp.test_run(&Pkt::new(L4::Syn, ok_client, vip).bytes())
-            .unwrap();
+        test_run(&mut dp, &Pkt::new(L4::Syn, ok_client, vip).bytes()).unwrap();
         let (f, _) = tcp_entries(&dp, ok_client, vip);
         let ok_backend = SocketAddr::new(words_addr(&f.nat_addr), u16::from_be(f.nat_port_be));
-        dp.test_run(&Pkt::new(L4::SynAck, ok_backend, ok_client).bytes())
-            .unwrap();
+        test_run(
+            &mut dp,
+            &Pkt::new(L4::SynAck, ok_backend, ok_client).bytes(),
+        )
+        .unwrap();
         let ok_id = rec.backend_id(&web.addr, ok_backend).unwrap();
         let sig = dp.backend_signals(ok_id).unwrap();
         assert_eq!((sig.handshakes, sig.refused), (1, 0));
         assert_eq!(sig.handshake_hist.iter().sum::<u64>(), 1);
 
         // The next SYN's backend answers RST.
-        let out = dp.test_run(&syn.bytes()).unwrap();
+        let out = test_run(&mut dp, &syn.bytes()).unwrap();
         assert_eq!(out.verdict, Verdict::Redirect);
         let (f, _) = tcp_entries(&dp, client, vip);
         let refusing = SocketAddr::new(words_addr(&f.nat_addr), u16::from_be(f.nat_port_be));
         let refusing_id = rec.backend_id(&web.addr, refusing).unwrap();
         let before = counts(&dp);
-        let out = dp
-            .test_run(&Pkt::new(L4::Rst, refusing, client).bytes())
-            .unwrap();
+        let out = test_run(&mut dp, &Pkt::new(L4::Rst, refusing, client).bytes()).unwrap();
         assert_eq!(
             out.verdict,
             Verdict::Drop,
@@ -945,7 +993,7 @@ fn a_refused_syn_ejects_the_backend_and_the_retry_goes_elsewhere() {
         for port in 0..12u16 {
             let c = SocketAddr::new(client.ip(), 42000 + port);
             let c = if port == 0 { client } else { c };
-            dp.test_run(&Pkt::new(L4::Syn, c, vip).bytes()).unwrap();
+            test_run(&mut dp, &Pkt::new(L4::Syn, c, vip).bytes()).unwrap();
             let (f, _) = tcp_entries(&dp, c, vip);
             let chosen = SocketAddr::new(words_addr(&f.nat_addr), u16::from_be(f.nat_port_be));
             assert_ne!(
@@ -956,7 +1004,7 @@ fn a_refused_syn_ejects_the_backend_and_the_retry_goes_elsewhere() {
         dp.clear_ejection(refusing_id).unwrap();
         let reached = (0..12u16).any(|port| {
             let c = SocketAddr::new(client.ip(), 43000 + port);
-            dp.test_run(&Pkt::new(L4::Syn, c, vip).bytes()).unwrap();
+            test_run(&mut dp, &Pkt::new(L4::Syn, c, vip).bytes()).unwrap();
             let (f, _) = tcp_entries(&dp, c, vip);
             SocketAddr::new(words_addr(&f.nat_addr), u16::from_be(f.nat_port_be)) == refusing
         });
@@ -983,7 +1031,7 @@ fn udp_flow_is_rebalanced_only_after_its_idle_timeout() {
             .payload(b"q")
             .bytes();
         let backend_of = |dp: &mut Dataplane| {
-            let out = dp.test_run(&q).unwrap();
+            let out = test_run(dp, &q).unwrap();
             assert_eq!(out.verdict, Verdict::Redirect);
             out.packet[33]
         };
@@ -1007,4 +1055,350 @@ fn udp_flow_is_rebalanced_only_after_its_idle_timeout() {
         );
     })
     .expect("UDP idle timeout");
+}
+
+/// The verdict counters that moved between two readings.
+fn moved(before: &[(Reason, u64)], after: &[(Reason, u64)]) -> Vec<(Reason, u64)> {
+    before
+        .iter()
+        .zip(after)
+        .filter(|(b, a)| a.1 != b.1)
+        .map(|(b, a)| (a.0, a.1 - b.1))
+        .collect()
+}
+
+/// Whether any backend of [`services`] is ejected or has a refusal counted.
+fn anyone_ejected(dp: &Dataplane, rec: &Reconciler) -> Vec<String> {
+    let mut out = Vec::new();
+    for svc in services() {
+        for b in &svc.backends {
+            let id = rec.backend_id(&svc.addr, b.addr).expect("installed");
+            if dp.ejected(id).unwrap() || dp.backend_signals(id).unwrap().refused > 0 {
+                out.push(format!("{} {}", svc.name, b.addr));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn stray_tcp_segments_create_no_state_and_eject_nobody() {
+    if !require_root("stray_tcp_segments_create_no_state_and_eject_nobody") {
+        return;
+    }
+    let ns = test_netns("stray");
+    ns.run(|| {
+        let (mut dp, rec) = loaded();
+        let vip = sa("198.19.0.1:80");
+        // From the client's own address and from spoofed ones, every kind of segment that
+        // does not open a connection.
+        let sources = [
+            "198.18.0.2:46000",
+            "203.0.113.9:46001",
+            "198.18.1.2:46002",
+            "[2001:db8::2]:46003",
+        ];
+        let kinds = [
+            L4::Ack,
+            L4::Fin,
+            L4::FinAck,
+            L4::Psh,
+            L4::Rst,
+            L4::BareRst,
+            L4::SynAck,
+        ];
+        for src in sources {
+            let src = sa(src);
+            let dst = if src.is_ipv4() {
+                vip
+            } else {
+                sa("[2001:db8:ff::1]:80")
+            };
+            for kind in kinds {
+                let p = Pkt::new(kind, src, dst).payload(b"junk");
+                let before = counts(&dp);
+                // On the client side: where stray segments come from.
+                let out = test_run_on(&mut dp, &p.bytes(), "tc0").unwrap();
+                assert_eq!(out.verdict, Verdict::Drop, "{kind:?} from {src}");
+                assert_eq!(
+                    moved(&before, &counts(&dp)),
+                    [(Reason::DropTcpNoFlow, 1)],
+                    "{kind:?} from {src}"
+                );
+                let forward = FlowKey {
+                    src: addr_words(src.ip()),
+                    dst: addr_words(dst.ip()),
+                    src_port_be: src.port().to_be(),
+                    dst_port_be: dst.port().to_be(),
+                    proto: 6,
+                    dir: DIR_FORWARD,
+                    _pad: 0,
+                };
+                assert_eq!(dp.flow(&forward).unwrap(), None, "{kind:?} created state");
+            }
+        }
+        assert_eq!(anyone_ejected(&dp, &rec), Vec::<String>::new());
+
+        // A real connection: a RST from its backend that does not answer the SYN (no ACK,
+        // or acknowledging something else) is no refusal: passed on, nobody ejected.
+        let client = sa("198.18.0.2:46100");
+        test_run(&mut dp, &Pkt::new(L4::Syn, client, vip).bytes()).unwrap();
+        let (f, _) = tcp_entries(&dp, client, vip);
+        let backend = SocketAddr::new(words_addr(&f.nat_addr), u16::from_be(f.nat_port_be));
+        let before = counts(&dp);
+        let out = test_run(&mut dp, &Pkt::new(L4::BareRst, backend, client).bytes()).unwrap();
+        assert_eq!(out.verdict, Verdict::Redirect, "translated like any packet");
+        assert_eq!(moved(&before, &counts(&dp)), [(Reason::ReplyRedirect, 1)]);
+        assert_eq!(anyone_ejected(&dp, &rec), Vec::<String>::new());
+
+        // A packet claiming the backend's address from the client side is not the backend:
+        // a forged refusal there is dropped, the entry stays, nobody is ejected.
+        let client = sa("198.18.0.2:46101");
+        test_run(&mut dp, &Pkt::new(L4::Syn, client, vip).bytes()).unwrap();
+        let (f, _) = tcp_entries(&dp, client, vip);
+        let backend = SocketAddr::new(words_addr(&f.nat_addr), u16::from_be(f.nat_port_be));
+        for kind in [L4::Rst, L4::SynAck, L4::Ack] {
+            let before = counts(&dp);
+            let forged = Pkt::new(kind, backend, client).bytes();
+            let out = test_run_on(&mut dp, &forged, "tc0").unwrap();
+            assert_eq!(out.verdict, Verdict::Drop, "forged {kind:?}");
+            assert_eq!(
+                moved(&before, &counts(&dp)),
+                [(Reason::DropReplyInterface, 1)]
+            );
+        }
+        let (f2, r2) = tcp_entries(&dp, client, vip);
+        assert_eq!(
+            (f2.seen(), r2.seen()),
+            (0, 0),
+            "the forgeries changed nothing"
+        );
+        assert_eq!(anyone_ejected(&dp, &rec), Vec::<String>::new());
+        // The real refusal, from the backend's side, still counts.
+        let out = test_run(&mut dp, &Pkt::new(L4::Rst, backend, client).bytes()).unwrap();
+        assert_eq!(out.verdict, Verdict::Drop);
+        assert_eq!(anyone_ejected(&dp, &rec), [format!("web {backend}")]);
+    })
+    .expect("stray segments");
+}
+
+#[test]
+fn two_services_sharing_a_backend_never_take_each_others_replies() {
+    if !require_root("two_services_sharing_a_backend_never_take_each_others_replies") {
+        return;
+    }
+    let ns = test_netns("share");
+    ns.run(|| {
+        let (mut dp, mut rec) = loaded();
+        let mut svcs = services();
+        // A third service on 198.18.1.2:8080, with no other backend to fall back on.
+        svcs.push(Service {
+            name: "solo".into(),
+            check: Default::default(),
+            addr: ServiceAddr {
+                vip: v4("198.19.0.5"),
+                port: 80,
+                protocol: Protocol::Tcp,
+            },
+            backends: vec![Backend::new(sa("198.18.1.2:8080"), 1)],
+        });
+        rec.apply(&mut dp, &svcs).unwrap();
+        let (web, weighted, solo) = (
+            sa("198.19.0.1:80"),
+            sa("198.19.0.4:80"),
+            sa("198.19.0.5:80"),
+        );
+        // One client port to three VIPs (a stack picks ports per destination, so this is
+        // ordinary). "web" takes 198.18.1.2 (the first slot on CPU 0).
+        let client = sa("198.18.0.2:47000");
+        test_run(&mut dp, &Pkt::new(L4::Syn, client, web).bytes()).unwrap();
+        let (f, _) = tcp_entries(&dp, client, web);
+        let shared = sa("198.18.1.2:8080");
+        assert_eq!(words_addr(&f.nat_addr), shared.ip());
+        // "weighted" would also start with 198.18.1.2: it takes the other backend instead.
+        test_run(&mut dp, &Pkt::new(L4::Syn, client, weighted).bytes()).unwrap();
+        let (f, _) = tcp_entries(&dp, client, weighted);
+        assert_eq!(words_addr(&f.nat_addr), v4("198.18.1.3"));
+        // "solo" has nowhere else to go: refused and counted, never hijacking.
+        let before = counts(&dp);
+        let out = test_run(&mut dp, &Pkt::new(L4::Syn, client, solo).bytes()).unwrap();
+        assert_eq!(out.verdict, Verdict::Drop);
+        assert_eq!(
+            moved(&before, &counts(&dp)),
+            [(Reason::DropReplyCollision, 1)]
+        );
+        // Every reply still goes back as its own VIP.
+        let synack = Pkt::new(L4::SynAck, shared, client).bytes();
+        let out = test_run(&mut dp, &synack).unwrap();
+        assert_eq!(out.verdict, Verdict::Redirect);
+        assert_eq!(out.packet[26..30], [198, 19, 0, 1], "the reply is web's");
+        // Once web's connection is over, solo may have the 4-tuple.
+        test_run(&mut dp, &Pkt::new(L4::FinAck, client, web).bytes()).unwrap();
+        test_run(&mut dp, &Pkt::new(L4::FinAck, shared, client).bytes()).unwrap();
+        let out = test_run(&mut dp, &Pkt::new(L4::Syn, client, solo).bytes()).unwrap();
+        assert_eq!(out.verdict, Verdict::Redirect);
+        let out = test_run(&mut dp, &synack).unwrap();
+        assert_eq!(
+            out.packet[26..30],
+            [198, 19, 0, 5],
+            "now the reply is solo's"
+        );
+    })
+    .expect("shared backends");
+}
+
+/// A bpffs mounted for one test, unmounted (unpinning everything in it) when dropped.
+struct Bpffs(std::path::PathBuf);
+
+impl Bpffs {
+    fn mount(tag: &str) -> Bpffs {
+        let dir = std::env::temp_dir().join(format!("orcht-{}-{tag}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        nix::mount::mount(
+            Some("bpf"),
+            &dir,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .expect("mounting a bpffs");
+        Bpffs(dir)
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn possible_cpus() -> usize {
+    let s = std::fs::read_to_string("/sys/devices/system/cpu/possible").unwrap();
+    s.trim()
+        .split(',')
+        .map(|r| match r.split_once('-') {
+            Some((a, b)) => b.parse::<usize>().unwrap() - a.parse::<usize>().unwrap() + 1,
+            None => 1,
+        })
+        .sum()
+}
+
+#[test]
+fn an_upgrade_carries_connections_and_counters_from_the_previous_layout() {
+    use orch_common::maps::v1;
+    use orch_tests::oldmaps::{bytes_of, OldMap, BPF_MAP_TYPE_LRU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY};
+    if !require_root("an_upgrade_carries_connections_and_counters_from_the_previous_layout") {
+        return;
+    }
+    let fs = Bpffs::mount("upgrade");
+    let pin_dir = fs.0.join("orch");
+    let maps = pin_dir.join("maps");
+    std::fs::create_dir_all(&maps).unwrap();
+
+    // What the previous release left: an established connection (client -> web, on
+    // 198.18.1.3) in its connection table, and some verdict counts.
+    let client = sa("198.18.0.2:48000");
+    let vip = sa("198.19.0.1:80");
+    let backend = sa("198.18.1.3:8080");
+    let forward = FlowKey {
+        src: addr_words(client.ip()),
+        dst: addr_words(vip.ip()),
+        src_port_be: client.port().to_be(),
+        dst_port_be: vip.port().to_be(),
+        proto: 6,
+        dir: DIR_FORWARD,
+        _pad: 0,
+    };
+    let reply = forward.reply(addr_words(backend.ip()), backend.port().to_be());
+    let old_forward = v1::FlowValue {
+        nat_addr: addr_words(backend.ip()),
+        nat_port_be: backend.port().to_be(),
+        backend_id: 1,
+        service_id: 0,
+        last_seen_ns: orch::dataplane::monotonic_ns(),
+        ..Default::default()
+    };
+    let old_reply = v1::FlowValue {
+        nat_addr: addr_words(vip.ip()),
+        nat_port_be: vip.port().to_be(),
+        seen: SEEN_SYNACK,
+        ..old_forward
+    };
+    let ct = OldMap::create(
+        &maps.join(orch_common::maps::CONNTRACK_MAP_V1),
+        BPF_MAP_TYPE_LRU_HASH,
+        40,
+        40,
+        1024,
+    )
+    .unwrap();
+    ct.update(&bytes_of(&forward), &bytes_of(&old_forward))
+        .unwrap();
+    ct.update(&bytes_of(&reply), &bytes_of(&old_reply)).unwrap();
+    let stats = OldMap::create(
+        &maps.join(orch_common::maps::STATS_MAP_V2),
+        BPF_MAP_TYPE_PERCPU_ARRAY,
+        4,
+        8,
+        15,
+    )
+    .unwrap();
+    let cpus = possible_cpus();
+    let per_cpu = |v: u64| -> Vec<u8> { (0..cpus).flat_map(|_| v.to_ne_bytes()).collect() };
+    assert_eq!(stats.value_size(), 8);
+    stats
+        .update(&(Reason::FwdRedirect as u32).to_ne_bytes(), &per_cpu(1000))
+        .unwrap();
+    drop((ct, stats));
+
+    let ns = test_netns("upgrade");
+    let dir = pin_dir.clone();
+    ns.run(move || {
+        orch_tests::lab::pin_current_thread(0).unwrap();
+        let cap = Capacity::default();
+        let mut dp = Dataplane::open(cap, &dir, 0).expect("opening with the old pins");
+        dp.set_settings(&default_settings()).unwrap();
+        let mut rec = Reconciler::new(cap.max_services, cap.max_backends);
+        rec.apply(&mut dp, &services()).unwrap();
+        // Before the swap the connection is in the new table already, converted.
+        let f = dp
+            .flow(&forward)
+            .unwrap()
+            .expect("the forward entry migrated");
+        assert_eq!(f, old_forward.upgrade());
+        let r = dp.flow(&reply).unwrap().expect("the reply entry migrated");
+        assert_eq!(r.synack, 1);
+        // Its next segments keep their backend: not stray, not re-balanced.
+        let data = Pkt::new(L4::Ack, client, vip).payload(b"more");
+        let out = test_run(&mut dp, &data.bytes()).unwrap();
+        assert_eq!(out.verdict, Verdict::Redirect);
+        assert_eq!(
+            out.packet,
+            data.clone()
+                .dnat(backend)
+                .routed(LB_BACKEND_MAC, BACKEND3_MAC)
+                .bytes()
+        );
+        let answer = Pkt::new(L4::Ack, backend, client).payload(b"answer");
+        let out = test_run(&mut dp, &answer.bytes()).unwrap();
+        assert_eq!(out.verdict, Verdict::Redirect, "replies too");
+        // After the swap: counters added up, old pins gone.
+        let done = dp.migrate(true).unwrap();
+        assert!(done.counters);
+        assert_eq!(done.retired, 2);
+        let fwd = counts(&dp)
+            .into_iter()
+            .find(|(r, _)| *r == Reason::FwdRedirect)
+            .unwrap()
+            .1;
+        assert_eq!(
+            fwd,
+            1000 * cpus as u64 + 1,
+            "old counts plus the new packet"
+        );
+    })
+    .expect("upgrade");
+    assert!(!maps.join(orch_common::maps::CONNTRACK_MAP_V1).exists());
+    assert!(!maps.join(orch_common::maps::STATS_MAP_V2).exists());
 }
