@@ -155,6 +155,10 @@ pub struct StatusInfo {
     pub config_reload_failures: u64,
     /// The last config reload problem, if the last reload failed.
     pub last_reload_error: Option<String>,
+    /// Services in panic: too few healthy backends to trust the checks, so they balance
+    /// over all their enabled backends.
+    #[serde(default)]
+    pub services_in_panic: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -168,6 +172,10 @@ pub struct ServiceInfo {
     pub backends: Vec<BackendInfo>,
     /// New connections the data plane steered to this service so far.
     pub connections: u64,
+    /// In panic: too few healthy backends to trust the checks, so every enabled backend
+    /// takes new connections.
+    #[serde(default)]
+    pub panic: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -36,6 +36,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub health: HealthConfig,
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceConfig>,
     /// The file's text and path, to place problems found after parsing.
@@ -93,6 +95,31 @@ impl Default for MetricsConfig {
             listen: crate::metrics::DEFAULT_LISTEN
                 .parse()
                 .expect("the default is a valid address"),
+        }
+    }
+}
+
+/// `[health]`: rules over every service's health verdicts.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// The panic floor, in percent of a service's enabled backends (active, weight > 0).
+    /// When fewer of them than this are in rotation, health is not trusted and the service
+    /// balances over all of them; with none in rotation it always does (health never leaves
+    /// a service dark). 0 keeps only that last rule.
+    pub panic_threshold: Spanned<u8>,
+}
+
+/// Default [`HealthConfig::panic_threshold`]: Envoy's healthy-panic threshold. At 50 % a
+/// fleet that loses half its backends at once is more likely to see its checks fail (a
+/// network partition, an overloaded probe path, forged signals) than half its servers die,
+/// and the survivors would take twice their load.
+pub const DEFAULT_PANIC_THRESHOLD: u8 = 50;
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            panic_threshold: Spanned::new(0..0, DEFAULT_PANIC_THRESHOLD),
         }
     }
 }
@@ -348,6 +375,16 @@ impl Config {
             problems: Vec::new(),
         };
         self.dataplane.validate(&mut v);
+        let threshold = &self.health.panic_threshold;
+        if *threshold.get_ref() > 100 {
+            v.at(
+                threshold.span(),
+                format!(
+                    "panic_threshold is a percentage (0-100), not {}",
+                    threshold.get_ref()
+                ),
+            );
+        }
 
         let mut names = HashMap::new();
         let mut addrs = HashMap::new();

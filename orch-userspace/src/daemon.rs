@@ -11,7 +11,7 @@
 //! removes everything instead.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
@@ -197,6 +197,8 @@ pub struct Daemon {
     reload_failures: u64,
     last_reload_error: Option<String>,
     metrics: Metrics,
+    /// Services in panic at the last rotation change, to log when one enters or leaves it.
+    panicking: BTreeSet<String>,
 }
 
 impl Daemon {
@@ -247,6 +249,7 @@ impl Daemon {
             reload_failures: 0,
             last_reload_error: None,
             metrics,
+            panicking: BTreeSet::new(),
         };
         daemon.attach()?;
         // The new program is in every link now: what the old one did since the first pass
@@ -306,6 +309,7 @@ impl Daemon {
                     unchanged = summary.unchanged,
                     "config reloaded"
                 );
+                self.note_panic();
             }
             Err(e) => {
                 self.reload_failures += 1;
@@ -568,11 +572,32 @@ impl Daemon {
         }
         let desired = desired(&self.config, &registered, &self.health);
         match self.apply(&desired) {
-            Ok(s) => info!(updated = s.updated, "rotation changed"),
+            Ok(s) => {
+                info!(updated = s.updated, "rotation changed");
+                self.note_panic();
+            }
             Err(e) => {
                 error!(error = %format!("{:#}", anyhow::Error::from(e)), "rebalancing failed")
             }
         }
+    }
+
+    /// Logs services entering or leaving panic since the last call (after every change of
+    /// health or of the services).
+    fn note_panic(&mut self) {
+        let now: BTreeSet<String> = self
+            .all_services()
+            .filter(|(s, _)| in_panic(&self.config, &self.health, s))
+            .map(|(s, _)| s.name)
+            .collect();
+        let threshold = *self.config.health.panic_threshold.get_ref();
+        for name in now.difference(&self.panicking) {
+            warn!(service = %name, threshold_percent = threshold, "too few healthy backends to trust the checks: panic, balancing over every enabled backend");
+        }
+        for name in self.panicking.difference(&now) {
+            info!(service = %name, "panic over: balancing over healthy backends again");
+        }
+        self.panicking = now;
     }
 
     /// Drops health state of backends that no longer exist.
@@ -755,9 +780,11 @@ impl Daemon {
             let Some(id) = self.reconciler.service_id(&s.addr) else {
                 continue;
             };
+            let panic = in_panic(&self.config, &self.health, &s);
             let mut sample = ServiceSample {
                 traffic: self.dp.service_counters(id).unwrap_or_default(),
                 name: s.name.clone(),
+                panic,
                 backends: Vec::new(),
             };
             for b in &s.backends {
@@ -772,7 +799,7 @@ impl Daemon {
                     ejected: self.dp.ejected(bid).unwrap_or(false),
                     active: census.live.get(&bid).copied().unwrap_or(0),
                     healthy: h.is_none_or(|h| h.healthy),
-                    in_rotation: in_rotation(b, h),
+                    in_rotation: in_rotation(b, h, panic),
                     breaker: h.map_or(breaker::State::Closed, |h| h.breaker.state()),
                     events: h.map(|h| h.events).unwrap_or_default(),
                 });
@@ -884,6 +911,9 @@ impl Daemon {
             Change::SetState { .. } => "backend_set_state",
         };
         let result = self.try_change(change);
+        if result.is_ok() {
+            self.note_panic();
+        }
         self.metrics.registry_op(
             operation,
             match &result {
@@ -982,7 +1012,9 @@ impl Daemon {
             })
             .map_or(0, |c| c.new_conns)
         };
+        let panic = in_panic(&self.config, &self.health, &s);
         ServiceInfo {
+            panic,
             connections: connections(self.reconciler.service_id(&s.addr), true),
             backends: s
                 .backends
@@ -1003,7 +1035,7 @@ impl Daemon {
                         state: b.state,
                         health: health.to_owned(),
                         breaker: breaker.name().to_owned(),
-                        in_rotation: in_rotation(b, h),
+                        in_rotation: in_rotation(b, h, panic),
                         connections: connections(id, false),
                     }
                 })
@@ -1035,13 +1067,15 @@ impl Daemon {
             probes_total: self.probes,
             config_reload_failures: self.reload_failures,
             last_reload_error: self.last_reload_error.clone(),
+            services_in_panic: self.panicking.iter().cloned().collect(),
         }
     }
 }
 
-/// Whether new connections may go to backend `b` with health `h`.
-fn in_rotation(b: &Backend, h: Option<&BackendHealth>) -> bool {
-    b.state == AdminState::Active && b.weight > 0 && h.is_none_or(|h| h.usable())
+/// Whether new connections may go to backend `b` with health `h`, its service in panic or
+/// not.
+fn in_rotation(b: &Backend, h: Option<&BackendHealth>, panic: bool) -> bool {
+    b.state == AdminState::Active && b.weight > 0 && (panic || h.is_none_or(|h| h.usable()))
 }
 
 /// Hands the heap that loading left free back to the system. Parsing a large config and
@@ -1086,13 +1120,33 @@ fn desired(
     all(config, registered)
         .iter()
         .map(|s| {
-            s.for_dataplane(|addr| {
-                health
-                    .get(&(s.name.clone(), addr))
-                    .is_none_or(BackendHealth::usable)
-            })
+            let panic = in_panic(config, health, s);
+            s.for_dataplane(|addr| panic || usable(health, s, addr))
         })
         .collect()
+}
+
+/// Whether health lets new connections go to backend `addr` of `s`.
+fn usable(
+    health: &HashMap<(String, SocketAddr), BackendHealth>,
+    s: &Service,
+    addr: SocketAddr,
+) -> bool {
+    health
+        .get(&(s.name.clone(), addr))
+        .is_none_or(BackendHealth::usable)
+}
+
+/// Whether `s` is in panic under the configured threshold (see [`Service::in_panic`]).
+fn in_panic(
+    config: &Config,
+    health: &HashMap<(String, SocketAddr), BackendHealth>,
+    s: &Service,
+) -> bool {
+    s.in_panic(
+        |addr| usable(health, s, addr),
+        *config.health.panic_threshold.get_ref(),
+    )
 }
 
 fn describe(change: &Change) -> String {

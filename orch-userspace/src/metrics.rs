@@ -289,6 +289,8 @@ pub struct Snapshot {
 #[derive(Clone, Debug, Default)]
 pub struct ServiceSample {
     pub name: String,
+    /// Whether health put the service in panic (it balances over all enabled backends).
+    pub panic: bool,
     pub traffic: TrafficCounters,
     pub backends: Vec<BackendSample>,
 }
@@ -420,6 +422,13 @@ impl Snapshot {
                 "New connections dropped because the service had no backend in rotation.",
                 &svc,
                 s.traffic.no_backend,
+            );
+            f.gauge(
+                "orch_service_panic",
+                "1 when too few of the service's enabled backends are healthy to trust the \
+                 checks ([health] panic_threshold): it balances over all of them.",
+                &svc,
+                f64::from(u8::from(s.panic)),
             );
             for b in &s.backends {
                 let addr = b.addr.to_string();
@@ -732,6 +741,7 @@ mod tests {
             conntrack_capacity: 100,
             services: vec![ServiceSample {
                 name: "web".into(),
+                panic: true,
                 traffic: TrafficCounters {
                     fwd_packets: 10,
                     new_conns: 3,
@@ -782,6 +792,7 @@ mod tests {
                 "10",
             ),
             (r#"orch_service_connections_total{service="web"}"#.into(), "3"),
+            (r#"orch_service_panic{service="web"}"#.into(), "1"),
             (
                 r#"orch_backend_bytes_total{backend="198.18.1.2:8080",direction="to_client",service="web"}"#
                     .into(),

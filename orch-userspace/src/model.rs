@@ -273,6 +273,25 @@ impl Service {
     }
 }
 
+impl Service {
+    /// Whether the service is in panic: fewer than `threshold_percent` of its enabled
+    /// backends (active, weight > 0) are `usable`, or none is. A service in panic balances
+    /// over every enabled backend: health verdicts that empty a service, or most of it, are
+    /// more likely wrong (a partition, an overloaded probe path, forged signals) than right,
+    /// and a try at a backend beats a certain drop. A service with no enabled backend is not
+    /// in panic: it has nothing to fall back on.
+    pub fn in_panic(&self, usable: impl Fn(SocketAddr) -> bool, threshold_percent: u8) -> bool {
+        let enabled: Vec<&Backend> = self
+            .backends
+            .iter()
+            .filter(|b| b.state == AdminState::Active && b.weight > 0)
+            .collect();
+        let healthy = enabled.iter().filter(|b| usable(b.addr)).count();
+        !enabled.is_empty()
+            && (healthy == 0 || healthy * 100 < enabled.len() * threshold_percent as usize)
+    }
+}
+
 /// Largest accepted backend weight: weights are relative, and this leaves room to express
 /// any ratio an operator needs without overflowing the table arithmetic.
 pub const MAX_WEIGHT: u32 = 10_000;
@@ -341,5 +360,70 @@ pub fn check_weight(weight: u32) -> Result<(), String> {
         ))
     } else {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(backends: &[(&str, u32, AdminState)]) -> Service {
+        Service {
+            name: "web".into(),
+            addr: ServiceAddr {
+                vip: "198.19.0.1".parse().unwrap(),
+                port: 80,
+                protocol: Protocol::Tcp,
+            },
+            check: Default::default(),
+            backends: backends
+                .iter()
+                .map(|(a, w, state)| Backend {
+                    state: *state,
+                    ..Backend::new(a.parse().unwrap(), *w)
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn panic_below_the_threshold_or_with_none_healthy() {
+        use AdminState::Active;
+        let s = service(&[
+            ("198.18.1.2:80", 1, Active),
+            ("198.18.1.3:80", 1, Active),
+            ("198.18.1.4:80", 1, Active),
+            ("198.18.1.5:80", 1, Active),
+        ]);
+        let healthy = |n: usize| {
+            let up: Vec<SocketAddr> = s.backends.iter().take(n).map(|b| b.addr).collect();
+            move |a: SocketAddr| up.contains(&a)
+        };
+        // 50 %: two of four is not below it, one is.
+        assert!(!s.in_panic(healthy(4), 50));
+        assert!(!s.in_panic(healthy(2), 50));
+        assert!(s.in_panic(healthy(1), 50));
+        // 0 %: only an empty rotation panics.
+        assert!(!s.in_panic(healthy(1), 0));
+        assert!(s.in_panic(healthy(0), 0));
+        // 100 %: any backend out.
+        assert!(s.in_panic(healthy(3), 100));
+    }
+
+    #[test]
+    fn only_enabled_backends_count() {
+        use AdminState::{Active, Disabled, Draining};
+        let s = service(&[
+            ("198.18.1.2:80", 1, Active),
+            ("198.18.1.3:80", 0, Active),
+            ("198.18.1.4:80", 1, Draining),
+            ("198.18.1.5:80", 1, Disabled),
+        ]);
+        let only_first = |a: SocketAddr| a == "198.18.1.2:80".parse().unwrap();
+        assert!(!s.in_panic(only_first, 100), "1 of 1 enabled is healthy");
+        assert!(s.in_panic(|_| false, 0));
+        // A drained or disabled service has nothing to fall back on: no panic.
+        let drained = service(&[("198.18.1.2:80", 1, Draining)]);
+        assert!(!drained.in_panic(|_| false, 50));
     }
 }
