@@ -482,6 +482,12 @@ pub fn render(reply: &Reply) -> String {
                 s.config_reload_failures,
                 s.probes_total,
             );
+            if !s.services_in_panic.is_empty() {
+                out.push_str(&format!(
+                    "panic:       {} (too few healthy backends: balancing over all)\n",
+                    s.services_in_panic.join(", ")
+                ));
+            }
             if let Some(e) = &s.last_reload_error {
                 out.push_str(&format!("last reload rejected:\n{e}\n"));
             }
@@ -514,6 +520,12 @@ pub fn render(reply: &Reply) -> String {
                 source(s),
                 s.connections
             );
+            if s.panic {
+                out.push_str(
+                    "PANIC: too few healthy backends to trust the checks; new connections go \
+                     to every enabled backend ([health] panic_threshold)\n",
+                );
+            }
             let mut t = table(&[
                 "BACKEND", "WEIGHT", "STATE", "HEALTH", "BREAKER", "ROTATION", "LIVE", "CONNS",
             ]);
