@@ -22,8 +22,12 @@ pub const MAX_BACKENDS: u32 = 16_384;
 /// Slots in one service's round-robin table. Weights are reduced to this many slots; a
 /// service can therefore have at most this many backends with a non-zero weight.
 pub const SLOTS_PER_TABLE: u32 = 256;
-/// Default connection-table capacity (entries; each connection uses two: forward and reply).
+/// Default capacity of the confirmed-connection table (entries; each connection uses two:
+/// forward and reply).
 pub const CONNTRACK_CAPACITY: u32 = 262_144;
+/// Default capacity of the unconfirmed-connection table (LRU): handshakes in flight and UDP
+/// flows not yet answered. A SYN flood recycles this table and no other.
+pub const CONNTRACK_NEW_CAPACITY: u32 = 65_536;
 /// Default idle time after which a UDP flow may be re-balanced, in nanoseconds.
 pub const DEFAULT_UDP_IDLE_NS: u64 = 30_000_000_000;
 
@@ -91,6 +95,23 @@ pub enum Reason {
     /// replies could not be told apart. Dropped when no other backend is free of the clash:
     /// the client's SYN retransmission tries again.
     DropReplyCollision = 17,
+}
+
+/// Connection-table events the program counts (per-CPU array [`maps::CT_EVENTS_MAP`],
+/// indexed by this value).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CtEvent {
+    /// A connection moved from the unconfirmed table to the confirmed one.
+    Confirmed = 0,
+    /// A connection could not be confirmed: the confirmed table is full. It keeps working
+    /// from the unconfirmed table, where a flood could evict it.
+    ConfirmFailed = 1,
+}
+
+impl CtEvent {
+    /// Number of events: the size of the array.
+    pub const COUNT: u32 = 2;
 }
 
 impl Reason {

@@ -22,10 +22,17 @@ pub const SLOTS_MAP: &str = "ORCH_SLOTS_V1";
 pub const BACKENDS_MAP: &str = "ORCH_BE_V1";
 /// Per-service new-connection cursor: service id → `u64` (per-CPU array).
 pub const CURSORS_MAP: &str = "ORCH_CURSOR_V1";
-/// Connection table: [`FlowKey`] → [`FlowValue`] (LRU hash).
+/// Confirmed connections: [`FlowKey`] → [`FlowValue`] (hash, never evicts). A TCP
+/// connection enters it when the client acknowledges the backend's SYN-ACK (proof that the
+/// client is real and sees the backend's answers), a UDP flow when the backend answers. The
+/// daemon removes closed and idle entries; nothing a client sends can push one out.
 pub const CONNTRACK_MAP: &str = "ORCH_CT_V2";
-/// The connection table of the previous layout ([`v1::FlowValue`]); a daemon that finds it
-/// pinned migrates its entries into [`CONNTRACK_MAP`] before it swaps its program in.
+/// Unconfirmed connections: [`FlowKey`] → [`FlowValue`] (LRU hash). Every new connection
+/// starts here; a SYN flood recycles this table only.
+pub const CONNTRACK_NEW_MAP: &str = "ORCH_CT_NEW_V2";
+/// The connection table of the previous layout ([`v1::FlowValue`], one LRU table); a daemon
+/// that finds it pinned migrates its entries into [`CONNTRACK_MAP`] before it swaps its
+/// program in.
 pub const CONNTRACK_MAP_V1: &str = "ORCH_CT_V1";
 /// Port pre-filter: index [`PORTS_VIP`] / [`PORTS_BACKEND`] → [`PortBitmap`] (array).
 pub const PORTS_MAP: &str = "ORCH_PORTS_V1";
@@ -36,6 +43,8 @@ pub const STATS_MAP: &str = "ORCH_STATS_V3";
 /// The verdict counters of the previous layout (fewer reasons, same indices); migrated into
 /// [`STATS_MAP`] so that counters never go backwards across an upgrade.
 pub const STATS_MAP_V2: &str = "ORCH_STATS_V2";
+/// Connection-table events: [`crate::CtEvent`] → `u64` (per-CPU array).
+pub const CT_EVENTS_MAP: &str = "ORCH_CT_EV_V1";
 /// Per-service traffic: service id → [`TrafficCounters`] (per-CPU array).
 pub const SERVICE_STATS_MAP: &str = "ORCH_SVC_ST_V1";
 /// Per-backend traffic: backend id → [`TrafficCounters`] (per-CPU array).
@@ -257,10 +266,11 @@ impl FlowKey {
 }
 
 /// A connection-table value: the address and port to write into the packet, and what the
-/// data plane has seen of the connection.
+/// data plane has seen of the connection. One cache line.
 ///
-/// Layout 2 (`ORCH_CT_V2`). Against [`v1::FlowValue`]: the flags are one byte each, the
-/// client's SYN sequence number and the reply interface are new.
+/// Layout 2 (`ORCH_CT_V2`, `ORCH_CT_NEW_V2`). Against [`v1::FlowValue`]: the flags are one
+/// byte each; the sequence numbers that tell real answers from forged ones, the reply
+/// interface and the creation time are new.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowValue {
@@ -289,16 +299,25 @@ pub struct FlowValue {
     /// The client's initial sequence number plus one (host order): what a SYN-ACK or a RST
     /// that answers the balanced SYN acknowledges. Only such a RST is a refusal.
     pub syn_next: u32,
+    /// Forward entries: the backend's initial sequence number plus one (host order), learnt
+    /// from its SYN-ACK; 0 before. A client segment that acknowledges exactly this confirms
+    /// the connection: a spoofed source never sees the SYN-ACK, so it cannot.
+    pub peer_next: u32,
     /// Reply entries: the interface through which the backend is routed (the forward
     /// path's FIB egress). A packet with the backend's source address that arrives on
     /// another interface did not come from the backend and is dropped. 0: not checked (an
     /// entry migrated from layout 1, which did not record it).
     pub ifindex: u32,
-    /// `bpf_ktime_get_ns()` of the last packet seen, refreshed at most every
-    /// [`Settings::touch_interval_ns`] to keep the hot path free of shared writes.
+    pub _pad2: u32,
+    /// `bpf_ktime_get_ns()` when the connection's first packet was balanced: the start of
+    /// the handshake latency the SYN-ACK measures.
+    pub created_ns: u64,
+    /// `bpf_ktime_get_ns()` of the last packet seen this way, refreshed at most every
+    /// [`Settings::touch_interval_ns`] to keep the hot path free of shared writes. The
+    /// daemon expires idle and closed connections by it.
     pub last_seen_ns: u64,
 }
-const _: () = assert!(size_of::<FlowValue>() == 48);
+const _: () = assert!(size_of::<FlowValue>() == 64);
 
 /// Layout 1 of the connection table (`ORCH_CT_V1`), kept to migrate its entries.
 pub mod v1 {
@@ -320,9 +339,10 @@ pub mod v1 {
     const _: () = assert!(size_of::<FlowValue>() == 40);
 
     impl FlowValue {
-        /// The entry in layout 2. What layout 1 did not record stays unknown: no SYN
-        /// sequence number (so no RST counts as a refusal on it) and no reply interface (not
-        /// checked).
+        /// The entry in layout 2. What layout 1 did not record stays unknown: no sequence
+        /// numbers (so no RST counts as a refusal on it) and no reply interface (not
+        /// checked). Migrated entries go to the confirmed table: they are connections the
+        /// previous release was already carrying.
         pub const fn upgrade(&self) -> super::FlowValue {
             super::FlowValue {
                 nat_addr: self.nat_addr,
@@ -335,7 +355,10 @@ pub mod v1 {
                 synack: (self.seen & super::SEEN_SYNACK != 0) as u8,
                 _flags_pad: 0,
                 syn_next: 0,
+                peer_next: 0,
                 ifindex: 0,
+                _pad2: 0,
+                created_ns: self.last_seen_ns,
                 last_seen_ns: self.last_seen_ns,
             }
         }

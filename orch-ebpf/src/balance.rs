@@ -1,16 +1,25 @@
 //! Backend choice: the connection table first, then the service's round-robin table.
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_smp_processor_id};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns},
+    programs::XdpContext,
+};
 use orch_common::{
     maps::{
-        slot_table_index, tcp_opens, FlowKey, FlowValue, ServiceValue, Settings, SlotTable,
-        TCP_FIN, TCP_RST,
+        slot_table_index, tcp_opens, FlowKey, FlowValue, ServiceValue, SlotTable, DIR_FORWARD,
+        TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
     },
     Reason, IPPROTO_TCP, IPPROTO_UDP, SLOTS_PER_TABLE,
 };
 
 use crate::{
-    maps::{BACKENDS, BACKEND_DOWN, BACKEND_STATS, CONNTRACK, CURSORS, SERVICE_STATS, SLOTS},
+    conntrack, fib,
+    maps::{
+        settings, Work, BACKENDS, BACKEND_DOWN, BACKEND_STATS, CURSORS, SCRATCH, SERVICE_STATS,
+        SLOTS,
+    },
+    parse::Packet,
     stats,
 };
 
@@ -18,35 +27,78 @@ use crate::{
 /// data plane (it refused a connection and the daemon has not yet rebuilt the table).
 const EJECTED_RETRIES: u64 = 3;
 
-/// The connection's entry, if it has one that is still valid, with the packet's FIN/RST
-/// recorded. A UDP flow idle for longer than the configured timeout is treated as new, so it
-/// is balanced again.
-#[inline(always)]
-pub fn existing(key: &FlowKey, now: u64, settings: &Settings, tcp_flags: u8) -> Option<FlowValue> {
-    let entry = CONNTRACK.get_ptr_mut(key)?;
+/// Looks a client's packet up. A live connection's entry gets this packet's FIN/RST and,
+/// when due, a fresh timestamp, is copied to this CPU's scratch entry (for
+/// [`crate::steer`] to translate with) and `true` is returned. `false`: no connection, and
+/// the packet may open one (a TCP SYN, any UDP datagram); a TCP segment that may not is
+/// stray: [`Reason::DropTcpNoFlow`].
+///
+/// An entry that no longer holds is forgotten here: the client closed (FIN or RST) and sends
+/// a SYN from the same port, or a UDP flow idled past its timeout; the packet is then
+/// balanced afresh. An unconfirmed TCP connection whose client acknowledges the backend's
+/// SYN-ACK is confirmed.
+///
+/// Not inlined: see [`crate::steer`] on the stack.
+#[inline(never)]
+pub fn find(ctx: &XdpContext, pkt: &Packet) -> Result<bool, Reason> {
+    let key = pkt.key(DIR_FORWARD);
+    let tcp = key.proto == IPPROTO_TCP;
+    let flags = pkt.tcp_flags;
+    let Some((entry, confirmed)) = conntrack::get(&key) else {
+        return opens(tcp, flags);
+    };
     // SAFETY: a live map value; concurrent writers only store whole aligned words into
-    // `last_seen_ns` and single bytes into the flags, the rest is written once at insert.
+    // `last_seen_ns`/`peer_next` and single bytes into the flags; the rest is written once.
     let entry = unsafe { &mut *entry };
-    if key.proto == IPPROTO_TCP && tcp_opens(tcp_flags) {
+    if tcp && tcp_opens(flags) {
         // A bare SYN after the client closed (FIN or RST) is a new connection reusing the
         // port: balance it afresh rather than send it to the old connection's backend.
         if entry.fin != 0 || entry.rst != 0 {
-            return None;
+            forget(&key, entry);
+            return Ok(false);
         }
         // Otherwise it is the client retrying: its first SYN got no answer.
         stats::signals(entry.backend_id, |s| s.syn_retrans += 1);
     }
+    let settings = settings();
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
     let idle = now.saturating_sub(entry.last_seen_ns);
-    if key.proto == IPPROTO_UDP && idle > settings.udp_idle_ns {
-        return None;
+    if !tcp && idle > settings.udp_idle_ns {
+        forget(&key, entry);
+        return Ok(false);
     }
     // Refresh the timestamp only when it is stale enough to matter: a write per packet
     // would bounce the entry's cache line between CPUs.
     if idle > settings.touch_interval_ns {
         entry.last_seen_ns = now;
     }
-    record_flags(entry, tcp_flags);
-    Some(*entry)
+    record_flags(entry, flags);
+    // The client acknowledges the backend's SYN-ACK: it is real (a spoofed source never
+    // sees the SYN-ACK, so it cannot know the number) and the connection is established.
+    if !confirmed
+        && tcp
+        && entry.peer_next != 0
+        && flags & (TCP_ACK | TCP_SYN) == TCP_ACK
+        && pkt.tcp_ack(ctx)? == entry.peer_next
+    {
+        conntrack::confirm(&key, entry);
+    }
+    let w = SCRATCH.get_ptr_mut(0).ok_or(Reason::DropInternal)?;
+    // SAFETY: this CPU's own scratch entry; XDP programs do not nest on one CPU.
+    unsafe { (*w).flow = *entry };
+    Ok(true)
+}
+
+/// Whether a packet that matches no connection may open one: only a SYN (UDP: any
+/// datagram).
+#[inline(always)]
+fn opens(tcp: bool, flags: u8) -> Result<bool, Reason> {
+    if tcp && !tcp_opens(flags) {
+        Err(Reason::DropTcpNoFlow)
+    } else {
+        Ok(false)
+    }
 }
 
 /// Records a FIN or RST in an entry. Each flag is its own byte, set by one store and only
@@ -62,25 +114,54 @@ pub fn record_flags(entry: &mut FlowValue, tcp_flags: u8) {
     }
 }
 
-/// What a new connection needs besides its key.
-pub struct NewFlow {
-    pub now: u64,
-    /// The client's SYN sequence number plus one (TCP), 0 for UDP.
-    pub syn_next: u32,
-    /// A UDP flow idle for longer than this no longer holds its reply 4-tuple.
-    pub udp_idle_ns: u64,
+/// Forgets the connection of the client's 4-tuple `key` whose forward entry is `old`: that
+/// entry, and its reply entry if that is still its own.
+#[inline(always)]
+fn forget(key: &FlowKey, old: &FlowValue) {
+    let reply_key = key.reply(old.nat_addr, old.nat_port_be);
+    if let Some((reply, _)) = conntrack::get(&reply_key) {
+        // SAFETY: a live map value; two fields read.
+        let reply = unsafe { &*reply };
+        if reply.nat_addr == key.dst && reply.nat_port_be == key.dst_port_be {
+            conntrack::remove(&reply_key);
+        }
+    }
+    conntrack::remove(key);
 }
 
-/// Balances a new connection: takes the service's next round-robin slot and records the
-/// connection in both directions. `egress` tells the interface through which a backend
-/// address is routed (recorded in the reply entry: replies must arrive there).
-#[inline(always)]
-pub fn new_flow(
-    key: &FlowKey,
-    svc: &ServiceValue,
-    new: &NewFlow,
-    mut egress: impl FnMut(&[u32; 4]) -> u32,
-) -> Result<FlowValue, Reason> {
+/// What a new connection needs besides its key.
+struct NewFlow {
+    now: u64,
+    /// The client's SYN sequence number plus one (TCP), 0 for UDP.
+    syn_next: u32,
+    /// A UDP flow idle for longer than this no longer holds its reply 4-tuple.
+    udp_idle_ns: u64,
+}
+
+/// Balances a client's packet that opens a new connection to `svc`: takes the service's
+/// next round-robin slot and records the connection in both directions (unconfirmed),
+/// leaving its forward entry in this CPU's scratch entry.
+///
+/// Not inlined: see [`crate::steer`] on the stack.
+#[inline(never)]
+pub fn new_flow(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue) -> Result<(), Reason> {
+    let key = pkt.key(DIR_FORWARD);
+    let new = NewFlow {
+        // SAFETY: a helper without arguments.
+        now: unsafe { bpf_ktime_get_ns() },
+        syn_next: if key.proto == IPPROTO_TCP {
+            pkt.tcp_seq(ctx)?.wrapping_add(1)
+        } else {
+            0
+        },
+        udp_idle_ns: settings().udp_idle_ns,
+    };
+    // The interface each candidate backend is routed through: replies must arrive there.
+    let mut egress =
+        |backend: &[u32; 4]| fib::lookup(ctx, pkt, &pkt.src, backend).map_or(0, |r| r.egress());
+    let key = &key;
+    let egress = &mut egress;
+    let new = &new;
     let table = SLOTS
         .get(slot_table_index(svc.id, svc.active_table))
         .ok_or(Reason::DropInternal)?;
@@ -101,8 +182,7 @@ pub fn new_flow(
         n + bpf_get_smp_processor_id() as u64
     };
     let len = len as u64;
-    let first = slot_backend(table, ticket % len)?;
-    let mut backend_id = first;
+    let mut backend_id = slot_backend(table, ticket % len)?;
     // A backend the data plane ejected (it refused a connection moments ago) is skipped for
     // the next slots until the daemon rewrites the table; if all of those are ejected too,
     // the first choice stands (better a try than a certain drop).
@@ -116,105 +196,124 @@ pub fn new_flow(
         }
     }
 
-    let mut result = insert(key, svc.id, backend_id, new, &mut egress);
-    if result == Err(Reason::DropReplyCollision) {
-        // Another service's live connection holds this backend's reply 4-tuple: the next
-        // other backend in the order, if there is one.
-        for i in 1..=EJECTED_RETRIES {
-            let candidate = slot_backend(table, (ticket + i) % len)?;
-            if candidate != backend_id {
-                result = insert(key, svc.id, candidate, new, &mut egress);
-                break;
+    // One call site for `record`, in a loop of at most two rounds: inlined twice, its keys
+    // would take twice the stack.
+    let mut candidate = backend_id;
+    let mut retried = false;
+    let result = loop {
+        match record(key, svc.id, candidate, new, egress) {
+            // Another service's live connection holds this backend's reply 4-tuple: the
+            // next other backend in the order, if there is one.
+            Err(Reason::DropReplyCollision) if !retried => {
+                retried = true;
+                let mut other = None;
+                for i in 1..=EJECTED_RETRIES {
+                    let c = slot_backend(table, (ticket + i) % len)?;
+                    if c != backend_id {
+                        other = Some(c);
+                        break;
+                    }
+                }
+                match other {
+                    Some(c) => candidate = c,
+                    None => break Err(Reason::DropReplyCollision),
+                }
             }
+            r => break r,
         }
-    }
-    let forward = result?;
+    };
+    let chosen = result?;
     stats::traffic(&SERVICE_STATS, svc.id, |c| c.new_conns += 1);
-    stats::traffic(&BACKEND_STATS, forward.backend_id, |c| c.new_conns += 1);
-    Ok(forward)
+    stats::traffic(&BACKEND_STATS, chosen, |c| c.new_conns += 1);
+    Ok(())
 }
 
 /// Records a new connection to `backend_id` in both directions, unless its reply 4-tuple
-/// belongs to another live connection.
+/// belongs to another live connection. The entries and keys are built in this CPU's scratch
+/// entry ([`SCRATCH`]), not on the stack; the forward entry is left there. Returns the
+/// backend id.
 #[inline(always)]
-fn insert(
+fn record<F: FnMut(&[u32; 4]) -> u32>(
     key: &FlowKey,
     service_id: u32,
     backend_id: u32,
     new: &NewFlow,
-    egress: &mut impl FnMut(&[u32; 4]) -> u32,
-) -> Result<FlowValue, Reason> {
+    egress: &mut F,
+) -> Result<u32, Reason> {
     let backend = BACKENDS.get(backend_id).ok_or(Reason::DropInternal)?;
-    let forward = FlowValue {
-        nat_addr: backend.addr,
-        nat_port_be: backend.port_be,
-        backend_id,
-        service_id,
-        syn_next: new.syn_next,
-        last_seen_ns: new.now,
-        ..FlowValue::default()
-    };
-    let reply_key = key.reply(backend.addr, backend.port_be);
-    let reply = FlowValue {
-        nat_addr: key.dst,
-        nat_port_be: key.dst_port_be,
-        ifindex: egress(&backend.addr),
-        ..forward
-    };
-    // The reply entry goes in first: once the forward entry exists, later packets of the
+    let w = SCRATCH.get_ptr_mut(0).ok_or(Reason::DropInternal)?;
+    // SAFETY: this CPU's own scratch entry; XDP programs do not nest on one CPU.
+    let w = unsafe { &mut *w };
+    w.reply_key = key.reply(backend.addr, backend.port_be);
+    claim_reply(w, key, new)?;
+    let v = &mut w.flow;
+    // The reply entry first: once the forward entry exists, later packets of the
     // connection rely on it and the reply must already be translatable.
-    insert_reply(&reply_key, &reply, new)?;
-    CONNTRACK
-        .insert(key, forward, 0)
+    v.nat_addr = key.dst;
+    v.nat_port_be = key.dst_port_be;
+    v._pad = 0;
+    v.backend_id = backend_id;
+    v.service_id = service_id;
+    v.fin = 0;
+    v.rst = 0;
+    v.synack = 0;
+    v._flags_pad = 0;
+    v.syn_next = new.syn_next;
+    v.peer_next = 0;
+    v.ifindex = egress(&backend.addr);
+    v._pad2 = 0;
+    v.created_ns = new.now;
+    v.last_seen_ns = new.now;
+    conntrack::insert_new(&w.reply_key, &w.flow, BPF_NOEXIST as u64)
         .map_err(|_| Reason::DropConntrackFull)?;
-    Ok(forward)
+    let v = &mut w.flow;
+    v.nat_addr = backend.addr;
+    v.nat_port_be = backend.port_be;
+    v.ifindex = 0;
+    conntrack::insert_new(key, &w.flow, 0).map_err(|_| Reason::DropConntrackFull)?;
+    Ok(backend_id)
 }
 
-/// Inserts a reply entry without overwriting another live connection's. The reply key has
-/// no VIP (it is the backend's packet as it arrives), so two services that share a backend,
-/// reached by one client from one source port, would map to the same key; the second would
-/// take over the first one's replies.
+/// Makes room for a new connection's reply entry under `w.reply_key`. The reply key has no
+/// VIP (it is the backend's packet as it arrives), so two services that share a backend,
+/// reached by one client from one source port, map to the same key; the second would take
+/// over the first one's replies. The holder gives way only when it is this client port's
+/// own earlier connection to the same VIP (`key`), or its connection is over; it is then
+/// forgotten with its forward entry.
 #[inline(always)]
-fn insert_reply(key: &FlowKey, value: &FlowValue, new: &NewFlow) -> Result<(), Reason> {
-    if CONNTRACK.insert(key, value, BPF_NOEXIST as u64).is_ok() {
+fn claim_reply(w: &mut Work, key: &FlowKey, new: &NewFlow) -> Result<(), Reason> {
+    let Some((old, _)) = conntrack::get(&w.reply_key) else {
         return Ok(());
-    }
-    // SAFETY: copied out at once.
-    let Some(old) = (unsafe { CONNTRACK.get(key) }).copied() else {
-        // The key is free, so the table itself refused.
-        return Err(Reason::DropConntrackFull);
     };
-    if !replaceable(key, &old, value, new) {
-        return Err(Reason::DropReplyCollision);
+    // SAFETY: a live map value; fields read in place.
+    let old = unsafe { &*old };
+    w.holder_key = w.reply_key.forward_of(old);
+    let own = old.nat_addr == key.dst && old.nat_port_be == key.dst_port_be;
+    if !own {
+        if let Some((fwd, _)) = conntrack::get(&w.holder_key) {
+            // SAFETY: as above.
+            let fwd = unsafe { &*fwd };
+            let over = if key.proto == IPPROTO_UDP {
+                let last = if fwd.last_seen_ns > old.last_seen_ns {
+                    fwd.last_seen_ns
+                } else {
+                    old.last_seen_ns
+                };
+                new.now.saturating_sub(last) > new.udp_idle_ns
+            } else {
+                FlowValue::closed(fwd.seen(), old.seen())
+            };
+            if !over {
+                return Err(Reason::DropReplyCollision);
+            }
+        }
+        // No forward entry: half a connection, whose replies could not be translated.
     }
-    CONNTRACK
-        .insert(key, value, 0)
-        .map_err(|_| Reason::DropConntrackFull)
+    conntrack::remove(&w.holder_key);
+    conntrack::remove(&w.reply_key);
+    Ok(())
 }
 
-/// Whether the reply entry `old` may give way to `value`: it is this client port's own
-/// earlier connection to the same VIP (which the new connection replaces), or its
-/// connection is over.
-#[inline(always)]
-fn replaceable(key: &FlowKey, old: &FlowValue, value: &FlowValue, new: &NewFlow) -> bool {
-    if old.nat_addr == value.nat_addr && old.nat_port_be == value.nat_port_be {
-        return true;
-    }
-    // SAFETY: copied out at once.
-    let Some(fwd) = (unsafe { CONNTRACK.get(&key.forward_of(old)) }).copied() else {
-        // Half a connection: its client side is gone, its replies cannot be translated.
-        return true;
-    };
-    if key.proto == IPPROTO_UDP {
-        let last = if fwd.last_seen_ns > old.last_seen_ns {
-            fwd.last_seen_ns
-        } else {
-            old.last_seen_ns
-        };
-        return new.now.saturating_sub(last) > new.udp_idle_ns;
-    }
-    FlowValue::closed(fwd.seen(), old.seen())
-}
 #[inline(always)]
 fn slot_backend(table: &SlotTable, slot: u64) -> Result<u32, Reason> {
     let slot = slot as usize;

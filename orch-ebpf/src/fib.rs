@@ -1,7 +1,7 @@
 //! Forwarding of translated packets: a kernel FIB lookup and `XDP_REDIRECT` when the route
 //! and the neighbour are known, the kernel stack otherwise.
 
-use core::mem::{size_of, zeroed};
+use core::mem::size_of;
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
@@ -14,7 +14,10 @@ use orch_common::{
     maps::{Settings, SETTING_REDIRECT},
 };
 
-use crate::parse::{read, write, Packet, ETH_HLEN};
+use crate::{
+    maps::FIB_SCRATCH,
+    parse::{read, write, Packet, ETH_HLEN},
+};
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -23,9 +26,10 @@ const V4_TTL: usize = ETH_HLEN + 8;
 const V4_CHECK: usize = ETH_HLEN + 10;
 const V6_HOP_LIMIT: usize = ETH_HLEN + 7;
 
-/// The kernel's route for a translated packet.
+/// The kernel's route for a translated packet. The lookup's parameters and results live in
+/// this CPU's entry of [`FIB_SCRATCH`], not on the 512-byte stack.
 pub struct Route {
-    params: bpf_fib_lookup,
+    params: *mut bpf_fib_lookup,
     rc: i64,
 }
 
@@ -37,7 +41,8 @@ impl Route {
     pub fn egress(&self) -> u32 {
         if self.rc == BPF_FIB_LKUP_RET_SUCCESS as i64 || self.rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64
         {
-            self.params.ifindex
+            // SAFETY: this CPU's scratch entry, filled by the lookup that made `self`.
+            unsafe { (*self.params).ifindex }
         } else {
             0
         }
@@ -45,11 +50,17 @@ impl Route {
 }
 
 /// Looks up the route of a (translated) packet from `src` to `dst`, as received on this
-/// packet's interface.
+/// packet's interface. `None` only if the scratch map is missing, which cannot happen.
 #[inline(always)]
-pub fn lookup(ctx: &XdpContext, pkt: &Packet, src: &[u32; 4], dst: &[u32; 4]) -> Route {
-    // SAFETY: a plain C struct for which all-zero is a valid value.
-    let mut params: bpf_fib_lookup = unsafe { zeroed() };
+pub fn lookup(ctx: &XdpContext, pkt: &Packet, src: &[u32; 4], dst: &[u32; 4]) -> Option<Route> {
+    let p = FIB_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's own scratch entry; XDP programs do not nest on one CPU. Every field
+    // the helper reads is written here first.
+    // All-zero is a valid value of this plain C struct; written in place, not built on the
+    // stack and copied.
+    unsafe { core::ptr::write_bytes(p, 0, 1) };
+    // SAFETY: as above.
+    let params = unsafe { &mut *p };
     params.l4_protocol = pkt.proto;
     params.sport = pkt.src_port_be;
     params.dport = pkt.dst_port_be;
@@ -65,15 +76,8 @@ pub fn lookup(ctx: &XdpContext, pkt: &Packet, src: &[u32; 4], dst: &[u32; 4]) ->
         params.__bindgen_anon_4.ipv4_dst = dst[3];
     }
     // SAFETY: `params` is a valid, fully initialised struct of the size we pass.
-    let rc = unsafe {
-        fib_lookup(
-            ctx.as_ptr(),
-            &mut params,
-            size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
-    };
-    Route { params, rc }
+    let rc = unsafe { fib_lookup(ctx.as_ptr(), p, size_of::<bpf_fib_lookup>() as i32, 0) };
+    Some(Route { params: p, rc })
 }
 
 /// Forwards the (already translated) packet from `src` to `dst`. On success it sets the MACs, decrements the TTL as a
@@ -97,11 +101,12 @@ pub fn redirect(
     if ttl <= 1 {
         return None;
     }
-    let route = lookup(ctx, pkt, src, dst);
+    let route = lookup(ctx, pkt, src, dst)?;
     if route.rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         return None;
     }
-    let params = &route.params;
+    // SAFETY: this CPU's scratch entry, just filled by the lookup.
+    let params = unsafe { &*route.params };
 
     if !write(ctx, 0, params.dmac) || !write(ctx, 6, params.smac) {
         return None;

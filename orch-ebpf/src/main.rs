@@ -8,13 +8,14 @@
 //! - passes anything else to the kernel untouched, counting why.
 //!
 //! Layout: [`parse`] reads headers with bounds checks, [`steer`] decides, [`balance`] picks
-//! backends, [`nat`] rewrites addresses and checksums, [`fib`] forwards, [`maps`] declares the
-//! maps, [`stats`] counts, [`log`] tells the operator (off unless asked for). Only `main.rs`
+//! backends, [`conntrack`] keeps connections (unconfirmed, then confirmed), [`nat`] rewrites
+//! addresses and checksums, [`fib`] forwards, [`maps`] declares the maps, [`stats`] counts, [`log`] tells the operator (off unless asked for). Only `main.rs`
 //! has entry points.
 #![no_std]
 #![no_main]
 
 mod balance;
+mod conntrack;
 mod fib;
 mod log;
 mod maps;

@@ -5,6 +5,7 @@
 //! time from its configuration.
 
 use aya_ebpf::{
+    bindings::bpf_fib_lookup,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
@@ -13,7 +14,7 @@ use orch_common::{
         Backend, BackendSignals, FlowKey, FlowValue, PortBitmap, ServiceKey, ServiceValue,
         Settings, SlotTable, TrafficCounters,
     },
-    Reason, CONNTRACK_CAPACITY, MAX_BACKENDS, MAX_SERVICES,
+    CtEvent, Reason, CONNTRACK_CAPACITY, CONNTRACK_NEW_CAPACITY, MAX_BACKENDS, MAX_SERVICES,
 };
 
 #[map(name = "ORCH_SVC_V1")]
@@ -28,9 +29,39 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 #[map(name = "ORCH_CURSOR_V1")]
 pub static CURSORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 
+/// Confirmed connections: a plain hash, so nothing but the daemon's expiry removes one.
 #[map(name = "ORCH_CT_V2")]
-pub static CONNTRACK: LruHashMap<FlowKey, FlowValue> =
-    LruHashMap::with_max_entries(CONNTRACK_CAPACITY, 0);
+pub static CONNTRACK: HashMap<FlowKey, FlowValue> =
+    HashMap::with_max_entries(CONNTRACK_CAPACITY, 0);
+
+/// Connections not yet confirmed: an LRU, which a flood recycles.
+#[map(name = "ORCH_CT_NEW_V2")]
+pub static CONNTRACK_NEW: LruHashMap<FlowKey, FlowValue> =
+    LruHashMap::with_max_entries(CONNTRACK_NEW_CAPACITY, 0);
+
+/// Where a new connection's entries and keys are built, one per CPU: the 512-byte BPF stack,
+/// shared by the entry point and its subprograms, cannot hold them. Not pinned: nothing in
+/// it outlives a packet.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Work {
+    /// The entry being written (reply first, then forward).
+    pub flow: FlowValue,
+    /// The new connection's reply key.
+    pub reply_key: FlowKey,
+    /// The forward key of a connection that holds that reply key.
+    pub holder_key: FlowKey,
+}
+
+#[map(name = "ORCH_SCRATCH")]
+pub static SCRATCH: PerCpuArray<Work> = PerCpuArray::with_max_entries(1, 0);
+
+/// One FIB lookup's parameters per CPU (64 bytes), for the same reason.
+#[map(name = "ORCH_FIB_SCRATCH")]
+pub static FIB_SCRATCH: PerCpuArray<bpf_fib_lookup> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "ORCH_CT_EV_V1")]
+pub static CT_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(CtEvent::COUNT, 0);
 
 #[map(name = "ORCH_PORTS_V1")]
 pub static PORTS: Array<PortBitmap> = Array::with_max_entries(2, 0);
@@ -55,3 +86,9 @@ pub static BACKEND_SIGNALS: PerCpuArray<BackendSignals> =
 
 #[map(name = "ORCH_BE_DOWN_V1")]
 pub static BACKEND_DOWN: Array<u32> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// The daemon's runtime settings (defaults until it writes them).
+#[inline(always)]
+pub fn settings() -> Settings {
+    SETTINGS.get(0).copied().unwrap_or_default()
+}

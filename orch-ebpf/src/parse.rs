@@ -12,7 +12,10 @@
 use core::{mem::size_of, ptr};
 
 use aya_ebpf::programs::XdpContext;
-use orch_common::{maps::v4_mapped, Reason, IPPROTO_TCP, IPPROTO_UDP};
+use orch_common::{
+    maps::{v4_mapped, FlowKey},
+    Reason, IPPROTO_TCP, IPPROTO_UDP,
+};
 
 pub const ETH_HLEN: usize = 14;
 pub const IPV4_HLEN: usize = 20;
@@ -22,6 +25,9 @@ const ETH_P_IPV6: u16 = 0x86dd;
 /// IPv4 `frag_off` bits that mark a fragment: MF and the 13-bit offset (RFC 791).
 const IP_MF_OFFSET_MASK: u16 = 0x3fff;
 const TCP_HLEN: usize = 20;
+/// Offsets of the sequence and acknowledgment numbers in the TCP header (RFC 9293).
+const TCP_SEQ_OFF: usize = 4;
+const TCP_ACK_SEQ_OFF: usize = 8;
 const UDP_HLEN: usize = 8;
 
 /// IPv6 next-header values that are extension headers (RFC 8200 section 4, and AH/ESP).
@@ -84,6 +90,37 @@ pub struct Packet {
 }
 
 impl Packet {
+    /// The connection-table key of this packet as it arrived, for direction `dir`
+    /// (`DIR_FORWARD`: a client's packet; `DIR_REPLY`: a backend's).
+    #[inline(always)]
+    pub fn key(&self, dir: u8) -> FlowKey {
+        FlowKey {
+            src: self.src,
+            dst: self.dst,
+            src_port_be: self.src_port_be,
+            dst_port_be: self.dst_port_be,
+            proto: self.proto,
+            dir,
+            _pad: 0,
+        }
+    }
+
+    /// The TCP sequence number (host order), if the header is in the packet.
+    #[inline(always)]
+    pub fn tcp_seq(&self, ctx: &XdpContext) -> Result<u32, Reason> {
+        read::<u32>(ctx, self.l4_off() + TCP_SEQ_OFF)
+            .map(u32::from_be)
+            .ok_or(Reason::PassTruncated)
+    }
+
+    /// The TCP acknowledgment number (host order), if the header is in the packet.
+    #[inline(always)]
+    pub fn tcp_ack(&self, ctx: &XdpContext) -> Result<u32, Reason> {
+        read::<u32>(ctx, self.l4_off() + TCP_ACK_SEQ_OFF)
+            .map(u32::from_be)
+            .ok_or(Reason::PassTruncated)
+    }
+
     /// Offset of the L4 header.
     #[inline(always)]
     pub fn l4_off(&self) -> usize {

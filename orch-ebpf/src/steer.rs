@@ -3,24 +3,19 @@
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use orch_common::{
     maps::{
-        tcp_opens, BackendSignals, FlowKey, FlowValue, ServiceKey, ServiceValue, Settings,
-        TrafficCounters, DIR_FORWARD, DIR_REPLY, TCP_ACK, TCP_RST, TCP_SYN,
+        BackendSignals, FlowKey, FlowValue, ServiceKey, ServiceValue, Settings, TrafficCounters,
+        DIR_REPLY, PORTS_BACKEND, PORTS_VIP, TCP_ACK, TCP_RST, TCP_SYN,
     },
-    maps::{PORTS_BACKEND, PORTS_VIP},
-    Reason, IPPROTO_TCP,
+    Reason, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{
-    balance, fib,
-    maps::{BACKEND_STATS, CONNTRACK, PORTS, SERVICES, SERVICE_STATS, SETTINGS},
+    balance, conntrack, fib,
+    maps::{settings, BACKEND_STATS, PORTS, SCRATCH, SERVICES, SERVICE_STATS},
     nat::{self, Side},
     parse::{self, Packet},
     stats,
 };
-
-/// Offsets of the sequence and acknowledgment numbers in the TCP header (RFC 9293).
-const TCP_SEQ_OFF: usize = 4;
-const TCP_ACK_SEQ_OFF: usize = 8;
 
 /// Returns the XDP action and the reason to count.
 #[inline(always)]
@@ -75,46 +70,76 @@ fn try_steer(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
         }
     }
     if maybe_reply {
-        let key = FlowKey {
-            src: pkt.src,
-            dst: pkt.dst,
-            src_port_be: pkt.src_port_be,
-            dst_port_be: pkt.dst_port_be,
-            proto: pkt.proto,
-            dir: DIR_REPLY,
-            _pad: 0,
-        };
-        if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
-            // SAFETY: a live map value, updated only by whole-word and single-byte stores.
-            let entry = unsafe { &mut *entry };
-            // A reverse-path check: the backend's packets come from where it is routed.
-            // Anything else claiming its address (a host on the client side, say) is neither
-            // translated towards a client nor read as the backend's answer.
-            if entry.ifindex != 0 && entry.ifindex != ctx.ingress_ifindex() as u32 {
-                return Err(Reason::DropReplyInterface);
-            }
-            if pkt.proto == IPPROTO_TCP && entry.synack == 0 {
-                handshake(ctx, &key, entry, &pkt)?;
-            } else if pkt.tcp_flags & TCP_RST != 0 {
-                // The backend reset an established connection. The client sends nothing
-                // more on it, so mark its forward entry too: a SYN that reuses the port is
-                // then a new connection, not one for this (perhaps dead) backend.
-                if let Some(forward) = CONNTRACK.get_ptr_mut(key.forward_of(entry)) {
-                    // SAFETY: as above.
-                    balance::record_flags(unsafe { &mut *forward }, TCP_RST);
-                }
-            }
-            balance::record_flags(entry, pkt.tcp_flags);
-            let flow = *entry;
-            return reply(ctx, &pkt, &flow);
+        if let Some(verdict) = backend_packet(ctx, &pkt)? {
+            return Ok(verdict);
         }
     }
     Err(Reason::PassNotService)
 }
 
+/// A packet from a backend's port: translated back to the VIP if it belongs to a balanced
+/// connection (`None`: it does not).
+///
+/// Not inlined, for the stack (see [`forward`]).
+#[inline(never)]
+fn backend_packet(ctx: &XdpContext, pkt: &Packet) -> Result<Option<(u32, Reason)>, Reason> {
+    let pkt = *pkt;
+    let key = pkt.key(DIR_REPLY);
+    let Some((entry, confirmed)) = conntrack::get(&key) else {
+        return Ok(None);
+    };
+    // SAFETY: a live map value, updated only by whole-word and single-byte stores.
+    let entry = unsafe { &mut *entry };
+    // A reverse-path check: the backend's packets come from where it is routed. Anything
+    // else claiming its address (a host on the client side, say) is neither translated
+    // towards a client nor read as the backend's answer.
+    if entry.ifindex != 0 && entry.ifindex != ctx.ingress_ifindex() as u32 {
+        return Err(Reason::DropReplyInterface);
+    }
+    if pkt.proto == IPPROTO_TCP && entry.synack == 0 {
+        handshake(ctx, &key, entry, &pkt)?;
+    } else if pkt.tcp_flags & TCP_RST != 0 {
+        // The backend reset an established connection. The client sends nothing more on
+        // it, so mark its forward entry too: a SYN that reuses the port is then a new
+        // connection, not one for this (perhaps dead) backend.
+        if let Some((forward, _)) = conntrack::get(&key.forward_of(entry)) {
+            // SAFETY: as above.
+            balance::record_flags(unsafe { &mut *forward }, TCP_RST);
+        }
+    }
+    balance::record_flags(entry, pkt.tcp_flags);
+    let settings = settings();
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.saturating_sub(entry.last_seen_ns) > settings.touch_interval_ns {
+        entry.last_seen_ns = now;
+    }
+    // A UDP flow the backend answers is confirmed (TCP: by the client's ACK).
+    if !confirmed && pkt.proto == IPPROTO_UDP {
+        let fwd_key = key.forward_of(entry);
+        if let Some((fwd, false)) = conntrack::get(&fwd_key) {
+            // SAFETY: a live map value, handed on as the value to copy.
+            conntrack::confirm(&fwd_key, unsafe { &*fwd });
+        }
+    }
+    let (vip, port_be) = (entry.nat_addr, entry.nat_port_be);
+    let (service_id, backend_id) = (entry.service_id, entry.backend_id);
+    if !nat::rewrite(ctx, &pkt, Side::Src, &vip, port_be) {
+        return Err(Reason::DropInternal);
+    }
+    Ok(Some(deliver(
+        ctx,
+        &pkt,
+        (service_id, backend_id),
+        (&vip, &pkt.dst),
+        &settings,
+        true,
+    )))
+}
+
 /// A backend's first answers to a balanced SYN, recognised by what they acknowledge: the
-/// client's SYN sequence number plus one. A SYN-ACK gives the handshake latency (the reply
-/// entry's timestamp is the SYN's: replies never refresh it); a RST is a refusal. The
+/// client's SYN sequence number plus one. A SYN-ACK gives the handshake latency (from the
+/// entry's creation, the SYN's time) and the backend's sequence number; a RST is a refusal. The
 /// refusing backend is ejected from selection, the RST dropped and the flow forgotten, so the
 /// client's SYN retransmission (about a second later) is balanced again onto a backend that
 /// is up, instead of the client seeing "connection refused".
@@ -132,15 +157,20 @@ fn handshake(
     if flags & TCP_ACK == 0 || flags & (TCP_SYN | TCP_RST) == 0 {
         return Ok(());
     }
-    let ack =
-        parse::read::<u32>(ctx, pkt.l4_off() + TCP_ACK_SEQ_OFF).ok_or(Reason::PassTruncated)?;
-    if u32::from_be(ack) != entry.syn_next {
+    if pkt.tcp_ack(ctx)? != entry.syn_next {
         return Ok(());
     }
     if flags & TCP_SYN != 0 {
         // SAFETY: a helper without arguments.
-        let latency = unsafe { bpf_ktime_get_ns() }.saturating_sub(entry.last_seen_ns);
+        let latency = unsafe { bpf_ktime_get_ns() }.saturating_sub(entry.created_ns);
         entry.synack = 1;
+        // The client's side learns the backend's sequence number: the client's segment
+        // that acknowledges it confirms the connection.
+        let seq = pkt.tcp_seq(ctx)?;
+        if let Some((fwd, _)) = conntrack::get(&key.forward_of(entry)) {
+            // SAFETY: a live map value; one aligned word store.
+            unsafe { (*fwd).peer_next = seq.wrapping_add(1) };
+        }
         stats::signals(entry.backend_id, |s| {
             s.handshakes += 1;
             s.handshake_ns += latency;
@@ -152,82 +182,57 @@ fn handshake(
     } else {
         stats::signals(entry.backend_id, |s| s.refused += 1);
         balance::eject(entry.backend_id);
-        let _ = CONNTRACK.remove(key.forward_of(entry));
-        let _ = CONNTRACK.remove(key);
+        conntrack::remove(&key.forward_of(entry));
+        conntrack::remove(key);
         return Err(Reason::DropRefused);
     }
     Ok(())
 }
 
-#[inline(always)]
-fn settings() -> Settings {
-    SETTINGS.get(0).copied().unwrap_or_default()
-}
-
 /// A client's packet for a VIP: find or choose its backend, rewrite, forward.
+///
+/// The stack: BPF gives a program 512 bytes for the whole chain of calls, and these paths
+/// need more than that when inlined into one function (every value live across a helper
+/// call is spilled: BPF has four callee-saved registers). So each step is a subprogram with
+/// a frame of its own, called one after the other from the entry point, never from each
+/// other: the deepest chain is the entry point plus one step. The steps hand the
+/// connection's forward entry over in this CPU's scratch entry.
 #[inline(always)]
 fn forward(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue) -> Result<(u32, Reason), Reason> {
-    let settings = settings();
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let key = FlowKey {
-        src: pkt.src,
-        dst: pkt.dst,
-        src_port_be: pkt.src_port_be,
-        dst_port_be: pkt.dst_port_be,
-        proto: pkt.proto,
-        dir: DIR_FORWARD,
-        _pad: 0,
-    };
-    let tcp = pkt.proto == IPPROTO_TCP;
-    let flow = match balance::existing(&key, now, &settings, pkt.tcp_flags) {
-        Some(flow) => flow,
-        None => {
-            // Only a SYN opens a connection (UDP: any datagram).
-            if tcp && !tcp_opens(pkt.tcp_flags) {
-                return Err(Reason::DropTcpNoFlow);
-            }
-            let syn_next = if tcp {
-                let seq = parse::read::<u32>(ctx, pkt.l4_off() + TCP_SEQ_OFF)
-                    .ok_or(Reason::PassTruncated)?;
-                u32::from_be(seq).wrapping_add(1)
-            } else {
-                0
-            };
-            let new = balance::NewFlow {
-                now,
-                syn_next,
-                udp_idle_ns: settings.udp_idle_ns,
-            };
-            balance::new_flow(&key, svc, &new, |backend| {
-                fib::lookup(ctx, pkt, &pkt.src, backend).egress()
-            })?
-        }
-    };
-    if !nat::rewrite(ctx, pkt, Side::Dst, &flow.nat_addr, flow.nat_port_be) {
-        return Err(Reason::DropInternal);
+    if !balance::find(ctx, pkt)? {
+        balance::new_flow(ctx, pkt, svc)?;
     }
-    let targets = (&pkt.src, &flow.nat_addr);
-    Ok(deliver(ctx, pkt, &flow, targets, &settings, false))
+    translate_forward(ctx, pkt)
 }
 
-/// A backend's reply: restore the VIP as the source so the client sees only the VIP.
-#[inline(always)]
-fn reply(ctx: &XdpContext, pkt: &Packet, flow: &FlowValue) -> Result<(u32, Reason), Reason> {
-    if !nat::rewrite(ctx, pkt, Side::Src, &flow.nat_addr, flow.nat_port_be) {
+/// Rewrites a client's packet to the backend of the entry in this CPU's scratch entry
+/// (left there by [`balance::find`] or [`balance::new_flow`]) and forwards it.
+#[inline(never)]
+fn translate_forward(ctx: &XdpContext, pkt: &Packet) -> Result<(u32, Reason), Reason> {
+    let w = SCRATCH.get(0).ok_or(Reason::DropInternal)?;
+    let (addr, port_be) = (w.flow.nat_addr, w.flow.nat_port_be);
+    let ids = (w.flow.service_id, w.flow.backend_id);
+    if !nat::rewrite(ctx, pkt, Side::Dst, &addr, port_be) {
         return Err(Reason::DropInternal);
     }
-    let targets = (&flow.nat_addr, &pkt.dst);
-    Ok(deliver(ctx, pkt, flow, targets, &settings(), true))
+    Ok(deliver(
+        ctx,
+        pkt,
+        ids,
+        (&pkt.src, &addr),
+        &settings(),
+        false,
+    ))
 }
 
-/// Counts a translated packet (now from `src` to `dst`) for its service and backend, then
+/// Counts a translated packet (now from `src` to `dst`) for its service and backend (ids),
+/// then
 /// forwards it: redirected when the FIB knows the way, otherwise to the kernel stack.
 #[inline(always)]
 fn deliver(
     ctx: &XdpContext,
     pkt: &Packet,
-    flow: &FlowValue,
+    (service_id, backend_id): (u32, u32),
     (src, dst): (&[u32; 4], &[u32; 4]),
     settings: &Settings,
     reply: bool,
@@ -242,8 +247,8 @@ fn deliver(
             c.fwd_bytes += bytes;
         }
     };
-    stats::traffic(&SERVICE_STATS, flow.service_id, count);
-    stats::traffic(&BACKEND_STATS, flow.backend_id, count);
+    stats::traffic(&SERVICE_STATS, service_id, count);
+    stats::traffic(&BACKEND_STATS, backend_id, count);
     let (redirected, stacked) = if reply {
         (Reason::ReplyRedirect, Reason::ReplyStack)
     } else {

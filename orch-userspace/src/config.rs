@@ -167,9 +167,21 @@ pub struct DataplaneConfig {
     /// Idle seconds after which a UDP flow is balanced again.
     #[serde(default = "default_udp_idle")]
     pub udp_idle_timeout_secs: Spanned<u64>,
-    /// Connection-table entries (two per connection).
+    /// Confirmed-connection table entries (two per connection).
     #[serde(default = "default_conntrack")]
     pub conntrack_capacity: Spanned<u32>,
+    /// Unconfirmed-connection table entries (handshakes in flight, unanswered UDP flows).
+    #[serde(default = "default_conntrack_new")]
+    pub conntrack_new_capacity: Spanned<u32>,
+    /// Idle seconds after which an established TCP connection is forgotten.
+    #[serde(default = "default_tcp_idle")]
+    pub tcp_idle_timeout_secs: Spanned<u64>,
+    /// Seconds a closed TCP connection (both FINs, or a RST) stays, for its last segments.
+    #[serde(default = "default_tcp_close")]
+    pub tcp_close_timeout_secs: Spanned<u64>,
+    /// Seconds a TCP connection may stay unconfirmed (handshake not completed).
+    #[serde(default = "default_unconfirmed")]
+    pub unconfirmed_timeout_secs: Spanned<u64>,
     /// Capacity of the service maps.
     #[serde(default = "default_max_services")]
     pub max_services: Spanned<u32>,
@@ -228,6 +240,30 @@ fn default_udp_idle() -> Spanned<u64> {
 }
 fn default_conntrack() -> Spanned<u32> {
     Spanned::new(0..0, orch_common::CONNTRACK_CAPACITY)
+}
+fn default_conntrack_new() -> Spanned<u32> {
+    Spanned::new(0..0, orch_common::CONNTRACK_NEW_CAPACITY)
+}
+/// Default [`DataplaneConfig::tcp_idle_timeout_secs`]: 2 h 15 min. Above Linux's default TCP
+/// keepalive time (7,200 s), so a connection that keepalive holds open is never forgotten;
+/// far below conntrack's 5 days, so connections whose ends vanished without a FIN do not
+/// hold the table for long. IPVS's 15 minutes would cut idle database pools.
+pub const DEFAULT_TCP_IDLE_SECS: u64 = 8_100;
+fn default_tcp_idle() -> Spanned<u64> {
+    Spanned::new(0..0, DEFAULT_TCP_IDLE_SECS)
+}
+/// Default [`DataplaneConfig::tcp_close_timeout_secs`], conntrack's `close` timeout: long
+/// enough for the last ACK and a retransmitted FIN, short enough that churn does not fill
+/// the table.
+pub const DEFAULT_TCP_CLOSE_SECS: u64 = 10;
+fn default_tcp_close() -> Spanned<u64> {
+    Spanned::new(0..0, DEFAULT_TCP_CLOSE_SECS)
+}
+/// Default [`DataplaneConfig::unconfirmed_timeout_secs`]: a client gives up on a SYN after
+/// about a minute of retransmissions; a retry after 30 s is balanced afresh.
+pub const DEFAULT_UNCONFIRMED_SECS: u64 = 30;
+fn default_unconfirmed() -> Spanned<u64> {
+    Spanned::new(0..0, DEFAULT_UNCONFIRMED_SECS)
 }
 fn default_max_services() -> Spanned<u32> {
     Spanned::new(0..0, orch_common::MAX_SERVICES)
@@ -546,6 +582,41 @@ impl DataplaneConfig {
                     1 << 26
                 ),
             );
+        }
+        let ctn = &self.conntrack_new_capacity;
+        if !(1024..=1 << 24).contains(ctn.get_ref()) {
+            v.at(
+                ctn.span(),
+                format!(
+                    "conntrack_new_capacity = {} is outside 1024..={}",
+                    ctn.get_ref(),
+                    1 << 24
+                ),
+            );
+        }
+        for (name, value, max) in [
+            (
+                "tcp_idle_timeout_secs",
+                &self.tcp_idle_timeout_secs,
+                30 * 86_400,
+            ),
+            (
+                "tcp_close_timeout_secs",
+                &self.tcp_close_timeout_secs,
+                3_600,
+            ),
+            (
+                "unconfirmed_timeout_secs",
+                &self.unconfirmed_timeout_secs,
+                3_600,
+            ),
+        ] {
+            if !(1..=max).contains(value.get_ref()) {
+                v.at(
+                    value.span(),
+                    format!("{name} = {} is outside 1..={max}", value.get_ref()),
+                );
+            }
         }
         let ms = &self.max_services;
         if !(1..=1 << 20).contains(ms.get_ref()) {

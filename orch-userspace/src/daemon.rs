@@ -32,7 +32,7 @@ use crate::{
     },
     breaker::{self, Breaker},
     config::{Config, ConfigError, XdpModeConfig},
-    dataplane::{self, AttachMode, Capacity, Dataplane, DataplaneError},
+    dataplane::{self, AttachMode, Capacity, Dataplane, DataplaneError, Timeouts},
     explain::{self, CpuChoice, Explanation, Path as ExplainPath},
     health::{Checker, Outcome, Report},
     metrics::{self, BackendEvents, BackendSample, Metrics, OpResult, ServiceSample, Snapshot},
@@ -199,6 +199,8 @@ pub struct Daemon {
     metrics: Metrics,
     /// Services in panic at the last rotation change, to log when one enters or leaves it.
     panicking: BTreeSet<String>,
+    /// When the next expiry step of the connection tables is due.
+    next_expiry: Instant,
 }
 
 impl Daemon {
@@ -216,6 +218,7 @@ impl Daemon {
             max_services: *d.max_services.get_ref(),
             max_backends: *d.max_backends.get_ref(),
             conntrack: *d.conntrack_capacity.get_ref(),
+            conntrack_new: *d.conntrack_new_capacity.get_ref(),
         };
         let mut dp = Dataplane::open(capacity, d.pin_dir.get_ref(), config.log.kernel as u8)?;
         dp.set_settings(&settings(&config))?;
@@ -250,6 +253,7 @@ impl Daemon {
             last_reload_error: None,
             metrics,
             panicking: BTreeSet::new(),
+            next_expiry: Instant::now(),
         };
         daemon.attach()?;
         // The new program is in every link now: what the old one did since the first pass
@@ -346,6 +350,8 @@ impl Daemon {
         next.dataplane.max_services = self.config.dataplane.max_services.clone();
         next.dataplane.max_backends = self.config.dataplane.max_backends.clone();
         next.dataplane.conntrack_capacity = self.config.dataplane.conntrack_capacity.clone();
+        next.dataplane.conntrack_new_capacity =
+            self.config.dataplane.conntrack_new_capacity.clone();
         next.dataplane.pin_dir = self.config.dataplane.pin_dir.clone();
         next.registry = std::mem::take(&mut self.config.registry);
         next.api = std::mem::take(&mut self.config.api);
@@ -432,6 +438,10 @@ impl Daemon {
     /// to half-open (probing them at once).
     pub fn tick(&mut self, now: Instant) {
         self.read_signals(now);
+        if now >= self.next_expiry {
+            self.next_expiry = now + EXPIRY_INTERVAL;
+            self.expire();
+        }
         for ((service, backend), h) in &mut self.health {
             if let Some(t) = h.breaker.poll(now) {
                 h.events.transition(t.to);
@@ -579,6 +589,22 @@ impl Daemon {
             Err(e) => {
                 error!(error = %format!("{:#}", anyhow::Error::from(e)), "rebalancing failed")
             }
+        }
+    }
+
+    /// One step of the connection tables' expiry (see [`Dataplane::expire`]).
+    fn expire(&mut self) {
+        let d = &self.config.dataplane;
+        let secs = |s: &toml::Spanned<u64>| s.get_ref().saturating_mul(1_000_000_000);
+        let t = Timeouts {
+            tcp_idle_ns: secs(&d.tcp_idle_timeout_secs),
+            tcp_close_ns: secs(&d.tcp_close_timeout_secs),
+            unconfirmed_ns: secs(&d.unconfirmed_timeout_secs),
+            udp_idle_ns: secs(&d.udp_idle_timeout_secs),
+        };
+        match self.dp.expire(&t, EXPIRY_BUDGET) {
+            Ok(done) => self.metrics.conntrack_expired(&done),
+            Err(e) => warn!(error = %e, "expiring connections failed"),
         }
     }
 
@@ -773,6 +799,9 @@ impl Daemon {
             reasons,
             conntrack_entries: census.entries,
             conntrack_capacity: u64::from(self.dp.capacity().conntrack),
+            unconfirmed_entries: census.unconfirmed,
+            unconfirmed_capacity: u64::from(self.dp.capacity().conntrack_new),
+            ct_events: self.dp.ct_events().unwrap_or_default(),
             uptime: self.started.elapsed(),
             ..Default::default()
         };
@@ -1096,6 +1125,13 @@ fn release_freed_memory() {
 /// for the sweep is the daemon's follow-up (a probe, the breaker), not the protection.
 const SIGNALS_PER_TICK: usize = 512;
 
+/// How often the connection tables' expiry takes a step, and how many entries of each table
+/// a step walks at most (a syscall or two each). A table of up to this size is swept whole
+/// every second; the default capacity (262,144) in 16 s, so closed connections leave within
+/// their close timeout plus that, at a few percent of one core.
+const EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
+const EXPIRY_BUDGET: usize = 16_384;
+
 /// One backend whose kernel signals the ticks read.
 struct SignalTarget {
     service: String,
@@ -1222,6 +1258,11 @@ fn restart_only(running: &Config, next: &Config) -> Vec<(&'static str, String, S
         "dataplane.conntrack_capacity",
         a.conntrack_capacity.get_ref().to_string(),
         b.conntrack_capacity.get_ref().to_string(),
+    );
+    cmp(
+        "dataplane.conntrack_new_capacity",
+        a.conntrack_new_capacity.get_ref().to_string(),
+        b.conntrack_new_capacity.get_ref().to_string(),
     );
     cmp(
         "dataplane.pin_dir",

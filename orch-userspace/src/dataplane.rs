@@ -16,12 +16,13 @@
 //! (`ORCH_CT_V1`); a layout change gets a new name and therefore new pins.
 
 use std::{
+    os::fd::AsFd,
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use aya::{
-    maps::{Array, HashMap, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, IterableMap, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues},
     pin::PinError,
     programs::{
         links::{FdLink, LinkError, PinnedLink},
@@ -33,16 +34,17 @@ use aya::{
 use orch_common::maps::{
     v1, Backend, BackendSignals, FlowKey, FlowValue, PortBitmap, ServiceKey, ServiceValue,
     Settings, SlotTable, TrafficCounters, BACKENDS_MAP, BACKEND_DOWN_MAP, BACKEND_SIGNALS_MAP,
-    BACKEND_STATS_MAP, CONNTRACK_MAP, CONNTRACK_MAP_V1, CURSORS_MAP, PORTS_MAP, SERVICES_MAP,
-    SERVICE_STATS_MAP, SETTINGS_MAP, SLOTS_MAP, STATS_MAP, STATS_MAP_V2,
+    BACKEND_STATS_MAP, CONNTRACK_MAP, CONNTRACK_MAP_V1, CONNTRACK_NEW_MAP, CT_EVENTS_MAP,
+    CURSORS_MAP, DIR_FORWARD, PORTS_MAP, SERVICES_MAP, SERVICE_STATS_MAP, SETTINGS_MAP, SLOTS_MAP,
+    STATS_MAP, STATS_MAP_V2,
 };
-use orch_common::Reason;
+use orch_common::{CtEvent, Reason, IPPROTO_UDP};
 use tracing::{debug, info, warn};
 
 use crate::reconcile::{MapReader, MapWriter};
 
 /// The maps that hold the balancer's state, pinned so that it outlives the daemon.
-const PINNED_MAPS: [&str; 12] = [
+const PINNED_MAPS: [&str; 14] = [
     BACKEND_SIGNALS_MAP,
     BACKEND_DOWN_MAP,
     SERVICES_MAP,
@@ -50,6 +52,8 @@ const PINNED_MAPS: [&str; 12] = [
     BACKENDS_MAP,
     CURSORS_MAP,
     CONNTRACK_MAP,
+    CONNTRACK_NEW_MAP,
+    CT_EVENTS_MAP,
     PORTS_MAP,
     SETTINGS_MAP,
     STATS_MAP,
@@ -98,8 +102,10 @@ impl log::Log for KernelLog {
 /// What a walk of the connection table found: see [`Dataplane::census`].
 #[derive(Clone, Debug, Default)]
 pub struct Census {
-    /// Entries in the table (two per connection).
+    /// Entries in the confirmed table (two per connection).
     pub entries: u64,
+    /// Entries in the unconfirmed table.
+    pub unconfirmed: u64,
     /// Live connections per backend id.
     pub live: std::collections::HashMap<u32, u64>,
 }
@@ -202,6 +208,107 @@ pub struct Migration {
     pub retired: u32,
 }
 
+/// Connection-table events counted by the program.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtEvents {
+    /// Connections moved to the confirmed table.
+    pub confirmed: u64,
+    /// Connections left unconfirmed because the confirmed table was full.
+    pub confirm_failed: u64,
+}
+
+/// When [`Dataplane::expire`] removes a connection, in nanoseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    pub tcp_idle_ns: u64,
+    pub tcp_close_ns: u64,
+    pub unconfirmed_ns: u64,
+    pub udp_idle_ns: u64,
+}
+
+/// Why a connection was removed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expiry {
+    /// Closed (both FINs or a RST) and quiet for the close timeout.
+    Closed,
+    /// Idle past its timeout (TCP established, or UDP).
+    Idle,
+    /// A TCP handshake that was never completed.
+    Unconfirmed,
+    /// A reply entry without its forward entry.
+    Orphan,
+}
+
+impl Expiry {
+    /// Every reason, for metric labels.
+    pub const ALL: [Expiry; 4] = [
+        Expiry::Closed,
+        Expiry::Idle,
+        Expiry::Unconfirmed,
+        Expiry::Orphan,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Expiry::Closed => "closed",
+            Expiry::Idle => "idle",
+            Expiry::Unconfirmed => "unconfirmed",
+            Expiry::Orphan => "orphan",
+        }
+    }
+}
+
+/// What one [`Dataplane::expire`] step did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Expired {
+    /// Entries looked at.
+    pub walked: u64,
+    /// Connections (or orphan entries) removed, by [`Expiry`] in its order.
+    pub removed: [u64; 4],
+}
+
+impl Expired {
+    fn count(&mut self, why: Expiry) -> &mut u64 {
+        &mut self.removed[why as usize]
+    }
+}
+
+/// `BPF_MAP_GET_NEXT_KEY`: the key after `key` in `fd`'s map (the first with `None`), or
+/// `None` at the end. aya's key iterator always starts at the beginning; the expiry sweep
+/// resumes where it stopped.
+fn next_key(
+    fd: std::os::fd::BorrowedFd<'_>,
+    key: Option<&FlowKey>,
+) -> std::io::Result<Option<FlowKey>> {
+    use std::os::fd::AsRawFd;
+    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+    let mut next = FlowKey::default();
+    // `union bpf_attr` for this command: map_fd (u32), pad, key (u64), next_key (u64).
+    let mut attr = [0u64; 3];
+    attr[0] = fd.as_raw_fd() as u32 as u64;
+    attr[1] = key.map_or(0, |k| k as *const FlowKey as u64);
+    attr[2] = &mut next as *mut FlowKey as u64;
+    // SAFETY: the attribute points at a key and a buffer of the map's key size, both alive
+    // for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_GET_NEXT_KEY,
+            attr.as_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if rc == 0 {
+        return Ok(Some(next));
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENOENT) {
+        Ok(None)
+    } else {
+        Err(e)
+    }
+}
+
 /// `bpf_map_update_elem` flag: insert only if the key is absent.
 const BPF_NOEXIST: u64 = 1;
 
@@ -220,7 +327,10 @@ fn open_pinned(path: &Path) -> Result<aya::maps::Map, DataplaneError> {
 pub struct Capacity {
     pub max_services: u32,
     pub max_backends: u32,
+    /// Confirmed-connection table entries.
     pub conntrack: u32,
+    /// Unconfirmed-connection table entries.
+    pub conntrack_new: u32,
 }
 
 impl Default for Capacity {
@@ -229,6 +339,7 @@ impl Default for Capacity {
             max_services: orch_common::MAX_SERVICES,
             max_backends: orch_common::MAX_BACKENDS,
             conntrack: orch_common::CONNTRACK_CAPACITY,
+            conntrack_new: orch_common::CONNTRACK_NEW_CAPACITY,
         }
     }
 }
@@ -306,6 +417,10 @@ pub struct Dataplane {
     backend_signals: PerCpuArray<MapData, BackendSignals>,
     backend_down: Array<MapData, u32>,
     conntrack: HashMap<MapData, FlowKey, FlowValue>,
+    conntrack_new: HashMap<MapData, FlowKey, FlowValue>,
+    ct_events: PerCpuArray<MapData, u64>,
+    /// Where the expiry sweep of each table ([`Dataplane::expire`]) goes on.
+    sweep: [Option<FlowKey>; 2],
     /// The reader of the program's log ring buffer, when kernel logging is on.
     kernel_log: Option<aya_log::EbpfLogger<KernelLog>>,
     attached: Vec<(String, Attachment)>,
@@ -518,6 +633,9 @@ impl Dataplane {
             backend_signals: take(&mut ebpf, BACKEND_SIGNALS_MAP)?,
             backend_down: take(&mut ebpf, BACKEND_DOWN_MAP)?,
             conntrack: take(&mut ebpf, CONNTRACK_MAP)?,
+            conntrack_new: take(&mut ebpf, CONNTRACK_NEW_MAP)?,
+            ct_events: take(&mut ebpf, CT_EVENTS_MAP)?,
+            sweep: [None, None],
             kernel_log,
             ebpf,
             capacity,
@@ -793,33 +911,73 @@ impl Dataplane {
         self.backends.get(&id, 0).map_err(map_err(BACKENDS_MAP))
     }
 
-    /// The connection-table entry for `key`, if any.
+    /// The connection-table entry for `key`, if any, confirmed or not.
     pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowValue>, DataplaneError> {
+        for (map, name) in [
+            (&self.conntrack, CONNTRACK_MAP),
+            (&self.conntrack_new, CONNTRACK_NEW_MAP),
+        ] {
+            match map.get(key, 0) {
+                Ok(v) => return Ok(Some(v)),
+                Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(name)(e)),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Whether `key`'s entry is in the confirmed table.
+    pub fn confirmed(&self, key: &FlowKey) -> Result<bool, DataplaneError> {
         match self.conntrack.get(key, 0) {
-            Ok(v) => Ok(Some(v)),
-            Err(MapError::KeyNotFound) => Ok(None),
+            Ok(_) => Ok(true),
+            Err(MapError::KeyNotFound) => Ok(false),
             Err(e) => Err(map_err(CONNTRACK_MAP)(e)),
         }
     }
 
-    /// Walks the connection table: its entry count, and the live connections per backend
-    /// id: TCP connections until a RST or both FINs, UDP flows until their idle timeout
-    /// (`udp_idle_ns`). Connections whose backend vanished without a FIN or RST stay counted
-    /// until the table evicts them; callers that wait on this use a timeout.
+    /// The connection-table events the program counted, summed over CPUs.
+    pub fn ct_events(&self) -> Result<CtEvents, DataplaneError> {
+        let read = |e: CtEvent| -> Result<u64, DataplaneError> {
+            let v = self
+                .ct_events
+                .get(&(e as u32), 0)
+                .map_err(map_err(CT_EVENTS_MAP))?;
+            Ok(v.iter().sum())
+        };
+        Ok(CtEvents {
+            confirmed: read(CtEvent::Confirmed)?,
+            confirm_failed: read(CtEvent::ConfirmFailed)?,
+        })
+    }
+
+    /// Walks both connection tables: their entry counts, and the live connections per
+    /// backend id: TCP connections until a RST or both FINs, UDP flows until their idle
+    /// timeout (`udp_idle_ns`). Connections whose ends vanished without a FIN or RST stay
+    /// counted until they expire; callers that wait on this use a timeout.
     pub fn census(&self, udp_idle_ns: u64) -> Result<Census, DataplaneError> {
-        use orch_common::maps::DIR_FORWARD;
-        let entries: std::collections::HashMap<FlowKey, FlowValue> = self
-            .conntrack
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(map_err(CONNTRACK_MAP))?;
+        let mut entries: std::collections::HashMap<FlowKey, FlowValue> =
+            std::collections::HashMap::new();
+        let mut counts_by_table = [0u64; 2];
+        for (i, (map, name)) in [
+            (&self.conntrack, CONNTRACK_MAP),
+            (&self.conntrack_new, CONNTRACK_NEW_MAP),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            for entry in map.iter() {
+                let (k, v) = entry.map_err(map_err(name))?;
+                entries.insert(k, v);
+                counts_by_table[i] += 1;
+            }
+        }
         let now = monotonic_ns();
         let mut counts = std::collections::HashMap::new();
         for (key, value) in &entries {
             if key.dir != DIR_FORWARD {
                 continue;
             }
-            let live = if key.proto == orch_common::IPPROTO_UDP {
+            let live = if key.proto == IPPROTO_UDP {
                 now.saturating_sub(value.last_seen_ns) <= udp_idle_ns
             } else {
                 let reply_key = key.reply(value.nat_addr, value.nat_port_be);
@@ -831,9 +989,109 @@ impl Dataplane {
             }
         }
         Ok(Census {
-            entries: entries.len() as u64,
+            entries: counts_by_table[0],
+            unconfirmed: counts_by_table[1],
             live: counts,
         })
+    }
+
+    /// One step of the connection tables' expiry: walks up to `budget` entries of each table
+    /// from where the last step stopped, and removes the connections that are over:
+    /// - closed (both FINs or a RST) and quiet for `tcp_close_ns`;
+    /// - TCP idle for `tcp_idle_ns` (confirmed) or `unconfirmed_ns` (never confirmed);
+    /// - UDP idle for `udp_idle_ns`;
+    /// - reply entries whose forward entry is gone, once quiet for `tcp_close_ns`.
+    ///
+    /// A connection is judged by both its entries (either direction's traffic keeps it) and
+    /// both go together. The walk resumes from the last key it saw (`BPF_MAP_GET_NEXT_KEY`);
+    /// that key is never removed in the same step, since a walk from a removed key restarts
+    /// at the table's start.
+    pub fn expire(&mut self, t: &Timeouts, budget: usize) -> Result<Expired, DataplaneError> {
+        let now = monotonic_ns();
+        let mut out = Expired::default();
+        let mut doomed = Vec::new();
+        for table in 0..2 {
+            let (map, name) = if table == 0 {
+                (&self.conntrack, CONNTRACK_MAP)
+            } else {
+                (&self.conntrack_new, CONNTRACK_NEW_MAP)
+            };
+            let fd = map.map().fd().as_fd();
+            let mut cursor = self.sweep[table];
+            let mut last = None;
+            for _ in 0..budget {
+                let next = next_key(fd, cursor.as_ref()).map_err(|e| DataplaneError::Map {
+                    name,
+                    source: MapError::IoError(e),
+                })?;
+                let Some(key) = next else {
+                    cursor = None;
+                    break;
+                };
+                cursor = Some(key);
+                last = Some(key);
+                out.walked += 1;
+                let Ok(value) = map.get(&key, 0) else {
+                    continue;
+                };
+                if let Some((why, partner)) = self.verdict(&key, &value, table == 0, t, now)? {
+                    *out.count(why) += 1;
+                    doomed.push(key);
+                    doomed.extend(partner);
+                }
+            }
+            self.sweep[table] = cursor;
+            // The resume point stays; it is judged again on the next pass.
+            doomed.retain(|k| Some(*k) != last || cursor.is_none());
+            for key in doomed.drain(..) {
+                for (m, n) in [
+                    (&mut self.conntrack, CONNTRACK_MAP),
+                    (&mut self.conntrack_new, CONNTRACK_NEW_MAP),
+                ] {
+                    match m.remove(&key) {
+                        Ok(()) | Err(MapError::KeyNotFound) => {}
+                        Err(e) => return Err(map_err(n)(e)),
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether the connection of entry (`key`, `value`) is over, why, and its other entry.
+    fn verdict(
+        &self,
+        key: &FlowKey,
+        value: &FlowValue,
+        confirmed: bool,
+        t: &Timeouts,
+        now: u64,
+    ) -> Result<Option<(Expiry, Option<FlowKey>)>, DataplaneError> {
+        if key.dir != DIR_FORWARD {
+            // Reply entries go with their forward entry; alone, they are orphans.
+            let quiet = now.saturating_sub(value.last_seen_ns) > t.tcp_close_ns;
+            if quiet && self.flow(&key.forward_of(value))?.is_none() {
+                return Ok(Some((Expiry::Orphan, None)));
+            }
+            return Ok(None);
+        }
+        let reply_key = key.reply(value.nat_addr, value.nat_port_be);
+        let reply = self.flow(&reply_key)?;
+        let last = reply.map_or(value.last_seen_ns, |r| {
+            r.last_seen_ns.max(value.last_seen_ns)
+        });
+        let idle = now.saturating_sub(last);
+        let closed = FlowValue::closed(value.seen(), reply.map_or(0, |r| r.seen()));
+        let why = if closed {
+            (idle > t.tcp_close_ns).then_some(Expiry::Closed)
+        } else if key.proto == IPPROTO_UDP {
+            (idle > t.udp_idle_ns).then_some(Expiry::Idle)
+        } else if confirmed {
+            (idle > t.tcp_idle_ns).then_some(Expiry::Idle)
+        } else {
+            (idle > t.unconfirmed_ns).then_some(Expiry::Unconfirmed)
+        };
+        Ok(why.map(|w| (w, reply.map(|_| reply_key))))
     }
 
     /// Runs the balancer once on `packet` (BPF_PROG_TEST_RUN) as received on the loopback
@@ -927,7 +1185,7 @@ pub fn monotonic_ns() -> u64 {
 }
 
 /// The maps whose size follows the capacity, with their sizes.
-fn sized_maps(c: Capacity) -> [(&'static str, u32); 9] {
+fn sized_maps(c: Capacity) -> [(&'static str, u32); 10] {
     [
         (BACKEND_SIGNALS_MAP, c.max_backends),
         (BACKEND_DOWN_MAP, c.max_backends),
@@ -938,6 +1196,7 @@ fn sized_maps(c: Capacity) -> [(&'static str, u32); 9] {
         (BACKENDS_MAP, c.max_backends),
         (BACKEND_STATS_MAP, c.max_backends),
         (CONNTRACK_MAP, c.conntrack),
+        (CONNTRACK_NEW_MAP, c.conntrack_new),
     ]
 }
 

@@ -61,6 +61,7 @@ pub struct Metrics {
     config_reloads: IntCounterVec,
     map_sync_seconds: Histogram,
     map_sync_errors: IntCounter,
+    conntrack_expired: IntCounterVec,
 }
 
 /// Registry operations, as the `operation` label names them.
@@ -133,6 +134,19 @@ impl Metrics {
             .buckets(LATENCY_BUCKETS.to_vec()),
         )
         .expect("valid metric");
+        let conntrack_expired = IntCounterVec::new(
+            Opts::new(
+                "orch_conntrack_expired_total",
+                "Connections the daemon removed from the connection tables, by reason: \
+                 closed, idle, unconfirmed (handshake never completed), orphan (a reply \
+                 entry without its forward entry).",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        for e in crate::dataplane::Expiry::ALL {
+            conntrack_expired.with_label_values(&[e.name()]);
+        }
         let map_sync_errors = IntCounter::new(
             "orch_map_sync_errors_total",
             "Map syncs that failed (the data plane kept its previous state).",
@@ -156,6 +170,7 @@ impl Metrics {
             Box::new(config_reloads.clone()),
             Box::new(map_sync_seconds.clone()),
             Box::new(map_sync_errors.clone()),
+            Box::new(conntrack_expired.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -173,6 +188,19 @@ impl Metrics {
             config_reloads,
             map_sync_seconds,
             map_sync_errors,
+            conntrack_expired,
+        }
+    }
+
+    /// Counts connections the expiry removed.
+    pub fn conntrack_expired(&self, expired: &crate::dataplane::Expired) {
+        for e in crate::dataplane::Expiry::ALL {
+            let n = expired.removed[e as usize];
+            if n > 0 {
+                self.conntrack_expired
+                    .with_label_values(&[e.name()])
+                    .inc_by(n);
+            }
         }
     }
 
@@ -276,9 +304,14 @@ impl RemoveLabels for HistogramVec {
 pub struct Snapshot {
     /// The program's verdict counters.
     pub reasons: Vec<(Reason, u64)>,
-    /// Entries in the connection table (two per connection), and its capacity.
+    /// Entries in the confirmed-connection table (two per connection), and its capacity.
     pub conntrack_entries: u64,
     pub conntrack_capacity: u64,
+    /// Entries in the unconfirmed table, and its capacity.
+    pub unconfirmed_entries: u64,
+    pub unconfirmed_capacity: u64,
+    /// The program's connection-table events.
+    pub ct_events: crate::dataplane::CtEvents,
     pub services: Vec<ServiceSample>,
     /// Services and backends known to the daemon.
     pub backends_total: u64,
@@ -396,16 +429,51 @@ impl Snapshot {
         );
         f.gauge(
             "orch_conntrack_entries",
-            "Entries in the connection table (two per connection; LRU, so a full table \
-             evicts its least recently used entries).",
+            "Entries in the confirmed-connection table (two per connection; never evicted, \
+             removed when closed or idle).",
             none,
             self.conntrack_entries as f64,
         );
         f.gauge(
             "orch_conntrack_capacity",
-            "Capacity of the connection table, in entries.",
+            "Capacity of the confirmed-connection table, in entries.",
             none,
             self.conntrack_capacity as f64,
+        );
+        f.gauge(
+            "orch_conntrack_unconfirmed_entries",
+            "Entries in the unconfirmed table (handshakes in flight, unanswered UDP flows; \
+             LRU: a flood recycles it).",
+            none,
+            self.unconfirmed_entries as f64,
+        );
+        f.gauge(
+            "orch_conntrack_unconfirmed_capacity",
+            "Capacity of the unconfirmed table, in entries.",
+            none,
+            self.unconfirmed_capacity as f64,
+        );
+        f.gauge(
+            "orch_conntrack_flood",
+            "1 when more than half the unconfirmed table is taken: handshakes arrive that \
+             never complete (a SYN flood); established connections are out of its reach.",
+            none,
+            f64::from(u8::from(
+                self.unconfirmed_entries * 2 > self.unconfirmed_capacity,
+            )),
+        );
+        f.counter(
+            "orch_conntrack_confirmed_total",
+            "Connections confirmed (TCP: the client acknowledged the backend's SYN-ACK; \
+             UDP: the backend answered) and moved to the confirmed table.",
+            none,
+            self.ct_events.confirmed,
+        );
+        f.counter(
+            "orch_conntrack_confirm_failures_total",
+            "Connections left unconfirmed because the confirmed table was full.",
+            none,
+            self.ct_events.confirm_failed,
         );
 
         for s in &self.services {
@@ -739,6 +807,12 @@ mod tests {
             reasons: vec![(Reason::FwdRedirect, 7), (Reason::DropConntrackFull, 2)],
             conntrack_entries: 4,
             conntrack_capacity: 100,
+            unconfirmed_entries: 60,
+            unconfirmed_capacity: 100,
+            ct_events: crate::dataplane::CtEvents {
+                confirmed: 5,
+                confirm_failed: 1,
+            },
             services: vec![ServiceSample {
                 name: "web".into(),
                 panic: true,
@@ -793,6 +867,10 @@ mod tests {
             ),
             (r#"orch_service_connections_total{service="web"}"#.into(), "3"),
             (r#"orch_service_panic{service="web"}"#.into(), "1"),
+            ("orch_conntrack_unconfirmed_entries".into(), "60"),
+            ("orch_conntrack_flood".into(), "1"),
+            ("orch_conntrack_confirmed_total".into(), "5"),
+            ("orch_conntrack_confirm_failures_total".into(), "1"),
             (
                 r#"orch_backend_bytes_total{backend="198.18.1.2:8080",direction="to_client",service="web"}"#
                     .into(),

@@ -1,0 +1,84 @@
+//! The connection table: two maps that act as one.
+//!
+//! Every connection starts in the unconfirmed table ([`CONNTRACK_NEW`], an LRU). A TCP
+//! connection is confirmed when the client acknowledges the backend's SYN-ACK, a UDP flow when
+//! the backend answers; its two entries then move to the confirmed table ([`CONNTRACK`], a
+//! plain hash that never evicts). A SYN flood, spoofed or not, fills and recycles only the
+//! unconfirmed table: the established connections are out of its reach, and the daemon alone
+//! removes them, once closed or idle for their timeout.
+//!
+//! Lookups try the confirmed table first: established traffic, the hot path, pays one lookup.
+
+use aya_ebpf::bindings::BPF_NOEXIST;
+use orch_common::{
+    maps::{FlowKey, FlowValue},
+    CtEvent,
+};
+
+use crate::maps::{CONNTRACK, CONNTRACK_NEW, CT_EVENTS};
+
+/// The entry of `key`, and whether it is confirmed.
+#[inline(always)]
+pub fn get(key: &FlowKey) -> Option<(*mut FlowValue, bool)> {
+    if let Some(e) = CONNTRACK.get_ptr_mut(key) {
+        return Some((e, true));
+    }
+    CONNTRACK_NEW.get_ptr_mut(key).map(|e| (e, false))
+}
+
+/// Inserts a new connection's entry (unconfirmed). `flags`: `BPF_ANY` or `BPF_NOEXIST`.
+#[inline(always)]
+pub fn insert_new(key: &FlowKey, value: &FlowValue, flags: u64) -> Result<(), ()> {
+    CONNTRACK_NEW.insert(key, value, flags).map_err(|_| ())
+}
+
+/// Forgets `key` in both tables.
+#[inline(always)]
+pub fn remove(key: &FlowKey) {
+    let _ = CONNTRACK.remove(key);
+    let _ = CONNTRACK_NEW.remove(key);
+}
+
+/// Moves a connection (its forward entry `fwd` under `fwd_key`, and its reply entry) to the
+/// confirmed table. The confirmed copies go in first, reply before forward, so that a packet
+/// of either direction finds the connection in one table or the other at every moment. When
+/// the confirmed table is full the connection stays unconfirmed (it keeps working) and the
+/// failure is counted.
+///
+/// Not inlined, for the stack: a BPF function has 512 bytes, and a subprogram gets a frame
+/// of its own. The entries are copied map to map, never through the stack.
+#[inline(never)]
+#[allow(
+    clippy::needless_borrows_for_generic_args,
+    reason = "by value, the map value would be copied onto the stack this avoids"
+)]
+pub fn confirm(fwd_key: &FlowKey, fwd: &FlowValue) {
+    let reply_key = fwd_key.reply(fwd.nat_addr, fwd.nat_port_be);
+    let Some(reply) = CONNTRACK_NEW.get_ptr_mut(&reply_key) else {
+        return;
+    };
+    // SAFETY: a live map value, handed to the helper as the value to copy.
+    if CONNTRACK
+        .insert(&reply_key, unsafe { &*reply }, BPF_NOEXIST as u64)
+        .is_err()
+    {
+        event(CtEvent::ConfirmFailed);
+        return;
+    }
+    if CONNTRACK.insert(fwd_key, fwd, BPF_NOEXIST as u64).is_err() {
+        let _ = CONNTRACK.remove(&reply_key);
+        event(CtEvent::ConfirmFailed);
+        return;
+    }
+    let _ = CONNTRACK_NEW.remove(fwd_key);
+    let _ = CONNTRACK_NEW.remove(&reply_key);
+    event(CtEvent::Confirmed);
+}
+
+#[inline(always)]
+fn event(e: CtEvent) {
+    if let Some(c) = CT_EVENTS.get_ptr_mut(e as u32) {
+        // SAFETY: a per-CPU slot, written only by this CPU while this program runs.
+        unsafe { *c += 1 };
+    }
+}
