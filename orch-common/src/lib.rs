@@ -26,8 +26,10 @@ pub const SLOTS_PER_TABLE: u32 = 256;
 /// forward and reply).
 pub const CONNTRACK_CAPACITY: u32 = 262_144;
 /// Default capacity of the unconfirmed-connection table (LRU): handshakes in flight and UDP
-/// flows not yet answered. A SYN flood recycles this table and no other.
-pub const CONNTRACK_NEW_CAPACITY: u32 = 65_536;
+/// flows not yet answered. A SYN flood recycles this table and no other; its size decides
+/// how long a real handshake has to complete under one (two entries per SYN: at 130,000
+/// spoofed SYNs a second, one second).
+pub const CONNTRACK_NEW_CAPACITY: u32 = 262_144;
 /// Default idle time after which a UDP flow may be re-balanced, in nanoseconds.
 pub const DEFAULT_UDP_IDLE_NS: u64 = 30_000_000_000;
 
@@ -107,11 +109,15 @@ pub enum CtEvent {
     /// A connection could not be confirmed: the confirmed table is full. It keeps working
     /// from the unconfirmed table, where a flood could evict it.
     ConfirmFailed = 1,
+    /// A new connection's reply 4-tuple was held by another service's live connection (they
+    /// share the backend, the client used one source port for both): it went to another
+    /// backend, or was dropped as `drop_reply_collision` when there was none.
+    ReplyCollision = 2,
 }
 
 impl CtEvent {
     /// Number of events: the size of the array.
-    pub const COUNT: u32 = 2;
+    pub const COUNT: u32 = 3;
 }
 
 impl Reason {

@@ -10,7 +10,7 @@ use orch_common::{
         slot_table_index, tcp_opens, FlowKey, FlowValue, ServiceValue, SlotTable, DIR_FORWARD,
         TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
     },
-    Reason, IPPROTO_TCP, IPPROTO_UDP, SLOTS_PER_TABLE,
+    CtEvent, Reason, IPPROTO_TCP, IPPROTO_UDP, SLOTS_PER_TABLE,
 };
 
 use crate::{
@@ -206,6 +206,7 @@ pub fn new_flow(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue) -> Result<()
             // next other backend in the order, if there is one.
             Err(Reason::DropReplyCollision) if !retried => {
                 retried = true;
+                conntrack::event(CtEvent::ReplyCollision);
                 let mut other = None;
                 for i in 1..=EJECTED_RETRIES {
                     let c = slot_backend(table, (ticket + i) % len)?;

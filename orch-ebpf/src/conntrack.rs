@@ -75,8 +75,9 @@ pub fn confirm(fwd_key: &FlowKey, fwd: &FlowValue) {
     event(CtEvent::Confirmed);
 }
 
+/// Counts a connection-table event.
 #[inline(always)]
-fn event(e: CtEvent) {
+pub fn event(e: CtEvent) {
     if let Some(c) = CT_EVENTS.get_ptr_mut(e as u32) {
         // SAFETY: a per-CPU slot, written only by this CPU while this program runs.
         unsafe { *c += 1 };

@@ -215,6 +215,8 @@ pub struct CtEvents {
     pub confirmed: u64,
     /// Connections left unconfirmed because the confirmed table was full.
     pub confirm_failed: u64,
+    /// New connections whose reply 4-tuple another service's connection held.
+    pub reply_collisions: u64,
 }
 
 /// When [`Dataplane::expire`] removes a connection, in nanoseconds.
@@ -306,6 +308,15 @@ fn next_key(
         Ok(None)
     } else {
         Err(e)
+    }
+}
+
+/// Whether a map error says the key is not there (lookups say it one way, deletions another).
+fn absent(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
     }
 }
 
@@ -947,6 +958,7 @@ impl Dataplane {
         Ok(CtEvents {
             confirmed: read(CtEvent::Confirmed)?,
             confirm_failed: read(CtEvent::ConfirmFailed)?,
+            reply_collisions: read(CtEvent::ReplyCollision)?,
         })
     }
 
@@ -965,11 +977,18 @@ impl Dataplane {
         .into_iter()
         .enumerate()
         {
-            for entry in map.iter() {
+            // Under churn a key vanishes while the walk stands on it and the walk starts
+            // over: count distinct keys, and stop after twice the capacity.
+            let capacity = map.map().info().map_or(0, |m| m.max_entries()) as u64;
+            for entry in map.iter().take(2 * capacity as usize) {
                 let (k, v) = entry.map_err(map_err(name))?;
-                entries.insert(k, v);
-                counts_by_table[i] += 1;
+                if entries.insert(k, v).is_none() {
+                    counts_by_table[i] += 1;
+                }
             }
+            // A table that turns over during the walk shows more distinct keys than it
+            // can hold at once.
+            counts_by_table[i] = counts_by_table[i].min(capacity);
         }
         let now = monotonic_ns();
         let mut counts = std::collections::HashMap::new();
@@ -1003,13 +1022,11 @@ impl Dataplane {
     /// - reply entries whose forward entry is gone, once quiet for `tcp_close_ns`.
     ///
     /// A connection is judged by both its entries (either direction's traffic keeps it) and
-    /// both go together. The walk resumes from the last key it saw (`BPF_MAP_GET_NEXT_KEY`);
-    /// that key is never removed in the same step, since a walk from a removed key restarts
-    /// at the table's start.
+    /// both go together. The walk resumes after the last key it saw that stays
+    /// (`BPF_MAP_GET_NEXT_KEY`).
     pub fn expire(&mut self, t: &Timeouts, budget: usize) -> Result<Expired, DataplaneError> {
         let now = monotonic_ns();
         let mut out = Expired::default();
-        let mut doomed = Vec::new();
         for table in 0..2 {
             let (map, name) = if table == 0 {
                 (&self.conntrack, CONNTRACK_MAP)
@@ -1018,38 +1035,51 @@ impl Dataplane {
             };
             let fd = map.map().fd().as_fd();
             let mut cursor = self.sweep[table];
-            let mut last = None;
+            let mut visited = Vec::new();
+            let mut doomed = std::collections::HashSet::new();
+            let mut finished = false;
             for _ in 0..budget {
                 let next = next_key(fd, cursor.as_ref()).map_err(|e| DataplaneError::Map {
                     name,
                     source: MapError::IoError(e),
                 })?;
                 let Some(key) = next else {
-                    cursor = None;
+                    finished = true;
                     break;
                 };
                 cursor = Some(key);
-                last = Some(key);
-                out.walked += 1;
+                visited.push(key);
                 let Ok(value) = map.get(&key, 0) else {
                     continue;
                 };
                 if let Some((why, partner)) = self.verdict(&key, &value, table == 0, t, now)? {
                     *out.count(why) += 1;
-                    doomed.push(key);
+                    doomed.insert(key);
                     doomed.extend(partner);
                 }
             }
-            self.sweep[table] = cursor;
-            // The resume point stays; it is judged again on the next pass.
-            doomed.retain(|k| Some(*k) != last || cursor.is_none());
-            for key in doomed.drain(..) {
+            out.walked += visited.len() as u64;
+            // The next step resumes after the last key this one saw that stays: a walk from
+            // a key that is gone starts the table over.
+            self.sweep[table] = if finished {
+                None
+            } else {
+                visited
+                    .iter()
+                    .rev()
+                    .find(|k| !doomed.contains(*k))
+                    .copied()
+                    .or(self.sweep[table])
+            };
+            for key in doomed {
                 for (m, n) in [
                     (&mut self.conntrack, CONNTRACK_MAP),
                     (&mut self.conntrack_new, CONNTRACK_NEW_MAP),
                 ] {
                     match m.remove(&key) {
-                        Ok(()) | Err(MapError::KeyNotFound) => {}
+                        Ok(()) => {}
+                        // In the other table, or gone meanwhile (the program removes too).
+                        Err(e) if absent(&e) => {}
                         Err(e) => return Err(map_err(n)(e)),
                     }
                 }

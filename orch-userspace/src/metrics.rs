@@ -475,6 +475,14 @@ impl Snapshot {
             none,
             self.ct_events.confirm_failed,
         );
+        f.counter(
+            "orch_conntrack_reply_collisions_total",
+            "New connections whose reply 4-tuple was held by another service's live \
+             connection on the same backend: sent to another backend, or dropped \
+             (drop_reply_collision) when there was none.",
+            none,
+            self.ct_events.reply_collisions,
+        );
 
         for s in &self.services {
             let svc = [("service", s.name.as_str())];
@@ -812,6 +820,7 @@ mod tests {
             ct_events: crate::dataplane::CtEvents {
                 confirmed: 5,
                 confirm_failed: 1,
+                reply_collisions: 2,
             },
             services: vec![ServiceSample {
                 name: "web".into(),
@@ -871,6 +880,7 @@ mod tests {
             ("orch_conntrack_flood".into(), "1"),
             ("orch_conntrack_confirmed_total".into(), "5"),
             ("orch_conntrack_confirm_failures_total".into(), "1"),
+            ("orch_conntrack_reply_collisions_total".into(), "2"),
             (
                 r#"orch_backend_bytes_total{backend="198.18.1.2:8080",direction="to_client",service="web"}"#
                     .into(),

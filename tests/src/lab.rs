@@ -483,9 +483,10 @@ fn is_timeout(e: &io::Error) -> bool {
     )
 }
 
-/// Answers each line with `"<name> <line>"` until the client closes (or goes quiet).
+/// Answers each line with `"<name> <line>"` until the client closes (or stays quiet for
+/// two minutes: longer than any test holds an idle connection).
 fn serve_tcp(conn: TcpStream, name: &str) -> io::Result<()> {
-    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    conn.set_read_timeout(Some(Duration::from_secs(120)))?;
     let mut writer = conn.try_clone()?;
     for line in BufReader::new(conn).lines() {
         writeln!(writer, "{name} {}", line?)?;
@@ -503,7 +504,11 @@ pub struct LineConn {
 impl LineConn {
     /// Connects (must run on a thread inside the client namespace).
     pub fn connect(addr: SocketAddr) -> io::Result<LineConn> {
-        let s = TcpStream::connect_timeout(&addr, REQUEST_TIMEOUT)?;
+        Self::from_stream(TcpStream::connect_timeout(&addr, REQUEST_TIMEOUT)?)
+    }
+
+    /// Speaks the line protocol on a stream connected by other means.
+    pub fn from_stream(s: TcpStream) -> io::Result<LineConn> {
         s.set_read_timeout(Some(REQUEST_TIMEOUT))?;
         s.set_nodelay(true)?;
         Ok(LineConn {

@@ -6,6 +6,8 @@
 //!   with their own name, clients, and the `orch` daemon process;
 //! - [`prom`]: reading the daemon's `/metrics` text;
 //! - [`oldmaps`]: maps pinned in an earlier release's layout, for the upgrade tests;
+//! - [`hostile`]: crafted segments from raw sockets, and the checks of the hostile-client
+//!   tests;
 //! - [`privilege`]: the rule for tests that need root: run under CI, skip (saying why)
 //!   elsewhere.
 //!
@@ -13,6 +15,7 @@
 //! documentation prefix (2001:db8::/32, RFC 3849), and every link lives inside namespaces the
 //! lab creates, so nothing touches the host's own interfaces.
 
+pub mod hostile;
 pub mod lab;
 pub mod netns;
 pub mod oldmaps;

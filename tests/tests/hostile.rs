@@ -10,162 +10,17 @@ use std::{
         Arc,
     },
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use etherparse::PacketBuilder;
 use orch_tests::{
-    lab::{self, Lab, Orch, CLIENT4, VIP4},
+    hostile::{
+        all_verdicts, counter, demo_with, mac_of, metric, ordinary_client, out_of_rotation,
+        segment, send_frames, Kind, RawSender, Rng, KINDS,
+    },
+    lab::{self, Lab, CLIENT4, VIP4},
     privilege::require_root,
-    prom,
 };
-
-/// Segments that must not open a connection, by name.
-#[derive(Clone, Copy, Debug)]
-enum Kind {
-    Ack,
-    Fin,
-    Psh,
-    Rst,
-    RstAck,
-    FinAck,
-    SynAck,
-}
-
-const KINDS: [Kind; 7] = [
-    Kind::Ack,
-    Kind::Fin,
-    Kind::Psh,
-    Kind::Rst,
-    Kind::RstAck,
-    Kind::FinAck,
-    Kind::SynAck,
-];
-
-/// An IPv4 TCP segment (IP header and all: the socket sends it as it is).
-fn segment(src: SocketAddrV4, dst: SocketAddrV4, kind: Kind, seq: u32) -> Vec<u8> {
-    let ip = PacketBuilder::ipv4(src.ip().octets(), dst.ip().octets(), 64);
-    let tcp = ip.tcp(src.port(), dst.port(), seq, 64240);
-    let tcp = match kind {
-        Kind::Ack => tcp.ack(seq ^ 0x5a5a_5a5a),
-        Kind::Fin => tcp.fin(),
-        Kind::Psh => tcp.psh(),
-        Kind::Rst => tcp.rst(),
-        Kind::RstAck => tcp.rst().ack(seq.wrapping_add(1)),
-        Kind::FinAck => tcp.fin().ack(seq ^ 0x1234),
-        Kind::SynAck => tcp.syn().ack(seq.wrapping_add(1)),
-    };
-    let mut out = Vec::new();
-    tcp.write(&mut out, b"hostile").expect("building a segment");
-    out
-}
-
-/// A raw IPv4 socket that sends whole IP packets (`IP_HDRINCL`), any source address.
-struct RawSender(std::os::fd::OwnedFd);
-
-impl RawSender {
-    fn new() -> RawSender {
-        use std::os::fd::FromRawFd;
-        // SAFETY: plain socket(2); the fd is owned at once.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
-        assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
-        RawSender(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
-    }
-
-    fn send(&self, packet: &[u8], to: Ipv4Addr) {
-        use std::os::fd::AsRawFd;
-        let addr = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: 0,
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes(to.octets()),
-            },
-            sin_zero: [0; 8],
-        };
-        // SAFETY: valid buffers of the sizes passed.
-        let rc = unsafe {
-            libc::sendto(
-                self.0.as_raw_fd(),
-                packet.as_ptr().cast(),
-                packet.len(),
-                0,
-                (&addr as *const libc::sockaddr_in).cast(),
-                size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        };
-        assert!(
-            rc == packet.len() as isize,
-            "sendto: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-}
-
-/// A tiny deterministic generator (xorshift): reproducible junk without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
-fn counter(lab: &Lab, reason: &str) -> f64 {
-    let text = lab.metrics().expect("scraping /metrics");
-    prom::get(
-        &prom::parse(&text),
-        "orch_xdp_packets_total",
-        &[("reason", reason)],
-    )
-}
-
-fn all_verdicts(lab: &Lab) -> f64 {
-    let text = lab.metrics().expect("scraping /metrics");
-    prom::sum(&prom::parse(&text), "orch_xdp_packets_total", &[]).unwrap_or(0.0)
-}
-
-/// Every backend of `web` that is not in rotation, with its health.
-fn out_of_rotation(orch: &Orch) -> Vec<String> {
-    let out = orch
-        .cli(&["backend", "list", "web", "--json"])
-        .expect("running the CLI");
-    assert!(
-        out.status.success(),
-        "the daemon must keep answering: {}",
-        out.stderr_text()
-    );
-    let v: serde_json::Value = serde_json::from_str(&out.stdout_text()).unwrap();
-    v["backends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|b| b["in_rotation"] != true)
-        .map(|b| format!("{} ({})", b["address"], b["health"]))
-        .collect()
-}
-
-/// The ordinary client: one request per new connection every 20 ms until told to stop
-/// (and at most 60 s); returns (succeeded, failures with their errors).
-fn ordinary_client(lab: &Lab, stop: Arc<AtomicBool>) -> thread::JoinHandle<(usize, Vec<String>)> {
-    let vip = SocketAddr::from((VIP4, 80));
-    lab.client
-        .spawn(move || {
-            let (mut ok, mut failed) = (0, Vec::new());
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                match lab::tcp_ask(vip, "ordinary") {
-                    Ok(_) => ok += 1,
-                    Err(e) => failed.push(e.to_string()),
-                }
-                thread::sleep(Duration::from_millis(20));
-            }
-            (ok, failed)
-        })
-        .expect("starting the ordinary client")
-}
 
 #[test]
 fn stray_spoofed_and_mutated_segments_change_nothing() {
@@ -197,7 +52,7 @@ fn stray_spoofed_and_mutated_segments_change_nothing() {
     let sent = lab
         .client
         .run(move || {
-            let raw = RawSender::new();
+            let raw = RawSender::open();
             let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
             let mut sent = 0u64;
             // 20 rounds, paced: 20 x 4 sources x 7 kinds x 10 ports = 5,600 segments in ~2 s.
@@ -205,12 +60,12 @@ fn stray_spoofed_and_mutated_segments_change_nothing() {
                 for src in &sources {
                     for kind in KINDS {
                         for _ in 0..10 {
-                            let port = 1024 + (rng.next() % 30_000) as u16;
+                            let port = 1024 + (rng.roll() % 30_000) as u16;
                             let seg = segment(
                                 SocketAddrV4::new(*src, port),
                                 SocketAddrV4::new(VIP4, 80),
                                 kind,
-                                rng.next() as u32,
+                                rng.roll() as u32,
                             );
                             raw.send(&seg, VIP4);
                             sent += 1;
@@ -245,26 +100,26 @@ fn stray_spoofed_and_mutated_segments_change_nothing() {
     let mutated = lab
         .client
         .run(|| {
-            let raw = RawSender::new();
+            let raw = RawSender::open();
             let mut rng = Rng(0x2545_f491_4f6c_dd1d);
             let mut sent = 0u64;
             for _ in 0..20 {
                 for _ in 0..200 {
-                    let port = 1024 + (rng.next() % 30_000) as u16;
+                    let port = 1024 + (rng.roll() % 30_000) as u16;
                     let mut p = segment(
                         SocketAddrV4::new(CLIENT4, port),
                         SocketAddrV4::new(VIP4, 80),
                         Kind::Ack,
-                        rng.next() as u32,
+                        rng.roll() as u32,
                     );
                     // Flip one to three bytes past the ports (the kernel rewrites the IP
                     // header's length and checksum; the ports keep it aimed at the VIP).
-                    for _ in 0..1 + rng.next() % 3 {
-                        let at = 24 + (rng.next() as usize % (p.len() - 24));
-                        p[at] ^= 1 << (rng.next() % 8);
+                    for _ in 0..1 + rng.roll() % 3 {
+                        let at = 24 + (rng.roll() as usize % (p.len() - 24));
+                        p[at] ^= 1 << (rng.roll() % 8);
                     }
-                    if rng.next().is_multiple_of(4) {
-                        p.truncate(20 + (rng.next() as usize % 20));
+                    if rng.roll().is_multiple_of(4) {
+                        p.truncate(20 + (rng.roll() as usize % 20));
                     }
                     raw.send(&p, VIP4);
                     sent += 1;
@@ -304,4 +159,242 @@ fn stray_spoofed_and_mutated_segments_change_nothing() {
         orch.log()
     );
     assert_eq!(counter(&lab, "drop_refused"), 0.0, "no refusal was forged");
+}
+
+#[test]
+fn an_idle_keepalive_connection_survives_any_churn_and_closed_ones_leave() {
+    if !require_root("an_idle_keepalive_connection_survives_any_churn_and_closed_ones_leave") {
+        return;
+    }
+    let lab = Lab::new("churn", 3).expect("building the lab");
+    // The smallest tables orch accepts, so that the churn is several times their size, and
+    // a 1 s close timeout so that the test need not wait long for closed connections.
+    let config = demo_with(
+        "conntrack_capacity = 1024\nconntrack_new_capacity = 1024\ntcp_close_timeout_secs = 1",
+    );
+    let orch = lab
+        .start_orch(&lab::orch_bin(), &config)
+        .expect("starting orch");
+    let vip = SocketAddr::from((VIP4, 80));
+    const CHURN: usize = 4000;
+    let (first, again, failed) = lab
+        .client
+        .run(move || {
+            let mut idle = lab::LineConn::connect(vip).expect("the keep-alive connection");
+            let first = idle.ask("before").expect("first request");
+            // Short connections, four times the tables' capacity, while it waits.
+            let failed = (0..CHURN)
+                .filter(|i| lab::tcp_ask(vip, &format!("churn {i}")).is_err())
+                .count();
+            let again = idle.ask("after");
+            (first, again, failed)
+        })
+        .expect("client");
+    let again = again.unwrap_or_else(|e| {
+        panic!(
+            "the idle connection broke after the churn: {e}\n{}",
+            orch.log()
+        )
+    });
+    eprintln!("{CHURN} short connections, {failed} failed; the idle connection answered by {first}, then {again}");
+    assert_eq!(again, first, "the idle connection moved to another backend");
+    assert_eq!(failed, 0, "short connections failed");
+    // Closed connections leave the table: within the close timeout plus a sweep (1 s each),
+    // only the keep-alive connection's two entries remain.
+    let settled = lab::wait_until(Duration::from_secs(10), || {
+        metric(&lab, "orch_conntrack_entries", &[]) <= 2.0
+    });
+    assert!(
+        settled.is_some(),
+        "closed connections stay in the table: {} entries",
+        metric(&lab, "orch_conntrack_entries", &[])
+    );
+    assert!(
+        metric(
+            &lab,
+            "orch_conntrack_expired_total",
+            &[("reason", "closed")]
+        ) > 0.0
+    );
+}
+
+#[test]
+fn packets_claiming_a_backend_address_from_the_client_side_change_nothing() {
+    if !require_root("packets_claiming_a_backend_address_from_the_client_side_change_nothing") {
+        return;
+    }
+    let lab = Lab::new("spoof", 3).expect("building the lab");
+    let orch = lab
+        .start_orch(&lab::orch_bin(), &lab::demo_config())
+        .expect("starting orch");
+    let vip = SocketAddr::from((VIP4, 80));
+    thread::sleep(Duration::from_secs(1));
+    let (conn, name) = lab
+        .client
+        .run(move || {
+            let mut c = lab::LineConn::connect(vip)?;
+            let name = c.ask("hello")?;
+            Ok::<_, std::io::Error>((c, name))
+        })
+        .expect("client")
+        .expect("a connection");
+    let client = conn.local_addr().unwrap();
+    let SocketAddr::V4(client) = client else {
+        panic!("IPv4 lab")
+    };
+    // The backend that answered, as its name says ("backend-2" is 198.18.2.2).
+    let index: usize = name
+        .trim_start_matches("backend-")
+        .parse()
+        .expect("backend-N");
+    let backend = SocketAddrV4::new(lab::backend4(index), lab::TCP_PORT);
+
+    // A host on the client side sends, as that backend, segments of the client's
+    // connection (data, a reset, a SYN-ACK) and of new ones, to the load balancer's MAC.
+    let (src_mac, dst_mac) = (mac_of(&lab.client, "eth0"), mac_of(&lab.lb, "ext"));
+    let mut frames = Vec::new();
+    for (i, kind) in [Kind::Psh, Kind::Rst, Kind::RstAck, Kind::SynAck, Kind::Ack]
+        .iter()
+        .cycle()
+        .take(50)
+        .enumerate()
+    {
+        let mut f = Vec::new();
+        f.extend_from_slice(&dst_mac);
+        f.extend_from_slice(&src_mac);
+        f.extend_from_slice(&[0x08, 0x00]);
+        f.extend(segment(backend, client, *kind, 7000 + i as u32));
+        frames.push(f);
+    }
+    let before = counter(&lab, "drop_reply_interface");
+    let sent = frames.len();
+    lab.client
+        .run(move || send_frames("eth0", &frames))
+        .expect("sending");
+    let want = before + sent as f64;
+    lab::wait_until(Duration::from_secs(5), || {
+        counter(&lab, "drop_reply_interface") >= want
+    });
+    assert_eq!(counter(&lab, "drop_reply_interface"), want);
+
+    // The connection is untouched: the next answer comes from the same backend, and the
+    // client's stack saw nothing of the forgeries (a translated RST would have closed it).
+    let mut conn = conn;
+    let again = lab
+        .client
+        .run(move || conn.ask("still there"))
+        .expect("client")
+        .unwrap_or_else(|e| panic!("the connection broke: {e}\n{}", orch.log()));
+    assert_eq!(again, name);
+    assert_eq!(out_of_rotation(&orch), Vec::<String>::new());
+    assert_eq!(counter(&lab, "drop_refused"), 0.0);
+}
+
+/// A TCP connection to `to` from the fixed local address `from` (bound before connecting,
+/// with SO_REUSEADDR so that a second connection to another destination may share it).
+fn connect_from(from: SocketAddr, to: SocketAddr) -> std::io::Result<lab::LineConn> {
+    use std::os::fd::FromRawFd;
+    let sockaddr = |a: SocketAddr| {
+        let SocketAddr::V4(a) = a else {
+            panic!("IPv4 lab")
+        };
+        libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: a.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(a.ip().octets()),
+            },
+            sin_zero: [0; 8],
+        }
+    };
+    let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket calls on an fd owned at once by the TcpStream.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stream = std::net::TcpStream::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&one as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        let local = sockaddr(from);
+        if libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let remote = sockaddr(to);
+        if libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        lab::LineConn::from_stream(stream)
+    }
+}
+
+#[test]
+fn two_services_sharing_backends_keep_one_clients_connections_apart() {
+    if !require_root("two_services_sharing_backends_keep_one_clients_connections_apart") {
+        return;
+    }
+    let lab = Lab::new("shared", 3).expect("building the lab");
+    // A second service on the same VIP, another port, the same three backends.
+    let config = format!(
+        "{}\n[[service]]\nname = \"web2\"\nvip = \"198.19.0.1\"\nport = 81\nprotocol = \"tcp\"\n\
+         backend = [\n  {{ address = \"198.18.1.2:8080\" }},\n  {{ address = \"198.18.2.2:8080\" }},\n  \
+         {{ address = \"198.18.3.2:8080\" }},\n]\n",
+        lab::demo_config()
+    );
+    let orch = lab
+        .start_orch(&lab::orch_bin(), &config)
+        .expect("starting orch");
+    let (web, web2) = (SocketAddr::from((VIP4, 80)), SocketAddr::from((VIP4, 81)));
+    // Several rounds: one local port, two connections, one to each service. Round-robin
+    // sends some pairs to the same backend first, where both reply 4-tuples would clash.
+    let results = lab
+        .client
+        .run(move || {
+            // One CPU: both services' per-CPU cursors then walk the same order in step, so
+            // every round's second connection meets the first one's backend.
+            lab::pin_current_thread(0).expect("pinning to CPU 0");
+            (0..6u16)
+                .map(|i| {
+                    let from = SocketAddr::from((CLIENT4, 45_000 + i));
+                    let mut a = connect_from(from, web)?;
+                    let mut b = connect_from(from, web2)?;
+                    let (x, y) = (a.ask("to web")?, b.ask("to web2")?);
+                    // Both again, interleaved: each connection keeps its own replies.
+                    Ok::<_, std::io::Error>((
+                        x.clone(),
+                        y.clone(),
+                        a.ask("web again")?,
+                        b.ask("web2 again")?,
+                    ))
+                })
+                .collect::<Vec<_>>()
+        })
+        .expect("client");
+    for (i, r) in results.into_iter().enumerate() {
+        let (x, y, x2, y2) = r.unwrap_or_else(|e| panic!("round {i}: {e}\n{}", orch.log()));
+        assert_eq!(
+            (x.as_str(), y.as_str()),
+            (x2.as_str(), y2.as_str()),
+            "round {i}"
+        );
+        assert_ne!(
+            x, y,
+            "round {i}: both connections on one backend from one port"
+        );
+    }
+    let collisions = metric(&lab, "orch_conntrack_reply_collisions_total", &[]);
+    eprintln!("reply-key collisions met and avoided: {collisions}");
+    assert!(collisions >= 1.0, "the test never met a collision");
+    assert_eq!(
+        counter(&lab, "drop_reply_collision"),
+        0.0,
+        "another backend was free each time"
+    );
 }

@@ -45,6 +45,8 @@ enum L4 {
     Syn,
     SynAck,
     Ack,
+    /// An ACK acknowledging this number.
+    AckOf(u32),
     FinAck,
     Rst,
     BareRst,
@@ -122,14 +124,19 @@ impl Pkt {
                 .syn()
                 .ack(1001)
                 .write(&mut out, self.payload),
+            // Acknowledging the SYN-ACK above (its sequence number 5000, plus one).
             L4::Ack => ip
                 .tcp(sp, dp, 1001, 64240)
-                .ack(5000)
+                .ack(5001)
+                .write(&mut out, self.payload),
+            L4::AckOf(n) => ip
+                .tcp(sp, dp, 1001, 64240)
+                .ack(n)
                 .write(&mut out, self.payload),
             L4::FinAck => ip
                 .tcp(sp, dp, 1001, 64240)
                 .fin()
-                .ack(5000)
+                .ack(5001)
                 .write(&mut out, self.payload),
             // As a stack resets a SYN: acknowledging it (RFC 9293 section 3.10.7.1).
             L4::Rst => ip
@@ -1401,4 +1408,194 @@ fn an_upgrade_carries_connections_and_counters_from_the_previous_layout() {
     .expect("upgrade");
     assert!(!maps.join(orch_common::maps::CONNTRACK_MAP_V1).exists());
     assert!(!maps.join(orch_common::maps::STATS_MAP_V2).exists());
+}
+
+#[test]
+fn the_clients_ack_confirms_and_a_syn_flood_cannot_evict_a_confirmed_connection() {
+    if !require_root("the_clients_ack_confirms_and_a_syn_flood_cannot_evict_a_confirmed_connection")
+    {
+        return;
+    }
+    let ns = test_netns("flood");
+    ns.run(|| {
+        orch_tests::lab::pin_current_thread(0).unwrap();
+        // The smallest unconfirmed table: a flood of four times its size recycles it.
+        let cap = Capacity {
+            conntrack_new: 1024,
+            ..Capacity::default()
+        };
+        let mut dp = Dataplane::load(cap).expect("loading the data plane");
+        let mut rec = Reconciler::new(cap.max_services, cap.max_backends);
+        rec.apply(&mut dp, &services()).unwrap();
+        let vip = sa("198.19.0.1:80");
+        let client = sa("198.18.0.2:49000");
+        let fwd = FlowKey {
+            src: addr_words(client.ip()),
+            dst: addr_words(vip.ip()),
+            src_port_be: client.port().to_be(),
+            dst_port_be: vip.port().to_be(),
+            proto: 6,
+            dir: DIR_FORWARD,
+            _pad: 0,
+        };
+        test_run(&mut dp, &Pkt::new(L4::Syn, client, vip).bytes()).unwrap();
+        let (f, _) = tcp_entries(&dp, client, vip);
+        let backend = SocketAddr::new(words_addr(&f.nat_addr), u16::from_be(f.nat_port_be));
+        let reply = fwd.reply(f.nat_addr, f.nat_port_be);
+        assert!(!dp.confirmed(&fwd).unwrap(), "a SYN alone is unconfirmed");
+        test_run(&mut dp, &Pkt::new(L4::SynAck, backend, client).bytes()).unwrap();
+        assert_eq!(tcp_entries(&dp, client, vip).0.peer_next, 5001);
+        // An ACK that does not acknowledge the SYN-ACK (a blind guess) confirms nothing.
+        test_run(&mut dp, &Pkt::new(L4::AckOf(7777), client, vip).bytes()).unwrap();
+        assert!(!dp.confirmed(&fwd).unwrap());
+        // The client's real ACK does, both entries.
+        test_run(&mut dp, &Pkt::new(L4::Ack, client, vip).bytes()).unwrap();
+        assert!(dp.confirmed(&fwd).unwrap() && dp.confirmed(&reply).unwrap());
+        assert_eq!(dp.ct_events().unwrap().confirmed, 1);
+
+        // A spoofed SYN flood, four times the unconfirmed table.
+        for i in 0..4096u32 {
+            let src = SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::new(
+                    198,
+                    18,
+                    128 + (i / 250) as u8,
+                    1 + (i % 250) as u8,
+                )),
+                1024 + i as u16,
+            );
+            let out = test_run(&mut dp, &Pkt::new(L4::Syn, src, vip).bytes()).unwrap();
+            assert_eq!(out.verdict, Verdict::Redirect);
+        }
+        let census = dp.census(30_000_000_000).unwrap();
+        assert!(census.unconfirmed <= 1024, "{}", census.unconfirmed);
+        // The established connection is where it was, and still translated both ways.
+        assert!(dp.confirmed(&fwd).unwrap() && dp.confirmed(&reply).unwrap());
+        let data = Pkt::new(L4::Ack, client, vip).payload(b"after the flood");
+        let out = test_run(&mut dp, &data.bytes()).unwrap();
+        let mac = if backend.ip() == v4("198.18.1.2") {
+            BACKEND2_MAC
+        } else {
+            BACKEND3_MAC
+        };
+        assert_eq!(
+            out.packet,
+            data.dnat(backend).routed(LB_BACKEND_MAC, mac).bytes()
+        );
+        let answer = Pkt::new(L4::Ack, backend, client).payload(b"still here");
+        let out = test_run(&mut dp, &answer.bytes()).unwrap();
+        assert_eq!(out.verdict, Verdict::Redirect);
+        assert_eq!(out.packet[26..30], [198, 19, 0, 1]);
+
+        // UDP: confirmed when the backend answers.
+        let q = Pkt::new(L4::Udp, sa("198.18.0.2:50001"), sa("198.19.0.1:53")).payload(b"q");
+        test_run(&mut dp, &q.bytes()).unwrap();
+        let udp_fwd = FlowKey {
+            proto: 17,
+            src_port_be: 50001u16.to_be(),
+            dst_port_be: 53u16.to_be(),
+            ..fwd
+        };
+        assert!(!dp.confirmed(&udp_fwd).unwrap());
+        let a = Pkt::new(L4::Udp, sa("198.18.1.2:5353"), sa("198.18.0.2:50001")).payload(b"a");
+        test_run(&mut dp, &a.bytes()).unwrap();
+        assert!(dp.confirmed(&udp_fwd).unwrap());
+    })
+    .expect("confirmation and flood");
+}
+
+#[test]
+fn expiry_removes_each_kind_of_connection_at_its_own_timeout() {
+    use orch::dataplane::{Expiry, Timeouts};
+    if !require_root("expiry_removes_each_kind_of_connection_at_its_own_timeout") {
+        return;
+    }
+    let ns = test_netns("expire");
+    ns.run(|| {
+        let (mut dp, _) = loaded();
+        let vip = sa("198.19.0.1:80");
+        // A closed connection, an established one, a handshake never completed, a UDP flow.
+        let closed = sa("198.18.0.2:49100");
+        let established = sa("198.18.0.2:49101");
+        let half_open = sa("198.18.0.2:49102");
+        for c in [closed, established, half_open] {
+            test_run(&mut dp, &Pkt::new(L4::Syn, c, vip).bytes()).unwrap();
+        }
+        for c in [closed, established] {
+            let (f, _) = tcp_entries(&dp, c, vip);
+            let b = SocketAddr::new(words_addr(&f.nat_addr), u16::from_be(f.nat_port_be));
+            test_run(&mut dp, &Pkt::new(L4::SynAck, b, c).bytes()).unwrap();
+            test_run(&mut dp, &Pkt::new(L4::Ack, c, vip).bytes()).unwrap();
+        }
+        let (f, _) = tcp_entries(&dp, closed, vip);
+        let b = SocketAddr::new(words_addr(&f.nat_addr), u16::from_be(f.nat_port_be));
+        test_run(&mut dp, &Pkt::new(L4::FinAck, closed, vip).bytes()).unwrap();
+        test_run(&mut dp, &Pkt::new(L4::FinAck, b, closed).bytes()).unwrap();
+        let q = Pkt::new(L4::Udp, sa("198.18.0.2:50002"), sa("198.19.0.1:53")).payload(b"q");
+        test_run(&mut dp, &q.bytes()).unwrap();
+        let entries = |dp: &Dataplane| {
+            let c = dp.census(u64::MAX).unwrap();
+            c.entries + c.unconfirmed
+        };
+        assert_eq!(entries(&dp), 8);
+
+        let hour = 3_600_000_000_000;
+        let mut t = Timeouts {
+            tcp_idle_ns: hour,
+            tcp_close_ns: hour,
+            unconfirmed_ns: hour,
+            udp_idle_ns: hour,
+        };
+        // One step at a time, a single entry per step: the sweep resumes where it stopped
+        // and judges every entry within a few passes.
+        let sweep = |dp: &mut Dataplane, t: &Timeouts| {
+            let mut removed = [0u64; 4];
+            for _ in 0..40 {
+                let done = dp.expire(t, 1).unwrap();
+                for (r, d) in removed.iter_mut().zip(done.removed) {
+                    *r += d;
+                }
+            }
+            removed
+        };
+        assert_eq!(sweep(&mut dp, &t), [0; 4], "nothing is due");
+        assert_eq!(entries(&dp), 8);
+        std::thread::sleep(std::time::Duration::from_millis(2));
+
+        t.tcp_close_ns = 1_000_000;
+        let removed = sweep(&mut dp, &t);
+        assert_eq!(removed[Expiry::Closed as usize], 1, "{removed:?}");
+        assert_eq!(entries(&dp), 6);
+        assert!(dp.flow(&tcp_key(established, vip)).unwrap().is_some());
+
+        t.unconfirmed_ns = 1_000_000;
+        let removed = sweep(&mut dp, &t);
+        assert_eq!(removed[Expiry::Unconfirmed as usize], 1, "{removed:?}");
+        assert!(dp.flow(&tcp_key(half_open, vip)).unwrap().is_none());
+        assert!(dp.flow(&tcp_key(established, vip)).unwrap().is_some());
+
+        t.udp_idle_ns = 1_000_000;
+        let removed = sweep(&mut dp, &t);
+        assert_eq!(removed[Expiry::Idle as usize], 1, "{removed:?}");
+        assert_eq!(entries(&dp), 2, "only the established connection is left");
+
+        t.tcp_idle_ns = 1_000_000;
+        let removed = sweep(&mut dp, &t);
+        assert_eq!(removed[Expiry::Idle as usize], 1, "{removed:?}");
+        assert_eq!(entries(&dp), 0);
+    })
+    .expect("expiry");
+}
+
+/// The forward key of a client's TCP connection to a VIP.
+fn tcp_key(client: SocketAddr, vip: SocketAddr) -> FlowKey {
+    FlowKey {
+        src: addr_words(client.ip()),
+        dst: addr_words(vip.ip()),
+        src_port_be: client.port().to_be(),
+        dst_port_be: vip.port().to_be(),
+        proto: 6,
+        dir: DIR_FORWARD,
+        _pad: 0,
+    }
 }
