@@ -44,6 +44,18 @@ impl State {
     }
 }
 
+/// Whether a slow sample is the service's slowness rather than the backend's: at least half
+/// of the backend's peers (the service's other backends) were slow at their last sample too.
+/// A breaker judges its backend against the backend's own past; when the whole service
+/// slows down at once (the load balancer's host is overloaded, a flood reaches every
+/// backend, the network is congested), tripping breakers one by one would only move the
+/// load onto the others. Such samples are left out of the breaker's count. A backend with no
+/// peer has nothing to be compared with.
+pub fn shared_slowness(peers_slow: &[bool]) -> bool {
+    let slow = peers_slow.iter().filter(|s| **s).count();
+    !peers_slow.is_empty() && slow * 2 >= peers_slow.len()
+}
+
 /// Tunables, with the documented defaults.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
@@ -153,12 +165,17 @@ impl Breaker {
         self.open_until
     }
 
+    /// Whether a sample that took `latency` is slow for this backend (more than
+    /// `slow_factor` x the learned latency).
+    pub fn is_slow(&self, latency: Duration) -> bool {
+        self.expected
+            .is_some_and(|e| latency.as_secs_f64() > self.cfg.slow_factor * e)
+    }
+
     /// A successful sample that took `latency`.
     pub fn record_success(&mut self, latency: Duration, now: Instant) -> Option<Transition> {
         let secs = latency.as_secs_f64();
-        let slow = self
-            .expected
-            .is_some_and(|e| secs > self.cfg.slow_factor * e);
+        let slow = self.is_slow(latency);
         self.learn(secs, slow);
         match self.state {
             State::Closed if slow => {
@@ -413,5 +430,14 @@ mod tests {
         assert_eq!(b.record_success(10 * MS, Instant::now()), None);
         assert_eq!(b.record_failure(Instant::now()), None);
         assert_eq!(b.state(), State::Open);
+    }
+
+    #[test]
+    fn slowness_is_shared_when_half_the_peers_are_slow() {
+        assert!(!shared_slowness(&[]), "no peer, nothing shared");
+        assert!(!shared_slowness(&[false, false]));
+        assert!(shared_slowness(&[true, false]));
+        assert!(shared_slowness(&[true]));
+        assert!(!shared_slowness(&[true, false, false]));
     }
 }

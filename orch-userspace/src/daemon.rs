@@ -149,6 +149,8 @@ struct BackendHealth {
     successes: u32,
     failures: u32,
     last_failure: Option<String>,
+    /// The last successful probe was slow by the breaker's measure.
+    last_slow: bool,
     breaker: Breaker,
     /// Probes and breaker transitions, for the metrics.
     events: BackendEvents,
@@ -163,6 +165,7 @@ impl BackendHealth {
             successes: 0,
             failures: 0,
             last_failure: None,
+            last_slow: false,
             breaker: Breaker::new(breaker::Config::default(), seed),
             events: BackendEvents::default(),
         }
@@ -377,6 +380,12 @@ impl Daemon {
             return; // the service went away while the probe ran
         };
         let key = (report.service.clone(), report.backend);
+        let peers_slow: Vec<bool> = self
+            .health
+            .iter()
+            .filter(|((s, b), _)| *s == report.service && *b != report.backend)
+            .map(|(_, h)| h.last_slow)
+            .collect();
         self.seeds += 1;
         let seed = self.seeds;
         let h = self
@@ -396,7 +405,13 @@ impl Daemon {
                     h.healthy = true;
                     info!(service = %report.service, backend = %report.backend, "backend healthy");
                 }
-                h.breaker.record_success(*latency, report.at)
+                h.last_slow = h.breaker.is_slow(*latency);
+                if h.last_slow && breaker::shared_slowness(&peers_slow) {
+                    // The whole service is slow, not this backend: no verdict on it.
+                    None
+                } else {
+                    h.breaker.record_success(*latency, report.at)
+                }
             }
             Outcome::Down { reason } => {
                 h.failures += 1;
