@@ -27,35 +27,35 @@ use crate::{
 /// data plane (it refused a connection and the daemon has not yet rebuilt the table).
 const EJECTED_RETRIES: u64 = 3;
 
-/// Looks a client's packet up. A live connection's entry gets this packet's FIN/RST and,
-/// when due, a fresh timestamp, is copied to this CPU's scratch entry (for
-/// [`crate::steer`] to translate with) and `true` is returned. `false`: no connection, and
-/// the packet may open one (a TCP SYN, any UDP datagram); a TCP segment that may not is
-/// stray: [`Reason::DropTcpNoFlow`].
+/// Looks a client's packet up: the live connection's entry, with this packet's FIN/RST
+/// recorded and, when due, a fresh timestamp; null when the packet must be balanced as a new
+/// connection (if it may open one: see [`opens`]).
 ///
 /// An entry that no longer holds is forgotten here: the client closed (FIN or RST) and sends
 /// a SYN from the same port, or a UDP flow idled past its timeout; the packet is then
 /// balanced afresh. An unconfirmed TCP connection whose client acknowledges the backend's
 /// SYN-ACK is confirmed.
 ///
-/// Not inlined: see [`crate::steer`] on the stack.
+/// Not inlined: see [`crate::steer`] on the stack. The entry is returned as a pointer into
+/// the map (valid for the rest of the program's run), not copied.
 #[inline(never)]
-pub fn find(ctx: &XdpContext, pkt: &Packet) -> Result<bool, Reason> {
+pub fn find(ctx: &XdpContext, pkt: &Packet) -> *mut FlowValue {
     let key = pkt.key(DIR_FORWARD);
-    let tcp = key.proto == IPPROTO_TCP;
-    let flags = pkt.tcp_flags;
     let Some((entry, confirmed)) = conntrack::get(&key) else {
-        return opens(tcp, flags);
+        return core::ptr::null_mut();
     };
+    let ptr = entry;
     // SAFETY: a live map value; concurrent writers only store whole aligned words into
     // `last_seen_ns`/`peer_next` and single bytes into the flags; the rest is written once.
     let entry = unsafe { &mut *entry };
+    let tcp = key.proto == IPPROTO_TCP;
+    let flags = pkt.tcp_flags;
     if tcp && tcp_opens(flags) {
         // A bare SYN after the client closed (FIN or RST) is a new connection reusing the
         // port: balance it afresh rather than send it to the old connection's backend.
         if entry.fin != 0 || entry.rst != 0 {
             forget(&key, entry);
-            return Ok(false);
+            return core::ptr::null_mut();
         }
         // Otherwise it is the client retrying: its first SYN got no answer.
         stats::signals(entry.backend_id, |s| s.syn_retrans += 1);
@@ -66,7 +66,7 @@ pub fn find(ctx: &XdpContext, pkt: &Packet) -> Result<bool, Reason> {
     let idle = now.saturating_sub(entry.last_seen_ns);
     if !tcp && idle > settings.udp_idle_ns {
         forget(&key, entry);
-        return Ok(false);
+        return core::ptr::null_mut();
     }
     // Refresh the timestamp only when it is stale enough to matter: a write per packet
     // would bounce the entry's cache line between CPUs.
@@ -80,24 +80,21 @@ pub fn find(ctx: &XdpContext, pkt: &Packet) -> Result<bool, Reason> {
         && tcp
         && entry.peer_next != 0
         && flags & (TCP_ACK | TCP_SYN) == TCP_ACK
-        && pkt.tcp_ack(ctx)? == entry.peer_next
+        && pkt.tcp_ack(ctx) == Ok(entry.peer_next)
     {
         conntrack::confirm(&key, entry);
     }
-    let w = SCRATCH.get_ptr_mut(0).ok_or(Reason::DropInternal)?;
-    // SAFETY: this CPU's own scratch entry; XDP programs do not nest on one CPU.
-    unsafe { (*w).flow = *entry };
-    Ok(true)
+    ptr
 }
 
 /// Whether a packet that matches no connection may open one: only a SYN (UDP: any
-/// datagram).
+/// datagram). Any other TCP segment is stray: [`Reason::DropTcpNoFlow`].
 #[inline(always)]
-fn opens(tcp: bool, flags: u8) -> Result<bool, Reason> {
-    if tcp && !tcp_opens(flags) {
+pub fn opens(pkt: &Packet) -> Result<(), Reason> {
+    if pkt.proto == IPPROTO_TCP && !tcp_opens(pkt.tcp_flags) {
         Err(Reason::DropTcpNoFlow)
     } else {
-        Ok(false)
+        Ok(())
     }
 }
 
@@ -139,12 +136,16 @@ struct NewFlow {
 }
 
 /// Balances a client's packet that opens a new connection to `svc`: takes the service's
-/// next round-robin slot and records the connection in both directions (unconfirmed),
-/// leaving its forward entry in this CPU's scratch entry.
+/// next round-robin slot and records the connection in both directions (unconfirmed). Its
+/// forward entry is also left in this CPU's scratch entry, returned.
 ///
 /// Not inlined: see [`crate::steer`] on the stack.
 #[inline(never)]
-pub fn new_flow(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue) -> Result<(), Reason> {
+pub fn new_flow(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    svc: &ServiceValue,
+) -> Result<*const FlowValue, Reason> {
     let key = pkt.key(DIR_FORWARD);
     let new = NewFlow {
         // SAFETY: a helper without arguments.
@@ -226,7 +227,9 @@ pub fn new_flow(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue) -> Result<()
     let chosen = result?;
     stats::traffic(&SERVICE_STATS, svc.id, |c| c.new_conns += 1);
     stats::traffic(&BACKEND_STATS, chosen, |c| c.new_conns += 1);
-    Ok(())
+    let w = SCRATCH.get_ptr(0).ok_or(Reason::DropInternal)?;
+    // SAFETY: this CPU's scratch entry, just written by `record`.
+    Ok(unsafe { &(*w).flow })
 }
 
 /// Records a new connection to `backend_id` in both directions, unless its reply 4-tuple

@@ -11,7 +11,7 @@ use orch_common::{
 
 use crate::{
     balance, conntrack, fib,
-    maps::{settings, BACKEND_STATS, PORTS, SCRATCH, SERVICES, SERVICE_STATS},
+    maps::{settings, BACKEND_STATS, PORTS, SERVICES, SERVICE_STATS},
     nat::{self, Side},
     parse::{self, Packet},
     stats,
@@ -83,7 +83,6 @@ fn try_steer(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
 /// Not inlined, for the stack (see [`forward`]).
 #[inline(never)]
 fn backend_packet(ctx: &XdpContext, pkt: &Packet) -> Result<Option<(u32, Reason)>, Reason> {
-    let pkt = *pkt;
     let key = pkt.key(DIR_REPLY);
     let Some((entry, confirmed)) = conntrack::get(&key) else {
         return Ok(None);
@@ -97,7 +96,7 @@ fn backend_packet(ctx: &XdpContext, pkt: &Packet) -> Result<Option<(u32, Reason)
         return Err(Reason::DropReplyInterface);
     }
     if pkt.proto == IPPROTO_TCP && entry.synack == 0 {
-        handshake(ctx, &key, entry, &pkt)?;
+        handshake(ctx, &key, entry, pkt)?;
     } else if pkt.tcp_flags & TCP_RST != 0 {
         // The backend reset an established connection. The client sends nothing more on
         // it, so mark its forward entry too: a SYN that reuses the port is then a new
@@ -109,27 +108,32 @@ fn backend_packet(ctx: &XdpContext, pkt: &Packet) -> Result<Option<(u32, Reason)
     }
     balance::record_flags(entry, pkt.tcp_flags);
     let settings = settings();
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    if now.saturating_sub(entry.last_seen_ns) > settings.touch_interval_ns {
-        entry.last_seen_ns = now;
-    }
-    // A UDP flow the backend answers is confirmed (TCP: by the client's ACK).
-    if !confirmed && pkt.proto == IPPROTO_UDP {
-        let fwd_key = key.forward_of(entry);
-        if let Some((fwd, false)) = conntrack::get(&fwd_key) {
-            // SAFETY: a live map value, handed on as the value to copy.
-            conntrack::confirm(&fwd_key, unsafe { &*fwd });
+    if pkt.proto == IPPROTO_UDP {
+        // A UDP flow may carry only replies for a while (a server pushing): they keep it
+        // alive. (A TCP peer acknowledges what it receives, which refreshes the forward
+        // entry, so TCP replies need no clock read.)
+        // SAFETY: a helper without arguments.
+        let now = unsafe { bpf_ktime_get_ns() };
+        if now.saturating_sub(entry.last_seen_ns) > settings.touch_interval_ns {
+            entry.last_seen_ns = now;
+        }
+        // A UDP flow the backend answers is confirmed (TCP: by the client's ACK).
+        if !confirmed {
+            let fwd_key = key.forward_of(entry);
+            if let Some((fwd, false)) = conntrack::get(&fwd_key) {
+                // SAFETY: a live map value, handed on as the value to copy.
+                conntrack::confirm(&fwd_key, unsafe { &*fwd });
+            }
         }
     }
     let (vip, port_be) = (entry.nat_addr, entry.nat_port_be);
     let (service_id, backend_id) = (entry.service_id, entry.backend_id);
-    if !nat::rewrite(ctx, &pkt, Side::Src, &vip, port_be) {
+    if !nat::rewrite(ctx, pkt, Side::Src, &vip, port_be) {
         return Err(Reason::DropInternal);
     }
     Ok(Some(deliver(
         ctx,
-        &pkt,
+        pkt,
         (service_id, backend_id),
         (&vip, &pkt.dst),
         &settings,
@@ -196,22 +200,29 @@ fn handshake(
 /// call is spilled: BPF has four callee-saved registers). So each step is a subprogram with
 /// a frame of its own, called one after the other from the entry point, never from each
 /// other: the deepest chain is the entry point plus one step. The steps hand the
-/// connection's forward entry over in this CPU's scratch entry.
+/// connection's forward entry over as a pointer into its map.
 #[inline(always)]
 fn forward(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue) -> Result<(u32, Reason), Reason> {
-    if !balance::find(ctx, pkt)? {
-        balance::new_flow(ctx, pkt, svc)?;
+    let mut flow: *const FlowValue = balance::find(ctx, pkt);
+    if flow.is_null() {
+        balance::opens(pkt)?;
+        flow = balance::new_flow(ctx, pkt, svc)?;
     }
-    translate_forward(ctx, pkt)
+    // SAFETY: a map value (the connection's entry, or this CPU's scratch entry), alive for
+    // the rest of this run.
+    translate_forward(ctx, pkt, unsafe { &*flow })
 }
 
-/// Rewrites a client's packet to the backend of the entry in this CPU's scratch entry
-/// (left there by [`balance::find`] or [`balance::new_flow`]) and forwards it.
+/// Rewrites a client's packet to the backend of its connection's entry `flow` and forwards
+/// it.
 #[inline(never)]
-fn translate_forward(ctx: &XdpContext, pkt: &Packet) -> Result<(u32, Reason), Reason> {
-    let w = SCRATCH.get(0).ok_or(Reason::DropInternal)?;
-    let (addr, port_be) = (w.flow.nat_addr, w.flow.nat_port_be);
-    let ids = (w.flow.service_id, w.flow.backend_id);
+fn translate_forward(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    flow: &FlowValue,
+) -> Result<(u32, Reason), Reason> {
+    let (addr, port_be) = (flow.nat_addr, flow.nat_port_be);
+    let ids = (flow.service_id, flow.backend_id);
     if !nat::rewrite(ctx, pkt, Side::Dst, &addr, port_be) {
         return Err(Reason::DropInternal);
     }

@@ -25,6 +25,7 @@ use tokio::{
 };
 use tracing::{error, info, warn};
 
+use crate::vips::VipRoutes;
 use crate::{
     api::{
         self, ApiError, ApiServerError, BackendInfo, BackendRow, ErrorKind, Reply, Request,
@@ -204,6 +205,8 @@ pub struct Daemon {
     panicking: BTreeSet<String>,
     /// When the next expiry step of the connection tables is due.
     next_expiry: Instant,
+    /// The VIPs' unreachable routes (see [`crate::vips`]).
+    vip_routes: VipRoutes,
 }
 
 impl Daemon {
@@ -257,7 +260,12 @@ impl Daemon {
             metrics,
             panicking: BTreeSet::new(),
             next_expiry: Instant::now(),
+            vip_routes: VipRoutes::start(),
         };
+        let desired = desired(&daemon.config, &registered, &daemon.health);
+        daemon
+            .vip_routes
+            .set(desired.iter().map(|s| s.addr.vip).collect());
         daemon.attach()?;
         // The new program is in every link now: what the old one did since the first pass
         // is carried over too, and the old layout's maps are retired.
@@ -794,6 +802,7 @@ impl Daemon {
         let began = std::time::Instant::now();
         let applied = self.reconciler.apply(&mut self.dp, desired);
         self.signal_targets = None;
+        self.vip_routes.set(desired.iter().map(|s| s.addr.vip).collect());
         self.metrics.map_sync(began.elapsed(), applied.is_ok());
         applied
     }

@@ -16,6 +16,8 @@
 //! - [`metrics`]: Prometheus metrics: daemon events, kernel counters read at scrape, the
 //!   `/metrics` listener;
 //! - [`explain`]: `orch explain`: where a flow goes and why, by the program's own rules;
+//! - [`vips`]: unreachable routes for the VIPs, so traffic the data plane does not steer
+//!   never loops;
 //! - [`daemon`]: the event loop that wires them together: API requests, config reloads,
 //!   signals.
 //!
@@ -33,4 +35,5 @@ pub mod metrics;
 pub mod model;
 pub mod reconcile;
 pub mod registry;
+pub mod vips;
 pub mod wrr;

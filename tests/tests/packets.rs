@@ -725,6 +725,43 @@ fn fixture_table() -> Vec<Case> {
             output: None,
             reason: Reason::PassNotIp,
         },
+        Case {
+            desc: "a bare ACK that matches no connection is dropped, creating nothing",
+            input: Pkt::new(L4::Ack, sa("198.18.0.2:40050"), vip).bytes(),
+            verdict: Verdict::Drop,
+            output: None,
+            reason: Reason::DropTcpNoFlow,
+        },
+        Case {
+            desc: "a RST that matches no connection is dropped",
+            input: Pkt::new(L4::BareRst, sa("198.18.0.2:40051"), vip).bytes(),
+            verdict: Verdict::Drop,
+            output: None,
+            reason: Reason::DropTcpNoFlow,
+        },
+        Case {
+            desc: "a SYN-ACK to the VIP opens nothing",
+            input: Pkt::new(L4::SynAck, sa("203.0.113.7:40052"), vip).bytes(),
+            verdict: Verdict::Drop,
+            output: None,
+            reason: Reason::DropTcpNoFlow,
+        },
+        Case {
+            desc: "IPv6: a FIN that matches no connection is dropped",
+            input: Pkt::new(L4::Fin, sa("[2001:db8::2]:40053"), vip6).bytes(),
+            verdict: Verdict::Drop,
+            output: None,
+            reason: Reason::DropTcpNoFlow,
+        },
+        Case {
+            desc: "data of a connection whose entries are gone (flushed, evicted) is dropped",
+            input: Pkt::new(L4::Ack, sa("198.18.0.2:40054"), vip)
+                .payload(b"GET / HTTP/1.0\r\n\r\n")
+                .bytes(),
+            verdict: Verdict::Drop,
+            output: None,
+            reason: Reason::DropTcpNoFlow,
+        },
     ]
 }
 
