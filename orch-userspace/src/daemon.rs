@@ -802,7 +802,8 @@ impl Daemon {
         let began = std::time::Instant::now();
         let applied = self.reconciler.apply(&mut self.dp, desired);
         self.signal_targets = None;
-        self.vip_routes.set(desired.iter().map(|s| s.addr.vip).collect());
+        self.vip_routes
+            .set(desired.iter().map(|s| s.addr.vip).collect());
         self.metrics.map_sync(began.elapsed(), applied.is_ok());
         applied
     }

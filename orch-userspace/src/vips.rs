@@ -91,7 +91,12 @@ async fn sync(handle: &Handle, want: &BTreeSet<IpAddr>) -> Result<(), rtnetlink:
     }
     let (mut added, mut removed) = (0, 0);
     for vip in want.difference(&have) {
-        handle.route().add(message(*vip)).replace().execute().await?;
+        handle
+            .route()
+            .add(message(*vip))
+            .replace()
+            .execute()
+            .await?;
         added += 1;
     }
     for vip in have.difference(want) {
@@ -99,7 +104,12 @@ async fn sync(handle: &Handle, want: &BTreeSet<IpAddr>) -> Result<(), rtnetlink:
         removed += 1;
     }
     if added + removed > 0 {
-        info!(added, removed, vips = want.len(), "VIP unreachable routes updated");
+        info!(
+            added,
+            removed,
+            vips = want.len(),
+            "VIP unreachable routes updated"
+        );
     }
     Ok(())
 }

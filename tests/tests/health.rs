@@ -277,3 +277,72 @@ fn probe_rate_for_24_services_of_3_backends() {
         "{per_minute:.0} probes per minute"
     );
 }
+
+#[test]
+fn a_service_whose_backends_all_fail_their_checks_panics_instead_of_going_dark() {
+    if !require_root("a_service_whose_backends_all_fail_their_checks_panics_instead_of_going_dark")
+    {
+        return;
+    }
+    let lab = Lab::new("floor", 3).expect("building the lab");
+    let orch = lab
+        .start_orch(&lab::orch_bin(), &lab::demo_config())
+        .expect("starting orch");
+    let addr = |i: usize| format!("{}:{}", lab::backend4(i), lab::TCP_PORT);
+    thread::sleep(Duration::from_secs(2));
+    let status = |orch: &Orch| orch.cli(&["status"]).unwrap().stdout_text();
+    assert!(!status(&orch).contains("panic:"), "{}", status(&orch));
+
+    // Every backend fails its checks: the service keeps all three in rotation, and says so.
+    for b in &lab.backends {
+        b.set_up(false);
+    }
+    lab::wait_until(Duration::from_secs(15), || {
+        backends(&orch, "web")
+            .iter()
+            .all(|b| b["health"] == "unhealthy")
+    })
+    .unwrap_or_else(|| panic!("the backends were not judged unhealthy\n{}", orch.log()));
+    for i in 1..=3 {
+        assert!(
+            in_rotation(&orch, "web", &addr(i)),
+            "backend-{i} left rotation"
+        );
+    }
+    assert!(
+        status(&orch).contains("panic:       web"),
+        "{}",
+        status(&orch)
+    );
+    let show = orch.cli(&["service", "show", "web"]).unwrap().stdout_text();
+    assert!(show.contains("PANIC"), "{show}");
+    let metrics = lab.metrics().unwrap();
+    let samples = orch_tests::prom::parse(&metrics);
+    assert_eq!(
+        orch_tests::prom::get(&samples, "orch_service_panic", &[("service", "web")]),
+        1.0
+    );
+    assert!(orch
+        .log()
+        .contains("panic, balancing over every enabled backend"));
+
+    // One back is still below half: panic holds. Two back: health is trusted again, and the
+    // one still down leaves the rotation.
+    lab.backends[0].set_up(true);
+    lab::wait_until(Duration::from_secs(15), || {
+        backend_row(&orch, "web", &addr(1))["health"] == "healthy"
+    })
+    .expect("backend-1 healthy again");
+    assert!(
+        status(&orch).contains("panic:       web"),
+        "{}",
+        status(&orch)
+    );
+    lab.backends[1].set_up(true);
+    lab::wait_until(Duration::from_secs(15), || {
+        !in_rotation(&orch, "web", &addr(3))
+    })
+    .unwrap_or_else(|| panic!("panic did not end\n{}", orch.log()));
+    assert!(!status(&orch).contains("panic:"), "{}", status(&orch));
+    assert!(orch.log().contains("panic over"));
+}

@@ -398,3 +398,103 @@ fn two_services_sharing_backends_keep_one_clients_connections_apart() {
         "another backend was free each time"
     );
 }
+
+/// orch's VIP routes in the load balancer's namespace, as `ip route` prints them.
+fn vip_routes(lab: &Lab) -> String {
+    let v4 = lab.lb.ip(&["route", "show", "proto", "79"]).unwrap();
+    let v6 = lab.lb.ip(&["-6", "route", "show", "proto", "79"]).unwrap();
+    format!("{v4}{v6}")
+}
+
+/// The load balancer namespace's count of ICMP destination-unreachable messages sent.
+fn icmp_unreachables_sent(lab: &Lab) -> u64 {
+    let snmp = lab.lb.exec("cat", &["/proc/net/snmp"]).unwrap();
+    let mut icmp = snmp.lines().filter(|l| l.starts_with("Icmp:"));
+    let (names, values) = (icmp.next().unwrap(), icmp.next().unwrap());
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "OutDestUnreachs")
+        .and_then(|(_, v)| v.parse().ok())
+        .expect("OutDestUnreachs in /proc/net/snmp")
+}
+
+#[test]
+fn vip_traffic_that_orch_does_not_steer_is_answered_never_looped() {
+    if !require_root("vip_traffic_that_orch_does_not_steer_is_answered_never_looped") {
+        return;
+    }
+    let lab = Lab::new("loop", 3).expect("building the lab");
+    // A topology where a loop is possible, as behind a real upstream router: the load
+    // balancer's default route leads back to the client side, and the client side forwards
+    // VIP traffic to the load balancer.
+    lab.lb
+        .ip(&["route", "add", "default", "via", "198.18.0.2"])
+        .unwrap();
+    lab.client
+        .sysctl("net.ipv4.conf.all.forwarding", "1")
+        .unwrap();
+    let orch = lab
+        .start_orch(&lab::orch_bin(), &lab::demo_config())
+        .expect("starting orch");
+    lab::wait_until(Duration::from_secs(5), || {
+        let r = vip_routes(&lab);
+        r.contains("unreachable 198.19.0.1") && r.contains("unreachable 2001:db8:ff::1")
+    })
+    .unwrap_or_else(|| panic!("no VIP routes: {:?}\n{}", vip_routes(&lab), orch.log()));
+
+    // A port no service listens on: answered at once (ICMP host unreachable), not
+    // forwarded round the loop until its TTL runs out (the client would wait for its
+    // timeout).
+    let before = icmp_unreachables_sent(&lab);
+    let no_service = SocketAddr::from((VIP4, 9999));
+    let (outcome, took) = lab
+        .client
+        .run(move || {
+            let start = std::time::Instant::now();
+            let r = std::net::TcpStream::connect_timeout(&no_service, Duration::from_secs(5));
+            (r.map(drop), start.elapsed())
+        })
+        .expect("client");
+    let err = outcome.expect_err("nothing listens on the VIP's port 9999");
+    assert_eq!(
+        err.raw_os_error(),
+        Some(libc::EHOSTUNREACH),
+        "{err} after {took:?}"
+    );
+    assert!(took < Duration::from_secs(2), "answered after {took:?}");
+    assert!(
+        icmp_unreachables_sent(&lab) > before,
+        "the answer is counted"
+    );
+    // The service port still works.
+    let web = SocketAddr::from((VIP4, 80));
+    lab.client
+        .run(move || lab::tcp_ask(web, "hello"))
+        .expect("client")
+        .expect("the service answers");
+
+    // Routes follow the services: one added through the CLI gets its route, and loses it
+    // when removed.
+    let out = orch
+        .cli(&[
+            "service",
+            "add",
+            "api",
+            "198.19.0.9:80",
+            "--backend",
+            "198.18.1.2:8080",
+        ])
+        .unwrap();
+    assert!(out.status.success(), "{}", out.stderr_text());
+    lab::wait_until(Duration::from_secs(5), || {
+        vip_routes(&lab).contains("198.19.0.9")
+    })
+    .expect("the new VIP's route");
+    let out = orch.cli(&["service", "rm", "api"]).unwrap();
+    assert!(out.status.success(), "{}", out.stderr_text());
+    lab::wait_until(Duration::from_secs(5), || {
+        !vip_routes(&lab).contains("198.19.0.9")
+    })
+    .expect("the removed VIP's route gone");
+}

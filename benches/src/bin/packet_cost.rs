@@ -75,7 +75,10 @@ fn tcp(src: SocketAddr, dst: SocketAddr, flags: Flags) -> Vec<u8> {
     let (b, payload) = match flags {
         Flags::Syn => (b.syn(), &[][..]),
         Flags::SynAck => (
-            ip(src, dst).tcp(src.port(), dst.port(), 0, 64240).syn().ack(1001),
+            ip(src, dst)
+                .tcp(src.port(), dst.port(), 0, 64240)
+                .syn()
+                .ack(1001),
             &[][..],
         ),
         Flags::Ack => (b.ack(1).psh(), PAYLOAD),
@@ -216,7 +219,10 @@ fn run(o: &Options) -> anyhow::Result<Vec<Row>> {
             packet: tcp(client, web, Flags::Ack),
             // A handshake: the first measured-path run (the output check below) is the
             // client's ACK that confirms it, so the runs measure a confirmed connection.
-            setup: vec![tcp(client, web, Flags::Syn), tcp(web, client, Flags::SynAck)],
+            setup: vec![
+                tcp(client, web, Flags::Syn),
+                tcp(web, client, Flags::SynAck),
+            ],
             verdict: pass,
             target: Some(5.0),
         },
@@ -238,7 +244,10 @@ fn run(o: &Options) -> anyhow::Result<Vec<Row>> {
         Case {
             name: "IPv6 established TCP",
             packet: tcp(client6, web6, Flags::Ack),
-            setup: vec![tcp(client6, web6, Flags::Syn), tcp(web6, client6, Flags::SynAck)],
+            setup: vec![
+                tcp(client6, web6, Flags::Syn),
+                tcp(web6, client6, Flags::SynAck),
+            ],
             verdict: pass,
             target: None,
         },
