@@ -177,9 +177,23 @@ pub fn ordinary_client(
         .expect("starting the ordinary client")
 }
 
-/// The demo configuration with `settings` added to its `[dataplane]` section.
+/// The demo configuration with `settings` (`key = value` lines) in its `[dataplane]` section,
+/// replacing the example's own lines for those keys.
 pub fn demo_with(settings: &str) -> String {
-    lab::demo_config().replacen("[dataplane]\n", &format!("[dataplane]\n{settings}\n"), 1)
+    let keys: Vec<&str> = settings
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(k, _)| k.trim()))
+        .collect();
+    // The example sets some of these keys itself: its lines give way.
+    let demo: String = lab::demo_config()
+        .lines()
+        .filter(|l| {
+            !l.split_once('=')
+                .is_some_and(|(k, _)| keys.contains(&k.trim()))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    demo.replacen("[dataplane]\n", &format!("[dataplane]\n{settings}\n"), 1)
 }
 
 pub fn metric(lab: &Lab, name: &str, labels: &[(&str, &str)]) -> f64 {

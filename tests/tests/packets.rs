@@ -859,18 +859,23 @@ fn weighted_round_robin_order_in_the_kernel() {
     .expect("weighted order");
 }
 
+/// The forward key of a client's TCP connection to a VIP.
+fn tcp_key(client: SocketAddr, vip: SocketAddr) -> FlowKey {
+    FlowKey {
+        src: addr_words(client.ip()),
+        dst: addr_words(vip.ip()),
+        src_port_be: client.port().to_be(),
+        dst_port_be: vip.port().to_be(),
+        proto: 6,
+        dir: DIR_FORWARD,
+        _pad: 0,
+    }
+}
+
 /// The connection-table entries of a client's TCP connection to a VIP: (forward, reply).
 fn tcp_entries(dp: &Dataplane, client: SocketAddr, vip: SocketAddr) -> (FlowValue, FlowValue) {
     let forward = dp
-        .flow(&FlowKey {
-            src: addr_words(client.ip()),
-            dst: addr_words(vip.ip()),
-            src_port_be: client.port().to_be(),
-            dst_port_be: vip.port().to_be(),
-            proto: 6,
-            dir: DIR_FORWARD,
-            _pad: 0,
-        })
+        .flow(&tcp_key(client, vip))
         .unwrap()
         .expect("a forward entry");
     let reply = dp
@@ -1017,15 +1022,7 @@ fn a_refused_syn_ejects_the_backend_and_the_retry_goes_elsewhere() {
         assert_eq!(moved, [Reason::DropRefused]);
         assert!(dp.ejected(refusing_id).unwrap());
         assert_eq!(dp.backend_signals(refusing_id).unwrap().refused, 1);
-        let forward = FlowKey {
-            src: addr_words(client.ip()),
-            dst: addr_words(vip.ip()),
-            src_port_be: client.port().to_be(),
-            dst_port_be: vip.port().to_be(),
-            proto: 6,
-            dir: DIR_FORWARD,
-            _pad: 0,
-        };
+        let forward = tcp_key(client, vip);
         assert_eq!(
             dp.flow(&forward).unwrap(),
             None,
@@ -1169,15 +1166,7 @@ fn stray_tcp_segments_create_no_state_and_eject_nobody() {
                     [(Reason::DropTcpNoFlow, 1)],
                     "{kind:?} from {src}"
                 );
-                let forward = FlowKey {
-                    src: addr_words(src.ip()),
-                    dst: addr_words(dst.ip()),
-                    src_port_be: src.port().to_be(),
-                    dst_port_be: dst.port().to_be(),
-                    proto: 6,
-                    dir: DIR_FORWARD,
-                    _pad: 0,
-                };
+                let forward = tcp_key(src, dst);
                 assert_eq!(dp.flow(&forward).unwrap(), None, "{kind:?} created state");
             }
         }
@@ -1345,15 +1334,7 @@ fn an_upgrade_carries_connections_and_counters_from_the_previous_layout() {
     let client = sa("198.18.0.2:48000");
     let vip = sa("198.19.0.1:80");
     let backend = sa("198.18.1.3:8080");
-    let forward = FlowKey {
-        src: addr_words(client.ip()),
-        dst: addr_words(vip.ip()),
-        src_port_be: client.port().to_be(),
-        dst_port_be: vip.port().to_be(),
-        proto: 6,
-        dir: DIR_FORWARD,
-        _pad: 0,
-    };
+    let forward = tcp_key(client, vip);
     let reply = forward.reply(addr_words(backend.ip()), backend.port().to_be());
     let old_forward = v1::FlowValue {
         nat_addr: addr_words(backend.ip()),
@@ -1466,15 +1447,7 @@ fn the_clients_ack_confirms_and_a_syn_flood_cannot_evict_a_confirmed_connection(
         rec.apply(&mut dp, &services()).unwrap();
         let vip = sa("198.19.0.1:80");
         let client = sa("198.18.0.2:49000");
-        let fwd = FlowKey {
-            src: addr_words(client.ip()),
-            dst: addr_words(vip.ip()),
-            src_port_be: client.port().to_be(),
-            dst_port_be: vip.port().to_be(),
-            proto: 6,
-            dir: DIR_FORWARD,
-            _pad: 0,
-        };
+        let fwd = tcp_key(client, vip);
         test_run(&mut dp, &Pkt::new(L4::Syn, client, vip).bytes()).unwrap();
         let (f, _) = tcp_entries(&dp, client, vip);
         let backend = SocketAddr::new(words_addr(&f.nat_addr), u16::from_be(f.nat_port_be));
@@ -1622,17 +1595,4 @@ fn expiry_removes_each_kind_of_connection_at_its_own_timeout() {
         assert_eq!(entries(&dp), 0);
     })
     .expect("expiry");
-}
-
-/// The forward key of a client's TCP connection to a VIP.
-fn tcp_key(client: SocketAddr, vip: SocketAddr) -> FlowKey {
-    FlowKey {
-        src: addr_words(client.ip()),
-        dst: addr_words(vip.ip()),
-        src_port_be: client.port().to_be(),
-        dst_port_be: vip.port().to_be(),
-        proto: 6,
-        dir: DIR_FORWARD,
-        _pad: 0,
-    }
 }
