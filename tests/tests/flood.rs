@@ -138,15 +138,16 @@ fn a_spoofed_syn_flood_costs_no_established_connection() {
             ),
         }
     }
-    // New connections kept being made. The bound, 10 % of the ordinary client's attempts:
-    // the flood generator, the three backends answering every spoofed SYN, the load balancer
-    // and the client share the lab's two cores, so an answer can take longer than the
-    // client's 3 s timeout (seen: 0-1 of 50-150 requests, each a read timeout after a
-    // completed handshake). A real handshake has about a second in the unconfirmed table
-    // at this rate; the held connections above are what the flood must never touch.
+    // New connections kept being made. The bound, 20 % of the ordinary client's attempts:
+    // at the rate one thread reaches here (180,000-270,000 SYNs a second) the unconfirmed
+    // table (262,144 entries, two per SYN) turns over in 0.5-0.7 s, and with the flood
+    // generator, the three backends answering every spoofed SYN, the load balancer and the
+    // client sharing two cores, some real handshakes take longer than that: their entry is
+    // recycled before the client's ACK, and the request times out (seen: 0-5 of 46-150,
+    // up to 9.4 %). The held connections above are what the flood must never touch.
     assert!(ok >= 20, "the ordinary client made only {ok} requests");
     assert!(
-        failed.len() * 10 <= ok + failed.len(),
+        failed.len() * 5 <= ok + failed.len(),
         "{} of {} ordinary requests failed: {:?}",
         failed.len(),
         ok + failed.len(),

@@ -1,7 +1,8 @@
 //! The hostile client: packets that real networks carry (scanners, clients whose state was
 //! lost, spoofers, junk) sent at a health-checked service while an ordinary client keeps
 //! making requests. Nothing they send may take a backend out of rotation, fail the ordinary
-//! client's requests, or go uncounted.
+//! client's requests, or go uncounted. And the floor under ejection: health that fails a
+//! whole service never leaves it dark.
 
 use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
@@ -18,7 +19,7 @@ use orch_tests::{
         all_verdicts, counter, demo_with, mac_of, metric, ordinary_client, out_of_rotation,
         segment, send_frames, Kind, RawSender, Rng, KINDS,
     },
-    lab::{self, Lab, CLIENT4, VIP4},
+    lab::{self, Lab, Orch, CLIENT4, VIP4},
     privilege::require_root,
 };
 
@@ -497,4 +498,95 @@ fn vip_traffic_that_orch_does_not_steer_is_answered_never_looped() {
         !vip_routes(&lab).contains("198.19.0.9")
     })
     .expect("the removed VIP's route gone");
+}
+
+/// The backend rows of `service` as `orch backend list --json` gives them.
+fn backend_rows(orch: &Orch, service: &str) -> Vec<serde_json::Value> {
+    let out = orch
+        .cli(&["backend", "list", service, "--json"])
+        .expect("running the CLI");
+    assert!(out.status.success(), "{}", out.stderr_text());
+    let v: serde_json::Value = serde_json::from_str(&out.stdout_text()).unwrap();
+    v["backends"].as_array().unwrap().clone()
+}
+
+fn backend_row(orch: &Orch, service: &str, address: &str) -> serde_json::Value {
+    backend_rows(orch, service)
+        .into_iter()
+        .find(|b| b["address"] == address)
+        .unwrap_or_else(|| panic!("no backend {address}"))
+}
+
+#[test]
+fn a_service_whose_backends_all_fail_their_checks_panics_instead_of_going_dark() {
+    if !require_root("a_service_whose_backends_all_fail_their_checks_panics_instead_of_going_dark")
+    {
+        return;
+    }
+    let lab = Lab::new("floor", 3).expect("building the lab");
+    let orch = lab
+        .start_orch(&lab::orch_bin(), &lab::demo_config())
+        .expect("starting orch");
+    let addr = |i: usize| format!("{}:{}", lab::backend4(i), lab::TCP_PORT);
+    thread::sleep(Duration::from_secs(2));
+    let status = |orch: &Orch| orch.cli(&["status"]).unwrap().stdout_text();
+    // Whether `orch status` lists `web` in its "panic:" line (web6, on the same backends,
+    // has a line of its own to be in).
+    let web_panics = |orch: &Orch| {
+        status(orch).lines().any(|l| {
+            l.strip_prefix("panic:").is_some_and(|rest| {
+                let names = rest.split(" (").next().unwrap_or("");
+                names.split(',').any(|n| n.trim() == "web")
+            })
+        })
+    };
+    assert!(!web_panics(&orch), "{}", status(&orch));
+
+    // Every backend fails its checks: the service keeps all three in rotation, and says so.
+    for b in &lab.backends {
+        b.set_up(false);
+    }
+    lab::wait_until(Duration::from_secs(15), || {
+        backend_rows(&orch, "web")
+            .iter()
+            .all(|b| b["health"] == "unhealthy")
+    })
+    .unwrap_or_else(|| panic!("the backends were not judged unhealthy\n{}", orch.log()));
+    for i in 1..=3 {
+        assert!(
+            backend_row(&orch, "web", &addr(i))["in_rotation"] == true,
+            "backend-{i} left rotation"
+        );
+    }
+    assert!(web_panics(&orch), "{}", status(&orch));
+    let show = orch.cli(&["service", "show", "web"]).unwrap().stdout_text();
+    assert!(show.contains("PANIC"), "{show}");
+    let metrics = lab.metrics().unwrap();
+    let samples = orch_tests::prom::parse(&metrics);
+    assert_eq!(
+        orch_tests::prom::get(&samples, "orch_service_panic", &[("service", "web")]),
+        1.0
+    );
+    let logged = |what: &str| {
+        orch.log()
+            .lines()
+            .any(|l| l.contains(what) && l.split_whitespace().any(|w| w == "service=web"))
+    };
+    assert!(logged("panic, balancing over every enabled backend"));
+
+    // One back is still below half: panic holds. Two back: health is trusted again, and the
+    // one still down leaves the rotation.
+    lab.backends[0].set_up(true);
+    lab::wait_until(Duration::from_secs(15), || {
+        backend_row(&orch, "web", &addr(1))["health"] == "healthy"
+    })
+    .expect("backend-1 healthy again");
+    assert!(web_panics(&orch), "{}", status(&orch));
+    lab.backends[1].set_up(true);
+    lab::wait_until(Duration::from_secs(15), || {
+        backend_row(&orch, "web", &addr(3))["in_rotation"] == false
+    })
+    .unwrap_or_else(|| panic!("panic did not end\n{}", orch.log()));
+    assert!(!web_panics(&orch), "{}", status(&orch));
+    assert!(logged("panic over"), "{}", orch.log());
 }
