@@ -964,25 +964,33 @@ impl Dataplane {
 
     /// Walks both connection tables: their entry counts, and the live connections per
     /// backend id: TCP connections until a RST or both FINs, UDP flows until their idle
-    /// timeout (`udp_idle_ns`). Connections whose ends vanished without a FIN or RST stay
-    /// counted until they expire; callers that wait on this use a timeout.
+    /// timeout (`udp_idle_ns`). A connection needs both its entries to carry traffic, so one
+    /// whose reply entry is gone is not live. Connections whose ends vanished without a FIN
+    /// or RST stay counted until they expire; callers that wait on this use a timeout.
     pub fn census(&self, udp_idle_ns: u64) -> Result<Census, DataplaneError> {
         let mut entries: std::collections::HashMap<FlowKey, FlowValue> =
             std::collections::HashMap::new();
         let mut counts_by_table = [0u64; 2];
-        for (i, (map, name)) in [
-            (&self.conntrack, CONNTRACK_MAP),
-            (&self.conntrack_new, CONNTRACK_NEW_MAP),
+        // The confirmed table first: where a key is in both, its entry is the one the
+        // program uses, as it looks there first.
+        for (i, (map, name, capacity)) in [
+            (&self.conntrack, CONNTRACK_MAP, self.capacity.conntrack),
+            (
+                &self.conntrack_new,
+                CONNTRACK_NEW_MAP,
+                self.capacity.conntrack_new,
+            ),
         ]
         .into_iter()
         .enumerate()
         {
             // Under churn a key vanishes while the walk stands on it and the walk starts
             // over: count distinct keys, and stop after twice the capacity.
-            let capacity = map.map().info().map_or(0, |m| m.max_entries()) as u64;
+            let capacity = u64::from(capacity);
             for entry in map.iter().take(2 * capacity as usize) {
                 let (k, v) = entry.map_err(map_err(name))?;
-                if entries.insert(k, v).is_none() {
+                if let std::collections::hash_map::Entry::Vacant(e) = entries.entry(k) {
+                    e.insert(v);
                     counts_by_table[i] += 1;
                 }
             }
@@ -996,12 +1004,13 @@ impl Dataplane {
             if key.dir != DIR_FORWARD {
                 continue;
             }
-            let live = if key.proto == IPPROTO_UDP {
-                now.saturating_sub(value.last_seen_ns) <= udp_idle_ns
-            } else {
-                let reply_key = key.reply(value.nat_addr, value.nat_port_be);
-                let reply_seen = entries.get(&reply_key).map_or(0, |r| r.seen());
-                !FlowValue::closed(value.seen(), reply_seen)
+            let reply = entries.get(&key.reply(value.nat_addr, value.nat_port_be));
+            let live = match reply {
+                None => false,
+                Some(_) if key.proto == IPPROTO_UDP => {
+                    now.saturating_sub(value.last_seen_ns) <= udp_idle_ns
+                }
+                Some(r) => !FlowValue::closed(value.seen(), r.seen()),
             };
             if live {
                 *counts.entry(value.backend_id).or_insert(0) += 1;
