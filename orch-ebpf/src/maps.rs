@@ -5,7 +5,7 @@
 //! time from its configuration.
 
 use aya_ebpf::{
-    bindings::bpf_fib_lookup,
+    bindings::{bpf_fib_lookup, BPF_F_NO_PREALLOC},
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
@@ -29,10 +29,14 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 #[map(name = "ORCH_CURSOR_V1")]
 pub static CURSORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 
-/// Confirmed connections: a plain hash, so nothing but the daemon's expiry removes one.
+/// Confirmed connections: a plain hash, so nothing but the daemon's expiry removes one. Not
+/// preallocated: its memory follows the connections it holds rather than its capacity (a
+/// connection is confirmed once, so the allocation is off the per-packet path), and a
+/// failed allocation fails the confirmation, which is counted and leaves the connection
+/// working from the unconfirmed table.
 #[map(name = "ORCH_CT_V2")]
 pub static CONNTRACK: HashMap<FlowKey, FlowValue> =
-    HashMap::with_max_entries(CONNTRACK_CAPACITY, 0);
+    HashMap::with_max_entries(CONNTRACK_CAPACITY, BPF_F_NO_PREALLOC);
 
 /// Connections not yet confirmed: an LRU, which a flood recycles.
 #[map(name = "ORCH_CT_NEW_V2")]

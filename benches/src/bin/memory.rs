@@ -78,8 +78,9 @@ fn main() -> anyhow::Result<()> {
     writeln!(
         md,
         "Daemon RSS (`VmRSS`, release build) and the kernel memory of its BPF maps (`memlock` \
-         summed over the maps it holds). Map capacities are set by `[dataplane]` and allocated \
-         up front, so map memory follows capacity, not the number of services.\n"
+         summed over the maps it holds). Map capacities are set by `[dataplane]`; every map but \
+         the confirmed-connection table is allocated up front, so map memory follows capacity \
+         (and the connections held), not the number of services.\n"
     )?;
     writeln!(md, "| fleet | daemon RSS | BPF maps | maps held | target |")?;
     writeln!(md, "|---|---:|---:|---:|---|")?;
