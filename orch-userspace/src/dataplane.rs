@@ -962,41 +962,42 @@ impl Dataplane {
         })
     }
 
-    /// Walks both connection tables: their entry counts, and the live connections per
-    /// backend id: TCP connections until a RST or both FINs, UDP flows until their idle
-    /// timeout (`udp_idle_ns`). A connection needs both its entries to carry traffic, so one
-    /// whose reply entry is gone is not live. Connections whose ends vanished without a FIN
-    /// or RST stay counted until they expire; callers that wait on this use a timeout.
+    /// The connection tables' occupancy, and the live connections per backend id: confirmed
+    /// TCP connections until a RST or both FINs, confirmed UDP flows until their idle timeout
+    /// (`udp_idle_ns`). A connection needs both its entries to carry traffic, so one whose
+    /// reply entry is gone is not live. Connections whose ends vanished without a FIN or RST
+    /// stay counted until they expire; callers that wait on this use a timeout.
+    ///
+    /// The unconfirmed table (handshakes in flight; under a flood, full) is only counted, by
+    /// keys, one syscall each: a scrape during a flood must not read a quarter of a million
+    /// values. Under churn a walk restarts when its key vanishes, so that count can run
+    /// high; it never exceeds the capacity.
     pub fn census(&self, udp_idle_ns: u64) -> Result<Census, DataplaneError> {
         let mut entries: std::collections::HashMap<FlowKey, FlowValue> =
             std::collections::HashMap::new();
-        let mut counts_by_table = [0u64; 2];
-        // The confirmed table first: where a key is in both, its entry is the one the
-        // program uses, as it looks there first.
-        for (i, (map, name, capacity)) in [
-            (&self.conntrack, CONNTRACK_MAP, self.capacity.conntrack),
-            (
-                &self.conntrack_new,
-                CONNTRACK_NEW_MAP,
-                self.capacity.conntrack_new,
-            ),
-        ]
-        .into_iter()
-        .enumerate()
+        for entry in self
+            .conntrack
+            .iter()
+            .take(2 * self.capacity.conntrack as usize)
         {
-            // Under churn a key vanishes while the walk stands on it and the walk starts
-            // over: count distinct keys, and stop after twice the capacity.
-            let capacity = u64::from(capacity);
-            for entry in map.iter().take(2 * capacity as usize) {
-                let (k, v) = entry.map_err(map_err(name))?;
-                if let std::collections::hash_map::Entry::Vacant(e) = entries.entry(k) {
-                    e.insert(v);
-                    counts_by_table[i] += 1;
+            let (k, v) = entry.map_err(map_err(CONNTRACK_MAP))?;
+            entries.insert(k, v);
+        }
+        let confirmed = (entries.len() as u64).min(u64::from(self.capacity.conntrack));
+        let capacity = u64::from(self.capacity.conntrack_new);
+        let fd = self.conntrack_new.map().fd().as_fd();
+        let (mut unconfirmed, mut key) = (0u64, None);
+        while unconfirmed < capacity {
+            match next_key(fd, key.as_ref()).map_err(|e| DataplaneError::Map {
+                name: CONNTRACK_NEW_MAP,
+                source: MapError::IoError(e),
+            })? {
+                Some(k) => {
+                    unconfirmed += 1;
+                    key = Some(k);
                 }
+                None => break,
             }
-            // A table that turns over during the walk shows more distinct keys than it
-            // can hold at once.
-            counts_by_table[i] = counts_by_table[i].min(capacity);
         }
         let now = monotonic_ns();
         let mut counts = std::collections::HashMap::new();
@@ -1017,8 +1018,8 @@ impl Dataplane {
             }
         }
         Ok(Census {
-            entries: counts_by_table[0],
-            unconfirmed: counts_by_table[1],
+            entries: confirmed,
+            unconfirmed,
             live: counts,
         })
     }

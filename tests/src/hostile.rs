@@ -136,18 +136,7 @@ pub fn all_verdicts(lab: &Lab) -> f64 {
 
 /// Every backend of `web` that is not in rotation, with its health.
 pub fn out_of_rotation(orch: &Orch) -> Vec<String> {
-    let out = orch
-        .cli(&["backend", "list", "web", "--json"])
-        .expect("running the CLI");
-    assert!(
-        out.status.success(),
-        "the daemon must keep answering: {}",
-        out.stderr_text()
-    );
-    let v: serde_json::Value = serde_json::from_str(&out.stdout_text()).unwrap();
-    v["backends"]
-        .as_array()
-        .unwrap()
+    orch.backend_rows("web")
         .iter()
         .filter(|b| b["in_rotation"] != true)
         .map(|b| format!("{} ({})", b["address"], b["health"]))

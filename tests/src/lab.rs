@@ -726,6 +726,30 @@ impl Orch {
         }
     }
 
+    /// The backend rows of `service` as `orch backend list --json` gives them (panics, in a
+    /// test, when the CLI fails: the daemon must keep answering).
+    pub fn backend_rows(&self, service: &str) -> Vec<serde_json::Value> {
+        let out = self
+            .cli(&["backend", "list", service, "--json"])
+            .expect("running the CLI");
+        assert!(out.status.success(), "{}", out.stderr_text());
+        let v: serde_json::Value = serde_json::from_str(&out.stdout_text()).unwrap();
+        v["backends"].as_array().unwrap().clone()
+    }
+
+    /// The row of backend `address` of `service` (see [`Orch::backend_rows`]).
+    pub fn backend_row(&self, service: &str, address: &str) -> serde_json::Value {
+        self.backend_rows(service)
+            .into_iter()
+            .find(|b| b["address"] == address)
+            .unwrap_or_else(|| panic!("no backend {address} in {service}"))
+    }
+
+    /// Whether backend `address` of `service` takes new connections.
+    pub fn in_rotation(&self, service: &str, address: &str) -> bool {
+        self.backend_row(service, address)["in_rotation"] == true
+    }
+
     /// Runs the `orch` CLI against this daemon's socket (from the host namespace: a Unix
     /// socket is a file, reachable from any network namespace).
     pub fn cli(&self, args: &[&str]) -> io::Result<CliOutput> {

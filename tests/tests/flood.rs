@@ -19,16 +19,16 @@ use orch_tests::{
     prom,
 };
 
-/// A metric read while the flood keeps the cores busy: a scrape may miss its timeout, so a
-/// few tries (bounded) before giving up.
+/// A metric read while the flood keeps the cores busy: a scrape may miss the client's 3 s
+/// timeout, so up to ten tries, a second apart, before giving up.
 fn busy_metric(lab: &Lab, name: &str) -> f64 {
-    for _ in 0..5 {
+    for _ in 0..10 {
         if let Ok(text) = lab.metrics() {
             return prom::get(&prom::parse(&text), name, &[]);
         }
-        thread::sleep(Duration::from_millis(500));
+        thread::sleep(Duration::from_secs(1));
     }
-    panic!("/metrics did not answer in five tries during the flood");
+    panic!("/metrics did not answer in ten tries during the flood");
 }
 
 #[test]

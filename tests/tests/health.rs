@@ -8,27 +8,9 @@ use std::{
 };
 
 use orch_tests::{
-    lab::{self, Lab, Orch, VIP4},
+    lab::{self, Lab, VIP4},
     privilege::require_root,
 };
-
-/// The backend rows of `service` as `orch backend list --json` gives them.
-fn backends(orch: &Orch, service: &str) -> Vec<serde_json::Value> {
-    let out = orch
-        .cli(&["backend", "list", service, "--json"])
-        .expect("running the CLI");
-    assert!(out.status.success(), "{}", out.stderr_text());
-    let v: serde_json::Value = serde_json::from_str(&out.stdout_text()).unwrap();
-    v["backends"].as_array().unwrap().clone()
-}
-
-fn in_rotation(orch: &Orch, service: &str, address: &str) -> bool {
-    backends(orch, service)
-        .iter()
-        .find(|b| b["address"] == address)
-        .unwrap_or_else(|| panic!("no backend {address}"))["in_rotation"]
-        == true
-}
 
 #[test]
 fn a_dead_backend_leaves_the_rotation_and_returns_when_it_recovers() {
@@ -44,7 +26,7 @@ fn a_dead_backend_leaves_the_rotation_and_returns_when_it_recovers() {
     let dead = "198.18.2.2:8080";
     // Let the checks settle into their stable (slow) interval before the failure.
     thread::sleep(Duration::from_secs(3));
-    assert!(in_rotation(&orch, "web", dead));
+    assert!(orch.in_rotation("web", dead));
 
     // Kill backend-2 while a client keeps opening connections (on its own thread: the
     // detection time is measured apart from the client's pace).
@@ -72,7 +54,7 @@ fn a_dead_backend_leaves_the_rotation_and_returns_when_it_recovers() {
             })
             .unwrap()
     };
-    lab::wait_until(Duration::from_secs(15), || !in_rotation(&orch, "web", dead)).unwrap_or_else(
+    lab::wait_until(Duration::from_secs(15), || !orch.in_rotation("web", dead)).unwrap_or_else(
         || {
             panic!(
                 "backend-2 still in rotation 15 s after it died\n{}",
@@ -101,7 +83,8 @@ fn a_dead_backend_leaves_the_rotation_and_returns_when_it_recovers() {
         "nothing answers as backend-2 once its server is closed"
     );
     assert!(ok > 0);
-    let row = backends(&orch, "web")
+    let row = orch
+        .backend_rows("web")
         .into_iter()
         .find(|b| b["address"] == dead)
         .unwrap();
@@ -125,7 +108,7 @@ fn a_dead_backend_leaves_the_rotation_and_returns_when_it_recovers() {
     // Revive it: it returns to the rotation (after `rise` good probes) and takes
     // connections again.
     lab.backends[1].set_up(true);
-    let back = lab::wait_until(Duration::from_secs(15), || in_rotation(&orch, "web", dead))
+    let back = lab::wait_until(Duration::from_secs(15), || orch.in_rotation("web", dead))
         .unwrap_or_else(|| panic!("backend-2 did not come back\n{}", orch.log()));
     eprintln!("revived backend back in rotation after {back:?}");
     let names = lab
@@ -138,13 +121,6 @@ fn a_dead_backend_leaves_the_rotation_and_returns_when_it_recovers() {
         .unwrap()
         .unwrap();
     assert!(names.iter().any(|n| n == "backend-2"), "{names:?}");
-}
-
-fn backend_row(orch: &Orch, service: &str, address: &str) -> serde_json::Value {
-    backends(orch, service)
-        .into_iter()
-        .find(|b| b["address"] == address)
-        .unwrap_or_else(|| panic!("no backend {address}"))
 }
 
 #[test]
@@ -178,16 +154,16 @@ fn a_slow_backend_trips_its_breaker_and_recovery_closes_it() {
 
     // Let the breaker learn the normal latency (probes every 0.5 s while new).
     thread::sleep(Duration::from_secs(2));
-    assert_eq!(backend_row(&orch, "slowweb", &slow)["breaker"], "closed");
+    assert_eq!(orch.backend_row("slowweb", &slow)["breaker"], "closed");
 
     // backend-2 keeps accepting but answers in 300 ms: far above twice what was learned,
     // well within the probe timeout (1 s), so the health check alone still says healthy.
     lab.backends[1].set_delay(Duration::from_millis(300));
     let tripped = lab::wait_until(Duration::from_secs(20), || {
-        backend_row(&orch, "slowweb", &slow)["breaker"] == "open"
+        orch.backend_row("slowweb", &slow)["breaker"] == "open"
     })
     .unwrap_or_else(|| panic!("the breaker did not open\n{}", orch.log()));
-    let row = backend_row(&orch, "slowweb", &slow);
+    let row = orch.backend_row("slowweb", &slow);
     eprintln!("slow backend's breaker open after {tripped:?}: {row}");
     assert_eq!(row["health"], "healthy", "slow, not failing: {row}");
     assert_eq!(row["in_rotation"], false);
@@ -205,11 +181,11 @@ fn a_slow_backend_trips_its_breaker_and_recovery_closes_it() {
     // It recovers: half-open after the backoff, three good trials, closed, back in rotation.
     lab.backends[1].set_delay(Duration::ZERO);
     let closed = lab::wait_until(Duration::from_secs(20), || {
-        backend_row(&orch, "slowweb", &slow)["breaker"] == "closed"
+        orch.backend_row("slowweb", &slow)["breaker"] == "closed"
     })
     .unwrap_or_else(|| panic!("the breaker did not close again\n{}", orch.log()));
     eprintln!("recovered backend's breaker closed after {closed:?}");
-    assert!(in_rotation(&orch, "slowweb", &slow));
+    assert!(orch.in_rotation("slowweb", &slow));
     let log = orch.log().replace('"', "");
     for step in [
         "from=closed to=open",

@@ -500,23 +500,6 @@ fn vip_traffic_that_orch_does_not_steer_is_answered_never_looped() {
     .expect("the removed VIP's route gone");
 }
 
-/// The backend rows of `service` as `orch backend list --json` gives them.
-fn backend_rows(orch: &Orch, service: &str) -> Vec<serde_json::Value> {
-    let out = orch
-        .cli(&["backend", "list", service, "--json"])
-        .expect("running the CLI");
-    assert!(out.status.success(), "{}", out.stderr_text());
-    let v: serde_json::Value = serde_json::from_str(&out.stdout_text()).unwrap();
-    v["backends"].as_array().unwrap().clone()
-}
-
-fn backend_row(orch: &Orch, service: &str, address: &str) -> serde_json::Value {
-    backend_rows(orch, service)
-        .into_iter()
-        .find(|b| b["address"] == address)
-        .unwrap_or_else(|| panic!("no backend {address}"))
-}
-
 #[test]
 fn a_service_whose_backends_all_fail_their_checks_panics_instead_of_going_dark() {
     if !require_root("a_service_whose_backends_all_fail_their_checks_panics_instead_of_going_dark")
@@ -547,14 +530,14 @@ fn a_service_whose_backends_all_fail_their_checks_panics_instead_of_going_dark()
         b.set_up(false);
     }
     lab::wait_until(Duration::from_secs(15), || {
-        backend_rows(&orch, "web")
+        orch.backend_rows("web")
             .iter()
             .all(|b| b["health"] == "unhealthy")
     })
     .unwrap_or_else(|| panic!("the backends were not judged unhealthy\n{}", orch.log()));
     for i in 1..=3 {
         assert!(
-            backend_row(&orch, "web", &addr(i))["in_rotation"] == true,
+            orch.backend_row("web", &addr(i))["in_rotation"] == true,
             "backend-{i} left rotation"
         );
     }
@@ -578,13 +561,13 @@ fn a_service_whose_backends_all_fail_their_checks_panics_instead_of_going_dark()
     // one still down leaves the rotation.
     lab.backends[0].set_up(true);
     lab::wait_until(Duration::from_secs(15), || {
-        backend_row(&orch, "web", &addr(1))["health"] == "healthy"
+        orch.backend_row("web", &addr(1))["health"] == "healthy"
     })
     .expect("backend-1 healthy again");
     assert!(web_panics(&orch), "{}", status(&orch));
     lab.backends[1].set_up(true);
     lab::wait_until(Duration::from_secs(15), || {
-        backend_row(&orch, "web", &addr(3))["in_rotation"] == false
+        orch.backend_row("web", &addr(3))["in_rotation"] == false
     })
     .unwrap_or_else(|| panic!("panic did not end\n{}", orch.log()));
     assert!(!web_panics(&orch), "{}", status(&orch));
