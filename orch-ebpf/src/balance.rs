@@ -126,6 +126,10 @@ fn forget(key: &FlowKey, old: &FlowValue) {
     conntrack::remove(key);
 }
 
+/// [`Work::route_rc`] when no lookup was made: not `BPF_FIB_LKUP_RET_SUCCESS`, so the
+/// packet goes to the stack.
+pub const NO_ROUTE: i64 = -1;
+
 /// What a new connection needs besides its key.
 struct NewFlow {
     now: u64,
@@ -157,11 +161,11 @@ pub fn new_flow(
         },
         udp_idle_ns: settings().udp_idle_ns,
     };
-    // The interface each candidate backend is routed through: replies must arrive there.
-    let mut egress =
-        |backend: &[u32; 4]| fib::lookup(ctx, pkt, &pkt.src, backend).map_or(0, |r| r.egress());
+    // The route to each candidate backend: its interface is where replies must arrive, and
+    // the chosen one's route forwards this packet.
+    let mut route = |backend: &[u32; 4]| fib::lookup(ctx, pkt, &pkt.src, backend);
     let key = &key;
-    let egress = &mut egress;
+    let egress = &mut route;
     let new = &new;
     let table = SLOTS
         .get(slot_table_index(svc.id, svc.active_table))
@@ -234,10 +238,10 @@ pub fn new_flow(
 
 /// Records a new connection to `backend_id` in both directions, unless its reply 4-tuple
 /// belongs to another live connection. The entries and keys are built in this CPU's scratch
-/// entry ([`SCRATCH`]), not on the stack; the forward entry is left there. Returns the
-/// backend id.
+/// entry ([`SCRATCH`]), not on the stack; the forward entry and the route's result code are
+/// left there. Returns the backend id.
 #[inline(always)]
-fn record<F: FnMut(&[u32; 4]) -> u32>(
+fn record<F: FnMut(&[u32; 4]) -> Option<fib::Route>>(
     key: &FlowKey,
     service_id: u32,
     backend_id: u32,
@@ -264,7 +268,9 @@ fn record<F: FnMut(&[u32; 4]) -> u32>(
     v._flags_pad = 0;
     v.syn_next = new.syn_next;
     v.peer_next = 0;
-    v.ifindex = egress(&backend.addr);
+    let route = egress(&backend.addr);
+    v.ifindex = route.as_ref().map_or(0, fib::Route::egress);
+    w.route_rc = route.map_or(NO_ROUTE, |r| r.rc());
     v._pad2 = 0;
     v.created_ns = new.now;
     v.last_seen_ns = new.now;

@@ -34,6 +34,23 @@ pub struct Route {
 }
 
 impl Route {
+    /// The route the last [`lookup`] on this CPU left in [`FIB_SCRATCH`], with its result
+    /// code `rc`: a new connection's first packet reuses the lookup that found its reply
+    /// interface instead of making the same one again.
+    #[inline(always)]
+    pub fn last(rc: i64) -> Option<Route> {
+        Some(Route {
+            params: FIB_SCRATCH.get_ptr_mut(0)?,
+            rc,
+        })
+    }
+
+    /// The lookup's result code (`BPF_FIB_LKUP_RET_*`).
+    #[inline(always)]
+    pub fn rc(&self) -> i64 {
+        self.rc
+    }
+
     /// The interface the packet leaves by, or 0 when the FIB has no route. Known also when
     /// the neighbour is not yet resolved (the kernel sets the egress before it looks the
     /// neighbour up).
@@ -80,7 +97,8 @@ pub fn lookup(ctx: &XdpContext, pkt: &Packet, src: &[u32; 4], dst: &[u32; 4]) ->
     Some(Route { params: p, rc })
 }
 
-/// Forwards the (already translated) packet from `src` to `dst`. On success it sets the MACs, decrements the TTL as a
+/// Forwards the (already translated) packet from `src` to `dst`, with `route` when this
+/// packet's route was looked up already (see [`Route::last`]). On success it sets the MACs, decrements the TTL as a
 /// router must, and returns the redirect action. `None` means "let the kernel route it": no
 /// route, an unresolved neighbour (the stack will resolve it and the next packets will take
 /// the fast path), a TTL about to expire (the stack sends the ICMP error), or redirect
@@ -92,6 +110,7 @@ pub fn redirect(
     src: &[u32; 4],
     dst: &[u32; 4],
     settings: &Settings,
+    route: Option<Route>,
 ) -> Option<u32> {
     if settings.flags & SETTING_REDIRECT == 0 {
         return None;
@@ -101,7 +120,10 @@ pub fn redirect(
     if ttl <= 1 {
         return None;
     }
-    let route = lookup(ctx, pkt, src, dst)?;
+    let route = match route {
+        Some(r) => r,
+        None => lookup(ctx, pkt, src, dst)?,
+    };
     if route.rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         return None;
     }

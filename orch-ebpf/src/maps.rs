@@ -55,6 +55,9 @@ pub struct Work {
     pub reply_key: FlowKey,
     /// The forward key of a connection that holds that reply key.
     pub holder_key: FlowKey,
+    /// The result code of the FIB lookup for the chosen backend, whose parameters and
+    /// results stay in [`FIB_SCRATCH`] for the packet's forwarding.
+    pub route_rc: i64,
 }
 
 #[map(name = "ORCH_SCRATCH")]

@@ -11,7 +11,7 @@ use orch_common::{
 
 use crate::{
     balance, conntrack, fib,
-    maps::{settings, BACKEND_STATS, PORTS, SERVICES, SERVICE_STATS},
+    maps::{settings, BACKEND_STATS, PORTS, SCRATCH, SERVICES, SERVICE_STATS},
     nat::{self, Side},
     parse::{self, Packet},
     stats,
@@ -138,6 +138,7 @@ fn backend_packet(ctx: &XdpContext, pkt: &Packet) -> Result<Option<(u32, Reason)
         (&vip, &pkt.dst),
         &settings,
         true,
+        None,
     )))
 }
 
@@ -204,23 +205,30 @@ fn handshake(
 #[inline(always)]
 fn forward(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue) -> Result<(u32, Reason), Reason> {
     let mut flow: *const FlowValue = balance::find(ctx, pkt);
-    if flow.is_null() {
+    let new = flow.is_null();
+    if new {
         balance::opens(pkt)?;
         flow = balance::new_flow(ctx, pkt, svc)?;
     }
     // SAFETY: a map value (the connection's entry, or this CPU's scratch entry), alive for
     // the rest of this run.
-    translate_forward(ctx, pkt, unsafe { &*flow })
+    translate_forward(ctx, pkt, unsafe { &*flow }, new)
 }
 
 /// Rewrites a client's packet to the backend of its connection's entry `flow` and forwards
-/// it.
+/// it. A `new` connection's route was looked up when its backend was chosen: it is reused.
 #[inline(never)]
 fn translate_forward(
     ctx: &XdpContext,
     pkt: &Packet,
     flow: &FlowValue,
+    new: bool,
 ) -> Result<(u32, Reason), Reason> {
+    let route = if new {
+        SCRATCH.get(0).and_then(|w| fib::Route::last(w.route_rc))
+    } else {
+        None
+    };
     let (addr, port_be) = (flow.nat_addr, flow.nat_port_be);
     let ids = (flow.service_id, flow.backend_id);
     if !nat::rewrite(ctx, pkt, Side::Dst, &addr, port_be) {
@@ -233,6 +241,7 @@ fn translate_forward(
         (&pkt.src, &addr),
         &settings(),
         false,
+        route,
     ))
 }
 
@@ -247,6 +256,7 @@ fn deliver(
     (src, dst): (&[u32; 4], &[u32; 4]),
     settings: &Settings,
     reply: bool,
+    route: Option<fib::Route>,
 ) -> (u32, Reason) {
     let bytes = pkt.l3_len as u64;
     let count = |c: &mut TrafficCounters| {
@@ -265,7 +275,7 @@ fn deliver(
     } else {
         (Reason::FwdRedirect, Reason::FwdStack)
     };
-    match fib::redirect(ctx, pkt, src, dst, settings) {
+    match fib::redirect(ctx, pkt, src, dst, settings, route) {
         Some(action) => (action, redirected),
         None => (xdp_action::XDP_PASS, stacked),
     }
