@@ -20,7 +20,17 @@ use crate::{
 /// Returns the XDP action and the reason to count.
 #[inline(always)]
 pub fn steer(ctx: &XdpContext) -> (u32, Reason) {
-    match try_steer(ctx) {
+    verdict(try_steer(ctx))
+}
+
+/// The action and reason of a step's result: an `Err` is a packet we are not translating.
+///
+/// Subprograms return this pair rather than a `Result`: the kernel checks the program's BTF
+/// type information, which describes a function's return type, and rejects the union a
+/// Rust enum becomes when its tag hides in a field's spare values (`Result<Option<_>, _>`).
+#[inline(always)]
+fn verdict(r: Result<(u32, Reason), Reason>) -> (u32, Reason) {
+    match r {
         Ok(verdict) => verdict,
         Err(reason) => (action_for(reason), reason),
     }
@@ -70,19 +80,23 @@ fn try_steer(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
         }
     }
     if maybe_reply {
-        if let Some(verdict) = backend_packet(ctx, &pkt)? {
-            return Ok(verdict);
-        }
+        return Ok(backend_packet(ctx, &pkt));
     }
     Err(Reason::PassNotService)
 }
 
 /// A packet from a backend's port: translated back to the VIP if it belongs to a balanced
-/// connection (`None`: it does not).
+/// connection, passed as `pass_not_service` if it does not.
 ///
 /// Not inlined, for the stack (see [`forward`]).
 #[inline(never)]
-fn backend_packet(ctx: &XdpContext, pkt: &Packet) -> Result<Option<(u32, Reason)>, Reason> {
+fn backend_packet(ctx: &XdpContext, pkt: &Packet) -> (u32, Reason) {
+    verdict(translate_reply(ctx, pkt).and_then(|v| v.ok_or(Reason::PassNotService)))
+}
+
+/// [`backend_packet`]'s work: `None` when the packet belongs to no balanced connection.
+#[inline(always)]
+fn translate_reply(ctx: &XdpContext, pkt: &Packet) -> Result<Option<(u32, Reason)>, Reason> {
     let key = pkt.key(DIR_REPLY);
     let Some((entry, confirmed)) = conntrack::get(&key) else {
         return Ok(None);
@@ -212,7 +226,7 @@ fn forward(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue) -> Result<(u32, R
     }
     // SAFETY: a map value (the connection's entry, or this CPU's scratch entry), alive for
     // the rest of this run.
-    translate_forward(ctx, pkt, unsafe { &*flow }, new)
+    Ok(translate_forward(ctx, pkt, unsafe { &*flow }, new))
 }
 
 /// Rewrites a client's packet to the backend of its connection's entry `flow` and forwards
@@ -223,7 +237,7 @@ fn translate_forward(
     pkt: &Packet,
     flow: &FlowValue,
     new: bool,
-) -> Result<(u32, Reason), Reason> {
+) -> (u32, Reason) {
     let route = if new {
         SCRATCH.get(0).and_then(|w| fib::Route::last(w.route_rc))
     } else {
@@ -232,9 +246,9 @@ fn translate_forward(
     let (addr, port_be) = (flow.nat_addr, flow.nat_port_be);
     let ids = (flow.service_id, flow.backend_id);
     if !nat::rewrite(ctx, pkt, Side::Dst, &addr, port_be) {
-        return Err(Reason::DropInternal);
+        return verdict(Err(Reason::DropInternal));
     }
-    Ok(deliver(
+    deliver(
         ctx,
         pkt,
         ids,
@@ -242,7 +256,7 @@ fn translate_forward(
         &settings(),
         false,
         route,
-    ))
+    )
 }
 
 /// Counts a translated packet (now from `src` to `dst`) for its service and backend (ids),
