@@ -45,6 +45,23 @@ pub const STATS_MAP: &str = "ORCH_STATS_V3";
 pub const STATS_MAP_V2: &str = "ORCH_STATS_V2";
 /// Connection-table events: [`crate::CtEvent`] → `u64` (per-CPU array).
 pub const CT_EVENTS_MAP: &str = "ORCH_CT_EV_V1";
+/// Entries added to and removed from the unconfirmed table, by whom: [`CT_NEW_INSERTED`]..
+/// → `u64` (per-CPU array, [`CT_NEW_OPS`] slots). The kernel evicts from an LRU without
+/// telling anyone; with the table's exact element count, these give the evictions:
+/// inserted + adopted − removed − expired − present.
+pub const CT_NEW_OPS_MAP: &str = "ORCH_CT_NEW_OPS_V1";
+/// Entries the program inserted (each a new key; written after the insert).
+pub const CT_NEW_INSERTED: u32 = 0;
+/// Entries the program removed (a confirmation moves two out, a refusal forgets two; written
+/// before the removal and taken back if it fails).
+pub const CT_NEW_REMOVED: u32 = 1;
+/// Entries the daemon's expiry removed. Written by the daemon only.
+pub const CT_NEW_EXPIRED: u32 = 2;
+/// Entries the table held when these counters began (an upgrade from a layout that did not
+/// count). Written by the daemon only.
+pub const CT_NEW_ADOPTED: u32 = 3;
+/// Number of slots in [`CT_NEW_OPS_MAP`].
+pub const CT_NEW_OPS: u32 = 4;
 /// Per-service traffic: service id → [`TrafficCounters`] (per-CPU array).
 pub const SERVICE_STATS_MAP: &str = "ORCH_SVC_ST_V1";
 /// Per-backend traffic: backend id → [`TrafficCounters`] (per-CPU array).

@@ -1,7 +1,6 @@
 //! Backend choice: the connection table first, then the service's round-robin table.
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns},
     programs::XdpContext,
 };
@@ -274,13 +273,12 @@ fn record<F: FnMut(&[u32; 4]) -> Option<fib::Route>>(
     v._pad2 = 0;
     v.created_ns = new.now;
     v.last_seen_ns = new.now;
-    conntrack::insert_new(&w.reply_key, &w.flow, BPF_NOEXIST as u64)
-        .map_err(|_| Reason::DropConntrackFull)?;
+    conntrack::insert_new(&w.reply_key, &w.flow, false).map_err(|_| Reason::DropConntrackFull)?;
     let v = &mut w.flow;
     v.nat_addr = backend.addr;
     v.nat_port_be = backend.port_be;
     v.ifindex = 0;
-    conntrack::insert_new(key, &w.flow, 0).map_err(|_| Reason::DropConntrackFull)?;
+    conntrack::insert_new(key, &w.flow, true).map_err(|_| Reason::DropConntrackFull)?;
     Ok(backend_id)
 }
 

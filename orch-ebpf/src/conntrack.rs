@@ -9,13 +9,16 @@
 //!
 //! Lookups try the confirmed table first: established traffic, the hot path, pays one lookup.
 
-use aya_ebpf::bindings::BPF_NOEXIST;
+use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use orch_common::{
-    maps::{FlowKey, FlowValue},
+    maps::{FlowKey, FlowValue, CT_NEW_INSERTED, CT_NEW_REMOVED},
     CtEvent,
 };
 
-use crate::maps::{CONNTRACK, CONNTRACK_NEW, CT_EVENTS};
+use crate::maps::{CONNTRACK, CONNTRACK_NEW, CT_EVENTS, CT_NEW_OPS};
+
+/// `EEXIST`: the key is taken.
+const EEXIST: i32 = 17;
 
 /// The entry of `key`, and whether it is confirmed.
 #[inline(always)]
@@ -26,17 +29,49 @@ pub fn get(key: &FlowKey) -> Option<(*mut FlowValue, bool)> {
     CONNTRACK_NEW.get_ptr_mut(key).map(|e| (e, false))
 }
 
-/// Inserts a new connection's entry (unconfirmed). `flags`: `BPF_ANY` or `BPF_NOEXIST`.
+/// Inserts a new connection's entry (unconfirmed), counted when it adds a key. A taken key
+/// fails unless `replace`: the forward entry replaces one that a duplicate SYN, on another
+/// CPU, inserted a moment before; a reply key is never taken over here.
 #[inline(always)]
-pub fn insert_new(key: &FlowKey, value: &FlowValue, flags: u64) -> Result<(), ()> {
-    CONNTRACK_NEW.insert(key, value, flags).map_err(|_| ())
+pub fn insert_new(key: &FlowKey, value: &FlowValue, replace: bool) -> Result<(), ()> {
+    match CONNTRACK_NEW.insert(key, value, BPF_NOEXIST as u64) {
+        Ok(()) => {
+            ops(CT_NEW_INSERTED, 1);
+            Ok(())
+        }
+        // One entry for another: the table's size is unchanged, and so is the count.
+        Err(e) if e == -EEXIST && replace => CONNTRACK_NEW
+            .insert(key, value, BPF_ANY as u64)
+            .map_err(|_| ()),
+        Err(_) => Err(()),
+    }
 }
 
 /// Forgets `key` in both tables.
 #[inline(always)]
 pub fn remove(key: &FlowKey) {
     let _ = CONNTRACK.remove(key);
-    let _ = CONNTRACK_NEW.remove(key);
+    remove_new(key);
+}
+
+/// Removes `key` from the unconfirmed table, counted. The count goes up before the removal
+/// and back down if there was nothing to remove, so that a reader never sees an entry gone
+/// and its removal uncounted (which it would take for an eviction).
+#[inline(always)]
+fn remove_new(key: &FlowKey) {
+    ops(CT_NEW_REMOVED, 1);
+    if CONNTRACK_NEW.remove(key).is_err() {
+        ops(CT_NEW_REMOVED, u64::MAX);
+    }
+}
+
+/// Adds `n` (wrapping: `u64::MAX` takes one back) to an unconfirmed-table counter.
+#[inline(always)]
+fn ops(slot: u32, n: u64) {
+    if let Some(c) = CT_NEW_OPS.get_ptr_mut(slot) {
+        // SAFETY: a per-CPU slot, written only by this CPU while this program runs.
+        unsafe { *c = (*c).wrapping_add(n) };
+    }
 }
 
 /// Moves a connection (its forward entry `fwd` under `fwd_key`, and its reply entry) to the
@@ -70,8 +105,8 @@ pub fn confirm(fwd_key: &FlowKey, fwd: &FlowValue) {
         event(CtEvent::ConfirmFailed);
         return;
     }
-    let _ = CONNTRACK_NEW.remove(fwd_key);
-    let _ = CONNTRACK_NEW.remove(&reply_key);
+    remove_new(fwd_key);
+    remove_new(&reply_key);
     event(CtEvent::Confirmed);
 }
 

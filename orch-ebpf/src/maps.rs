@@ -12,7 +12,7 @@ use aya_ebpf::{
 use orch_common::{
     maps::{
         Backend, BackendSignals, FlowKey, FlowValue, PortBitmap, ServiceKey, ServiceValue,
-        Settings, SlotTable, TrafficCounters,
+        Settings, SlotTable, TrafficCounters, CT_NEW_OPS as CT_NEW_OPS_SLOTS,
     },
     CtEvent, Reason, CONNTRACK_CAPACITY, CONNTRACK_NEW_CAPACITY, MAX_BACKENDS, MAX_SERVICES,
 };
@@ -69,6 +69,10 @@ pub static FIB_SCRATCH: PerCpuArray<bpf_fib_lookup> = PerCpuArray::with_max_entr
 
 #[map(name = "ORCH_CT_EV_V1")]
 pub static CT_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(CtEvent::COUNT, 0);
+
+/// What the program added to and removed from [`CONNTRACK_NEW`] (see `CT_NEW_OPS_MAP`).
+#[map(name = "ORCH_CT_NEW_OPS_V1")]
+pub static CT_NEW_OPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(CT_NEW_OPS_SLOTS, 0);
 
 #[map(name = "ORCH_PORTS_V1")]
 pub static PORTS: Array<PortBitmap> = Array::with_max_entries(2, 0);

@@ -232,12 +232,7 @@ fn forward(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue) -> Result<(u32, R
 /// Rewrites a client's packet to the backend of its connection's entry `flow` and forwards
 /// it. A `new` connection's route was looked up when its backend was chosen: it is reused.
 #[inline(never)]
-fn translate_forward(
-    ctx: &XdpContext,
-    pkt: &Packet,
-    flow: &FlowValue,
-    new: bool,
-) -> (u32, Reason) {
+fn translate_forward(ctx: &XdpContext, pkt: &Packet, flow: &FlowValue, new: bool) -> (u32, Reason) {
     let route = if new {
         SCRATCH.get(0).and_then(|w| fib::Route::last(w.route_rc))
     } else {
@@ -248,15 +243,7 @@ fn translate_forward(
     if !nat::rewrite(ctx, pkt, Side::Dst, &addr, port_be) {
         return verdict(Err(Reason::DropInternal));
     }
-    deliver(
-        ctx,
-        pkt,
-        ids,
-        (&pkt.src, &addr),
-        &settings(),
-        false,
-        route,
-    )
+    deliver(ctx, pkt, ids, (&pkt.src, &addr), &settings(), false, route)
 }
 
 /// Counts a translated packet (now from `src` to `dst`) for its service and backend (ids),

@@ -483,6 +483,18 @@ impl Snapshot {
             none,
             self.ct_events.reply_collisions,
         );
+        // Absent, rather than a zero that would be false, where the kernel cannot count.
+        if let Some(evicted) = self.ct_events.evicted {
+            f.counter(
+                "orch_conntrack_unconfirmed_evictions_total",
+                "Entries the kernel evicted from the full unconfirmed table to make room for \
+                 new ones (two per connection: a flood's half-open connections, or the \
+                 handshakes it pushed out). Derived from exact counts; an operation in \
+                 flight can delay an eviction's count, never invent one.",
+                none,
+                evicted,
+            );
+        }
 
         for s in &self.services {
             let svc = [("service", s.name.as_str())];
@@ -821,6 +833,7 @@ mod tests {
                 confirmed: 5,
                 confirm_failed: 1,
                 reply_collisions: 2,
+                evicted: Some(9),
             },
             services: vec![ServiceSample {
                 name: "web".into(),
@@ -863,6 +876,18 @@ mod tests {
     }
 
     #[test]
+    fn uncounted_evictions_are_absent_not_zero() {
+        let mut snapshot = sample();
+        snapshot.ct_events.evicted = None;
+        let text = Metrics::new().render(&snapshot);
+        assert!(!text.contains("orch_conntrack_unconfirmed_evictions_total"));
+        assert_eq!(
+            value(&text, "orch_conntrack_confirmed_total").as_deref(),
+            Some("5")
+        );
+    }
+
+    #[test]
     fn snapshot_series_carry_the_kernel_counts_and_state() {
         let text = Metrics::new().render(&sample());
         let b = r#"backend="198.18.1.2:8080",service="web""#;
@@ -881,6 +906,7 @@ mod tests {
             ("orch_conntrack_confirmed_total".into(), "5"),
             ("orch_conntrack_confirm_failures_total".into(), "1"),
             ("orch_conntrack_reply_collisions_total".into(), "2"),
+            ("orch_conntrack_unconfirmed_evictions_total".into(), "9"),
             (
                 r#"orch_backend_bytes_total{backend="198.18.1.2:8080",direction="to_client",service="web"}"#
                     .into(),

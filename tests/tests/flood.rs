@@ -118,6 +118,14 @@ fn a_spoofed_syn_flood_costs_no_established_connection() {
         failed.len()
     );
     assert_eq!(flood_gauge, 1.0, "the flood state is exported");
+    // The flood recycled the table: the kernel's evictions are counted, no more than the
+    // entries the flood could have inserted (two per SYN).
+    let evicted = busy_metric(&lab, "orch_conntrack_unconfirmed_evictions_total");
+    eprintln!("evictions from the unconfirmed table: {evicted}");
+    assert!(
+        evicted > 0.0 && evicted <= 2.0 * sent as f64,
+        "{evicted} evictions for {sent} SYNs"
+    );
 
     // Every held connection is alive, on its backend.
     let answers = lab

@@ -1428,6 +1428,69 @@ fn an_upgrade_carries_connections_and_counters_from_the_previous_layout() {
     assert!(!maps.join(orch_common::maps::STATS_MAP_V2).exists());
 }
 
+/// A spoofed SYN from the `i`th address of a flood.
+fn flood_syn(i: u32, vip: SocketAddr) -> Vec<u8> {
+    let src = SocketAddr::new(
+        IpAddr::V4(Ipv4Addr::new(
+            198,
+            18,
+            128 + (i / 250) as u8,
+            1 + (i % 250) as u8,
+        )),
+        1024 + i as u16,
+    );
+    Pkt::new(L4::Syn, src, vip).bytes()
+}
+
+#[test]
+fn evictions_are_counted_exactly_in_a_table_adopted_from_a_release_that_did_not_count() {
+    let name = "evictions_are_counted_exactly_in_a_table_adopted_from_a_release_that_did_not_count";
+    if !require_root(name) {
+        return;
+    }
+    let fs = Bpffs::mount("adopt");
+    let pin_dir = fs.0.join("orch");
+    let ns = test_netns("adopt");
+    ns.run(move || {
+        orch_tests::lab::pin_current_thread(0).unwrap();
+        let cap = Capacity {
+            conntrack_new: 1024,
+            ..Capacity::default()
+        };
+        let vip = sa("198.19.0.1:80");
+        // The previous release: 300 handshakes in flight in its unconfirmed table, and no
+        // counters for it (its daemon had no such map).
+        let mut dp = Dataplane::open(cap, &pin_dir, 0).unwrap();
+        dp.set_settings(&default_settings()).unwrap();
+        let mut rec = Reconciler::new(cap.max_services, cap.max_backends);
+        rec.apply(&mut dp, &services()).unwrap();
+        for i in 0..300 {
+            test_run(&mut dp, &flood_syn(i, vip)).unwrap();
+        }
+        drop(dp);
+        std::fs::remove_file(pin_dir.join("maps").join(orch_common::maps::CT_NEW_OPS_MAP)).unwrap();
+
+        let mut dp = Dataplane::open(cap, &pin_dir, 0).unwrap();
+        dp.set_settings(&default_settings()).unwrap();
+        let mut rec = Reconciler::new(cap.max_services, cap.max_backends);
+        rec.apply(&mut dp, &services()).unwrap();
+        dp.migrate(true).unwrap();
+        assert_eq!(dp.unconfirmed_len().unwrap(), Some(600));
+        assert_eq!(dp.ct_events().unwrap().evicted, Some(0));
+        for i in 300..4396 {
+            test_run(&mut dp, &flood_syn(i, vip)).unwrap();
+        }
+        let present = dp.unconfirmed_keys().unwrap();
+        assert_eq!(
+            dp.ct_events().unwrap().evicted,
+            Some(600 + 2 * 4096 - present),
+            "the adopted entries count as entries, their evictions as evictions"
+        );
+        dp.remove_pins();
+    })
+    .expect("adopted table");
+}
+
 #[test]
 fn the_clients_ack_confirms_and_a_syn_flood_cannot_evict_a_confirmed_connection() {
     if !require_root("the_clients_ack_confirms_and_a_syn_flood_cannot_evict_a_confirmed_connection")
@@ -1462,23 +1525,39 @@ fn the_clients_ack_confirms_and_a_syn_flood_cannot_evict_a_confirmed_connection(
         test_run(&mut dp, &Pkt::new(L4::Ack, client, vip).bytes()).unwrap();
         assert!(dp.confirmed(&fwd).unwrap() && dp.confirmed(&reply).unwrap());
         assert_eq!(dp.ct_events().unwrap().confirmed, 1);
+        assert_eq!(dp.ct_events().unwrap().evicted, Some(0));
+        let before = dp.unconfirmed_len().unwrap().expect("kernel element count");
 
         // A spoofed SYN flood, four times the unconfirmed table.
         for i in 0..4096u32 {
-            let src = SocketAddr::new(
-                IpAddr::V4(Ipv4Addr::new(
-                    198,
-                    18,
-                    128 + (i / 250) as u8,
-                    1 + (i % 250) as u8,
-                )),
-                1024 + i as u16,
-            );
-            let out = test_run(&mut dp, &Pkt::new(L4::Syn, src, vip).bytes()).unwrap();
+            let out = test_run(&mut dp, &flood_syn(i, vip)).unwrap();
             assert_eq!(out.verdict, Verdict::Redirect);
         }
+        // The size the kernel counts is the size a walk of the keys finds.
+        let counted = dp.unconfirmed_len().unwrap().expect("kernel element count");
+        let keys = dp.unconfirmed_keys().unwrap();
         let census = dp.census(30_000_000_000).unwrap();
         assert!(census.unconfirmed <= 1024, "{}", census.unconfirmed);
+        assert_eq!((counted, census.unconfirmed), (keys, keys));
+        // Every entry the flood inserted (two per SYN) is in the table or was evicted,
+        // and each eviction is counted once: nothing else removed any.
+        let evicted = dp.ct_events().unwrap().evicted.expect("evictions counted");
+        assert_eq!(evicted, before + 2 * 4096 - keys, "{before} entries before");
+        // The expiry's removals are not evictions.
+        let gone = dp
+            .expire(
+                &orch::dataplane::Timeouts {
+                    tcp_idle_ns: u64::MAX,
+                    tcp_close_ns: u64::MAX,
+                    unconfirmed_ns: 0,
+                    udp_idle_ns: u64::MAX,
+                },
+                100_000,
+            )
+            .unwrap();
+        assert!(gone.removed.iter().sum::<u64>() > 0, "{gone:?}");
+        assert_eq!(dp.unconfirmed_len().unwrap(), Some(0));
+        assert_eq!(dp.ct_events().unwrap().evicted, Some(evicted));
         // The established connection is where it was, and still translated both ways.
         assert!(dp.confirmed(&fwd).unwrap() && dp.confirmed(&reply).unwrap());
         let data = Pkt::new(L4::Ack, client, vip).payload(b"after the flood");

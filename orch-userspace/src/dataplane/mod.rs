@@ -15,7 +15,10 @@
 //! no packet meets an interface without a program. Map names carry a layout version
 //! (`ORCH_CT_V1`); a layout change gets a new name and therefore new pins.
 
+mod raw;
+
 use std::{
+    cell::Cell,
     os::fd::AsFd,
     path::{Path, PathBuf},
     time::Duration,
@@ -35,16 +38,18 @@ use orch_common::maps::{
     v1, Backend, BackendSignals, FlowKey, FlowValue, PortBitmap, ServiceKey, ServiceValue,
     Settings, SlotTable, TrafficCounters, BACKENDS_MAP, BACKEND_DOWN_MAP, BACKEND_SIGNALS_MAP,
     BACKEND_STATS_MAP, CONNTRACK_MAP, CONNTRACK_MAP_V1, CONNTRACK_NEW_MAP, CT_EVENTS_MAP,
-    CURSORS_MAP, DIR_FORWARD, PORTS_MAP, SERVICES_MAP, SERVICE_STATS_MAP, SETTINGS_MAP, SLOTS_MAP,
-    STATS_MAP, STATS_MAP_V2,
+    CT_NEW_ADOPTED, CT_NEW_EXPIRED, CT_NEW_INSERTED, CT_NEW_OPS_MAP, CT_NEW_REMOVED, CURSORS_MAP,
+    DIR_FORWARD, PORTS_MAP, SERVICES_MAP, SERVICE_STATS_MAP, SETTINGS_MAP, SLOTS_MAP, STATS_MAP,
+    STATS_MAP_V2,
 };
 use orch_common::{CtEvent, Reason, IPPROTO_UDP};
 use tracing::{debug, info, warn};
 
 use crate::reconcile::{MapReader, MapWriter};
+use raw::{next_key, ElemCount, ELEM_COUNT_KFUNC};
 
 /// The maps that hold the balancer's state, pinned so that it outlives the daemon.
-const PINNED_MAPS: [&str; 14] = [
+const PINNED_MAPS: [&str; 15] = [
     BACKEND_SIGNALS_MAP,
     BACKEND_DOWN_MAP,
     SERVICES_MAP,
@@ -54,6 +59,7 @@ const PINNED_MAPS: [&str; 14] = [
     CONNTRACK_MAP,
     CONNTRACK_NEW_MAP,
     CT_EVENTS_MAP,
+    CT_NEW_OPS_MAP,
     PORTS_MAP,
     SETTINGS_MAP,
     STATS_MAP,
@@ -217,6 +223,16 @@ pub struct CtEvents {
     pub confirm_failed: u64,
     /// New connections whose reply 4-tuple another service's connection held.
     pub reply_collisions: u64,
+    /// Entries the kernel evicted from the full unconfirmed table to make room; `None`
+    /// where the kernel cannot count the table's elements (see
+    /// [`Dataplane::unconfirmed_len`]).
+    ///
+    /// The kernel tells no one what an LRU evicts, so this is derived: every entry that
+    /// entered the table and is neither in it nor removed by the program or the expiry was
+    /// evicted. The counts are read so that an operation in flight can only hide an
+    /// eviction for a moment, never invent one: the figure never exceeds the evictions
+    /// made, equals them whenever the table is still for an instant, and never goes down.
+    pub evicted: Option<u64>,
 }
 
 /// When [`Dataplane::expire`] removes a connection, in nanoseconds.
@@ -272,42 +288,6 @@ pub struct Expired {
 impl Expired {
     fn count(&mut self, why: Expiry) -> &mut u64 {
         &mut self.removed[why as usize]
-    }
-}
-
-/// `BPF_MAP_GET_NEXT_KEY`: the key after `key` in `fd`'s map (the first with `None`), or
-/// `None` at the end. aya's key iterator always starts at the beginning; the expiry sweep
-/// resumes where it stopped.
-fn next_key(
-    fd: std::os::fd::BorrowedFd<'_>,
-    key: Option<&FlowKey>,
-) -> std::io::Result<Option<FlowKey>> {
-    use std::os::fd::AsRawFd;
-    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
-    let mut next = FlowKey::default();
-    // `union bpf_attr` for this command: map_fd (u32), pad, key (u64), next_key (u64).
-    let mut attr = [0u64; 3];
-    attr[0] = fd.as_raw_fd() as u32 as u64;
-    attr[1] = key.map_or(0, |k| k as *const FlowKey as u64);
-    attr[2] = &mut next as *mut FlowKey as u64;
-    // SAFETY: the attribute points at a key and a buffer of the map's key size, both alive
-    // for the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_GET_NEXT_KEY,
-            attr.as_ptr(),
-            std::mem::size_of_val(&attr),
-        )
-    };
-    if rc == 0 {
-        return Ok(Some(next));
-    }
-    let e = std::io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::ENOENT) {
-        Ok(None)
-    } else {
-        Err(e)
     }
 }
 
@@ -430,6 +410,14 @@ pub struct Dataplane {
     conntrack: HashMap<MapData, FlowKey, FlowValue>,
     conntrack_new: HashMap<MapData, FlowKey, FlowValue>,
     ct_events: PerCpuArray<MapData, u64>,
+    ct_new_ops: PerCpuArray<MapData, u64>,
+    /// Counts the unconfirmed table's elements; `None` where the kernel cannot.
+    ct_new_count: Option<ElemCount>,
+    /// The highest eviction figure reported, which later ones never go below.
+    evicted_high: Cell<u64>,
+    /// Whether the unconfirmed-table counters began with this process while the table was
+    /// adopted with entries: [`Dataplane::migrate`] then records what it held.
+    ops_began: bool,
     /// Where the expiry sweep of each table ([`Dataplane::expire`]) goes on.
     sweep: [Option<FlowKey>; 2],
     /// The reader of the program's log ring buffer, when kernel logging is on.
@@ -511,9 +499,12 @@ impl Dataplane {
             }
         }
         let adopted = maps_dir.join(SERVICES_MAP).exists();
+        let ops_began =
+            maps_dir.join(CONNTRACK_NEW_MAP).exists() && !maps_dir.join(CT_NEW_OPS_MAP).exists();
         let mut dp = Self::load_with(capacity, Some(&maps_dir), kernel_log)?;
         dp.pin_dir = Some(pin_dir.to_owned());
         dp.adopted = adopted;
+        dp.ops_began = ops_began;
         info!(pin_dir = %pin_dir.display(), adopted, "data plane loaded");
         dp.migrate(false)?;
         Ok(dp)
@@ -554,6 +545,19 @@ impl Dataplane {
                     }
                 }
             }
+        }
+        if finish && self.ops_began {
+            // The table was counted from the middle of its life: what it held then (less
+            // what left it uncounted since) becomes the starting point, so that its first
+            // eviction figure is zero rather than minus the entries nobody counted in.
+            if let Some(present) = self.unconfirmed_len()? {
+                let counted = self
+                    .ct_new_op(CT_NEW_INSERTED)?
+                    .wrapping_sub(self.ct_new_op(CT_NEW_REMOVED)?)
+                    .wrapping_sub(self.ct_new_op(CT_NEW_EXPIRED)?);
+                self.add_ct_new_op(CT_NEW_ADOPTED, present.wrapping_sub(counted))?;
+            }
+            self.ops_began = false;
         }
         let old_stats = maps_dir.join(STATS_MAP_V2);
         if finish && old_stats.exists() {
@@ -631,7 +635,7 @@ impl Dataplane {
                 .load()
                 .map_err(|source| DataplaneError::Program { name, source })?;
         }
-        let dp = Dataplane {
+        let mut dp = Dataplane {
             services: take(&mut ebpf, SERVICES_MAP)?,
             slots: take(&mut ebpf, SLOTS_MAP)?,
             backends: take(&mut ebpf, BACKENDS_MAP)?,
@@ -646,6 +650,10 @@ impl Dataplane {
             conntrack: take(&mut ebpf, CONNTRACK_MAP)?,
             conntrack_new: take(&mut ebpf, CONNTRACK_NEW_MAP)?,
             ct_events: take(&mut ebpf, CT_EVENTS_MAP)?,
+            ct_new_ops: take(&mut ebpf, CT_NEW_OPS_MAP)?,
+            ct_new_count: None,
+            evicted_high: Cell::new(0),
+            ops_began: false,
             sweep: [None, None],
             kernel_log,
             ebpf,
@@ -654,8 +662,95 @@ impl Dataplane {
             pin_dir: None,
             adopted: false,
         };
+        dp.ct_new_count = match Self::elem_counter(&dp.conntrack_new) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                warn!(
+                    error = %e,
+                    "the kernel cannot count the unconfirmed table's elements (Linux 6.6 or \
+                     later has the kfunc {ELEM_COUNT_KFUNC}): its evictions go uncounted and \
+                     its size is counted key by key"
+                );
+                None
+            }
+        };
         debug!(?capacity, "data plane loaded");
         Ok(dp)
+    }
+
+    fn elem_counter(
+        map: &HashMap<MapData, FlowKey, FlowValue>,
+    ) -> Result<ElemCount, Box<dyn std::error::Error>> {
+        let btf = aya::Btf::from_sys_fs()?;
+        let id = btf.id_by_type_name_kind(ELEM_COUNT_KFUNC, aya_obj::btf::BtfKind::Func)?;
+        Ok(ElemCount::new(map.map().fd().as_fd(), id)?)
+    }
+
+    /// The unconfirmed table's element count, exact, in one syscall; `None` where the
+    /// kernel cannot count it (before Linux 6.6).
+    pub fn unconfirmed_len(&self) -> Result<Option<u64>, DataplaneError> {
+        let Some(c) = &self.ct_new_count else {
+            return Ok(None);
+        };
+        c.read().map(Some).map_err(|e| DataplaneError::Map {
+            name: CONNTRACK_NEW_MAP,
+            source: MapError::IoError(e),
+        })
+    }
+
+    /// One unconfirmed-table counter, summed over CPUs (wrapping: the program's removal
+    /// count dips below zero on a CPU whose removals another CPU's entries).
+    fn ct_new_op(&self, slot: u32) -> Result<u64, DataplaneError> {
+        let v = self
+            .ct_new_ops
+            .get(&slot, 0)
+            .map_err(map_err(CT_NEW_OPS_MAP))?;
+        Ok(v.iter().fold(0u64, |a, b| a.wrapping_add(*b)))
+    }
+
+    /// Adds `n` (wrapping) to one of the daemon's own unconfirmed-table counters. The
+    /// program never writes these slots, so the read-modify-write races with nothing.
+    fn add_ct_new_op(&mut self, slot: u32, n: u64) -> Result<(), DataplaneError> {
+        let mut v: Vec<u64> = self
+            .ct_new_ops
+            .get(&slot, 0)
+            .map_err(map_err(CT_NEW_OPS_MAP))?
+            .iter()
+            .copied()
+            .collect();
+        v[0] = v[0].wrapping_add(n);
+        let values = PerCpuValues::try_from(v).map_err(|source| DataplaneError::Map {
+            name: CT_NEW_OPS_MAP,
+            source: MapError::IoError(source),
+        })?;
+        self.ct_new_ops
+            .set(slot, values, 0)
+            .map_err(map_err(CT_NEW_OPS_MAP))
+    }
+
+    /// The evictions so far (see [`CtEvents::evicted`]). The program's insertions are read
+    /// first and its removals last: an insertion is counted after its entry is in, a
+    /// removal before its entry goes, so whatever happens between the reads makes the
+    /// figure low, not high.
+    fn evicted(&self) -> Result<Option<u64>, DataplaneError> {
+        if self.ct_new_count.is_none() {
+            return Ok(None);
+        }
+        let inserted = self.ct_new_op(CT_NEW_INSERTED)?;
+        let Some(present) = self.unconfirmed_len()? else {
+            return Ok(None);
+        };
+        let removed = self.ct_new_op(CT_NEW_REMOVED)?;
+        let expired = self.ct_new_op(CT_NEW_EXPIRED)?;
+        let adopted = self.ct_new_op(CT_NEW_ADOPTED)?;
+        let gone = inserted
+            .wrapping_add(adopted)
+            .wrapping_sub(removed)
+            .wrapping_sub(expired)
+            .wrapping_sub(present) as i64;
+        let high = self.evicted_high.get().max(gone.max(0) as u64);
+        self.evicted_high.set(high);
+        Ok(Some(high))
     }
 
     /// Forwards the program's log lines into the daemon's log (target `orch::kernel`) from a
@@ -959,6 +1054,7 @@ impl Dataplane {
             confirmed: read(CtEvent::Confirmed)?,
             confirm_failed: read(CtEvent::ConfirmFailed)?,
             reply_collisions: read(CtEvent::ReplyCollision)?,
+            evicted: self.evicted()?,
         })
     }
 
@@ -968,10 +1064,11 @@ impl Dataplane {
     /// reply entry is gone is not live. Connections whose ends vanished without a FIN or RST
     /// stay counted until they expire; callers that wait on this use a timeout.
     ///
-    /// The unconfirmed table (handshakes in flight; under a flood, full) is only counted, by
-    /// keys, one syscall each: a scrape during a flood must not read a quarter of a million
-    /// values. Under churn a walk restarts when its key vanishes, so that count can run
-    /// high; it never exceeds the capacity.
+    /// The unconfirmed table (handshakes in flight; under a flood, full) is only counted:
+    /// exactly, in one syscall, where the kernel can ([`Dataplane::unconfirmed_len`]), else
+    /// key by key (a scrape during a flood must not read a quarter of a million values);
+    /// under churn that walk restarts when its key vanishes, so it can run high, but never
+    /// past the capacity.
     pub fn census(&self, udp_idle_ns: u64) -> Result<Census, DataplaneError> {
         let mut entries: std::collections::HashMap<FlowKey, FlowValue> =
             std::collections::HashMap::new();
@@ -984,21 +1081,10 @@ impl Dataplane {
             entries.insert(k, v);
         }
         let confirmed = (entries.len() as u64).min(u64::from(self.capacity.conntrack));
-        let capacity = u64::from(self.capacity.conntrack_new);
-        let fd = self.conntrack_new.map().fd().as_fd();
-        let (mut unconfirmed, mut key) = (0u64, None);
-        while unconfirmed < capacity {
-            match next_key(fd, key.as_ref()).map_err(|e| DataplaneError::Map {
-                name: CONNTRACK_NEW_MAP,
-                source: MapError::IoError(e),
-            })? {
-                Some(k) => {
-                    unconfirmed += 1;
-                    key = Some(k);
-                }
-                None => break,
-            }
-        }
+        let unconfirmed = match self.unconfirmed_len()? {
+            Some(n) => n,
+            None => self.unconfirmed_keys()?,
+        };
         let now = monotonic_ns();
         let mut counts = std::collections::HashMap::new();
         for (key, value) in &entries {
@@ -1022,6 +1108,27 @@ impl Dataplane {
             unconfirmed,
             live: counts,
         })
+    }
+
+    /// The unconfirmed table's keys, counted one syscall each, up to its capacity. Exact
+    /// only while the table is still: see [`Dataplane::census`].
+    pub fn unconfirmed_keys(&self) -> Result<u64, DataplaneError> {
+        let capacity = u64::from(self.capacity.conntrack_new);
+        let fd = self.conntrack_new.map().fd().as_fd();
+        let (mut n, mut key) = (0u64, None);
+        while n < capacity {
+            match next_key(fd, key.as_ref()).map_err(|e| DataplaneError::Map {
+                name: CONNTRACK_NEW_MAP,
+                source: MapError::IoError(e),
+            })? {
+                Some(k) => {
+                    n += 1;
+                    key = Some(k);
+                }
+                None => break,
+            }
+        }
+        Ok(n)
     }
 
     /// One step of the connection tables' expiry: walks up to `budget` entries of each table
@@ -1081,18 +1188,23 @@ impl Dataplane {
                     .copied()
                     .or(self.sweep[table])
             };
+            let mut unconfirmed_removed = 0;
             for key in doomed {
                 for (m, n) in [
                     (&mut self.conntrack, CONNTRACK_MAP),
                     (&mut self.conntrack_new, CONNTRACK_NEW_MAP),
                 ] {
                     match m.remove(&key) {
+                        Ok(()) if n == CONNTRACK_NEW_MAP => unconfirmed_removed += 1,
                         Ok(()) => {}
                         // In the other table, or gone meanwhile (the program removes too).
                         Err(e) if absent(&e) => {}
                         Err(e) => return Err(map_err(n)(e)),
                     }
                 }
+            }
+            if unconfirmed_removed > 0 {
+                self.add_ct_new_op(CT_NEW_EXPIRED, unconfirmed_removed)?;
             }
         }
         Ok(out)
