@@ -36,6 +36,13 @@ pub const CONNTRACK_NEW_MAP: &str = "ORCH_CT_NEW_V2";
 pub const CONNTRACK_MAP_V1: &str = "ORCH_CT_V1";
 /// Port pre-filter: index [`PORTS_VIP`] / [`PORTS_BACKEND`] → [`PortBitmap`] (array).
 pub const PORTS_MAP: &str = "ORCH_PORTS_V1";
+/// Interfaces an XDP program may redirect to: ifindex → ifindex (devmap hash). The daemon
+/// lists the devices it attached natively to, whose drivers take redirected frames; a
+/// route through any other device is left to the kernel stack, so a redirect never vanishes
+/// into a device that cannot transmit it.
+pub const XDP_TX_MAP: &str = "ORCH_XDP_TX_V1";
+/// Capacity of [`XDP_TX_MAP`]: interfaces the balancer attaches to natively.
+pub const XDP_TX_CAPACITY: u32 = 256;
 /// Runtime settings: index 0 → [`Settings`] (array).
 pub const SETTINGS_MAP: &str = "ORCH_CFG_V1";
 /// Verdict counters: [`crate::Reason`] → `u64` (per-CPU array).

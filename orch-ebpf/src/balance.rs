@@ -1,9 +1,6 @@
 //! Backend choice: the connection table first, then the service's round-robin table.
 
-use aya_ebpf::{
-    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns},
-    programs::XdpContext,
-};
+use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns};
 use orch_common::{
     maps::{
         slot_table_index, tcp_opens, FlowKey, FlowValue, ServiceValue, SlotTable, DIR_FORWARD,
@@ -14,6 +11,7 @@ use orch_common::{
 
 use crate::{
     conntrack, fib,
+    frame::Frame,
     maps::{
         settings, Work, BACKENDS, BACKEND_DOWN, BACKEND_STATS, CURSORS, SCRATCH, SERVICE_STATS,
         SLOTS,
@@ -38,7 +36,7 @@ const EJECTED_RETRIES: u64 = 3;
 /// Not inlined: see [`crate::steer`] on the stack. The entry is returned as a pointer into
 /// the map (valid for the rest of the program's run), not copied.
 #[inline(never)]
-pub fn find(ctx: &XdpContext, pkt: &Packet) -> *mut FlowValue {
+pub fn find(ctx: &impl Frame, pkt: &Packet) -> *mut FlowValue {
     let key = pkt.key(DIR_FORWARD);
     let Some((entry, confirmed)) = conntrack::get(&key) else {
         return core::ptr::null_mut();
@@ -145,7 +143,7 @@ struct NewFlow {
 /// Not inlined: see [`crate::steer`] on the stack.
 #[inline(never)]
 pub fn new_flow(
-    ctx: &XdpContext,
+    ctx: &impl Frame,
     pkt: &Packet,
     svc: &ServiceValue,
 ) -> Result<*const FlowValue, Reason> {

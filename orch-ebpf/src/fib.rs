@@ -5,9 +5,7 @@ use core::mem::size_of;
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect},
-    programs::XdpContext,
-    EbpfContext,
+    helpers::bpf_fib_lookup as fib_lookup,
 };
 use orch_common::{
     csum::Delta,
@@ -15,6 +13,7 @@ use orch_common::{
 };
 
 use crate::{
+    frame::Frame,
     maps::FIB_SCRATCH,
     parse::{read, write, Packet, ETH_HLEN},
 };
@@ -69,7 +68,7 @@ impl Route {
 /// Looks up the route of a (translated) packet from `src` to `dst`, as received on this
 /// packet's interface. `None` only if the scratch map is missing, which cannot happen.
 #[inline(always)]
-pub fn lookup(ctx: &XdpContext, pkt: &Packet, src: &[u32; 4], dst: &[u32; 4]) -> Option<Route> {
+pub fn lookup<F: Frame>(ctx: &F, pkt: &Packet, src: &[u32; 4], dst: &[u32; 4]) -> Option<Route> {
     let p = FIB_SCRATCH.get_ptr_mut(0)?;
     // SAFETY: this CPU's own scratch entry; XDP programs do not nest on one CPU. Every field
     // the helper reads is written here first.
@@ -81,8 +80,9 @@ pub fn lookup(ctx: &XdpContext, pkt: &Packet, src: &[u32; 4], dst: &[u32; 4]) ->
     params.l4_protocol = pkt.proto;
     params.sport = pkt.src_port_be;
     params.dport = pkt.dst_port_be;
-    params.__bindgen_anon_1.tot_len = pkt.l3_len;
-    params.ifindex = ctx.ingress_ifindex() as u32;
+    // Zero: the kernel checks the skb against the MTU, GRO aggregates included.
+    params.__bindgen_anon_1.tot_len = if F::MTU_BY_IP_LEN { pkt.l3_len } else { 0 };
+    params.ifindex = ctx.ifindex();
     if pkt.v6 {
         params.family = AF_INET6;
         params.__bindgen_anon_3.ipv6_src = *src;
@@ -105,7 +105,7 @@ pub fn lookup(ctx: &XdpContext, pkt: &Packet, src: &[u32; 4], dst: &[u32; 4]) ->
 /// disabled.
 #[inline(always)]
 pub fn redirect(
-    ctx: &XdpContext,
+    ctx: &impl Frame,
     pkt: &Packet,
     src: &[u32; 4],
     dst: &[u32; 4],
@@ -129,6 +129,9 @@ pub fn redirect(
     }
     // SAFETY: this CPU's scratch entry, just filled by the lookup.
     let params = unsafe { &*route.params };
+    if !ctx.can_send(params.ifindex) {
+        return None;
+    }
 
     if !write(ctx, 0, params.dmac) || !write(ctx, 6, params.smac) {
         return None;
@@ -146,6 +149,5 @@ pub fn redirect(
             Delta::new().replace_u16(old, new).apply(check),
         );
     }
-    // SAFETY: a helper taking plain integers.
-    Some(unsafe { bpf_redirect(params.ifindex, 0) } as u32)
+    Some(ctx.send(params.ifindex))
 }

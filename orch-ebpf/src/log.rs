@@ -7,13 +7,13 @@
 //! disabled branches: a level that is off costs nothing per packet. The levels follow how
 //! often a line can fire: rare events at info and above, per-packet lines at trace.
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::EbpfContext;
 use aya_log_ebpf::{debug, error, info, trace, warn};
 use orch_common::Reason;
 
 /// Logs what the program did with a packet, when that is worth a line at the chosen level.
 #[inline(always)]
-pub fn verdict(ctx: &XdpContext, reason: Reason) {
+pub fn verdict(ctx: &impl EbpfContext, reason: Reason) {
     match reason {
         Reason::DropRefused => info!(
             ctx,

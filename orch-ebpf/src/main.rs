@@ -1,22 +1,26 @@
 //! orch's kernel data plane.
 //!
-//! One XDP program, attached to every interface that faces clients or backends (NAT mode: the
-//! load balancer is the backends' gateway). For each packet it either
+//! One balancer, built for two hooks: XDP (`orch_xdp`, on drivers that run XDP natively) and
+//! TC ingress (`orch_tc`, on skbs: veths, bridges, VLANs), attached to every interface that
+//! faces clients or backends (NAT mode: the load balancer is the backends' gateway). For each
+//! packet it either
 //! - steers a client's packet for a VIP to a backend (new connection: next round-robin slot;
 //!   known connection: the backend in the connection table), rewriting the destination, or
 //! - translates a backend's reply back to the VIP, or
 //! - passes anything else to the kernel untouched, counting why.
 //!
-//! Layout: [`parse`] reads headers with bounds checks, [`steer`] decides, [`balance`] picks
-//! backends, [`conntrack`] keeps connections (unconfirmed, then confirmed), [`nat`] rewrites
-//! addresses and checksums, [`fib`] forwards, [`maps`] declares the maps, [`stats`] counts, [`log`] tells the operator (off unless asked for). Only `main.rs`
-//! has entry points.
+//! Layout: [`frame`] is what differs between the hooks, [`parse`] reads headers with bounds
+//! checks, [`steer`] decides, [`balance`] picks backends, [`conntrack`] keeps connections
+//! (unconfirmed, then confirmed), [`nat`] rewrites addresses and checksums, [`fib`]
+//! forwards, [`maps`] declares the maps, [`stats`] counts, [`log`] tells the operator (off
+//! unless asked for). Only `main.rs` has entry points.
 #![no_std]
 #![no_main]
 
 mod balance;
 mod conntrack;
 mod fib;
+mod frame;
 mod log;
 mod maps;
 mod nat;
@@ -24,7 +28,11 @@ mod parse;
 mod stats;
 mod steer;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::{xdp_action, TC_ACT_OK},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 
 /// The load balancer: attached to client- and backend-facing interfaces alike.
 #[xdp]
@@ -33,6 +41,23 @@ pub fn orch_xdp(ctx: XdpContext) -> u32 {
     stats::count(reason);
     log::verdict(&ctx, reason);
     action
+}
+
+/// The same balancer at TC ingress, on skbs: for devices where XDP cannot forward or cannot
+/// keep checksums right (veth, bridges, VLANs: see `frame`).
+#[classifier]
+pub fn orch_tc(ctx: TcContext) -> i32 {
+    let (action, reason) = steer::steer(&ctx);
+    stats::count(reason);
+    log::verdict(&ctx, reason);
+    action as i32
+}
+
+/// The TC benchmark floor: one counter increment and TC_ACT_OK.
+#[classifier]
+pub fn orch_tc_floor(_ctx: TcContext) -> i32 {
+    stats::count(orch_common::Reason::PassNotIp);
+    TC_ACT_OK
 }
 
 /// The benchmark floor: one per-CPU counter increment and XDP_PASS. Benchmarks report the

@@ -7,12 +7,12 @@
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, BPF_F_NO_PREALLOC},
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use orch_common::{
     maps::{
         Backend, BackendSignals, FlowKey, FlowValue, PortBitmap, ServiceKey, ServiceValue,
-        Settings, SlotTable, TrafficCounters, CT_NEW_OPS as CT_NEW_OPS_SLOTS,
+        Settings, SlotTable, TrafficCounters, CT_NEW_OPS as CT_NEW_OPS_SLOTS, XDP_TX_CAPACITY,
     },
     CtEvent, Reason, CONNTRACK_CAPACITY, CONNTRACK_NEW_CAPACITY, MAX_BACKENDS, MAX_SERVICES,
 };
@@ -73,6 +73,10 @@ pub static CT_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(CtEvent::
 /// What the program added to and removed from [`CONNTRACK_NEW`] (see `CT_NEW_OPS_MAP`).
 #[map(name = "ORCH_CT_NEW_OPS_V1")]
 pub static CT_NEW_OPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(CT_NEW_OPS_SLOTS, 0);
+
+/// Where XDP may redirect (see `orch_common::maps::XDP_TX_MAP`).
+#[map(name = "ORCH_XDP_TX_V1")]
+pub static XDP_TX: DevMapHash = DevMapHash::with_max_entries(XDP_TX_CAPACITY, 0);
 
 #[map(name = "ORCH_PORTS_V1")]
 pub static PORTS: Array<PortBitmap> = Array::with_max_entries(2, 0);

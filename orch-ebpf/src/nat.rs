@@ -1,9 +1,11 @@
 //! Address and port translation with incremental checksum updates (RFC 1624).
 
-use aya_ebpf::programs::XdpContext;
 use orch_common::{csum::Delta, IPPROTO_UDP};
 
-use crate::parse::{read, write, Packet, ETH_HLEN};
+use crate::{
+    frame::{Frame, L4Change},
+    parse::{read, write, Packet, ETH_HLEN},
+};
 
 /// Which end of the packet to rewrite.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -26,15 +28,16 @@ const TCP_CHECK: usize = 16;
 const UDP_CHECK: usize = 6;
 
 /// Rewrites one end's address and port to `addr`/`port_be` and fixes the IPv4 header
-/// checksum and the TCP/UDP checksum (whose pseudo-header covers the addresses). Returns
-/// false only if a write fell outside the packet, which parsing has already ruled out.
+/// checksum and the TCP/UDP checksum (whose pseudo-header covers the addresses), the latter
+/// as the frame's kind requires (see [`crate::frame`]). Returns false only if a write fell
+/// outside the packet, which parsing has already ruled out.
 #[inline(always)]
-pub fn rewrite(ctx: &XdpContext, pkt: &Packet, side: Side, addr: &[u32; 4], port_be: u16) -> bool {
+pub fn rewrite(ctx: &impl Frame, pkt: &Packet, side: Side, addr: &[u32; 4], port_be: u16) -> bool {
     let (old_addr, old_port) = match side {
         Side::Src => (&pkt.src, pkt.src_port_be),
         Side::Dst => (&pkt.dst, pkt.dst_port_be),
     };
-    let addr_delta = if pkt.v6 {
+    if pkt.v6 {
         let off = if side == Side::Src {
             V6_SADDR
         } else {
@@ -43,7 +46,6 @@ pub fn rewrite(ctx: &XdpContext, pkt: &Packet, side: Side, addr: &[u32; 4], port
         if !write(ctx, off, *addr) {
             return false;
         }
-        Delta::new().replace_addr(old_addr, addr)
     } else {
         let off = if side == Side::Src {
             V4_SADDR
@@ -54,11 +56,11 @@ pub fn rewrite(ctx: &XdpContext, pkt: &Packet, side: Side, addr: &[u32; 4], port
         let Some(check) = read::<u16>(ctx, V4_CHECK) else {
             return false;
         };
+        // The IP header checksum is always a full one, in an skb too.
         if !write(ctx, off, addr[3]) || !write(ctx, V4_CHECK, delta.apply(check)) {
             return false;
         }
-        delta
-    };
+    }
 
     let l4 = pkt.l4_off();
     let port_off = if side == Side::Src { l4 } else { l4 + 2 };
@@ -66,18 +68,13 @@ pub fn rewrite(ctx: &XdpContext, pkt: &Packet, side: Side, addr: &[u32; 4], port
         return false;
     }
     let udp = pkt.proto == IPPROTO_UDP;
-    let check_off = l4 + if udp { UDP_CHECK } else { TCP_CHECK };
-    let Some(check) = read::<u16>(ctx, check_off) else {
-        return false;
-    };
-    // An IPv4 UDP checksum of zero means "none" (RFC 768): leave it so.
-    if udp && !pkt.v6 && check == 0 {
-        return true;
-    }
-    let mut new = addr_delta.replace_u16(old_port, port_be).apply(check);
-    // A computed UDP checksum of zero is sent as all ones (RFC 768; RFC 8200 section 8.1).
-    if udp && new == 0 {
-        new = 0xffff;
-    }
-    write(ctx, check_off, new)
+    ctx.fix_l4_csum(&L4Change {
+        check_off: l4 + if udp { UDP_CHECK } else { TCP_CHECK },
+        v6: pkt.v6,
+        udp,
+        old_addr,
+        new_addr: addr,
+        old_port_be: old_port,
+        new_port_be: port_be,
+    })
 }

@@ -11,7 +11,7 @@
 
 use core::{mem::size_of, ptr};
 
-use aya_ebpf::programs::XdpContext;
+use crate::frame::Frame;
 use orch_common::{
     maps::{v4_mapped, FlowKey},
     Reason, IPPROTO_TCP, IPPROTO_UDP,
@@ -41,9 +41,9 @@ pub const L4_OFF_V6: usize = ETH_HLEN + IPV6_HLEN;
 /// Returns a pointer to a `T` at `offset` in the packet, or `None` if it would end past
 /// `data_end`. The comparison is the bounds proof the verifier needs.
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
+pub fn ptr_at<T>(ctx: &impl Frame, offset: usize) -> Option<*mut T> {
+    let start = ctx.start();
+    let end = ctx.end();
     if start + offset + size_of::<T>() > end {
         return None;
     }
@@ -52,14 +52,14 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
 
 /// Reads a `T` at `offset` (unaligned), or `None` past the end of the packet.
 #[inline(always)]
-pub fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
+pub fn read<T: Copy>(ctx: &impl Frame, offset: usize) -> Option<T> {
     // SAFETY: ptr_at proved `offset..offset + size_of::<T>()` is inside the packet.
     ptr_at::<T>(ctx, offset).map(|p| unsafe { ptr::read_unaligned(p) })
 }
 
 /// Writes a `T` at `offset` (unaligned); false past the end of the packet.
 #[inline(always)]
-pub fn write<T: Copy>(ctx: &XdpContext, offset: usize, value: T) -> bool {
+pub fn write<T: Copy>(ctx: &impl Frame, offset: usize, value: T) -> bool {
     match ptr_at::<T>(ctx, offset) {
         Some(p) => {
             // SAFETY: as in `read`.
@@ -107,7 +107,7 @@ impl Packet {
 
     /// The TCP sequence number (host order), if the header is in the packet.
     #[inline(always)]
-    pub fn tcp_seq(&self, ctx: &XdpContext) -> Result<u32, Reason> {
+    pub fn tcp_seq(&self, ctx: &impl Frame) -> Result<u32, Reason> {
         read::<u32>(ctx, self.l4_off() + TCP_SEQ_OFF)
             .map(u32::from_be)
             .ok_or(Reason::PassTruncated)
@@ -115,7 +115,7 @@ impl Packet {
 
     /// The TCP acknowledgment number (host order), if the header is in the packet.
     #[inline(always)]
-    pub fn tcp_ack(&self, ctx: &XdpContext) -> Result<u32, Reason> {
+    pub fn tcp_ack(&self, ctx: &impl Frame) -> Result<u32, Reason> {
         read::<u32>(ctx, self.l4_off() + TCP_ACK_SEQ_OFF)
             .map(u32::from_be)
             .ok_or(Reason::PassTruncated)
@@ -173,7 +173,7 @@ macro_rules! field {
 /// derives the L4 bounds from that (scalar) comparison and drops the pointer check, and the
 /// verifier, which cannot follow the deduction, rejects the program.
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
+pub fn parse(ctx: &impl Frame) -> Result<Packet, Reason> {
     let ethertype = u16::from_be(read::<u16>(ctx, 12).ok_or(Reason::PassTruncated)?);
     match ethertype {
         ETH_P_IP => parse_v4(ctx),
@@ -182,13 +182,14 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
     }
 }
 
+/// The whole packet's length: on TC, headers in the linear part, payload maybe in pages.
 #[inline(always)]
-fn packet_len(ctx: &XdpContext) -> usize {
-    ctx.data_end() - ctx.data()
+fn packet_len(ctx: &impl Frame) -> usize {
+    ctx.total_len()
 }
 
 #[inline(always)]
-fn parse_v4(ctx: &XdpContext) -> Result<Packet, Reason> {
+fn parse_v4(ctx: &impl Frame) -> Result<Packet, Reason> {
     let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN).ok_or(Reason::PassTruncated)?;
     let version_ihl: u8 = field!(ip, version_ihl);
     let ihl = (version_ihl & 0x0f) as usize;
@@ -224,7 +225,7 @@ fn parse_v4(ctx: &XdpContext) -> Result<Packet, Reason> {
 }
 
 #[inline(always)]
-fn parse_v6(ctx: &XdpContext) -> Result<Packet, Reason> {
+fn parse_v6(ctx: &impl Frame) -> Result<Packet, Reason> {
     let ip = ptr_at::<Ipv6Hdr>(ctx, ETH_HLEN).ok_or(Reason::PassTruncated)?;
     let version_flow: u32 = field!(ip, version_flow);
     if u32::from_be(version_flow) >> 28 != 6 {
@@ -271,7 +272,7 @@ fn l4_min_len(proto: u8) -> Result<usize, Reason> {
 /// Reads the ports (and TCP's flags), after checking that the whole fixed L4 header (with
 /// its checksum field, which NAT rewrites) is in the packet.
 #[inline(always)]
-fn read_l4(ctx: &XdpContext, off: usize, proto: u8) -> Result<(u16, u16, u8), Reason> {
+fn read_l4(ctx: &impl Frame, off: usize, proto: u8) -> Result<(u16, u16, u8), Reason> {
     let (ports, flags) = if proto == IPPROTO_TCP {
         let tcp = ptr_at::<[u8; TCP_HLEN]>(ctx, off).ok_or(Reason::PassTruncated)?;
         // SAFETY: ptr_at proved the 20 bytes are in the packet.

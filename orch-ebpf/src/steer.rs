@@ -1,6 +1,6 @@
 //! The decision for each packet: forward to a backend, translate a reply, or pass.
 
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
+use aya_ebpf::helpers::bpf_ktime_get_ns;
 use orch_common::{
     maps::{
         BackendSignals, FlowKey, FlowValue, ServiceKey, ServiceValue, Settings, TrafficCounters,
@@ -11,6 +11,7 @@ use orch_common::{
 
 use crate::{
     balance, conntrack, fib,
+    frame::Frame,
     maps::{settings, BACKEND_STATS, PORTS, SCRATCH, SERVICES, SERVICE_STATS},
     nat::{self, Side},
     parse::{self, Packet},
@@ -19,8 +20,8 @@ use crate::{
 
 /// Returns the XDP action and the reason to count.
 #[inline(always)]
-pub fn steer(ctx: &XdpContext) -> (u32, Reason) {
-    verdict(try_steer(ctx))
+pub fn steer<F: Frame>(ctx: &F) -> (u32, Reason) {
+    verdict::<F>(try_steer(ctx))
 }
 
 /// The action and reason of a step's result: an `Err` is a packet we are not translating.
@@ -29,17 +30,17 @@ pub fn steer(ctx: &XdpContext) -> (u32, Reason) {
 /// type information, which describes a function's return type, and rejects the union a
 /// Rust enum becomes when its tag hides in a field's spare values (`Result<Option<_>, _>`).
 #[inline(always)]
-fn verdict(r: Result<(u32, Reason), Reason>) -> (u32, Reason) {
+fn verdict<F: Frame>(r: Result<(u32, Reason), Reason>) -> (u32, Reason) {
     match r {
         Ok(verdict) => verdict,
-        Err(reason) => (action_for(reason), reason),
+        Err(reason) => (action_for::<F>(reason), reason),
     }
 }
 
 /// What to do with a packet we are not translating: drop it if we decided to drop it,
 /// otherwise hand it to the kernel, which knows how to handle (or reject) it.
 #[inline(always)]
-fn action_for(reason: Reason) -> u32 {
+fn action_for<F: Frame>(reason: Reason) -> u32 {
     match reason {
         Reason::DropNoBackend
         | Reason::DropConntrackFull
@@ -47,13 +48,14 @@ fn action_for(reason: Reason) -> u32 {
         | Reason::DropRefused
         | Reason::DropTcpNoFlow
         | Reason::DropReplyInterface
-        | Reason::DropReplyCollision => xdp_action::XDP_DROP,
-        _ => xdp_action::XDP_PASS,
+        | Reason::DropReplyCollision => F::DROP,
+        _ => F::PASS,
     }
 }
 
 #[inline(always)]
-fn try_steer(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
+fn try_steer<F: Frame>(ctx: &F) -> Result<(u32, Reason), Reason> {
+    ctx.prepare();
     let pkt = parse::parse(ctx)?;
 
     // Pre-filter on ports: traffic to ports no service listens on, from ports no backend
@@ -90,13 +92,13 @@ fn try_steer(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
 ///
 /// Not inlined, for the stack (see [`forward`]).
 #[inline(never)]
-fn backend_packet(ctx: &XdpContext, pkt: &Packet) -> (u32, Reason) {
-    verdict(translate_reply(ctx, pkt).and_then(|v| v.ok_or(Reason::PassNotService)))
+fn backend_packet<F: Frame>(ctx: &F, pkt: &Packet) -> (u32, Reason) {
+    verdict::<F>(translate_reply(ctx, pkt).and_then(|v| v.ok_or(Reason::PassNotService)))
 }
 
 /// [`backend_packet`]'s work: `None` when the packet belongs to no balanced connection.
 #[inline(always)]
-fn translate_reply(ctx: &XdpContext, pkt: &Packet) -> Result<Option<(u32, Reason)>, Reason> {
+fn translate_reply<F: Frame>(ctx: &F, pkt: &Packet) -> Result<Option<(u32, Reason)>, Reason> {
     let key = pkt.key(DIR_REPLY);
     let Some((entry, confirmed)) = conntrack::get(&key) else {
         return Ok(None);
@@ -106,7 +108,7 @@ fn translate_reply(ctx: &XdpContext, pkt: &Packet) -> Result<Option<(u32, Reason
     // A reverse-path check: the backend's packets come from where it is routed. Anything
     // else claiming its address (a host on the client side, say) is neither translated
     // towards a client nor read as the backend's answer.
-    if entry.ifindex != 0 && entry.ifindex != ctx.ingress_ifindex() as u32 {
+    if entry.ifindex != 0 && entry.ifindex != ctx.ifindex() {
         return Err(Reason::DropReplyInterface);
     }
     if pkt.proto == IPPROTO_TCP && entry.synack == 0 {
@@ -166,8 +168,8 @@ fn translate_reply(ctx: &XdpContext, pkt: &Packet) -> Result<Option<(u32, Reason
 /// Any other RST (one that acknowledges something else, or nothing) is not an answer to our
 /// SYN: it is translated and passed on like any packet of the connection, and ejects nobody.
 #[inline(always)]
-fn handshake(
-    ctx: &XdpContext,
+fn handshake<F: Frame>(
+    ctx: &F,
     key: &FlowKey,
     entry: &mut FlowValue,
     pkt: &Packet,
@@ -217,7 +219,7 @@ fn handshake(
 /// other: the deepest chain is the entry point plus one step. The steps hand the
 /// connection's forward entry over as a pointer into its map.
 #[inline(always)]
-fn forward(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue) -> Result<(u32, Reason), Reason> {
+fn forward<F: Frame>(ctx: &F, pkt: &Packet, svc: &ServiceValue) -> Result<(u32, Reason), Reason> {
     let mut flow: *const FlowValue = balance::find(ctx, pkt);
     let new = flow.is_null();
     if new {
@@ -232,7 +234,12 @@ fn forward(ctx: &XdpContext, pkt: &Packet, svc: &ServiceValue) -> Result<(u32, R
 /// Rewrites a client's packet to the backend of its connection's entry `flow` and forwards
 /// it. A `new` connection's route was looked up when its backend was chosen: it is reused.
 #[inline(never)]
-fn translate_forward(ctx: &XdpContext, pkt: &Packet, flow: &FlowValue, new: bool) -> (u32, Reason) {
+fn translate_forward<F: Frame>(
+    ctx: &F,
+    pkt: &Packet,
+    flow: &FlowValue,
+    new: bool,
+) -> (u32, Reason) {
     let route = if new {
         SCRATCH.get(0).and_then(|w| fib::Route::last(w.route_rc))
     } else {
@@ -241,7 +248,7 @@ fn translate_forward(ctx: &XdpContext, pkt: &Packet, flow: &FlowValue, new: bool
     let (addr, port_be) = (flow.nat_addr, flow.nat_port_be);
     let ids = (flow.service_id, flow.backend_id);
     if !nat::rewrite(ctx, pkt, Side::Dst, &addr, port_be) {
-        return verdict(Err(Reason::DropInternal));
+        return verdict::<F>(Err(Reason::DropInternal));
     }
     deliver(ctx, pkt, ids, (&pkt.src, &addr), &settings(), false, route)
 }
@@ -250,8 +257,8 @@ fn translate_forward(ctx: &XdpContext, pkt: &Packet, flow: &FlowValue, new: bool
 /// then
 /// forwards it: redirected when the FIB knows the way, otherwise to the kernel stack.
 #[inline(always)]
-fn deliver(
-    ctx: &XdpContext,
+fn deliver<F: Frame>(
+    ctx: &F,
     pkt: &Packet,
     (service_id, backend_id): (u32, u32),
     (src, dst): (&[u32; 4], &[u32; 4]),
@@ -278,6 +285,6 @@ fn deliver(
     };
     match fib::redirect(ctx, pkt, src, dst, settings, route) {
         Some(action) => (action, redirected),
-        None => (xdp_action::XDP_PASS, stacked),
+        None => (F::PASS, stacked),
     }
 }

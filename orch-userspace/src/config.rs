@@ -156,10 +156,13 @@ pub struct DataplaneConfig {
     /// Interfaces to attach to: every interface that receives client traffic for a VIP or
     /// backend replies.
     pub interfaces: Spanned<Vec<Spanned<String>>>,
-    /// How to attach: `auto` (native where the driver supports it, generic otherwise),
-    /// `native` or `generic`.
+    /// Where the balancer runs on each interface: `auto` (native XDP on hardware NICs, TC
+    /// on virtual devices: veth, bridge, VLAN, tunnels), `xdp` or `tc`.
     #[serde(default)]
-    pub xdp_mode: XdpModeConfig,
+    pub attach: AttachConfig,
+    /// Replaced by `attach`; kept only to say so.
+    #[serde(default)]
+    pub xdp_mode: Option<Spanned<toml::Value>>,
     /// Forward translated packets with a FIB lookup and XDP_REDIRECT (true), or hand them to
     /// the kernel stack to route (false).
     #[serde(default = "default_true")]
@@ -194,14 +197,14 @@ pub struct DataplaneConfig {
     pub pin_dir: Spanned<PathBuf>,
 }
 
-/// XDP attach mode.
+/// `attach`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum XdpModeConfig {
+pub enum AttachConfig {
     #[default]
     Auto,
-    Native,
-    Generic,
+    Xdp,
+    Tc,
 }
 
 /// `[[service]]`.
@@ -543,6 +546,16 @@ impl Config {
 
 impl DataplaneConfig {
     fn validate(&self, v: &mut Validator<'_>) {
+        if let Some(old) = &self.xdp_mode {
+            v.at(
+                old.span(),
+                "dataplane.xdp_mode was replaced by dataplane.attach = \"auto\" | \"xdp\" | \
+                 \"tc\" (auto: native XDP on hardware NICs, TC on veths, bridges and other \
+                 virtual devices; generic XDP is gone: on skbs with partial checksums it \
+                 corrupted traffic)"
+                    .to_owned(),
+            );
+        }
         let ifaces = self.interfaces.get_ref();
         if ifaces.is_empty() {
             v.at(
@@ -711,9 +724,28 @@ backend = [{ address = "[2001:db8:1::2]:8080", weight = 0 }]
     }
 
     #[test]
+    fn attach_kinds_parse_and_the_old_xdp_mode_says_what_replaced_it() {
+        let with = |line: &str| GOOD.replace("[dataplane]\n", &format!("[dataplane]\n{line}\n"));
+        assert_eq!(
+            parse(&with(r#"attach = "tc""#)).unwrap().dataplane.attach,
+            AttachConfig::Tc
+        );
+        assert_eq!(
+            parse(&with(r#"attach = "xdp""#)).unwrap().dataplane.attach,
+            AttachConfig::Xdp
+        );
+        let p = problems(&with(r#"xdp_mode = "generic""#));
+        assert!(
+            p.len() == 1 && p[0].contains("replaced by dataplane.attach"),
+            "{p:?}"
+        );
+        assert!(parse(&with(r#"attach = "generic""#)).is_err());
+    }
+
+    #[test]
     fn parses_a_good_config_with_defaults() {
         let c = parse(GOOD).expect("valid");
-        assert_eq!(c.dataplane.xdp_mode, XdpModeConfig::Auto);
+        assert_eq!(c.dataplane.attach, AttachConfig::Auto);
         assert!(c.dataplane.redirect);
         assert_eq!(*c.dataplane.udp_idle_timeout_secs.get_ref(), 30);
         let s = c.services();

@@ -32,8 +32,8 @@ use crate::{
         ServiceInfo, Source, StatusInfo,
     },
     breaker::{self, Breaker},
-    config::{Config, ConfigError, XdpModeConfig},
-    dataplane::{self, AttachMode, Capacity, Dataplane, DataplaneError, Timeouts},
+    config::{AttachConfig, Config, ConfigError},
+    dataplane::{self, AttachKind, Capacity, Dataplane, DataplaneError, Timeouts},
     explain::{self, CpuChoice, Explanation, Path as ExplainPath},
     health::{Checker, Outcome, Report},
     metrics::{self, BackendEvents, BackendSample, Metrics, OpResult, ServiceSample, Snapshot},
@@ -281,7 +281,7 @@ impl Daemon {
             removed = summary.removed,
             unchanged = summary.unchanged,
             adopted = daemon.dp.adopted(),
-            interfaces = ?daemon.dp.attached().collect::<Vec<_>>(),
+            interfaces = ?daemon.dp.attached().map(|(i, h)| format!("{i} ({})", h.name())).collect::<Vec<_>>(),
             "data plane in place"
         );
         Ok(daemon)
@@ -289,10 +289,10 @@ impl Daemon {
 
     fn attach(&mut self) -> Result<(), DataplaneError> {
         let d = &self.config.dataplane;
-        let mode = match d.xdp_mode {
-            XdpModeConfig::Auto => AttachMode::Auto,
-            XdpModeConfig::Native => AttachMode::Native,
-            XdpModeConfig::Generic => AttachMode::Generic,
+        let kind = match d.attach {
+            AttachConfig::Auto => AttachKind::Auto,
+            AttachConfig::Xdp => AttachKind::Xdp,
+            AttachConfig::Tc => AttachKind::Tc,
         };
         let wanted: Vec<String> = d
             .interfaces
@@ -301,8 +301,9 @@ impl Daemon {
             .map(|i| i.get_ref().clone())
             .collect();
         for iface in &wanted {
-            if !self.dp.attached().any(|a| a == iface) {
-                self.dp.attach(iface, mode)?;
+            if !self.dp.attached().any(|(a, _)| a == iface) {
+                let hook = Dataplane::choose_hook(iface, kind)?;
+                self.dp.attach(iface, hook)?;
             }
         }
         self.dp.detach_others(&wanted);
@@ -1113,7 +1114,11 @@ impl Daemon {
             config: self.config_path.clone(),
             registry: self.registry.path().to_owned(),
             pin_dir: self.config.dataplane.pin_dir.get_ref().clone(),
-            interfaces: self.dp.attached().map(str::to_owned).collect(),
+            interfaces: self
+                .dp
+                .attached()
+                .map(|(i, hook)| format!("{i} ({})", hook.name()))
+                .collect(),
             adopted: self.dp.adopted(),
             services: services.len(),
             backends: services.iter().map(|(s, _)| s.backends.len()).sum(),

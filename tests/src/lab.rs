@@ -7,13 +7,12 @@
 //!  default via lb                                                     default via lb
 //! ```
 //! VIPs (198.19.0.1, 2001:db8:ff::1) are not assigned to any interface: clients route them to
-//! the load balancer, where XDP translates them. Each backend runs a TCP server (port 8080)
+//! the load balancer, where orch translates them. Each backend runs a TCP server (port 8080)
 //! and a UDP server (port 8053) that answer every line or datagram with
 //! `"<backend name> <what was received>"`.
 //!
-//! Veths have TX checksum offload off: packets sent by local sockets would otherwise carry
-//! only a partial checksum, which XDP cannot tell apart from a full one. Receivers of
-//! XDP_REDIRECT have GRO on, which veth needs to accept redirected frames in native mode.
+//! The veths are left as the kernel makes them (TX checksum offload on, GRO off): orch must
+//! work on interfaces as users have them.
 
 use std::{
     fmt,
@@ -289,8 +288,6 @@ fn configure_end(ns: &Netns, ifname: &str, v4: &str, v6: &str) -> io::Result<()>
     ns.ip(&["addr", "add", v4, "dev", ifname])?;
     ns.ip(&["-6", "addr", "add", v6, "dev", ifname, "nodad"])?;
     ns.ip(&["link", "set", "dev", ifname, "up"])?;
-    // Full checksums on transmit, GRO on receive: see the module docs.
-    ns.exec("ethtool", &["-K", ifname, "tx", "off", "gro", "on"])?;
     Ok(())
 }
 
@@ -590,10 +587,52 @@ pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).map_err(io::Error::from)
 }
 
-/// Whether an XDP program is attached to `iface` in namespace `ns`.
-pub fn xdp_attached(ns: &str, iface: &str) -> io::Result<bool> {
+/// The ids of the programs attached to `iface` in namespace `ns`, as the kernel reports
+/// them: XDP (from `ip link`) and TC ingress through TCX links (`BPF_PROG_QUERY`, which
+/// `ip` and `tc` do not show).
+pub fn programs_on(ns: &str, iface: &str) -> io::Result<Vec<u32>> {
     let out = netns::run("ip", &["-n", ns, "-d", "link", "show", "dev", iface])?;
-    Ok(out.contains("prog/xdp"))
+    let mut ids = Vec::new();
+    if let Some(at) = out.find("prog/xdp id ") {
+        let id = out[at + "prog/xdp id ".len()..].split_whitespace().next();
+        ids.extend(id.and_then(|i| i.parse::<u32>().ok()));
+    }
+    let iface = iface.to_owned();
+    ids.extend(netns::run_in(ns, move || tcx_ingress_programs(&iface))??);
+    Ok(ids)
+}
+
+/// `BPF_PROG_QUERY` for `BPF_TCX_INGRESS` on `iface`, in this thread's namespace.
+fn tcx_ingress_programs(iface: &str) -> io::Result<Vec<u32>> {
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    const BPF_TCX_INGRESS: u32 = 46;
+    let index = nix::net::if_::if_nametoindex(iface)?;
+    let mut ids = [0u32; 16];
+    // `union bpf_attr`, query: target_ifindex, attach_type, query_flags, attach_flags,
+    // prog_ids (u64), prog_cnt, and zeroed room for the rest.
+    let mut attr = [0u64; 8];
+    attr[0] = u64::from(index) | u64::from(BPF_TCX_INGRESS) << 32;
+    attr[2] = ids.as_mut_ptr() as u64;
+    attr[3] = ids.len() as u64;
+    // SAFETY: the attribute points at `ids`, of the length given, alive for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_QUERY,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let count = (attr[3] & 0xffff_ffff) as usize;
+    Ok(ids[..count.min(ids.len())].to_vec())
+}
+
+/// Whether the balancer runs on `iface` in namespace `ns` (at XDP or TC).
+pub fn balancer_attached(ns: &str, iface: &str) -> io::Result<bool> {
+    Ok(!programs_on(ns, iface)?.is_empty())
 }
 
 /// A running `orch daemon` with the lab's private paths. Dropping it stops the daemon
@@ -711,7 +750,7 @@ impl Orch {
                 .unwrap_or(false);
             let mut attached = true;
             for i in &self.interfaces {
-                attached &= xdp_attached(&self.lb, i)?;
+                attached &= balancer_attached(&self.lb, i)?;
             }
             if serving && attached {
                 return Ok(());
@@ -812,11 +851,11 @@ impl Orch {
         Ok(s)
     }
 
-    /// The interfaces it was started on, with whether XDP is still attached to each.
+    /// The interfaces it was started on, with whether the balancer is still attached to each.
     pub fn attachment(&self) -> io::Result<Vec<(String, bool)>> {
         self.interfaces
             .iter()
-            .map(|i| Ok((i.clone(), xdp_attached(&self.lb, i)?)))
+            .map(|i| Ok((i.clone(), balancer_attached(&self.lb, i)?)))
             .collect()
     }
 

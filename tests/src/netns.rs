@@ -89,6 +89,22 @@ impl Drop for Netns {
     }
 }
 
+/// Runs `f` on a thread inside the existing namespace `name` (one this process does not own).
+pub fn run_in<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> io::Result<T> {
+    let file = File::open(format!("/run/netns/{name}"))?;
+    let owned = name.to_owned();
+    thread::spawn(move || {
+        setns(&file, CloneFlags::CLONE_NEWNET)
+            .unwrap_or_else(|e| panic!("entering netns {owned}: {e}"));
+        f()
+    })
+    .join()
+    .map_err(|_| io::Error::other(format!("a thread in netns {name} panicked")))
+}
+
 /// Runs a command; a non-zero exit becomes an error carrying the command and its stderr.
 pub fn run(program: &str, args: &[&str]) -> io::Result<String> {
     let out: Output = Command::new(program).args(args).output().map_err(|e| {

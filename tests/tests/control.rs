@@ -294,9 +294,9 @@ fn restart_and_reload_drop_nothing() {
 
     // 2. A new daemon takes over the running data plane without rewriting it, and swaps
     //    its own program into the links (what an upgrade does).
-    let programs_before = xdp_program_ids(&lab);
+    let programs_before = balancer_program_ids(&lab);
     orch.start().expect("restarting orch");
-    let programs_after = xdp_program_ids(&lab);
+    let programs_after = balancer_program_ids(&lab);
     assert!(
         programs_before
             .iter()
@@ -343,19 +343,14 @@ fn restart_and_reload_drop_nothing() {
     );
 }
 
-/// The id of the XDP program on each lab interface of the load balancer.
-fn xdp_program_ids(lab: &Lab) -> Vec<u32> {
+/// The id of the balancer program on each lab interface of the load balancer.
+fn balancer_program_ids(lab: &Lab) -> Vec<u32> {
     lab.lb_interfaces()
         .iter()
         .map(|i| {
-            let out = lab.lb.ip(&["-d", "link", "show", "dev", i]).unwrap();
-            let at = out.find("prog/xdp id ").expect("XDP attached") + "prog/xdp id ".len();
-            out[at..]
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap()
+            let ids = orch_tests::lab::programs_on(lab.lb.name(), i).unwrap();
+            assert_eq!(ids.len(), 1, "one balancer program on {i}: {ids:?}");
+            ids[0]
         })
         .collect()
 }

@@ -128,8 +128,8 @@ struct Options {
     rounds: usize,
     seconds: u64,
     connections: usize,
-    /// orch's `xdp_mode`: `auto` (native on veth), `native` or `generic`.
-    xdp_mode: String,
+    /// orch's `attach`: `auto` (TC on the lab's veths), `tc` or `xdp` (hardware NICs only).
+    attach: String,
     /// Measure this path alone (for profiling it); no section is written.
     only: Option<Route>,
 }
@@ -139,7 +139,7 @@ fn main() -> anyhow::Result<()> {
         rounds: 5,
         seconds: 5,
         connections: 30,
-        xdp_mode: "auto".to_owned(),
+        attach: "auto".to_owned(),
         only: None,
     };
     let mut args = std::env::args().skip(1);
@@ -148,11 +148,11 @@ fn main() -> anyhow::Result<()> {
             "--rounds" => o.rounds = args::number(&mut args, "--rounds")? as usize,
             "--seconds" => o.seconds = args::number(&mut args, "--seconds")?,
             "--connections" => o.connections = args::number(&mut args, "--connections")? as usize,
-            "--xdp-mode" => {
-                o.xdp_mode = args.next().context("--xdp-mode needs auto, native or generic")?;
+            "--attach" => {
+                o.attach = args.next().context("--attach needs auto, tc or xdp")?;
                 ensure!(
-                    ["auto", "native", "generic"].contains(&o.xdp_mode.as_str()),
-                    "--xdp-mode takes auto, native or generic"
+                    ["auto", "tc", "xdp"].contains(&o.attach.as_str()),
+                    "--attach takes auto, tc or xdp"
                 );
             }
             "--only" => {
@@ -328,7 +328,7 @@ impl<'a> Bench<'a> {
                     .lab
                     .start_orch_with(
                         &self.bin,
-                        &orch_config(&self.o.xdp_mode),
+                        &orch_config(&self.o.attach),
                         &["--detach-on-exit"],
                     )
                     .context("starting orch")?;
@@ -449,7 +449,7 @@ impl<'a> Bench<'a> {
         let direct = &results[0];
         let mut md = String::new();
         writeln!(md, "## End to end (wrk through each path)\n")?;
-        writeln!(md, "```sh\nsudo target/release/e2e --rounds {} --seconds {} --connections {} --xdp-mode {}\n```\n", self.o.rounds, self.o.seconds, self.o.connections, self.o.xdp_mode)?;
+        writeln!(md, "```sh\nsudo target/release/e2e --rounds {} --seconds {} --connections {} --attach {}\n```\n", self.o.rounds, self.o.seconds, self.o.connections, self.o.attach)?;
         writeln!(
             md,
             "wrk with {BACKENDS} threads and {} connections from the client namespace; nginx \
@@ -628,7 +628,7 @@ fn backends() -> impl Iterator<Item = Ipv4Addr> {
     (1..=BACKENDS).map(lab::backend4)
 }
 
-fn orch_config(xdp_mode: &str) -> String {
+fn orch_config(attach: &str) -> String {
     let list: Vec<String> = backends()
         .map(|b| format!("  {{ address = \"{b}:{PORT}\" }},"))
         .collect();
@@ -637,9 +637,9 @@ fn orch_config(xdp_mode: &str) -> String {
         .map(|i| format!("\"{i}\""))
         .collect();
     format!(
-        "[dataplane]\ninterfaces = [{}]\nxdp_mode = \"{}\"\n\n[[service]]\nname = \"web\"\nvip = \"{VIP4}\"\nport = {PORT}\nprotocol = \"tcp\"\nbackend = [\n{}\n]\n",
+        "[dataplane]\ninterfaces = [{}]\nattach = \"{}\"\n\n[[service]]\nname = \"web\"\nvip = \"{VIP4}\"\nport = {PORT}\nprotocol = \"tcp\"\nbackend = [\n{}\n]\n",
         ifaces.join(", "),
-        xdp_mode,
+        attach,
         list.join("\n")
     )
 }

@@ -15,6 +15,7 @@
 //! no packet meets an interface without a program. Map names carry a layout version
 //! (`ORCH_CT_V1`); a layout change gets a new name and therefore new pins.
 
+mod device;
 mod raw;
 
 use std::{
@@ -25,12 +26,16 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, IterableMap, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues},
+    maps::{
+        xdp::DevMapHash, Array, HashMap, IterableMap, MapData, MapError, MapInfo, PerCpuArray,
+        PerCpuValues,
+    },
     pin::PinError,
     programs::{
         links::{FdLink, LinkError, PinnedLink},
+        tc::{SchedClassifierLink, SchedClassifierLinkId, TcAttachType},
         xdp::{XdpLink, XdpLinkId},
-        ProgramError, TestRun, TestRunOptions, Xdp, XdpMode,
+        ProgramError, SchedClassifier, TestRun, TestRunOptions, Xdp, XdpMode,
     },
     Ebpf, EbpfError, EbpfLoader,
 };
@@ -40,7 +45,7 @@ use orch_common::maps::{
     BACKEND_STATS_MAP, CONNTRACK_MAP, CONNTRACK_MAP_V1, CONNTRACK_NEW_MAP, CT_EVENTS_MAP,
     CT_NEW_ADOPTED, CT_NEW_EXPIRED, CT_NEW_INSERTED, CT_NEW_OPS_MAP, CT_NEW_REMOVED, CURSORS_MAP,
     DIR_FORWARD, PORTS_MAP, SERVICES_MAP, SERVICE_STATS_MAP, SETTINGS_MAP, SLOTS_MAP, STATS_MAP,
-    STATS_MAP_V2,
+    STATS_MAP_V2, XDP_TX_MAP,
 };
 use orch_common::{CtEvent, Reason, IPPROTO_UDP};
 use tracing::{debug, info, warn};
@@ -120,6 +125,10 @@ pub struct Census {
 const PROGRAM: &str = "orch_xdp";
 /// The benchmark floor program (one counter increment, XDP_PASS).
 const FLOOR_PROGRAM: &str = "orch_floor";
+/// The balancer at TC ingress.
+const TC_PROGRAM: &str = "orch_tc";
+/// The TC benchmark floor (one counter increment, TC_ACT_OK).
+const TC_FLOOR_PROGRAM: &str = "orch_tc_floor";
 
 /// Errors of the data plane, each naming what it was doing.
 #[derive(Debug, thiserror::Error)]
@@ -137,12 +146,25 @@ pub enum DataplaneError {
         #[source]
         source: ProgramError,
     },
-    #[error("attaching XDP to interface {iface} failed")]
+    #[error("attaching the balancer to interface {iface} ({hook}) failed")]
     Attach {
         iface: String,
+        hook: &'static str,
         #[source]
         source: ProgramError,
     },
+    #[error("interface {iface}: not found")]
+    NoInterface {
+        iface: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "interface {iface} is a virtual device (driver {driver}): XDP there sees skbs whose \
+         checksums may be partial (TX offload, the kernel's default) and cannot redirect \
+         reliably into such devices. Use attach = \"tc\" or \"auto\" for it"
+    )]
+    XdpOnVirtual { iface: String, driver: String },
     #[error("setting up the kernel program's log")]
     KernelLog(#[source] aya_log::Error),
     #[error("watching the kernel program's log")]
@@ -191,8 +213,8 @@ pub enum DataplaneError {
         source: PinError,
     },
     #[error(
-        "the XDP attachment to {iface} is not a BPF link (kernel older than 5.9?), so it \
-         cannot outlive the daemon"
+        "the attachment to {iface} is not a BPF link (XDP links need Linux 5.9, TCX links \
+         6.6), so it cannot outlive the daemon"
     )]
     NotALink {
         iface: String,
@@ -335,16 +357,36 @@ impl Default for Capacity {
     }
 }
 
-/// How to attach the XDP program.
+/// Where the balancer runs on an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Hook {
+    /// XDP in the driver: before the kernel builds an skb. For hardware NICs.
+    Xdp,
+    /// TC ingress (a TCX link): on skbs, with checksum helpers that know partial
+    /// checksums. For veths, bridges, VLANs and tunnels.
+    Tc,
+}
+
+impl Hook {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Hook::Xdp => "xdp",
+            Hook::Tc => "tc",
+        }
+    }
+}
+
+/// What the configuration asks for on an interface.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum AttachMode {
-    /// Native where the driver supports it, generic (skb) otherwise: the kernel chooses.
+pub enum AttachKind {
+    /// Native XDP on hardware NICs whose driver runs it, TC everywhere else.
     #[default]
     Auto,
-    /// Driver mode only; fails where the driver has no XDP support.
-    Native,
-    /// Generic mode: works on any interface, slower.
-    Generic,
+    /// Native XDP; refused on virtual devices.
+    Xdp,
+    /// TC ingress.
+    Tc,
 }
 
 /// XDP verdicts as the kernel numbers them (`enum xdp_action`).
@@ -384,8 +426,10 @@ pub struct TestRunOutput {
 /// One attachment of the balancer to an interface.
 #[derive(Debug)]
 enum Attachment {
-    /// Owned by this process: detached when the data plane is dropped.
-    Owned(XdpLinkId),
+    /// XDP, owned by this process: detached when the data plane is dropped.
+    OwnedXdp(XdpLinkId),
+    /// TC, owned by this process.
+    OwnedTc(SchedClassifierLinkId),
     /// A BPF link pinned on bpffs: it stays when the process exits, until unpinned.
     Pinned(PinnedLink),
 }
@@ -422,7 +466,9 @@ pub struct Dataplane {
     sweep: [Option<FlowKey>; 2],
     /// The reader of the program's log ring buffer, when kernel logging is on.
     kernel_log: Option<aya_log::EbpfLogger<KernelLog>>,
-    attached: Vec<(String, Attachment)>,
+    attached: Vec<(String, Hook, Attachment)>,
+    /// Where the XDP program may redirect (see `orch_common::maps::XDP_TX_MAP`).
+    xdp_tx: DevMapHash<MapData>,
     pin_dir: Option<PathBuf>,
     adopted: bool,
 }
@@ -635,6 +681,18 @@ impl Dataplane {
                 .load()
                 .map_err(|source| DataplaneError::Program { name, source })?;
         }
+        for name in [TC_PROGRAM, TC_FLOOR_PROGRAM] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(DataplaneError::Missing {
+                    kind: "program",
+                    name,
+                })?
+                .try_into()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+            prog.load()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+        }
         let mut dp = Dataplane {
             services: take(&mut ebpf, SERVICES_MAP)?,
             slots: take(&mut ebpf, SLOTS_MAP)?,
@@ -651,6 +709,7 @@ impl Dataplane {
             conntrack_new: take(&mut ebpf, CONNTRACK_NEW_MAP)?,
             ct_events: take(&mut ebpf, CT_EVENTS_MAP)?,
             ct_new_ops: take(&mut ebpf, CT_NEW_OPS_MAP)?,
+            xdp_tx: take(&mut ebpf, XDP_TX_MAP)?,
             ct_new_count: None,
             evicted_high: Cell::new(0),
             ops_began: false,
@@ -799,36 +858,86 @@ impl Dataplane {
         xdp_program(&mut self.ebpf, name)
     }
 
-    /// Attaches the balancer to `iface`. With a pin directory, an existing pinned link of
-    /// that interface gets this process's program swapped in atomically; otherwise a new link
-    /// is created and pinned.
-    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<(), DataplaneError> {
-        let aya_mode = match mode {
-            AttachMode::Auto => XdpMode::Default,
-            AttachMode::Native => XdpMode::Driver,
-            AttachMode::Generic => XdpMode::Skb,
-        };
-        let attach_err = |source| DataplaneError::Attach {
+    fn tc_program(&mut self) -> Result<&mut SchedClassifier, DataplaneError> {
+        self.ebpf
+            .program_mut(TC_PROGRAM)
+            .ok_or(DataplaneError::Missing {
+                kind: "program",
+                name: TC_PROGRAM,
+            })?
+            .try_into()
+            .map_err(|source| DataplaneError::Program {
+                name: TC_PROGRAM,
+                source,
+            })
+    }
+
+    /// Decides where the balancer runs on `iface`: see [`AttachKind`] and the `device`
+    /// module. `auto` takes XDP on hardware and TC elsewhere; `xdp` on a virtual device is
+    /// refused, because XDP there would corrupt partial checksums or redirect into a device
+    /// that drops the frame.
+    pub fn choose_hook(iface: &str, kind: AttachKind) -> Result<Hook, DataplaneError> {
+        let dev = device::probe(iface).map_err(|source| DataplaneError::NoInterface {
             iface: iface.to_owned(),
             source,
+        })?;
+        match (kind, dev.hardware) {
+            (AttachKind::Tc, _) | (AttachKind::Auto, false) => Ok(Hook::Tc),
+            (AttachKind::Xdp, true) | (AttachKind::Auto, true) => Ok(Hook::Xdp),
+            (AttachKind::Xdp, false) => Err(DataplaneError::XdpOnVirtual {
+                iface: iface.to_owned(),
+                driver: dev.driver,
+            }),
+        }
+    }
+
+    /// Attaches the balancer to `iface` at `hook`. With a pin directory, an existing pinned
+    /// link of that interface and hook gets this process's program swapped in atomically
+    /// (`BPF_LINK_UPDATE`); a pinned link of the other hook is removed; otherwise a new link
+    /// is created and pinned. XDP is attached in driver mode only, and the interface becomes
+    /// a redirect target of the XDP program.
+    pub fn attach(&mut self, iface: &str, hook: Hook) -> Result<(), DataplaneError> {
+        let attach_err = |source| DataplaneError::Attach {
+            iface: iface.to_owned(),
+            hook: hook.name(),
+            source,
         };
+        if hook == Hook::Xdp {
+            self.allow_xdp_redirect(iface)?;
+        }
         let Some(links_dir) = self.links_dir() else {
-            let id = self
-                .program(PROGRAM)?
-                .attach(iface, aya_mode)
-                .map_err(attach_err)?;
-            info!(iface, ?mode, "XDP program attached");
-            self.attached
-                .push((iface.to_owned(), Attachment::Owned(id)));
+            let attachment = match hook {
+                Hook::Xdp => Attachment::OwnedXdp(
+                    self.program(PROGRAM)?
+                        .attach(iface, XdpMode::Driver)
+                        .map_err(attach_err)?,
+                ),
+                Hook::Tc => Attachment::OwnedTc(
+                    self.tc_program()?
+                        .attach(iface, TcAttachType::Ingress)
+                        .map_err(attach_err)?,
+                ),
+            };
+            info!(iface, hook = hook.name(), "balancer attached");
+            self.attached.push((iface.to_owned(), hook, attachment));
             return Ok(());
         };
-        let path = links_dir.join(format!("xdp_{iface}"));
+        let path = links_dir.join(format!("{}_{iface}", hook.name()));
+        let other = match hook {
+            Hook::Xdp => Hook::Tc,
+            Hook::Tc => Hook::Xdp,
+        };
+        let other_path = links_dir.join(format!("{}_{iface}", other.name()));
         if path.exists() {
-            match self.replace_in_link(&path) {
+            match self.replace_in_link(&path, hook) {
                 Ok(pinned) => {
-                    info!(iface, "XDP program replaced in the pinned link");
+                    info!(
+                        iface,
+                        hook = hook.name(),
+                        "balancer replaced in the pinned link"
+                    );
                     self.attached
-                        .push((iface.to_owned(), Attachment::Pinned(pinned)));
+                        .push((iface.to_owned(), hook, Attachment::Pinned(pinned)));
                     return Ok(());
                 }
                 Err(e) => {
@@ -841,10 +950,21 @@ impl Dataplane {
                 }
             }
         }
-        let prog = self.program(PROGRAM)?;
-        let id = prog.attach(iface, aya_mode).map_err(attach_err)?;
-        let link = prog.take_link(id).map_err(attach_err)?;
-        let fd_link = FdLink::try_from(link).map_err(|source| DataplaneError::NotALink {
+        let fd_link = match hook {
+            Hook::Xdp => {
+                let prog = self.program(PROGRAM)?;
+                let id = prog.attach(iface, XdpMode::Driver).map_err(attach_err)?;
+                FdLink::try_from(prog.take_link(id).map_err(attach_err)?)
+            }
+            Hook::Tc => {
+                let prog = self.tc_program()?;
+                let id = prog
+                    .attach(iface, TcAttachType::Ingress)
+                    .map_err(attach_err)?;
+                FdLink::try_from(prog.take_link(id).map_err(attach_err)?)
+            }
+        }
+        .map_err(|source| DataplaneError::NotALink {
             iface: iface.to_owned(),
             source,
         })?;
@@ -855,20 +975,67 @@ impl Dataplane {
                 path: path.clone(),
                 source,
             })?;
-        info!(iface, ?mode, "XDP program attached through a pinned link");
+        // Only now that the new hook runs: the other one, from an earlier configuration.
+        if other_path.exists() {
+            match std::fs::remove_file(&other_path) {
+                Ok(()) => info!(
+                    iface,
+                    hook = other.name(),
+                    "balancer detached from the other hook"
+                ),
+                Err(e) => warn!(iface, error = %e, "removing a link pin failed"),
+            }
+        }
+        info!(
+            iface,
+            hook = hook.name(),
+            "balancer attached through a pinned link"
+        );
         self.attached
-            .push((iface.to_owned(), Attachment::Pinned(pinned)));
+            .push((iface.to_owned(), hook, Attachment::Pinned(pinned)));
         Ok(())
     }
 
+    /// Lets the XDP program redirect to `iface` (see `orch_common::maps::XDP_TX_MAP`): done
+    /// for each interface the balancer runs on natively, and by tests that stand in for one.
+    pub fn allow_xdp_redirect(&mut self, iface: &str) -> Result<(), DataplaneError> {
+        let index =
+            nix::net::if_::if_nametoindex(iface).map_err(|e| DataplaneError::NoInterface {
+                iface: iface.to_owned(),
+                source: e.into(),
+            })?;
+        self.xdp_tx
+            .insert(index, index, None, 0)
+            .map_err(|e| DataplaneError::Map {
+                name: XDP_TX_MAP,
+                source: match e {
+                    aya::maps::xdp::XdpMapError::MapError(m) => m,
+                    other => MapError::IoError(std::io::Error::other(other.to_string())),
+                },
+            })
+    }
+
     /// Swaps this process's program into the link pinned at `path` (`BPF_LINK_UPDATE`).
-    fn replace_in_link(&mut self, path: &Path) -> Result<PinnedLink, Box<dyn std::error::Error>> {
-        let link = XdpLink::try_from(FdLink::from(PinnedLink::from_pin(path)?))?;
-        let prog = self.program(PROGRAM)?;
-        let id = prog.attach_to_link(link)?;
-        // The program now owns an fd of the link; closing it leaves the pin, and with it the
-        // attachment, in place. Keep a handle through the pin instead.
-        drop(prog.take_link(id)?);
+    fn replace_in_link(
+        &mut self,
+        path: &Path,
+        hook: Hook,
+    ) -> Result<PinnedLink, Box<dyn std::error::Error>> {
+        let fd_link = FdLink::from(PinnedLink::from_pin(path)?);
+        match hook {
+            Hook::Xdp => {
+                let prog = self.program(PROGRAM)?;
+                let id = prog.attach_to_link(XdpLink::try_from(fd_link)?)?;
+                // The program now owns an fd of the link; closing it leaves the pin, and
+                // with it the attachment, in place.
+                drop(prog.take_link(id)?);
+            }
+            Hook::Tc => {
+                let prog = self.tc_program()?;
+                let id = prog.attach_to_link(SchedClassifierLink::try_from(fd_link)?)?;
+                drop(prog.take_link(id)?);
+            }
+        }
         Ok(PinnedLink::from_pin(path)?)
     }
 
@@ -880,21 +1047,21 @@ impl Dataplane {
         };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(iface) = name.strip_prefix("xdp_") else {
+            let Some(iface) = name
+                .strip_prefix("xdp_")
+                .or_else(|| name.strip_prefix("tc_"))
+            else {
                 continue;
             };
             if keep.iter().any(|k| k == iface) {
                 continue;
             }
             match std::fs::remove_file(entry.path()) {
-                Ok(()) => info!(
-                    iface,
-                    "XDP program detached (interface no longer configured)"
-                ),
+                Ok(()) => info!(iface, "balancer detached (interface no longer configured)"),
                 Err(e) => warn!(iface, error = %e, "removing a link pin failed"),
             }
         }
-        self.attached.retain(|(i, _)| keep.contains(i));
+        self.attached.retain(|(i, _, _)| keep.contains(i));
     }
 
     fn links_dir(&self) -> Option<PathBuf> {
@@ -904,9 +1071,9 @@ impl Dataplane {
     /// Detaches the balancer from every interface it was attached to, pinned links included.
     pub fn detach_all(&mut self) {
         let attached = std::mem::take(&mut self.attached);
-        for (iface, attachment) in attached {
+        for (iface, _, attachment) in attached {
             let result = match attachment {
-                Attachment::Owned(id) => self
+                Attachment::OwnedXdp(id) => self
                     .program(PROGRAM)
                     .and_then(|p| {
                         p.detach(id).map_err(|source| DataplaneError::Program {
@@ -915,12 +1082,21 @@ impl Dataplane {
                         })
                     })
                     .map_err(|e| e.to_string()),
+                Attachment::OwnedTc(id) => self
+                    .tc_program()
+                    .and_then(|p| {
+                        p.detach(id).map_err(|source| DataplaneError::Program {
+                            name: TC_PROGRAM,
+                            source,
+                        })
+                    })
+                    .map_err(|e| e.to_string()),
                 // Dropping the last fd of an unpinned link detaches it.
                 Attachment::Pinned(p) => p.unpin().map(drop).map_err(|e| e.to_string()),
             };
             match result {
-                Ok(()) => info!(iface, "XDP program detached"),
-                Err(e) => warn!(iface, error = %e, "detaching XDP failed"),
+                Ok(()) => info!(iface, "balancer detached"),
+                Err(e) => warn!(iface, error = %e, "detaching the balancer failed"),
             }
         }
     }
@@ -936,9 +1112,9 @@ impl Dataplane {
         }
     }
 
-    /// Interfaces the balancer is attached to.
-    pub fn attached(&self) -> impl Iterator<Item = &str> {
-        self.attached.iter().map(|(i, _)| i.as_str())
+    /// Interfaces the balancer is attached to, and where.
+    pub fn attached(&self) -> impl Iterator<Item = (&str, Hook)> {
+        self.attached.iter().map(|(i, h, _)| (i.as_str(), *h))
     }
 
     /// Replaces the runtime settings.
@@ -1263,6 +1439,36 @@ impl Dataplane {
         self.run(PROGRAM, packet, 1, ingress_ifindex)
     }
 
+    /// Runs `packet` once through the TC balancer as received on interface `ifindex` (of
+    /// the calling thread's namespace): the TC action (`TC_ACT_*`) and the packet as the
+    /// program left it. The kernel builds the skb with full checksums.
+    pub fn test_run_tc(
+        &mut self,
+        packet: &[u8],
+        ifindex: u32,
+    ) -> Result<(i32, Vec<u8>), DataplaneError> {
+        let mut out = vec![0u8; packet.len() + 256];
+        // `struct __sk_buff` up to `ifindex` (offset 40), the one field set.
+        let mut ctx = [0u8; 44];
+        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        let prog = self.tc_program()?;
+        let opts = TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx[..]),
+            repeat: 1,
+            ..Default::default()
+        };
+        let result = prog
+            .test_run(opts)
+            .map_err(|source| DataplaneError::Program {
+                name: TC_PROGRAM,
+                source,
+            })?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value as i32, out))
+    }
+
     /// Runs `packet` `repeat` times through the balancer (`floor == false`) or the floor
     /// program, for benchmarks. A rewriting path sees its own output on repeats: use
     /// packets whose path is idempotent (pass, established flows).
@@ -1320,9 +1526,9 @@ impl Drop for Dataplane {
     fn drop(&mut self) {
         // Owned attachments go with the process anyway; detach them explicitly so that a
         // failed start leaves nothing half-attached. Pinned links stay by design.
-        let owned: Vec<(String, Attachment)> = std::mem::take(&mut self.attached)
+        let owned: Vec<(String, Hook, Attachment)> = std::mem::take(&mut self.attached)
             .into_iter()
-            .filter(|(_, a)| matches!(a, Attachment::Owned(_)))
+            .filter(|(_, _, a)| !matches!(a, Attachment::Pinned(_)))
             .collect();
         self.attached = owned;
         self.detach_all();

@@ -1,0 +1,226 @@
+//! The packet as each program type hands it over: an XDP frame (before the kernel has made an
+//! skb of it) or a TC socket buffer. The steering logic is written once, generic over
+//! [`Frame`]; `main.rs` instantiates it for both.
+//!
+//! The one real difference is the L4 checksum. An XDP frame comes from the wire or from a
+//! peer that computed full checksums, so an incremental update (RFC 1624) is right. An skb
+//! from a local sender (a container behind a veth or a bridge, with TX checksum offload on,
+//! the kernel's default) may carry only a *partial* checksum, the pseudo-header sum that the
+//! device is to complete (`CHECKSUM_PARTIAL`): updating it as a full one corrupts it, and
+//! the receiver drops the segment. On TC the kernel's checksum helpers, which know the
+//! skb's checksum state, do the update.
+
+use aya_ebpf::{
+    bindings::{xdp_action, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
+    helpers::{bpf_csum_diff, bpf_redirect},
+    programs::{TcContext, XdpContext},
+    EbpfContext,
+};
+use orch_common::csum::Delta;
+
+use crate::{
+    maps::XDP_TX,
+    parse::{read, write},
+};
+
+/// The headers the program parses, at most: Ethernet, IPv6, TCP up to its flags and
+/// sequence numbers. A TC program pulls this much into the skb's linear part first.
+const HEADERS: u32 = 14 + 40 + 20;
+
+/// An L4 checksum change: one end's address and port, from `old` to `new`.
+pub struct L4Change<'a> {
+    /// Offset of the checksum field.
+    pub check_off: usize,
+    pub v6: bool,
+    pub udp: bool,
+    pub old_addr: &'a [u32; 4],
+    pub new_addr: &'a [u32; 4],
+    pub old_port_be: u16,
+    pub new_port_be: u16,
+}
+
+/// What the steering logic needs from a program type.
+pub trait Frame: EbpfContext {
+    /// The action that hands the packet to the kernel stack.
+    const PASS: u32;
+    /// The action that drops it.
+    const DROP: u32;
+    /// Whether the FIB lookup should check the MTU against the IP header's length. An skb
+    /// may be a GRO aggregate far above the MTU that the kernel will segment: on TC the
+    /// lookup checks the skb itself instead.
+    const MTU_BY_IP_LEN: bool;
+
+    /// Where direct access may read: `start()..end()`.
+    fn start(&self) -> usize;
+    fn end(&self) -> usize;
+    /// The whole packet's length, past `end()` too (an skb's paged data).
+    fn total_len(&self) -> usize;
+    /// The interface the packet arrived on.
+    fn ifindex(&self) -> u32;
+    /// Makes the headers readable by direct access (a TC skb may hold them in fragments).
+    fn prepare(&self);
+    /// Updates the TCP/UDP checksum for the change; false if the packet is too short.
+    fn fix_l4_csum(&self, c: &L4Change<'_>) -> bool;
+    /// Whether a packet can be sent out of `ifindex` from this hook: asked before the
+    /// packet is prepared for it, so that a refusal leaves it to the stack unchanged.
+    fn can_send(&self, ifindex: u32) -> bool;
+    /// Sends the packet out of `ifindex`: the action to return.
+    fn send(&self, ifindex: u32) -> u32;
+}
+
+impl Frame for XdpContext {
+    const PASS: u32 = xdp_action::XDP_PASS;
+    const DROP: u32 = xdp_action::XDP_DROP;
+    const MTU_BY_IP_LEN: bool = true;
+
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+
+    #[inline(always)]
+    fn total_len(&self) -> usize {
+        self.data_end() - self.data()
+    }
+
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        self.ingress_ifindex() as u32
+    }
+
+    #[inline(always)]
+    fn prepare(&self) {}
+
+    #[inline(always)]
+    fn can_send(&self, ifindex: u32) -> bool {
+        XDP_TX.get(ifindex).is_some()
+    }
+
+    #[inline(always)]
+    fn send(&self, ifindex: u32) -> u32 {
+        // The key was just found; if it went meanwhile, the packet goes to the stack.
+        XDP_TX
+            .redirect(ifindex, xdp_action::XDP_PASS as u64)
+            .unwrap_or(xdp_action::XDP_PASS)
+    }
+
+    #[inline(always)]
+    fn fix_l4_csum(&self, c: &L4Change<'_>) -> bool {
+        let Some(check) = read::<u16>(self, c.check_off) else {
+            return false;
+        };
+        // An IPv4 UDP checksum of zero means "none" (RFC 768): leave it so.
+        if c.udp && !c.v6 && check == 0 {
+            return true;
+        }
+        let delta = if c.v6 {
+            Delta::new().replace_addr(c.old_addr, c.new_addr)
+        } else {
+            Delta::new().replace_u32(c.old_addr[3], c.new_addr[3])
+        };
+        let mut new = delta.replace_u16(c.old_port_be, c.new_port_be).apply(check);
+        // A computed UDP checksum of zero is sent as all ones (RFC 768; RFC 8200 8.1).
+        if c.udp && new == 0 {
+            new = 0xffff;
+        }
+        write(self, c.check_off, new)
+    }
+}
+
+impl Frame for TcContext {
+    const PASS: u32 = TC_ACT_OK as u32;
+    const DROP: u32 = TC_ACT_SHOT as u32;
+    const MTU_BY_IP_LEN: bool = false;
+
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+
+    #[inline(always)]
+    fn total_len(&self) -> usize {
+        self.len() as usize
+    }
+
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        // SAFETY: the context's skb, valid for the program's run.
+        unsafe { (*self.skb.skb).ifindex }
+    }
+
+    #[inline(always)]
+    fn can_send(&self, _ifindex: u32) -> bool {
+        // From TC an skb can go out of any device.
+        true
+    }
+
+    #[inline(always)]
+    fn send(&self, ifindex: u32) -> u32 {
+        // SAFETY: a helper taking plain integers.
+        unsafe { bpf_redirect(ifindex, 0) as u32 }
+    }
+
+    #[inline(always)]
+    fn prepare(&self) {
+        let want = if self.len() < HEADERS {
+            self.len()
+        } else {
+            HEADERS
+        };
+        if ((self.end() - self.start()) as u32) < want {
+            // On failure the parse finds the headers short and passes the packet.
+            let _ = self.pull_data(want);
+        }
+    }
+
+    #[inline(always)]
+    fn fix_l4_csum(&self, c: &L4Change<'_>) -> bool {
+        // UDP: a zero checksum (IPv4's "none") stays zero, a result of zero becomes ones.
+        let udp = if c.udp {
+            BPF_F_MARK_MANGLED_0 as u64
+        } else {
+            0
+        };
+        let pseudo = BPF_F_PSEUDO_HDR as u64 | udp;
+        let addr = if c.v6 {
+            // SAFETY: two 16-byte arrays, read by the helper.
+            let diff = unsafe {
+                bpf_csum_diff(
+                    c.old_addr.as_ptr() as *mut u32,
+                    16,
+                    c.new_addr.as_ptr() as *mut u32,
+                    16,
+                    0,
+                )
+            };
+            // Size 0: `to` is a checksum difference, `from` unused.
+            self.l4_csum_replace(c.check_off, 0, diff as u64, pseudo)
+        } else {
+            self.l4_csum_replace(
+                c.check_off,
+                c.old_addr[3] as u64,
+                c.new_addr[3] as u64,
+                pseudo | 4,
+            )
+        };
+        addr.is_ok()
+            && self
+                .l4_csum_replace(
+                    c.check_off,
+                    c.old_port_be as u64,
+                    c.new_port_be as u64,
+                    udp | 2,
+                )
+                .is_ok()
+    }
+}
