@@ -44,6 +44,8 @@ pub const UDP_PORT: u16 = 8053;
 /// Backend HTTP server port: answers any request with `200 OK` and its name as the body,
 /// after the backend's configured delay (see [`Backend::set_delay`]).
 pub const HTTP_PORT: u16 = 8081;
+/// Backend bulk-transfer server port: see [`bulk_get`] and [`bulk_put`].
+pub const BULK_PORT: u16 = 8090;
 /// Where the daemon serves metrics by default (inside the lb namespace: loopback there is
 /// the namespace's own).
 pub const METRICS_ADDR: &str = "127.0.0.1:9477";
@@ -60,6 +62,23 @@ pub fn backend4(i: usize) -> Ipv4Addr {
 /// The IPv6 address of backend `i` (1-based).
 pub fn backend6(i: usize) -> Ipv6Addr {
     Ipv6Addr::new(0x2001, 0xdb8, i as u16, 0, 0, 0, 0, 2)
+}
+
+/// Whether the kernel can create VLAN devices (802.1Q built in or loadable): tried in a
+/// namespace of its own, removed at once.
+pub fn kernel_has_vlans() -> bool {
+    let Ok(ns) = Netns::create(&format!("{NS_PREFIX}{}-vlanprobe", std::process::id())) else {
+        return false;
+    };
+    ns.ip(&[
+        "link", "add", "name", "p0", "type", "veth", "peer", "name", "p1",
+    ])
+    .and_then(|_| {
+        ns.ip(&[
+            "link", "add", "link", "p0", "name", "p0.7", "type", "vlan", "id", "7",
+        ])
+    })
+    .is_ok()
 }
 
 /// A backend host.
@@ -89,12 +108,37 @@ impl Backend {
     }
 }
 
+/// How the load balancer's namespace reaches clients and backends. Every variant leaves
+/// the devices as the kernel makes them (TX checksum offload on, GRO off on veths).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Topology {
+    /// One routed veth per backend (`be<i>`, holding the backend's gateway address).
+    Routed,
+    /// The backends are ports of a Linux bridge `br0` that holds their gateway addresses,
+    /// as Docker's default network builds it; orch attaches to `ext` and `br0`.
+    Bridge,
+    /// The client is reached through VLAN 100 on `ext` (`ext.100` holds the addresses);
+    /// orch attaches to `ext.100` and the backends' veths.
+    VlanClient,
+}
+
+impl Topology {
+    /// The load balancer's client-side interface.
+    fn client_side(self) -> &'static str {
+        match self {
+            Topology::VlanClient => "ext.100",
+            _ => "ext",
+        }
+    }
+}
+
 /// The whole topology. Dropping it stops the servers and deletes every namespace (which
 /// removes every link), also when a test panics.
 pub struct Lab {
     pub client: Netns,
     pub lb: Netns,
     pub backends: Vec<Backend>,
+    pub topology: Topology,
     stop: Arc<AtomicBool>,
     servers: Vec<JoinHandle<()>>,
     prefix: String,
@@ -115,6 +159,11 @@ impl Lab {
     /// into the namespace names, which also carry the pid and a counter so labs of parallel
     /// tests never collide.
     pub fn new(tag: &str, backends: usize) -> io::Result<Lab> {
+        Self::with_topology(tag, backends, Topology::Routed)
+    }
+
+    /// [`Lab::new`] in another [`Topology`].
+    pub fn with_topology(tag: &str, backends: usize, topology: Topology) -> io::Result<Lab> {
         assert!((1..=200).contains(&backends), "1..=200 backends");
         netns::sweep_stale(NS_PREFIX);
         let n = LAB_COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -126,6 +175,7 @@ impl Lab {
             client,
             lb,
             backends: Vec::new(),
+            topology,
             stop: Arc::new(AtomicBool::new(false)),
             servers: Vec::new(),
             prefix,
@@ -150,21 +200,51 @@ impl Lab {
         lab.lb.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
 
         link(&lab.lb, "ext", &lab.client, "eth0")?;
-        configure_end(&lab.lb, "ext", "198.18.0.1/24", "2001:db8::1/64")?;
-        configure_end(&lab.client, "eth0", "198.18.0.2/24", "2001:db8::2/64")?;
+        if topology == Topology::VlanClient {
+            for (ns, parent) in [(&lab.lb, "ext"), (&lab.client, "eth0")] {
+                ns.ip(&["link", "set", "dev", parent, "up"])?;
+                let vlan = format!("{parent}.100");
+                ns.ip(&[
+                    "link", "add", "link", parent, "name", &vlan, "type", "vlan", "id", "100",
+                ])?;
+            }
+            configure_end(&lab.lb, "ext.100", "198.18.0.1/24", "2001:db8::1/64")?;
+            configure_end(&lab.client, "eth0.100", "198.18.0.2/24", "2001:db8::2/64")?;
+        } else {
+            configure_end(&lab.lb, "ext", "198.18.0.1/24", "2001:db8::1/64")?;
+            configure_end(&lab.client, "eth0", "198.18.0.2/24", "2001:db8::2/64")?;
+        }
         default_routes(&lab.client, "198.18.0.1", "2001:db8::1")?;
+        if topology == Topology::Bridge {
+            lab.lb
+                .ip(&["link", "add", "name", "br0", "type", "bridge"])?;
+            lab.lb.ip(&["link", "set", "dev", "br0", "up"])?;
+        }
 
         for i in 1..=backends {
             let name = format!("backend-{i}");
             let ns = Netns::create(&format!("{}{name}", lab.prefix))?;
             let lb_if = format!("be{i}");
             link(&lab.lb, &lb_if, &ns, "eth0")?;
-            configure_end(
-                &lab.lb,
-                &lb_if,
-                &format!("198.18.{i}.1/24"),
+            let gateway = if topology == Topology::Bridge {
+                lab.lb
+                    .ip(&["link", "set", "dev", &lb_if, "master", "br0", "up"])?;
+                "br0"
+            } else {
+                &lb_if
+            };
+            lab.lb
+                .ip(&["addr", "add", &format!("198.18.{i}.1/24"), "dev", gateway])?;
+            lab.lb.ip(&[
+                "-6",
+                "addr",
+                "add",
                 &format!("2001:db8:{i:x}::1/64"),
-            )?;
+                "dev",
+                gateway,
+                "nodad",
+            ])?;
+            lab.lb.ip(&["link", "set", "dev", gateway, "up"])?;
             configure_end(
                 &ns,
                 "eth0",
@@ -178,6 +258,7 @@ impl Lab {
             lab.servers.extend(servers);
             lab.servers
                 .push(start_http(&ns, &name, &lab.stop, &delay_ms)?);
+            lab.servers.push(start_bulk(&ns, &name, &lab.stop)?);
             lab.backends.push(Backend {
                 name,
                 ns,
@@ -188,10 +269,15 @@ impl Lab {
         Ok(lab)
     }
 
-    /// The load balancer's interfaces orch attaches to: `ext` and `be1..beN`.
+    /// The load balancer's interfaces orch attaches to: the client side (`ext`, or
+    /// `ext.100`) and the backend side (`be1..beN`, or `br0`).
     pub fn lb_interfaces(&self) -> Vec<String> {
-        let mut v = vec!["ext".to_owned()];
-        v.extend((1..=self.backends.len()).map(|i| format!("be{i}")));
+        let mut v = vec![self.topology.client_side().to_owned()];
+        if self.topology == Topology::Bridge {
+            v.push("br0".to_owned());
+        } else {
+            v.extend((1..=self.backends.len()).map(|i| format!("be{i}")));
+        }
         v
     }
 
@@ -400,6 +486,140 @@ pub fn http_request(addr: SocketAddr, method: &str, path: &str) -> io::Result<(u
         .and_then(|c| c.parse().ok())
         .ok_or_else(malformed)?;
     Ok((status, body.to_owned()))
+}
+
+/// Byte `i` of every bulk transfer: a pattern without short periods, so that a segment
+/// delivered at the wrong offset or with wrong bytes is caught where it lands.
+pub fn bulk_byte(i: u64) -> u8 {
+    let x = i.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (x >> 56) as u8 ^ (i >> 12) as u8
+}
+
+/// Serves bulk transfers on [`BULK_PORT`]: a line `get N` is answered with the backend's
+/// name, a newline and N pattern bytes; a line `put N`, followed by N bytes, with `ok N` if
+/// they are the pattern, `bad AT` at the first byte that is not.
+fn start_bulk(ns: &Netns, name: &str, stop: &Arc<AtomicBool>) -> io::Result<JoinHandle<()>> {
+    let listener = ns.run(|| -> io::Result<TcpListener> {
+        let l = TcpListener::bind((Ipv6Addr::UNSPECIFIED, BULK_PORT))?;
+        set_recv_timeout(&l, Duration::from_millis(100))?;
+        Ok(l)
+    })??;
+    let (name, stop) = (name.to_owned(), stop.clone());
+    thread::Builder::new()
+        .name(format!("{name}-bulk"))
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        let name = name.clone();
+                        thread::spawn(move || {
+                            let _ = serve_bulk(conn, &name);
+                        });
+                    }
+                    Err(e) if is_timeout(&e) => {}
+                    Err(_) => thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        })
+}
+
+fn serve_bulk(conn: TcpStream, name: &str) -> io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let mut writer = conn.try_clone()?;
+    let mut reader = BufReader::new(conn);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let mut words = line.split_whitespace();
+    let (verb, n) = (
+        words.next(),
+        words.next().and_then(|n| n.parse::<u64>().ok()),
+    );
+    match (verb, n) {
+        (Some("get"), Some(n)) => {
+            writer.write_all(format!("{name}\n").as_bytes())?;
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut at = 0u64;
+            while at < n {
+                let len = (n - at).min(buf.len() as u64) as usize;
+                for (k, b) in buf[..len].iter_mut().enumerate() {
+                    *b = bulk_byte(at + k as u64);
+                }
+                writer.write_all(&buf[..len])?;
+                at += len as u64;
+            }
+            Ok(())
+        }
+        (Some("put"), Some(n)) => {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut at = 0u64;
+            while at < n {
+                let want = (n - at).min(buf.len() as u64) as usize;
+                let got = io::Read::read(&mut reader, &mut buf[..want])?;
+                if got == 0 {
+                    break;
+                }
+                if let Some(k) = (0..got).find(|&k| buf[k] != bulk_byte(at + k as u64)) {
+                    return writeln!(writer, "bad {}", at + k as u64);
+                }
+                at += got as u64;
+            }
+            writeln!(writer, "ok {at}")
+        }
+        _ => writeln!(writer, "bad request"),
+    }
+}
+
+/// Downloads `n` bytes from the bulk server behind `addr` and checks every byte: the name
+/// of the backend that sent them.
+pub fn bulk_get(addr: SocketAddr, n: u64, timeout: Duration) -> io::Result<String> {
+    let s = TcpStream::connect_timeout(&addr, REQUEST_TIMEOUT)?;
+    s.set_read_timeout(Some(timeout))?;
+    let mut w = s.try_clone()?;
+    writeln!(w, "get {n}")?;
+    let mut r = BufReader::new(s);
+    let mut name = String::new();
+    r.read_line(&mut name)?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut at = 0u64;
+    loop {
+        let got = io::Read::read(&mut r, &mut buf)?;
+        if got == 0 {
+            break;
+        }
+        if let Some(k) = (0..got).find(|&k| buf[k] != bulk_byte(at + k as u64)) {
+            return Err(io::Error::other(format!("byte {} differs", at + k as u64)));
+        }
+        at += got as u64;
+    }
+    if at != n {
+        return Err(io::Error::other(format!("{at} of {n} bytes arrived")));
+    }
+    Ok(name.trim().to_owned())
+}
+
+/// Uploads `n` pattern bytes to the bulk server behind `addr`, which checks every byte.
+pub fn bulk_put(addr: SocketAddr, n: u64, timeout: Duration) -> io::Result<()> {
+    let s = TcpStream::connect_timeout(&addr, REQUEST_TIMEOUT)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    let mut w = s.try_clone()?;
+    writeln!(w, "put {n}")?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut at = 0u64;
+    while at < n {
+        let len = (n - at).min(buf.len() as u64) as usize;
+        for (k, b) in buf[..len].iter_mut().enumerate() {
+            *b = bulk_byte(at + k as u64);
+        }
+        w.write_all(&buf[..len])?;
+        at += len as u64;
+    }
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer)?;
+    if answer.trim() != format!("ok {n}") {
+        return Err(io::Error::other(format!("the backend answered {answer:?}")));
+    }
+    Ok(())
 }
 
 fn start_servers(

@@ -1,7 +1,7 @@
 //! What kind of device an interface is, which decides where the balancer can run on it.
 //!
 //! The kernel's ethtool ioctl reports a device's driver and its bus. A device on a bus (a
-//! PCI NIC, say) is hardware, whose driver may run XDP natively and take redirected frames.
+//! PCI NIC, say), whose driver is not one of the known virtual ones, is hardware, whose driver may run XDP natively and take redirected frames.
 //! A device without one is virtual (veth, bridge, VLAN, tunnels): its packets are skbs built
 //! by the kernel, often with partial checksums (TX offload, the kernel's default), and XDP
 //! on it either runs late (generic mode) or cannot forward to it reliably; the TC hook is
@@ -37,6 +37,22 @@ struct IfReq {
     data: *mut DrvInfo,
     _pad: [u8; 16],
 }
+
+/// Drivers of virtual devices that fill in a bus anyway (`tun`, `tap`) or that might.
+const VIRTUAL_DRIVERS: [&str; 12] = [
+    "veth",
+    "bridge",
+    "802.1Q VLAN Support",
+    "vxlan",
+    "geneve",
+    "macvlan",
+    "ipvlan",
+    "tun",
+    "dummy",
+    "wireguard",
+    "gre",
+    "ipip",
+];
 
 /// An interface's driver, as the kernel names it, and whether it is hardware.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -75,10 +91,10 @@ pub fn probe(iface: &str) -> io::Result<Device> {
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(Device {
-        driver: text(&info.driver),
-        hardware: !text(&info.bus_info).is_empty(),
-    })
+    let (driver, bus) = (text(&info.driver), text(&info.bus_info));
+    // Virtual drivers report no bus, "N/A" (bridge, VLAN) or their own name (tun).
+    let hardware = !bus.is_empty() && bus != "N/A" && !VIRTUAL_DRIVERS.contains(&driver.as_str());
+    Ok(Device { driver, hardware })
 }
 
 #[cfg(test)]

@@ -1,0 +1,169 @@
+//! The topology matrix: the same checks on the networks users have, with every device as
+//! the kernel makes it (TX checksum offload on, GRO off on veths; nothing prepared for
+//! orch), `attach = "auto"`, IPv4 and IPv6:
+//! - routed veths, one per backend;
+//! - backends as ports of a Linux bridge that holds their gateways (Docker's default
+//!   network).
+//!
+//! A client side behind a VLAN sub-interface is built by `Topology::VlanClient` and checked
+//! here where the kernel has 802.1Q (`CONFIG_VLAN_8021Q`); the CI kernel does not, and the
+//! case then says so and checks nothing.
+//!
+//! In each: connections spread round-robin over the three backends; 10 MB downloads and
+//! uploads through the VIP arrive byte for byte; the kernel's counters agree with what the
+//! client saw (translated both ways, nothing dropped); `orch status` says which hook runs
+//! on each interface.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use orch_tests::{
+    lab::{self, Lab, Topology, BULK_PORT, HTTP_PORT, VIP4, VIP6},
+    privilege::require_root,
+    prom,
+};
+
+/// 10 MB each way, the figure: far beyond a window, through GSO and GRO sizes.
+const BULK: u64 = 10 * 1024 * 1024;
+const BULK_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn config(lab: &Lab) -> String {
+    let interfaces = lab
+        .lb_interfaces()
+        .iter()
+        .map(|i| format!("{i:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut out = format!("[dataplane]\ninterfaces = [{interfaces}]\nattach = \"auto\"\n");
+    for (name, vip, port, backend_port) in [
+        ("web", IpAddr::from(VIP4), 80, HTTP_PORT),
+        ("bulk", IpAddr::from(VIP4), 9000, BULK_PORT),
+        ("web6", IpAddr::from(VIP6), 80, HTTP_PORT),
+        ("bulk6", IpAddr::from(VIP6), 9000, BULK_PORT),
+    ] {
+        let backends = (1..=3)
+            .map(|i| {
+                let addr: IpAddr = if vip.is_ipv4() {
+                    lab::backend4(i).into()
+                } else {
+                    lab::backend6(i).into()
+                };
+                format!(
+                    "  {{ address = \"{}\" }},",
+                    SocketAddr::new(addr, backend_port)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        out.push_str(&format!(
+            "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = {port}\nprotocol = \"tcp\"\nbackend = [\n{backends}\n]\n"
+        ));
+    }
+    out
+}
+
+fn matrix_case(topology: Topology, tag: &str) {
+    let lab = Lab::with_topology(tag, 3, topology).expect("building the lab");
+    let orch = lab
+        .start_orch(&lab::orch_bin(), &config(&lab))
+        .expect("starting orch");
+
+    // The hook auto chose, as the daemon reports it: TC on every virtual device here.
+    let status = orch.cli(&["status", "--json"]).unwrap();
+    let status: serde_json::Value = serde_json::from_str(&status.stdout_text()).unwrap();
+    for iface in lab.lb_interfaces() {
+        let want = format!("{iface} (tc)");
+        assert!(
+            status["status"]["interfaces"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|i| i == &want),
+            "{topology:?}: status lists {want}: {status}"
+        );
+    }
+
+    for vip in [IpAddr::from(VIP4), IpAddr::from(VIP6)] {
+        let (web, bulk) = (SocketAddr::new(vip, 80), SocketAddr::new(vip, 9000));
+        let (names, got, put) = lab
+            .client
+            .run(move || {
+                let names: Vec<_> = (0..6).map(|_| lab::http_get(web)).collect();
+                let got = lab::bulk_get(bulk, BULK, BULK_TIMEOUT);
+                let put = lab::bulk_put(bulk, BULK, BULK_TIMEOUT);
+                (names, got, put)
+            })
+            .unwrap();
+        let names: BTreeSet<String> = names
+            .into_iter()
+            .map(|n| {
+                n.unwrap_or_else(|e| {
+                    panic!("{topology:?} {vip}: a request failed: {e}\n{}", orch.log())
+                })
+            })
+            .collect();
+        assert_eq!(
+            names.len(),
+            3,
+            "{topology:?} {vip}: all backends used: {names:?}"
+        );
+        let from = got
+            .unwrap_or_else(|e| panic!("{topology:?} {vip}: 10 MB download: {e}\n{}", orch.log()));
+        assert!(from.starts_with("backend-"), "{from:?}");
+        put.unwrap_or_else(|e| panic!("{topology:?} {vip}: 10 MB upload: {e}\n{}", orch.log()));
+    }
+
+    // The counters tell what happened: both directions translated, nothing dropped.
+    let samples = prom::parse(&lab.metrics().unwrap());
+    let reason = |r: &str| prom::get(&samples, "orch_xdp_packets_total", &[("reason", r)]);
+    let forwarded = reason("fwd_redirect") + reason("fwd_stack");
+    let replied = reason("reply_redirect") + reason("reply_stack");
+    eprintln!(
+        "{topology:?}: forwarded {forwarded} (redirected {}), replied {replied} (redirected {})",
+        reason("fwd_redirect"),
+        reason("reply_redirect")
+    );
+    assert!(forwarded > 0.0 && replied > 0.0, "{topology:?}");
+    for r in [
+        "drop_no_backend",
+        "drop_conntrack_full",
+        "drop_internal",
+        "drop_refused",
+        "drop_tcp_no_flow",
+        "drop_reply_interface",
+        "drop_reply_collision",
+    ] {
+        assert_eq!(reason(r), 0.0, "{topology:?}: {r}\n{}", orch.log());
+    }
+}
+
+#[test]
+fn routed_veths_with_kernel_defaults() {
+    if !require_root("routed_veths_with_kernel_defaults") {
+        return;
+    }
+    matrix_case(Topology::Routed, "mroute");
+}
+
+#[test]
+fn backends_behind_a_linux_bridge() {
+    if !require_root("backends_behind_a_linux_bridge") {
+        return;
+    }
+    matrix_case(Topology::Bridge, "mbridge");
+}
+
+#[test]
+fn the_client_behind_a_vlan() {
+    if !require_root("the_client_behind_a_vlan") {
+        return;
+    }
+    if !lab::kernel_has_vlans() {
+        eprintln!("skipped: this kernel cannot create VLAN devices (no 802.1Q support)");
+        return;
+    }
+    matrix_case(Topology::VlanClient, "mvlan");
+}
