@@ -94,6 +94,7 @@ pub async fn run(opts: &Options) -> Result<(), DaemonError> {
         .inspect_err(|e| warn!(error = %e, "cannot watch the config file; reload with SIGHUP"))
         .ok();
     let mut ticks = tokio::time::interval(Duration::from_millis(100));
+    let mut link_changes = crate::links::watch();
     info!("orch is ready");
 
     loop {
@@ -106,6 +107,7 @@ pub async fn run(opts: &Options) -> Result<(), DaemonError> {
                 let _ = scrape.send(d.scrape());
             }
             _ = ticks.tick() => d.tick(Instant::now()),
+            Some(()) = link_changes.recv() => d.sync_interfaces(),
             Some(()) = changed.recv() => {
                 // Editors save in several steps (truncate, write, rename): let them finish.
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -205,6 +207,10 @@ pub struct Daemon {
     panicking: BTreeSet<String>,
     /// When the next expiry step of the connection tables is due.
     next_expiry: Instant,
+    /// When to compare the attachments with the kernel's interfaces without being told.
+    next_link_check: Instant,
+    /// Configured interfaces that are not there now (said once, attached when they return).
+    missing: BTreeSet<String>,
     /// The VIPs' unreachable routes (see [`crate::vips`]).
     vip_routes: VipRoutes,
 }
@@ -260,6 +266,8 @@ impl Daemon {
             metrics,
             panicking: BTreeSet::new(),
             next_expiry: Instant::now(),
+            next_link_check: Instant::now() + LINK_CHECK_INTERVAL,
+            missing: BTreeSet::new(),
             vip_routes: VipRoutes::start(),
         };
         let desired = desired(&daemon.config, &registered, &daemon.health);
@@ -289,11 +297,7 @@ impl Daemon {
 
     fn attach(&mut self) -> Result<(), DataplaneError> {
         let d = &self.config.dataplane;
-        let kind = match d.attach {
-            AttachConfig::Auto => AttachKind::Auto,
-            AttachConfig::Xdp => AttachKind::Xdp,
-            AttachConfig::Tc => AttachKind::Tc,
-        };
+        let kind = attach_kind(d.attach);
         let wanted: Vec<String> = d
             .interfaces
             .get_ref()
@@ -308,6 +312,55 @@ impl Daemon {
         }
         self.dp.detach_others(&wanted);
         Ok(())
+    }
+
+    /// Brings the attachments in line with the interfaces the kernel has now: forgets those
+    /// whose device went away (or was replaced under its name), attaches the configured
+    /// ones that are there and not attached. Runs on link notifications and every few
+    /// seconds. A failure is logged and tried again at the next change.
+    pub fn sync_interfaces(&mut self) {
+        self.next_link_check = Instant::now() + LINK_CHECK_INTERVAL;
+        for iface in self.dp.forget_gone() {
+            warn!(
+                iface,
+                "interface gone: the balancer went with it; attached again when it returns"
+            );
+        }
+        let kind = attach_kind(self.config.dataplane.attach);
+        let wanted: Vec<String> = self
+            .config
+            .dataplane
+            .interfaces
+            .get_ref()
+            .iter()
+            .map(|i| i.get_ref().clone())
+            .collect();
+        self.missing.retain(|m| wanted.contains(m));
+        for iface in wanted {
+            if self.dp.attached().any(|(a, _)| a == iface) {
+                self.missing.remove(&iface);
+                continue;
+            }
+            let result = Dataplane::choose_hook(&iface, kind).and_then(|hook| {
+                self.dp.attach(&iface, hook)?;
+                Ok(hook)
+            });
+            match result {
+                Ok(hook) => {
+                    info!(
+                        iface,
+                        hook = hook.name(),
+                        "interface back: balancer attached"
+                    );
+                    self.missing.remove(&iface);
+                }
+                Err(e) => {
+                    if self.missing.insert(iface.clone()) {
+                        warn!(iface, error = %format!("{:#}", anyhow::Error::from(e)), "configured interface not attached; trying again when links change");
+                    }
+                }
+            }
+        }
     }
 
     /// Re-reads the config file and applies it as a diff; an invalid file changes nothing.
@@ -465,6 +518,9 @@ impl Daemon {
         if now >= self.next_expiry {
             self.next_expiry = now + EXPIRY_INTERVAL;
             self.expire();
+        }
+        if now >= self.next_link_check {
+            self.sync_interfaces();
         }
         for ((service, backend), h) in &mut self.health {
             if let Some(t) = h.breaker.poll(now) {
@@ -1118,6 +1174,7 @@ impl Daemon {
                 .dp
                 .attached()
                 .map(|(i, hook)| format!("{i} ({})", hook.name()))
+                .chain(self.missing.iter().map(|i| format!("{i} (missing)")))
                 .collect(),
             adopted: self.dp.adopted(),
             services: services.len(),
@@ -1159,7 +1216,18 @@ const SIGNALS_PER_TICK: usize = 512;
 /// a step walks at most (a syscall or two each). A table of up to this size is swept whole
 /// every second; the default capacity (262,144) in 16 s, so closed connections leave within
 /// their close timeout plus that, at a few percent of one core.
+fn attach_kind(c: AttachConfig) -> AttachKind {
+    match c {
+        AttachConfig::Auto => AttachKind::Auto,
+        AttachConfig::Xdp => AttachKind::Xdp,
+        AttachConfig::Tc => AttachKind::Tc,
+    }
+}
+
 const EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the attachments are compared with the kernel's interfaces when no link
+/// notification came (they normally say it at once: see [`crate::links`]).
+const LINK_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 const EXPIRY_BUDGET: usize = 16_384;
 
 /// One backend whose kernel signals the ticks read.

@@ -31,6 +31,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod explain;
 pub mod health;
+pub mod links;
 pub mod metrics;
 pub mod model;
 pub mod reconcile;

@@ -1,11 +1,16 @@
 //! The lab: a client, a load balancer and N backends, each in its own network namespace.
 //!
 //! ```text
-//!   client ns               lb ns (orch attached to ext, be1..beN)        backend ns i
-//!  eth0 198.18.0.2 ----- ext 198.18.0.1      be<i> 198.18.<i>.1 ----- eth0 198.18.<i>.2
-//!       2001:db8::2          2001:db8::1           2001:db8:<i>::1          2001:db8:<i>::2
-//!  default via lb                                                     default via lb
+//!   client ns               lb ns (orch attached to ext, br0)             backend ns i
+//!  eth0 198.18.0.2 ----- ext 198.18.0.1      br0 198.18.<i>.1
+//!       2001:db8::2          2001:db8::1         2001:db8:<i>::1
+//!  default via lb                             └─ port be<i> ------------ eth0 198.18.<i>.2
+//!                                                                             2001:db8:<i>::2
+//!                                                                        default via lb
 //! ```
+//! That is [`Topology::Bridge`], the default (Docker's default network is a bridge with the
+//! containers' gateway on it). [`Topology::Routed`] gives `be<i>` the gateway addresses
+//! instead; [`Topology::VlanClient`] puts the client side on VLAN 100.
 //! VIPs (198.19.0.1, 2001:db8:ff::1) are not assigned to any interface: clients route them to
 //! the load balancer, where orch translates them. Each backend runs a TCP server (port 8080)
 //! and a UDP server (port 8053) that answer every line or datagram with
@@ -155,11 +160,12 @@ impl fmt::Debug for Lab {
 static LAB_COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 impl Lab {
-    /// Builds the topology with `backends` backends and starts their servers. `tag` goes
-    /// into the namespace names, which also carry the pid and a counter so labs of parallel
-    /// tests never collide.
+    /// Builds the default topology, the one users have most (backends as ports of a bridge,
+    /// as Docker's default network), with `backends` backends, and starts their servers.
+    /// `tag` goes into the namespace names, which also carry the pid and a counter so labs
+    /// of parallel tests never collide.
     pub fn new(tag: &str, backends: usize) -> io::Result<Lab> {
-        Self::with_topology(tag, backends, Topology::Routed)
+        Self::with_topology(tag, backends, Topology::Bridge)
     }
 
     /// [`Lab::new`] in another [`Topology`].
@@ -279,6 +285,38 @@ impl Lab {
             v.extend((1..=self.backends.len()).map(|i| format!("be{i}")));
         }
         v
+    }
+
+    /// Deletes backend `i`'s veth (1-based), as a container's runtime does when it stops
+    /// the container. Routed topology: the load balancer's end, `be<i>`, goes with it.
+    pub fn unplug_backend(&self, i: usize) -> io::Result<()> {
+        self.lb.ip(&["link", "del", &format!("be{i}")])?;
+        Ok(())
+    }
+
+    /// Creates backend `i`'s veth again, with the addresses and routes it had (routed
+    /// topology), as a restarted container gets a new one under the same name.
+    pub fn replug_backend(&self, i: usize) -> io::Result<()> {
+        assert_eq!(
+            self.topology,
+            Topology::Routed,
+            "replug_backend: routed labs only"
+        );
+        let (ns, lb_if) = (&self.backends[i - 1].ns, format!("be{i}"));
+        link(&self.lb, &lb_if, ns, "eth0")?;
+        configure_end(
+            &self.lb,
+            &lb_if,
+            &format!("198.18.{i}.1/24"),
+            &format!("2001:db8:{i:x}::1/64"),
+        )?;
+        configure_end(
+            ns,
+            "eth0",
+            &format!("{}/24", backend4(i)),
+            &format!("{}/64", backend6(i)),
+        )?;
+        default_routes(ns, &format!("198.18.{i}.1"), &format!("2001:db8:{i:x}::1"))
     }
 
     /// A path for a file that belongs to this lab (config, logs), removed by the caller.

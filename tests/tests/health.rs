@@ -212,9 +212,14 @@ fn probe_rate_for_24_services_of_3_backends() {
         return;
     }
     let lab = Lab::new("probes", 3).expect("building the lab");
-    let config = "[dataplane]\ninterfaces = [\"ext\", \"be1\", \"be2\", \"be3\"]\n";
+    let interfaces: Vec<String> = lab
+        .lb_interfaces()
+        .iter()
+        .map(|i| format!("{i:?}"))
+        .collect();
+    let config = format!("[dataplane]\ninterfaces = [{}]\n", interfaces.join(", "));
     let orch = lab
-        .start_orch(&lab::orch_bin(), config)
+        .start_orch(&lab::orch_bin(), &config)
         .expect("starting orch");
     for i in 1..=24 {
         let vip = format!("198.19.3.{i}:80");

@@ -167,3 +167,72 @@ fn the_client_behind_a_vlan() {
     }
     matrix_case(Topology::VlanClient, "mvlan");
 }
+
+/// A container restart, in the routed topology: the backend's veth is deleted (orch's end
+/// with it) and created again under the same name. orch forgets the dead attachment at once,
+/// `orch status` says the interface is missing, and when it returns the balancer is on it
+/// again and traffic reaches that backend through the VIP.
+#[test]
+fn an_interface_deleted_and_created_again_is_attached_again() {
+    if !require_root("an_interface_deleted_and_created_again_is_attached_again") {
+        return;
+    }
+    let lab = Lab::with_topology("relink", 3, Topology::Routed).expect("building the lab");
+    let orch = lab
+        .start_orch(&lab::orch_bin(), &config(&lab))
+        .expect("starting orch");
+    let interfaces = |orch: &lab::Orch| -> Vec<String> {
+        let out = orch.cli(&["status", "--json"]).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&out.stdout_text()).unwrap();
+        v["status"]["interfaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i.as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert!(interfaces(&orch).contains(&"be2 (tc)".to_owned()));
+
+    lab.unplug_backend(2).unwrap();
+    let said = lab::wait_until(Duration::from_secs(10), || {
+        interfaces(&orch).contains(&"be2 (missing)".to_owned())
+    });
+    assert!(
+        said.is_some(),
+        "status: {:?}\n{}",
+        interfaces(&orch),
+        orch.log()
+    );
+
+    lab.replug_backend(2).unwrap();
+    let back = lab::wait_until(Duration::from_secs(10), || {
+        lab::balancer_attached(lab.lb.name(), "be2").unwrap_or(false)
+    });
+    let back = back.unwrap_or_else(|| panic!("be2 not attached again\n{}", orch.log()));
+    eprintln!("be2 attached again {back:?} after it returned");
+    assert!(interfaces(&orch).contains(&"be2 (tc)".to_owned()));
+    // Health took backend-2 out while it was gone; its probes bring it back.
+    let backend2 = SocketAddr::new(lab::backend4(2).into(), HTTP_PORT).to_string();
+    let healthy = lab::wait_until(Duration::from_secs(20), || {
+        orch.in_rotation("web", &backend2)
+    });
+    assert!(
+        healthy.is_some(),
+        "{backend2} not back in rotation\n{}",
+        orch.log()
+    );
+    // backend-2 answers through the VIP again: six requests reach all three backends.
+    let web = SocketAddr::new(IpAddr::from(VIP4), 80);
+    let names: BTreeSet<String> = lab
+        .client
+        .run(move || {
+            (0..6)
+                .map(|_| lab::http_get(web))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .unwrap()
+        .unwrap_or_else(|e| panic!("a request failed: {e}\n{}", orch.log()))
+        .into_iter()
+        .collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+}

@@ -423,6 +423,17 @@ pub struct TestRunOutput {
     pub duration: Duration,
 }
 
+/// The balancer on one interface.
+#[derive(Debug)]
+struct Attached {
+    iface: String,
+    /// The interface's index when it was attached: a device deleted and created again under
+    /// the same name has a new one, and needs attaching again.
+    ifindex: u32,
+    hook: Hook,
+    attachment: Attachment,
+}
+
 /// One attachment of the balancer to an interface.
 #[derive(Debug)]
 enum Attachment {
@@ -466,7 +477,7 @@ pub struct Dataplane {
     sweep: [Option<FlowKey>; 2],
     /// The reader of the program's log ring buffer, when kernel logging is on.
     kernel_log: Option<aya_log::EbpfLogger<KernelLog>>,
-    attached: Vec<(String, Hook, Attachment)>,
+    attached: Vec<Attached>,
     /// Where the XDP program may redirect (see `orch_common::maps::XDP_TX_MAP`).
     xdp_tx: DevMapHash<MapData>,
     pin_dir: Option<PathBuf>,
@@ -902,6 +913,17 @@ impl Dataplane {
             hook: hook.name(),
             source,
         };
+        let ifindex =
+            nix::net::if_::if_nametoindex(iface).map_err(|e| DataplaneError::NoInterface {
+                iface: iface.to_owned(),
+                source: e.into(),
+            })?;
+        let record = |attachment| Attached {
+            iface: iface.to_owned(),
+            ifindex,
+            hook,
+            attachment,
+        };
         if hook == Hook::Xdp {
             self.allow_xdp_redirect(iface)?;
         }
@@ -919,7 +941,7 @@ impl Dataplane {
                 ),
             };
             info!(iface, hook = hook.name(), "balancer attached");
-            self.attached.push((iface.to_owned(), hook, attachment));
+            self.attached.push(record(attachment));
             return Ok(());
         };
         let path = links_dir.join(format!("{}_{iface}", hook.name()));
@@ -936,8 +958,7 @@ impl Dataplane {
                         hook = hook.name(),
                         "balancer replaced in the pinned link"
                     );
-                    self.attached
-                        .push((iface.to_owned(), hook, Attachment::Pinned(pinned)));
+                    self.attached.push(record(Attachment::Pinned(pinned)));
                     return Ok(());
                 }
                 Err(e) => {
@@ -991,8 +1012,7 @@ impl Dataplane {
             hook = hook.name(),
             "balancer attached through a pinned link"
         );
-        self.attached
-            .push((iface.to_owned(), hook, Attachment::Pinned(pinned)));
+        self.attached.push(record(Attachment::Pinned(pinned)));
         Ok(())
     }
 
@@ -1061,7 +1081,7 @@ impl Dataplane {
                 Err(e) => warn!(iface, error = %e, "removing a link pin failed"),
             }
         }
-        self.attached.retain(|(i, _, _)| keep.contains(i));
+        self.attached.retain(|a| keep.contains(&a.iface));
     }
 
     fn links_dir(&self) -> Option<PathBuf> {
@@ -1071,7 +1091,10 @@ impl Dataplane {
     /// Detaches the balancer from every interface it was attached to, pinned links included.
     pub fn detach_all(&mut self) {
         let attached = std::mem::take(&mut self.attached);
-        for (iface, _, attachment) in attached {
+        for Attached {
+            iface, attachment, ..
+        } in attached
+        {
             let result = match attachment {
                 Attachment::OwnedXdp(id) => self
                     .program(PROGRAM)
@@ -1114,7 +1137,36 @@ impl Dataplane {
 
     /// Interfaces the balancer is attached to, and where.
     pub fn attached(&self) -> impl Iterator<Item = (&str, Hook)> {
-        self.attached.iter().map(|(i, h, _)| (i.as_str(), *h))
+        self.attached.iter().map(|a| (a.iface.as_str(), a.hook))
+    }
+
+    /// Forgets the attachments whose interface is gone, or was created again under its name
+    /// (a new index): the kernel detached them with the device. Their link pins are removed.
+    /// Returns the interfaces forgotten.
+    pub fn forget_gone(&mut self) -> Vec<String> {
+        let links_dir = self.links_dir();
+        let (kept, gone): (Vec<Attached>, Vec<Attached>) = std::mem::take(&mut self.attached)
+            .into_iter()
+            .partition(|a| nix::net::if_::if_nametoindex(a.iface.as_str()).ok() == Some(a.ifindex));
+        self.attached = kept;
+        gone.into_iter()
+            .map(|a| {
+                if a.hook == Hook::Xdp {
+                    let _ = self.xdp_tx.remove(a.ifindex);
+                }
+                if let Some(dir) = &links_dir {
+                    let pin = dir.join(format!("{}_{}", a.hook.name(), a.iface));
+                    if let Err(e) = std::fs::remove_file(&pin) {
+                        if e.kind() != std::io::ErrorKind::NotFound {
+                            warn!(iface = a.iface, error = %e, "removing a stale link pin failed");
+                        }
+                    }
+                }
+                // Dropping the attachment closes this process's fd of a link that the
+                // kernel already detached.
+                a.iface
+            })
+            .collect()
     }
 
     /// Replaces the runtime settings.
@@ -1526,11 +1578,8 @@ impl Drop for Dataplane {
     fn drop(&mut self) {
         // Owned attachments go with the process anyway; detach them explicitly so that a
         // failed start leaves nothing half-attached. Pinned links stay by design.
-        let owned: Vec<(String, Hook, Attachment)> = std::mem::take(&mut self.attached)
-            .into_iter()
-            .filter(|(_, _, a)| !matches!(a, Attachment::Pinned(_)))
-            .collect();
-        self.attached = owned;
+        self.attached
+            .retain(|a| !matches!(a.attachment, Attachment::Pinned(_)));
         self.detach_all();
     }
 }
