@@ -97,6 +97,21 @@ pub enum Reason {
     /// replies could not be told apart. Dropped when no other backend is free of the clash:
     /// the client's SYN retransmission tries again.
     DropReplyCollision = 17,
+    /// A balanced connection's packet bigger than the next hop takes (the FIB's or the
+    /// device's MTU): left to the kernel untranslated, so that its ICMP "fragmentation
+    /// needed" / "packet too big" goes to the sender with the sender's own packet quoted
+    /// (path-MTU discovery then works through the load balancer).
+    PassTooBig = 18,
+    /// A balanced connection's packet whose TTL (hop limit) would expire here: left to the
+    /// kernel untranslated, for its ICMP "time exceeded" to quote what was sent.
+    PassTtlExpired = 19,
+    /// An ICMP error about a balanced connection that came from the clients' side (its
+    /// quoted packet is a reply from the VIP): translated and forwarded to the backend.
+    IcmpToBackend = 20,
+    /// An ICMP error about a balanced connection that came from the backends' side (its
+    /// quoted packet went from a client to the backend): translated to the VIP and
+    /// forwarded to the client.
+    IcmpToClient = 21,
 }
 
 /// Connection-table events the program counts (per-CPU array [`maps::CT_EVENTS_MAP`],
@@ -122,7 +137,7 @@ impl CtEvent {
 
 impl Reason {
     /// Number of reasons: the size of the statistics array.
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 22;
 
     /// Every reason, in index order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -144,6 +159,10 @@ impl Reason {
         Reason::DropTcpNoFlow,
         Reason::DropReplyInterface,
         Reason::DropReplyCollision,
+        Reason::PassTooBig,
+        Reason::PassTtlExpired,
+        Reason::IcmpToBackend,
+        Reason::IcmpToClient,
     ];
 
     /// A stable snake_case name, used in logs and (later) metric labels.
@@ -167,6 +186,10 @@ impl Reason {
             Reason::DropTcpNoFlow => "drop_tcp_no_flow",
             Reason::DropReplyInterface => "drop_reply_interface",
             Reason::DropReplyCollision => "drop_reply_collision",
+            Reason::PassTooBig => "pass_too_big",
+            Reason::PassTtlExpired => "pass_ttl_expired",
+            Reason::IcmpToBackend => "icmp_to_backend",
+            Reason::IcmpToClient => "icmp_to_client",
         }
     }
 }

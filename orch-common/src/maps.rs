@@ -46,10 +46,10 @@ pub const XDP_TX_CAPACITY: u32 = 256;
 /// Runtime settings: index 0 → [`Settings`] (array).
 pub const SETTINGS_MAP: &str = "ORCH_CFG_V1";
 /// Verdict counters: [`crate::Reason`] → `u64` (per-CPU array).
-pub const STATS_MAP: &str = "ORCH_STATS_V3";
-/// The verdict counters of the previous layout (fewer reasons, same indices); migrated into
+pub const STATS_MAP: &str = "ORCH_STATS_V4";
+/// The verdict counters of earlier layouts (fewer reasons, same indices); migrated into
 /// [`STATS_MAP`] so that counters never go backwards across an upgrade.
-pub const STATS_MAP_V2: &str = "ORCH_STATS_V2";
+pub const STATS_MAPS_BEFORE: [&str; 2] = ["ORCH_STATS_V2", "ORCH_STATS_V3"];
 /// Connection-table events: [`crate::CtEvent`] → `u64` (per-CPU array).
 pub const CT_EVENTS_MAP: &str = "ORCH_CT_EV_V1";
 /// Entries added to and removed from the unconfirmed table, by whom: [`CT_NEW_INSERTED`]..

@@ -1,10 +1,14 @@
-//! Forwarding of translated packets: a kernel FIB lookup and `XDP_REDIRECT` when the route
-//! and the neighbour are known, the kernel stack otherwise.
+//! Forwarding of translated packets: a kernel FIB lookup and a redirect when the route and
+//! the neighbour are known, the kernel stack otherwise; and the cases where the kernel must
+//! answer the sender (too big, TTL), found before the packet is touched.
 
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
+    bindings::{
+        bpf_fib_lookup, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS,
+    },
     helpers::bpf_fib_lookup as fib_lookup,
 };
 use orch_common::{
@@ -22,6 +26,9 @@ const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 /// TTL and protocol share one 16-bit word of the IPv4 header (offset 8).
 const V4_TTL: usize = ETH_HLEN + 8;
+/// Flags and fragment offset of the IPv4 header, and its don't-fragment bit (RFC 791).
+const V4_FRAG_OFF: usize = ETH_HLEN + 6;
+const IP_DF: u16 = 0x4000;
 const V4_CHECK: usize = ETH_HLEN + 10;
 const V6_HOP_LIMIT: usize = ETH_HLEN + 7;
 
@@ -97,45 +104,80 @@ pub fn lookup<F: Frame>(ctx: &F, pkt: &Packet, src: &[u32; 4], dst: &[u32; 4]) -
     Some(Route { params: p, rc })
 }
 
-/// Forwards the (already translated) packet from `src` to `dst`, with `route` when this
-/// packet's route was looked up already (see [`Route::last`]). On success it sets the MACs, decrements the TTL as a
-/// router must, and returns the redirect action. `None` means "let the kernel route it": no
-/// route, an unresolved neighbour (the stack will resolve it and the next packets will take
-/// the fast path), a TTL about to expire (the stack sends the ICMP error), or redirect
-/// disabled.
+/// Where a balanced packet goes next, decided before it is rewritten.
+pub enum Hop {
+    /// Out of the route's interface, from here.
+    Redirect(Route),
+    /// To the kernel stack, translated: no route or neighbour yet (the stack resolves it and
+    /// the next packets take the fast path), a device this hook cannot send to, redirect
+    /// disabled, or an IPv4 packet without DF that the stack will fragment.
+    Stack,
+    /// Bigger than the next hop takes, and not to be fragmented here.
+    TooBig,
+    /// Its TTL (hop limit) ends here.
+    TtlExpired,
+}
+
+/// Decides the next hop of a packet that will go from `src` to `dst` once translated, with
+/// `route` when it was looked up already (see [`Route::last`]). Decided on the packet as it
+/// arrived: when the answer is an ICMP error (too big, TTL), the kernel must quote the packet
+/// its sender sent, not our translation of it.
 #[inline(always)]
-pub fn redirect(
-    ctx: &impl Frame,
+pub fn decide<F: Frame>(
+    ctx: &F,
     pkt: &Packet,
     src: &[u32; 4],
     dst: &[u32; 4],
     settings: &Settings,
     route: Option<Route>,
-) -> Option<u32> {
+) -> Hop {
+    let ttl_off = if pkt.v6 { V6_HOP_LIMIT } else { V4_TTL };
+    match read::<u8>(ctx, ttl_off) {
+        Some(ttl) if ttl > 1 => {}
+        _ => return Hop::TtlExpired,
+    }
     if settings.flags & SETTING_REDIRECT == 0 {
+        return Hop::Stack;
+    }
+    let Some(route) = route.or_else(|| lookup(ctx, pkt, src, dst)) else {
+        return Hop::Stack;
+    };
+    // The FIB checks the IP length (XDP); the device check covers an skb and its GSO
+    // segments (TC).
+    let too_big = if route.rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        // SAFETY: this CPU's scratch entry, just filled by the lookup.
+        let ifindex = unsafe { (*route.params).ifindex };
+        if !ctx.can_send(ifindex) {
+            return Hop::Stack;
+        }
+        !ctx.fits(ifindex)
+    } else {
+        route.rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64
+    };
+    if too_big {
+        // IPv4 without DF may be fragmented on the way: the stack does it, translated.
+        let df =
+            pkt.v6 || read::<u16>(ctx, V4_FRAG_OFF).is_some_and(|f| u16::from_be(f) & IP_DF != 0);
+        return if df { Hop::TooBig } else { Hop::Stack };
+    }
+    if route.rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return Hop::Stack;
+    }
+    Hop::Redirect(route)
+}
+
+/// Sends the (already translated) packet along `route`: sets the MACs, decrements the TTL
+/// as a router must, and returns the action. `None` if the packet is too short to carry
+/// what parsing found in it, which cannot happen.
+#[inline(always)]
+pub fn send(ctx: &impl Frame, pkt: &Packet, route: &Route) -> Option<u32> {
+    // SAFETY: this CPU's scratch entry, filled by the lookup that made `route`.
+    let params = unsafe { &*route.params };
+    if !write(ctx, 0, params.dmac) || !write(ctx, 6, params.smac) {
         return None;
     }
     let ttl_off = if pkt.v6 { V6_HOP_LIMIT } else { V4_TTL };
     let ttl = read::<u8>(ctx, ttl_off)?;
-    if ttl <= 1 {
-        return None;
-    }
-    let route = match route {
-        Some(r) => r,
-        None => lookup(ctx, pkt, src, dst)?,
-    };
-    if route.rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        return None;
-    }
-    // SAFETY: this CPU's scratch entry, just filled by the lookup.
-    let params = unsafe { &*route.params };
-    if !ctx.can_send(params.ifindex) {
-        return None;
-    }
-
-    if !write(ctx, 0, params.dmac) || !write(ctx, 6, params.smac) {
-        return None;
-    }
     if pkt.v6 {
         write(ctx, ttl_off, ttl - 1);
     } else {

@@ -11,8 +11,11 @@
 //! skb's checksum state, do the update.
 
 use aya_ebpf::{
-    bindings::{xdp_action, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_csum_diff, bpf_redirect},
+    bindings::{
+        bpf_check_mtu_flags::BPF_MTU_CHK_SEGS, xdp_action, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR,
+        TC_ACT_OK, TC_ACT_SHOT,
+    },
+    helpers::{bpf_check_mtu, bpf_csum_diff, bpf_redirect},
     programs::{TcContext, XdpContext},
     EbpfContext,
 };
@@ -66,6 +69,9 @@ pub trait Frame: EbpfContext {
     fn can_send(&self, ifindex: u32) -> bool;
     /// Sends the packet out of `ifindex`: the action to return.
     fn send(&self, ifindex: u32) -> u32;
+    /// Whether the packet fits the MTU of `ifindex` (an skb's GSO segments included). XDP
+    /// leaves this to the FIB lookup, which checks the IP length.
+    fn fits(&self, ifindex: u32) -> bool;
 }
 
 impl Frame for XdpContext {
@@ -99,6 +105,11 @@ impl Frame for XdpContext {
     #[inline(always)]
     fn can_send(&self, ifindex: u32) -> bool {
         XDP_TX.get(ifindex).is_some()
+    }
+
+    #[inline(always)]
+    fn fits(&self, _ifindex: u32) -> bool {
+        true
     }
 
     #[inline(always)]
@@ -168,6 +179,15 @@ impl Frame for TcContext {
     fn send(&self, ifindex: u32) -> u32 {
         // SAFETY: a helper taking plain integers.
         unsafe { bpf_redirect(ifindex, 0) as u32 }
+    }
+
+    #[inline(always)]
+    fn fits(&self, ifindex: u32) -> bool {
+        let mut mtu: u32 = 0;
+        // SAFETY: the context's skb and a local the helper writes the MTU to.
+        let rc =
+            unsafe { bpf_check_mtu(self.as_ptr(), ifindex, &mut mtu, 0, BPF_MTU_CHK_SEGS as u64) };
+        rc == 0
     }
 
     #[inline(always)]

@@ -84,7 +84,7 @@ pub static PORTS: Array<PortBitmap> = Array::with_max_entries(2, 0);
 #[map(name = "ORCH_CFG_V1")]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
-#[map(name = "ORCH_STATS_V3")]
+#[map(name = "ORCH_STATS_V4")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
 
 #[map(name = "ORCH_SVC_ST_V1")]

@@ -3,8 +3,8 @@
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use orch_common::{
     maps::{
-        BackendSignals, FlowKey, FlowValue, ServiceKey, ServiceValue, Settings, TrafficCounters,
-        DIR_REPLY, PORTS_BACKEND, PORTS_VIP, TCP_ACK, TCP_RST, TCP_SYN,
+        BackendSignals, FlowKey, FlowValue, ServiceKey, ServiceValue, TrafficCounters, DIR_REPLY,
+        PORTS_BACKEND, PORTS_VIP, TCP_ACK, TCP_RST, TCP_SYN,
     },
     Reason, IPPROTO_TCP, IPPROTO_UDP,
 };
@@ -144,18 +144,14 @@ fn translate_reply<F: Frame>(ctx: &F, pkt: &Packet) -> Result<Option<(u32, Reaso
     }
     let (vip, port_be) = (entry.nat_addr, entry.nat_port_be);
     let (service_id, backend_id) = (entry.service_id, entry.backend_id);
+    let hop = fib::decide(ctx, pkt, &vip, &pkt.dst, &settings, None);
+    if let Some(untouched) = for_the_stack::<F>(&hop) {
+        return Ok(Some(untouched));
+    }
     if !nat::rewrite(ctx, pkt, Side::Src, &vip, port_be) {
         return Err(Reason::DropInternal);
     }
-    Ok(Some(deliver(
-        ctx,
-        pkt,
-        (service_id, backend_id),
-        (&vip, &pkt.dst),
-        &settings,
-        true,
-        None,
-    )))
+    Ok(Some(deliver(ctx, pkt, (service_id, backend_id), true, hop)))
 }
 
 /// A backend's first answers to a balanced SYN, recognised by what they acknowledge: the
@@ -247,24 +243,36 @@ fn translate_forward<F: Frame>(
     };
     let (addr, port_be) = (flow.nat_addr, flow.nat_port_be);
     let ids = (flow.service_id, flow.backend_id);
+    let hop = fib::decide(ctx, pkt, &pkt.src, &addr, &settings(), route);
+    if let Some(untouched) = for_the_stack::<F>(&hop) {
+        return untouched;
+    }
     if !nat::rewrite(ctx, pkt, Side::Dst, &addr, port_be) {
         return verdict::<F>(Err(Reason::DropInternal));
     }
-    deliver(ctx, pkt, ids, (&pkt.src, &addr), &settings(), false, route)
+    deliver(ctx, pkt, ids, false, hop)
 }
 
-/// Counts a translated packet (now from `src` to `dst`) for its service and backend (ids),
-/// then
-/// forwards it: redirected when the FIB knows the way, otherwise to the kernel stack.
+/// The verdict for a packet the kernel must answer (too big, TTL), left as it came; `None`
+/// for one we translate.
+#[inline(always)]
+fn for_the_stack<F: Frame>(hop: &fib::Hop) -> Option<(u32, Reason)> {
+    match hop {
+        fib::Hop::TooBig => Some((F::PASS, Reason::PassTooBig)),
+        fib::Hop::TtlExpired => Some((F::PASS, Reason::PassTtlExpired)),
+        _ => None,
+    }
+}
+
+/// Counts a translated packet for its service and backend (ids), then forwards it to
+/// `hop`: redirected when the FIB knows the way, otherwise to the kernel stack.
 #[inline(always)]
 fn deliver<F: Frame>(
     ctx: &F,
     pkt: &Packet,
     (service_id, backend_id): (u32, u32),
-    (src, dst): (&[u32; 4], &[u32; 4]),
-    settings: &Settings,
     reply: bool,
-    route: Option<fib::Route>,
+    hop: fib::Hop,
 ) -> (u32, Reason) {
     let bytes = pkt.l3_len as u64;
     let count = |c: &mut TrafficCounters| {
@@ -283,8 +291,11 @@ fn deliver<F: Frame>(
     } else {
         (Reason::FwdRedirect, Reason::FwdStack)
     };
-    match fib::redirect(ctx, pkt, src, dst, settings, route) {
-        Some(action) => (action, redirected),
-        None => (F::PASS, stacked),
+    match hop {
+        fib::Hop::Redirect(route) => match fib::send(ctx, pkt, &route) {
+            Some(action) => (action, redirected),
+            None => (F::PASS, stacked),
+        },
+        _ => (F::PASS, stacked),
     }
 }

@@ -55,6 +55,9 @@ enum L4 {
     Udp,
 }
 
+/// A payload beyond the test namespace's 1,500-byte MTU.
+static BIG: [u8; 1600] = [0x5a; 1600];
+
 /// A packet description that builds into bytes with correct checksums.
 #[derive(Clone, Debug)]
 struct Pkt {
@@ -581,7 +584,7 @@ fn fixture_table() -> Vec<Case> {
             reason: Reason::FwdStack,
         },
         Case {
-            desc: "TTL 1: translated and passed so the stack can send time-exceeded",
+            desc: "TTL 1: passed as it came, so the stack's time-exceeded quotes the VIP",
             input: {
                 let mut p = syn.clone();
                 p.ttl = 1;
@@ -589,13 +592,35 @@ fn fixture_table() -> Vec<Case> {
                 p.bytes()
             },
             verdict: Verdict::Pass,
-            output: Some({
-                let mut p = syn.clone();
+            output: None,
+            reason: Reason::PassTtlExpired,
+        },
+        Case {
+            desc: "a reply with TTL 1: passed as it came, time-exceeded goes to the backend",
+            input: {
+                let mut p = synack.clone();
                 p.ttl = 1;
-                p.src = sa("198.18.0.2:40003");
-                p.dnat(be2).bytes()
-            }),
-            reason: Reason::FwdStack,
+                p.bytes()
+            },
+            verdict: Verdict::Pass,
+            output: None,
+            reason: Reason::PassTtlExpired,
+        },
+        Case {
+            desc: "data beyond the next hop's MTU (DF): passed as it came, for the stack's \
+                   fragmentation-needed to quote what the client sent",
+            input: Pkt::new(L4::Ack, client, vip).payload(&BIG).bytes(),
+            verdict: Verdict::Pass,
+            output: None,
+            reason: Reason::PassTooBig,
+        },
+        Case {
+            desc: "IPv6: a reply beyond the next hop's MTU: passed as it came (packet too big \
+                   goes to the backend)",
+            input: synack6.clone().payload(&BIG).bytes(),
+            verdict: Verdict::Pass,
+            output: None,
+            reason: Reason::PassTooBig,
         },
         Case {
             desc: "service without a weighted backend: new connection dropped",
@@ -793,9 +818,9 @@ fn fixture_table_verdicts_outputs_and_counters() {
         let web_id = rec.service_id(&web).unwrap();
         let c = dp.service_counters(web_id).unwrap();
         assert_eq!(c.new_conns, 3, "web: SYN, second SYN, TTL-1 SYN: {c:?}");
-        assert_eq!(c.fwd_packets, 4, "{c:?}");
+        assert_eq!(c.fwd_packets, 3, "the TTL-1 SYN is not translated: {c:?}");
         assert_eq!(c.reply_packets, 1, "{c:?}");
-        assert_eq!(c.fwd_bytes, 40 + 58 + 40 + 40, "L3 bytes: {c:?}");
+        assert_eq!(c.fwd_bytes, 40 + 58 + 40, "L3 bytes: {c:?}");
         let be2 = rec.backend_id(&web, sa("198.18.1.2:8080")).unwrap();
         let be3 = rec.backend_id(&web, sa("198.18.1.3:8080")).unwrap();
         let (c2, c3) = (
@@ -804,8 +829,8 @@ fn fixture_table_verdicts_outputs_and_counters() {
         );
         assert_eq!(
             (c2.new_conns, c2.fwd_packets, c2.reply_packets),
-            (2, 3, 1),
-            "{c2:?}"
+            (2, 2, 1),
+            "the TTL-1 SYN was balanced to backend 2, not translated: {c2:?}"
         );
         assert_eq!(
             (c3.new_conns, c3.fwd_packets, c3.reply_packets),
@@ -1451,7 +1476,7 @@ fn an_upgrade_carries_connections_and_counters_from_the_previous_layout() {
         .unwrap();
     ct.update(&bytes_of(&reply), &bytes_of(&old_reply)).unwrap();
     let stats = OldMap::create(
-        &maps.join(orch_common::maps::STATS_MAP_V2),
+        &maps.join(orch_common::maps::STATS_MAPS_BEFORE[0]),
         BPF_MAP_TYPE_PERCPU_ARRAY,
         4,
         8,
@@ -1515,7 +1540,7 @@ fn an_upgrade_carries_connections_and_counters_from_the_previous_layout() {
     })
     .expect("upgrade");
     assert!(!maps.join(orch_common::maps::CONNTRACK_MAP_V1).exists());
-    assert!(!maps.join(orch_common::maps::STATS_MAP_V2).exists());
+    assert!(!maps.join(orch_common::maps::STATS_MAPS_BEFORE[0]).exists());
 }
 
 /// A spoofed SYN from the `i`th address of a flood.

@@ -45,7 +45,7 @@ use orch_common::maps::{
     BACKEND_STATS_MAP, CONNTRACK_MAP, CONNTRACK_MAP_V1, CONNTRACK_NEW_MAP, CT_EVENTS_MAP,
     CT_NEW_ADOPTED, CT_NEW_EXPIRED, CT_NEW_INSERTED, CT_NEW_OPS_MAP, CT_NEW_REMOVED, CURSORS_MAP,
     DIR_FORWARD, PORTS_MAP, SERVICES_MAP, SERVICE_STATS_MAP, SETTINGS_MAP, SLOTS_MAP, STATS_MAP,
-    STATS_MAP_V2, XDP_TX_MAP,
+    STATS_MAPS_BEFORE, XDP_TX_MAP,
 };
 use orch_common::{CtEvent, Reason, IPPROTO_UDP};
 use tracing::{debug, info, warn};
@@ -570,7 +570,7 @@ impl Dataplane {
     /// Carries the state of an earlier layout's pinned maps into this layout's, so that an
     /// upgrade that changes a layout drops no connection and no counter:
     /// - the connection table (`ORCH_CT_V1`): every entry the new table lacks, converted;
-    /// - with `finish`, the verdict counters (`ORCH_STATS_V2`), added to the new ones, and
+    /// - with `finish`, the verdict counters (`ORCH_STATS_V2`, `ORCH_STATS_V3`), added to the new ones, and
     ///   then the old pins are removed.
     ///
     /// [`Dataplane::open`] runs it before the program swap, so the new program finds the
@@ -616,28 +616,34 @@ impl Dataplane {
             }
             self.ops_began = false;
         }
-        let old_stats = maps_dir.join(STATS_MAP_V2);
-        if finish && old_stats.exists() {
-            let old = open_pinned(&old_stats)?;
-            let old: PerCpuArray<MapData, u64> =
-                PerCpuArray::try_from(old).map_err(map_err(STATS_MAP_V2))?;
-            for index in 0..old.len().min(Reason::COUNT) {
-                let (Ok(before), Ok(now)) = (old.get(&index, 0), self.stats.get(&index, 0)) else {
-                    continue;
-                };
-                let sum: Vec<u64> = before.iter().zip(now.iter()).map(|(a, b)| a + b).collect();
-                let values = PerCpuValues::try_from(sum).map_err(|source| DataplaneError::Map {
-                    name: STATS_MAP,
-                    source: MapError::IoError(source),
-                })?;
-                self.stats
-                    .set(index, values, 0)
-                    .map_err(map_err(STATS_MAP))?;
+        let mut old_pins = vec![old_ct];
+        for name in STATS_MAPS_BEFORE {
+            let old_stats = maps_dir.join(name);
+            if finish && old_stats.exists() {
+                let old = open_pinned(&old_stats)?;
+                let old: PerCpuArray<MapData, u64> =
+                    PerCpuArray::try_from(old).map_err(map_err(name))?;
+                for index in 0..old.len().min(Reason::COUNT) {
+                    let (Ok(before), Ok(now)) = (old.get(&index, 0), self.stats.get(&index, 0))
+                    else {
+                        continue;
+                    };
+                    let sum: Vec<u64> = before.iter().zip(now.iter()).map(|(a, b)| a + b).collect();
+                    let values =
+                        PerCpuValues::try_from(sum).map_err(|source| DataplaneError::Map {
+                            name: STATS_MAP,
+                            source: MapError::IoError(source),
+                        })?;
+                    self.stats
+                        .set(index, values, 0)
+                        .map_err(map_err(STATS_MAP))?;
+                }
+                done.counters = true;
             }
-            done.counters = true;
+            old_pins.push(old_stats);
         }
         if finish {
-            for path in [old_ct, old_stats] {
+            for path in old_pins {
                 match std::fs::remove_file(&path) {
                     Ok(()) => done.retired += 1,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
