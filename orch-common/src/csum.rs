@@ -66,6 +66,14 @@ impl Delta {
             .replace_u32(old[3], new[3])
     }
 
+    /// Both changes: for a checksum that covers the words of both (ICMPv6's covers the
+    /// outer addresses and the quoted packet).
+    #[inline(always)]
+    #[must_use]
+    pub const fn and(self, other: Delta) -> Self {
+        Delta(self.0 + other.0)
+    }
+
     /// Applies the recorded change to the checksum field `check` (RFC 1624 eqn. 3).
     #[inline(always)]
     pub const fn apply(self, check: u16) -> u16 {

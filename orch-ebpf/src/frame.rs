@@ -26,9 +26,10 @@ use crate::{
     parse::{read, write},
 };
 
-/// The headers the program parses, at most: Ethernet, IPv6, TCP up to its flags and
-/// sequence numbers. A TC program pulls this much into the skb's linear part first.
-const HEADERS: u32 = 14 + 40 + 20;
+/// The headers the program reads, at most: Ethernet, IPv6, ICMPv6 and the quoted IPv6
+/// header and ports (TCP up to its sequence numbers is shorter). A TC program pulls this
+/// much into the skb's linear part first.
+const HEADERS: u32 = 14 + 40 + 8 + 40 + 8;
 
 /// An L4 checksum change: one end's address and port, from `old` to `new`.
 pub struct L4Change<'a> {

@@ -12,6 +12,7 @@ use orch_common::{
 use crate::{
     balance, conntrack, fib,
     frame::Frame,
+    icmp,
     maps::{settings, BACKEND_STATS, PORTS, SCRATCH, SERVICES, SERVICE_STATS},
     nat::{self, Side},
     parse::{self, Packet},
@@ -56,7 +57,12 @@ fn action_for<F: Frame>(reason: Reason) -> u32 {
 #[inline(always)]
 fn try_steer<F: Frame>(ctx: &F) -> Result<(u32, Reason), Reason> {
     ctx.prepare();
-    let pkt = parse::parse(ctx)?;
+    let pkt = match parse::parse(ctx) {
+        Ok(pkt) => pkt,
+        // ICMP errors about balanced connections are translated too.
+        Err(Reason::PassOtherProtocol) => return Ok(icmp::steer(ctx)),
+        Err(reason) => return Err(reason),
+    };
 
     // Pre-filter on ports: traffic to ports no service listens on, from ports no backend
     // answers from, leaves after two array loads and no hash lookup.

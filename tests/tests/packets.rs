@@ -924,6 +924,217 @@ fn xdp_leaves_a_route_through_a_device_it_cannot_send_to_to_the_stack() {
     .expect("no redirect target");
 }
 
+/// An ICMP error frame: `outer` addresses, `ttl`, the error `kind`, quoting `quoted` (an IP
+/// header and the 8 bytes after it). Checksums computed from scratch.
+fn icmp_error(
+    macs: ([u8; 6], [u8; 6]),
+    outer: (IpAddr, IpAddr),
+    ttl: u8,
+    kind: IcmpKind,
+    quoted: &[u8],
+) -> Vec<u8> {
+    use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type, Icmpv6Type};
+    let eth = PacketBuilder::ethernet2(macs.0, macs.1);
+    let mut out = Vec::new();
+    match (outer, kind) {
+        ((IpAddr::V4(s), IpAddr::V4(d)), IcmpKind::FragNeeded(mtu)) => eth
+            .ipv4(s.octets(), d.octets(), ttl)
+            .icmpv4(Icmpv4Type::DestinationUnreachable(
+                DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: mtu },
+            ))
+            .write(&mut out, quoted),
+        ((IpAddr::V4(s), IpAddr::V4(d)), IcmpKind::PortUnreachable) => eth
+            .ipv4(s.octets(), d.octets(), ttl)
+            .icmpv4(Icmpv4Type::DestinationUnreachable(
+                DestUnreachableHeader::Port,
+            ))
+            .write(&mut out, quoted),
+        ((IpAddr::V6(s), IpAddr::V6(d)), IcmpKind::FragNeeded(mtu)) => eth
+            .ipv6(s.octets(), d.octets(), ttl)
+            .icmpv6(Icmpv6Type::PacketTooBig { mtu: mtu.into() })
+            .write(&mut out, quoted),
+        _ => panic!("not built here"),
+    }
+    .unwrap();
+    out
+}
+
+#[derive(Clone, Copy)]
+enum IcmpKind {
+    /// IPv4 fragmentation needed / IPv6 packet too big, with the next hop's MTU.
+    FragNeeded(u16),
+    PortUnreachable,
+}
+
+/// The IP header and the first 8 bytes of L4 of a frame: what an ICMP error quotes.
+fn quote(frame: &[u8]) -> Vec<u8> {
+    let ip = if frame[12..14] == [0x86, 0xdd] {
+        40
+    } else {
+        20
+    };
+    frame[14..14 + ip + 8].to_vec()
+}
+
+/// ICMP errors about balanced connections reach the other side translated, on both hooks:
+/// path-MTU discovery from the clients' side reaches the backend that sent the large
+/// reply; an error from a backend about a client's packet reaches the client as the VIP's.
+/// Every checksum is checked (the expected frames are built from scratch).
+#[test]
+fn icmp_errors_about_balanced_connections_are_translated_both_ways() {
+    if !require_root("icmp_errors_about_balanced_connections_are_translated_both_ways") {
+        return;
+    }
+    let ns = test_netns("pkticmp");
+    ns.run(|| {
+        for tc in [false, true] {
+            let (mut dp, _) = loaded();
+            let run = |dp: &mut Dataplane, frame: &[u8]| -> (i32, Vec<u8>, Reason) {
+                let before = counts(dp);
+                let (action, out) = if tc {
+                    let iface = if from_backend_side(frame) {
+                        "tp0"
+                    } else {
+                        "tc0"
+                    };
+                    let ifindex = nix::net::if_::if_nametoindex(iface).unwrap();
+                    dp.test_run_tc(frame, ifindex).unwrap()
+                } else {
+                    let out = test_run(dp, frame).unwrap();
+                    (
+                        if out.verdict == Verdict::Redirect {
+                            7
+                        } else {
+                            0
+                        },
+                        out.packet,
+                    )
+                };
+                let moved = moved(&before, &counts(dp));
+                assert_eq!(moved.len(), 1, "{moved:?}");
+                (action, out, moved[0].0)
+            };
+            let client = sa("198.18.0.2:40000");
+            let vip = sa("198.19.0.1:80");
+            let be2 = sa("198.18.1.2:8080");
+            let router = IpAddr::from([198, 18, 0, 254]);
+            // An established connection, client -> VIP -> backend 2.
+            let syn = Pkt::new(L4::Syn, client, vip);
+            assert_eq!(run(&mut dp, &syn.bytes()).2, Reason::FwdRedirect);
+            let mut reply = Pkt::new(L4::SynAck, be2, client);
+            (reply.src_mac, reply.dst_mac) = (BACKEND2_MAC, LB_BACKEND_MAC);
+            assert_eq!(run(&mut dp, &reply.bytes()).2, Reason::ReplyRedirect);
+
+            // A router on the client's path cannot take the reply: fragmentation needed,
+            // quoting the reply as the client side saw it (from the VIP).
+            let seen_by_client = reply.clone().snat(vip).routed(LB_CLIENT_MAC, CLIENT_MAC);
+            let frag = icmp_error(
+                (CLIENT_MAC, LB_CLIENT_MAC),
+                (router, vip.ip()),
+                64,
+                IcmpKind::FragNeeded(1280),
+                &quote(&seen_by_client.bytes()),
+            );
+            let (action, out, reason) = run(&mut dp, &frag);
+            assert_eq!((action, reason), (7, Reason::IcmpToBackend), "tc {tc}");
+            let sent_by_backend = reply.clone().routed(LB_CLIENT_MAC, CLIENT_MAC);
+            let want = icmp_error(
+                (LB_BACKEND_MAC, BACKEND2_MAC),
+                (router, be2.ip()),
+                63,
+                IcmpKind::FragNeeded(1280),
+                &quote(&sent_by_backend.bytes()),
+            );
+            assert!(
+                out == want,
+                "tc {tc}\n got:\n{}\nwant:\n{}",
+                hex(&out),
+                hex(&want)
+            );
+
+            // The backend's host refuses a client's datagram: port unreachable, quoting it
+            // as the backend received it; the client gets it from the VIP.
+            let q = Pkt::new(L4::Udp, sa("198.18.0.2:50000"), sa("198.19.0.1:53")).payload(b"q");
+            assert_eq!(run(&mut dp, &q.bytes()).2, Reason::FwdRedirect);
+            let dns_be = sa("198.18.1.2:5353");
+            let at_backend = q.clone().dnat(dns_be).routed(LB_BACKEND_MAC, BACKEND2_MAC);
+            let unreach = icmp_error(
+                (BACKEND2_MAC, LB_BACKEND_MAC),
+                (dns_be.ip(), client.ip()),
+                64,
+                IcmpKind::PortUnreachable,
+                &quote(&at_backend.bytes()),
+            );
+            let (action, out, reason) = run(&mut dp, &unreach);
+            assert_eq!((action, reason), (7, Reason::IcmpToClient), "tc {tc}");
+            let as_sent = q.clone().routed(LB_BACKEND_MAC, BACKEND2_MAC);
+            let want = icmp_error(
+                (LB_CLIENT_MAC, CLIENT_MAC),
+                (vip.ip(), client.ip()),
+                63,
+                IcmpKind::PortUnreachable,
+                &quote(&as_sent.bytes()),
+            );
+            assert!(
+                out == want,
+                "tc {tc}\n got:\n{}\nwant:\n{}",
+                hex(&out),
+                hex(&want)
+            );
+
+            // IPv6: packet too big from the client's side, about a reply.
+            let (client6, vip6) = (sa("[2001:db8::2]:40000"), sa("[2001:db8:ff::1]:80"));
+            let be6 = sa("[2001:db8:1::2]:8080");
+            assert_eq!(
+                run(&mut dp, &Pkt::new(L4::Syn, client6, vip6).bytes()).2,
+                Reason::FwdRedirect
+            );
+            let mut reply6 = Pkt::new(L4::SynAck, be6, client6);
+            (reply6.src_mac, reply6.dst_mac) = (BACKEND2_MAC, LB_BACKEND_MAC);
+            assert_eq!(run(&mut dp, &reply6.bytes()).2, Reason::ReplyRedirect);
+            let router6: IpAddr = "2001:db8::fe".parse().unwrap();
+            let seen = reply6.clone().snat(vip6).routed(LB_CLIENT_MAC, CLIENT_MAC);
+            let too_big = icmp_error(
+                (CLIENT_MAC, LB_CLIENT_MAC),
+                (router6, vip6.ip()),
+                64,
+                IcmpKind::FragNeeded(1280),
+                &quote(&seen.bytes()),
+            );
+            let (action, out, reason) = run(&mut dp, &too_big);
+            assert_eq!((action, reason), (7, Reason::IcmpToBackend), "tc {tc}");
+            let sent = reply6.clone().routed(LB_CLIENT_MAC, CLIENT_MAC);
+            let want = icmp_error(
+                (LB_BACKEND_MAC, BACKEND2_MAC),
+                (router6, be6.ip()),
+                63,
+                IcmpKind::FragNeeded(1280),
+                &quote(&sent.bytes()),
+            );
+            assert!(
+                out == want,
+                "tc {tc}\n got:\n{}\nwant:\n{}",
+                hex(&out),
+                hex(&want)
+            );
+
+            // An error about a connection orch does not know passes as it came.
+            let stranger = Pkt::new(L4::SynAck, vip, sa("198.18.0.2:1"));
+            let other = icmp_error(
+                (CLIENT_MAC, LB_CLIENT_MAC),
+                (router, vip.ip()),
+                64,
+                IcmpKind::FragNeeded(1280),
+                &quote(&stranger.bytes()),
+            );
+            let (action, out, reason) = run(&mut dp, &other);
+            assert_eq!((action, reason), (0, Reason::PassOtherProtocol), "tc {tc}");
+            assert_eq!(out, other);
+        }
+    })
+    .expect("ICMP errors");
+}
+
 /// Every kernel log level is a different program for the verifier (disabled levels are
 /// pruned): each must load, and none may change a verdict or an output byte.
 #[test]
