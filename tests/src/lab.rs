@@ -125,6 +125,12 @@ pub enum Topology {
     /// The client is reached through VLAN 100 on `ext` (`ext.100` holds the addresses);
     /// orch attaches to `ext.100` and the backends' veths.
     VlanClient,
+    /// A router between the client and the load balancer, whose link to the client has an
+    /// MTU of 1,280 while the client advertises a TCP MSS for 1,500 (as a client does whose
+    /// path narrows beyond its own link): large replies need path-MTU discovery, the
+    /// router's "fragmentation needed" / "packet too big" going to the VIP. Backends on a
+    /// bridge.
+    NarrowClientPath,
 }
 
 impl Topology {
@@ -144,6 +150,8 @@ pub struct Lab {
     pub lb: Netns,
     pub backends: Vec<Backend>,
     pub topology: Topology,
+    /// The router of [`Topology::NarrowClientPath`].
+    pub router: Option<Netns>,
     stop: Arc<AtomicBool>,
     servers: Vec<JoinHandle<()>>,
     prefix: String,
@@ -182,6 +190,7 @@ impl Lab {
             lb,
             backends: Vec::new(),
             topology,
+            router: None,
             stop: Arc::new(AtomicBool::new(false)),
             servers: Vec::new(),
             prefix,
@@ -205,8 +214,57 @@ impl Lab {
         lab.lb.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
         lab.lb.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
 
-        link(&lab.lb, "ext", &lab.client, "eth0")?;
-        if topology == Topology::VlanClient {
+        if topology == Topology::NarrowClientPath {
+            let router = Netns::create(&format!("{}router", lab.prefix))?;
+            router.sysctl("net.ipv4.ip_forward", "1")?;
+            router.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+            link(&lab.lb, "ext", &router, "up0")?;
+            configure_end(&lab.lb, "ext", "198.18.100.1/24", "2001:db8:100::1/64")?;
+            configure_end(&router, "up0", "198.18.100.2/24", "2001:db8:100::2/64")?;
+            link(&router, "down0", &lab.client, "eth0")?;
+            for (ns, dev) in [(&router, "down0"), (&lab.client, "eth0")] {
+                ns.ip(&["link", "set", "dev", dev, "mtu", "1280"])?;
+            }
+            configure_end(&router, "down0", "198.18.0.1/24", "2001:db8::1/64")?;
+            configure_end(&lab.client, "eth0", "198.18.0.2/24", "2001:db8::2/64")?;
+            default_routes(&router, "198.18.100.1", "2001:db8:100::1")?;
+            lab.lb
+                .ip(&["route", "add", "198.18.0.0/24", "via", "198.18.100.2"])?;
+            lab.lb.ip(&[
+                "-6",
+                "route",
+                "add",
+                "2001:db8::/64",
+                "via",
+                "2001:db8:100::2",
+            ])?;
+            // The client's MSS as if its path were 1,500 bytes wide all the way.
+            lab.client.ip(&[
+                "route",
+                "add",
+                "default",
+                "via",
+                "198.18.0.1",
+                "advmss",
+                "1460",
+            ])?;
+            lab.client.ip(&[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                "2001:db8::1",
+                "advmss",
+                "1440",
+            ])?;
+            lab.router = Some(router);
+        } else {
+            link(&lab.lb, "ext", &lab.client, "eth0")?;
+        }
+        if topology == Topology::NarrowClientPath {
+            // Configured above.
+        } else if topology == Topology::VlanClient {
             for (ns, parent) in [(&lab.lb, "ext"), (&lab.client, "eth0")] {
                 ns.ip(&["link", "set", "dev", parent, "up"])?;
                 let vlan = format!("{parent}.100");
@@ -220,8 +278,11 @@ impl Lab {
             configure_end(&lab.lb, "ext", "198.18.0.1/24", "2001:db8::1/64")?;
             configure_end(&lab.client, "eth0", "198.18.0.2/24", "2001:db8::2/64")?;
         }
-        default_routes(&lab.client, "198.18.0.1", "2001:db8::1")?;
-        if topology == Topology::Bridge {
+        if topology != Topology::NarrowClientPath {
+            default_routes(&lab.client, "198.18.0.1", "2001:db8::1")?;
+        }
+        let bridge = matches!(topology, Topology::Bridge | Topology::NarrowClientPath);
+        if bridge {
             lab.lb
                 .ip(&["link", "add", "name", "br0", "type", "bridge"])?;
             lab.lb.ip(&["link", "set", "dev", "br0", "up"])?;
@@ -232,7 +293,7 @@ impl Lab {
             let ns = Netns::create(&format!("{}{name}", lab.prefix))?;
             let lb_if = format!("be{i}");
             link(&lab.lb, &lb_if, &ns, "eth0")?;
-            let gateway = if topology == Topology::Bridge {
+            let gateway = if bridge {
                 lab.lb
                     .ip(&["link", "set", "dev", &lb_if, "master", "br0", "up"])?;
                 "br0"
@@ -279,7 +340,7 @@ impl Lab {
     /// `ext.100`) and the backend side (`be1..beN`, or `br0`).
     pub fn lb_interfaces(&self) -> Vec<String> {
         let mut v = vec![self.topology.client_side().to_owned()];
-        if self.topology == Topology::Bridge {
+        if matches!(self.topology, Topology::Bridge | Topology::NarrowClientPath) {
             v.push("br0".to_owned());
         } else {
             v.extend((1..=self.backends.len()).map(|i| format!("be{i}")));

@@ -3,7 +3,9 @@
 //! orch), `attach = "auto"`, IPv4 and IPv6:
 //! - routed veths, one per backend;
 //! - backends as ports of a Linux bridge that holds their gateways (Docker's default
-//!   network).
+//!   network);
+//! - a client whose path narrows to 1,280 bytes at a router beyond the load balancer
+//!   (path-MTU discovery through the VIP).
 //!
 //! A client side behind a VLAN sub-interface is built by `Topology::VlanClient` and checked
 //! here where the kernel has 802.1Q (`CONFIG_VLAN_8021Q`); the CI kernel does not, and the
@@ -127,6 +129,16 @@ fn matrix_case(topology: Topology, tag: &str) {
         reason("reply_redirect")
     );
     assert!(forwarded > 0.0 && replied > 0.0, "{topology:?}");
+    if topology == Topology::NarrowClientPath {
+        // The router's "fragmentation needed" / "packet too big" reached the backends.
+        let icmp = reason("icmp_to_backend");
+        eprintln!("{topology:?}: {icmp} ICMP errors translated to backends");
+        assert!(
+            icmp >= 2.0,
+            "one per family at least: {icmp}\n{}",
+            orch.log()
+        );
+    }
     for r in [
         "drop_no_backend",
         "drop_conntrack_full",
@@ -154,6 +166,18 @@ fn backends_behind_a_linux_bridge() {
         return;
     }
     matrix_case(Topology::Bridge, "mbridge");
+}
+
+/// Path-MTU discovery through the VIP: the client's path narrows to 1,280 bytes at a router
+/// beyond the load balancer, so the backends' full-size replies meet a "fragmentation
+/// needed" (IPv4) or "packet too big" (IPv6) addressed to the VIP. orch translates it to the
+/// backend that sent them, which lowers its path MTU, and the 10 MB arrive.
+#[test]
+fn path_mtu_discovery_through_the_vip() {
+    if !require_root("path_mtu_discovery_through_the_vip") {
+        return;
+    }
+    matrix_case(Topology::NarrowClientPath, "mpmtu");
 }
 
 #[test]
