@@ -36,6 +36,11 @@ pub const CONNTRACK_NEW_MAP: &str = "ORCH_CT_NEW_V2";
 pub const CONNTRACK_MAP_V1: &str = "ORCH_CT_V1";
 /// Port pre-filter: index [`PORTS_VIP`] / [`PORTS_BACKEND`] → [`PortBitmap`] (array).
 pub const PORTS_MAP: &str = "ORCH_PORTS_V1";
+/// Datagrams in fragments being translated: [`FragKey`] → [`FragValue`] (LRU hash, not
+/// pinned: a fragment outlives nothing but its datagram's others, a second or so).
+pub const FRAGS_MAP: &str = "ORCH_FRAGS_V1";
+/// Capacity of [`FRAGS_MAP`]: datagrams in flight at once.
+pub const FRAGS_CAPACITY: u32 = 8192;
 /// Interfaces an XDP program may redirect to: ifindex → ifindex (devmap hash). The daemon
 /// lists the devices it attached natively to, whose drivers take redirected frames; a
 /// route through any other device is left to the kernel stack, so a redirect never vanishes
@@ -237,6 +242,35 @@ impl FlowValue {
 pub const DIR_FORWARD: u8 = 0;
 /// See [`DIR_FORWARD`].
 pub const DIR_REPLY: u8 = 1;
+
+/// The fragments of one IP datagram, as they arrive (before translation): its addresses,
+/// identification (IPv4: 16 bits, IPv6: 32) and protocol. See [`FRAGS_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub id: u32,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<FragKey>() == 40);
+
+/// How the first fragment of a datagram was translated, for the fragments after it (which
+/// carry no ports): the new address, on which side, and the connection's ids for counting.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragValue {
+    pub addr: [u32; 4],
+    /// [`DIR_FORWARD`]: the destination was rewritten (a client's datagram to a backend);
+    /// [`DIR_REPLY`]: the source (a backend's answer, to the VIP).
+    pub dir: u8,
+    pub _pad: [u8; 3],
+    pub service_id: u32,
+    pub backend_id: u32,
+    pub _pad2: u32,
+}
+const _: () = assert!(size_of::<FragValue>() == 32);
 
 /// A connection-table key: the full 5-tuple as seen on the wire, plus the direction.
 ///

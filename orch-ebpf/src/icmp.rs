@@ -35,6 +35,7 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_ICMPV6: u8 = 58;
+const IPPROTO_FRAGMENT: u8 = 44;
 
 /// Where the fields are, for each family: the outer header without options or extension
 /// headers, the ICMP header, the quoted header (likewise), the quoted ports.
@@ -137,7 +138,19 @@ fn translate<F: Frame>(ctx: &F) -> Result<(u32, Reason), Reason> {
         }
         _ => return Err(Reason::PassNotIp),
     };
-    let proto = read::<u8>(ctx, l.inner_proto).ok_or(Reason::PassTruncated)?;
+    let mut proto = read::<u8>(ctx, l.inner_proto).ok_or(Reason::PassTruncated)?;
+    let mut inner_l4 = l.inner_l4;
+    // IPv6 routers do not fragment: a datagram sent in fragments wider than a later link
+    // gets "packet too big" quoting its first fragment, whose ports follow the fragment
+    // header (IPv4 fragments carry no DF, and routers fragment them further).
+    if l.v6 && proto == IPPROTO_FRAGMENT {
+        let offset = read::<u16>(ctx, inner_l4 + 2).ok_or(Reason::PassTruncated)?;
+        if u16::from_be(offset) & 0xfff8 != 0 {
+            return Err(other);
+        }
+        proto = read::<u8>(ctx, inner_l4).ok_or(Reason::PassTruncated)?;
+        inner_l4 += 8;
+    }
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return Err(other);
     }
@@ -157,8 +170,8 @@ fn translate<F: Frame>(ctx: &F) -> Result<(u32, Reason), Reason> {
         return Err(other);
     }
     let outer_src = addr(l.outer_src)?;
-    let inner_sport = read::<u16>(ctx, l.inner_l4).ok_or(Reason::PassTruncated)?;
-    let inner_dport = read::<u16>(ctx, l.inner_l4 + 2).ok_or(Reason::PassTruncated)?;
+    let inner_sport = read::<u16>(ctx, inner_l4).ok_or(Reason::PassTruncated)?;
+    let inner_dport = read::<u16>(ctx, inner_l4 + 2).ok_or(Reason::PassTruncated)?;
     // The connection, as its own packets would find it: the quoted packet reversed. The
     // key is built in this CPU's scratch entry: the stack (shared with the entry point's
     // frame) has no room for it.
@@ -226,8 +239,8 @@ fn translate<F: Frame>(ctx: &F) -> Result<(u32, Reason), Reason> {
 
     // The quoted packet.
     let (addr_off, port_off, old_addr, old_port) = match toward {
-        Toward::Backend => (l.inner_src, l.inner_l4, inner_src, inner_sport),
-        Toward::Client => (l.inner_dst, l.inner_l4 + 2, inner_dst, inner_dport),
+        Toward::Backend => (l.inner_src, inner_l4, inner_src, inner_sport),
+        Toward::Client => (l.inner_dst, inner_l4 + 2, inner_dst, inner_dport),
     };
     let inner = Delta::new().replace_addr(&old_addr, &nat_addr);
     let mut icmp = inner.replace_u16(old_port, nat_port_be);
@@ -242,7 +255,7 @@ fn translate<F: Frame>(ctx: &F) -> Result<(u32, Reason), Reason> {
         write(ctx, off, new);
     }
     if proto == IPPROTO_UDP {
-        let off = l.inner_l4 + UDP_CHECK;
+        let off = inner_l4 + UDP_CHECK;
         let old = read::<u16>(ctx, off).ok_or(Reason::PassTruncated)?;
         // IPv4's "no checksum" stays so.
         if l.v6 || old != 0 {

@@ -12,7 +12,8 @@
 //! Layout: [`frame`] is what differs between the hooks, [`parse`] reads headers with bounds
 //! checks, [`steer`] decides, [`balance`] picks backends, [`conntrack`] keeps connections
 //! (unconfirmed, then confirmed), [`nat`] rewrites addresses and checksums, [`fib`]
-//! forwards, [`icmp`] translates ICMP errors about balanced connections, [`maps`] declares
+//! forwards, [`icmp`] translates ICMP errors about balanced connections and [`frag`] their
+//! datagrams' fragments, [`maps`] declares
 //! the maps, [`stats`] counts, [`log`] tells the operator (off unless asked for). Only
 //! `main.rs` has entry points.
 #![no_std]
@@ -21,6 +22,7 @@
 mod balance;
 mod conntrack;
 mod fib;
+mod frag;
 mod frame;
 mod icmp;
 mod log;

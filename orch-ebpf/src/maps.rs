@@ -11,8 +11,9 @@ use aya_ebpf::{
 };
 use orch_common::{
     maps::{
-        Backend, BackendSignals, FlowKey, FlowValue, PortBitmap, ServiceKey, ServiceValue,
-        Settings, SlotTable, TrafficCounters, CT_NEW_OPS as CT_NEW_OPS_SLOTS, XDP_TX_CAPACITY,
+        Backend, BackendSignals, FlowKey, FlowValue, FragKey, FragValue, PortBitmap, ServiceKey,
+        ServiceValue, Settings, SlotTable, TrafficCounters, CT_NEW_OPS as CT_NEW_OPS_SLOTS,
+        FRAGS_CAPACITY, XDP_TX_CAPACITY,
     },
     CtEvent, Reason, CONNTRACK_CAPACITY, CONNTRACK_NEW_CAPACITY, MAX_BACKENDS, MAX_SERVICES,
 };
@@ -58,6 +59,9 @@ pub struct Work {
     /// The result code of the FIB lookup for the chosen backend, whose parameters and
     /// results stay in [`FIB_SCRATCH`] for the packet's forwarding.
     pub route_rc: i64,
+    /// A fragment's datagram, and how its first fragment was translated.
+    pub frag_key: FragKey,
+    pub frag: FragValue,
 }
 
 #[map(name = "ORCH_SCRATCH")]
@@ -77,6 +81,10 @@ pub static CT_NEW_OPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(CT_NEW_O
 /// Where XDP may redirect (see `orch_common::maps::XDP_TX_MAP`).
 #[map(name = "ORCH_XDP_TX_V1")]
 pub static XDP_TX: DevMapHash = DevMapHash::with_max_entries(XDP_TX_CAPACITY, 0);
+
+/// Datagrams in fragments (see `orch_common::maps::FRAGS_MAP`).
+#[map(name = "ORCH_FRAGS_V1")]
+pub static FRAGS: LruHashMap<FragKey, FragValue> = LruHashMap::with_max_entries(FRAGS_CAPACITY, 0);
 
 #[map(name = "ORCH_PORTS_V1")]
 pub static PORTS: Array<PortBitmap> = Array::with_max_entries(2, 0);

@@ -10,7 +10,7 @@ use orch_common::{
 };
 
 use crate::{
-    balance, conntrack, fib,
+    balance, conntrack, fib, frag,
     frame::Frame,
     icmp,
     maps::{settings, BACKEND_STATS, PORTS, SCRATCH, SERVICES, SERVICE_STATS},
@@ -61,6 +61,8 @@ fn try_steer<F: Frame>(ctx: &F) -> Result<(u32, Reason), Reason> {
         Ok(pkt) => pkt,
         // ICMP errors about balanced connections are translated too.
         Err(Reason::PassOtherProtocol) => return Ok(icmp::steer(ctx)),
+        // Fragments of balanced connections' datagrams too.
+        Err(Reason::PassFragment) => return Ok(frag::steer(ctx)),
         Err(reason) => return Err(reason),
     };
 

@@ -779,9 +779,18 @@ fn start_servers(
                 while !stop.load(Ordering::Relaxed) {
                     match udp.recv_from(&mut buf) {
                         Ok((n, from)) => {
-                            let reply =
-                                format!("{name} {}", String::from_utf8_lossy(&buf[..n]).trim_end());
-                            let _ = udp.send_to(reply.as_bytes(), from);
+                            let text = String::from_utf8_lossy(&buf[..n]);
+                            let text = text.trim_end();
+                            let mut reply = format!("{name} {text}").into_bytes();
+                            // `big N`: N pattern bytes more, an answer larger than the MTU.
+                            if let Some(n) = text
+                                .strip_prefix("big ")
+                                .and_then(|n| n.parse::<u64>().ok())
+                            {
+                                reply.push(b'\n');
+                                reply.extend((0..n.min(60_000u64)).map(bulk_byte));
+                            }
+                            let _ = udp.send_to(&reply, from);
                         }
                         Err(e) if is_timeout(&e) => {}
                         Err(_) => thread::sleep(Duration::from_millis(10)),
@@ -888,6 +897,47 @@ pub fn udp_ask(sock: &UdpSocket, addr: SocketAddr, line: &str) -> io::Result<(St
         )));
     }
     Ok((name.to_owned(), from))
+}
+
+/// Asks the UDP server behind `addr` for an answer of `n` pattern bytes (larger than the
+/// MTU, it arrives in fragments) and checks every byte: the answering backend's name.
+///
+/// Asked up to three times, a second apart, as a resolver would: an answer lost to a path
+/// narrower than the backend knows (IPv6 routers send "packet too big" and drop it) is sent
+/// again, narrower, once the backend has learnt the path.
+pub fn udp_big(sock: &UdpSocket, addr: SocketAddr, n: u64) -> io::Result<String> {
+    sock.set_read_timeout(Some(Duration::from_secs(1)))?;
+    let line = format!("big {n}");
+    let mut buf = vec![0u8; 65_536];
+    let mut tries = 0;
+    let got = loop {
+        sock.send_to(line.as_bytes(), addr)?;
+        match sock.recv_from(&mut buf) {
+            Ok((got, _)) => break got,
+            Err(e) if is_timeout(&e) && tries < 2 => tries += 1,
+            Err(e) => return Err(e),
+        }
+    };
+    let answer = &buf[..got];
+    let newline = answer
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or_else(|| io::Error::other("an answer without its body"))?;
+    let head = String::from_utf8_lossy(&answer[..newline]);
+    let (name, echoed) = head
+        .split_once(' ')
+        .ok_or_else(|| io::Error::other(format!("malformed answer {head:?}")))?;
+    let body = &answer[newline + 1..];
+    if echoed != line || body.len() as u64 != n {
+        return Err(io::Error::other(format!(
+            "answer {head:?} with {} body bytes to {line:?}",
+            body.len()
+        )));
+    }
+    if let Some(i) = (0..body.len()).find(|&i| body[i] != bulk_byte(i as u64)) {
+        return Err(io::Error::other(format!("byte {i} differs")));
+    }
+    Ok(name.to_owned())
 }
 
 /// A UDP socket for the client side, bound to any port of the right family.

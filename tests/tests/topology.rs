@@ -12,7 +12,8 @@
 //! case then says so and checks nothing.
 //!
 //! In each: connections spread round-robin over the three backends; 10 MB downloads and
-//! uploads through the VIP arrive byte for byte; the kernel's counters agree with what the
+//! uploads through the VIP arrive byte for byte; UDP answers of 4,000 bytes (IP fragments)
+//! arrive byte for byte; the kernel's counters agree with what the
 //! client saw (translated both ways, nothing dropped); `orch status` says which hook runs
 //! on each interface.
 
@@ -23,7 +24,7 @@ use std::{
 };
 
 use orch_tests::{
-    lab::{self, Lab, Topology, BULK_PORT, HTTP_PORT, VIP4, VIP6},
+    lab::{self, Lab, Topology, BULK_PORT, HTTP_PORT, UDP_PORT, VIP4, VIP6},
     privilege::require_root,
     prom,
 };
@@ -62,6 +63,22 @@ fn config(lab: &Lab) -> String {
             .join("\n");
         out.push_str(&format!(
             "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = {port}\nprotocol = \"tcp\"\nbackend = [\n{backends}\n]\n"
+        ));
+    }
+    for (name, vip) in [("dns", IpAddr::from(VIP4)), ("dns6", IpAddr::from(VIP6))] {
+        let backends = (1..=3)
+            .map(|i| {
+                let addr: IpAddr = if vip.is_ipv4() {
+                    lab::backend4(i).into()
+                } else {
+                    lab::backend6(i).into()
+                };
+                format!("  {{ address = \"{}\" }},", SocketAddr::new(addr, UDP_PORT))
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        out.push_str(&format!(
+            "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = 53\nprotocol = \"udp\"\nbackend = [\n{backends}\n]\n"
         ));
     }
     out
@@ -116,6 +133,25 @@ fn matrix_case(topology: Topology, tag: &str) {
             .unwrap_or_else(|e| panic!("{topology:?} {vip}: 10 MB download: {e}\n{}", orch.log()));
         assert!(from.starts_with("backend-"), "{from:?}");
         put.unwrap_or_else(|e| panic!("{topology:?} {vip}: 10 MB upload: {e}\n{}", orch.log()));
+
+        // UDP answers of 4,000 bytes: they leave the backend in IP fragments.
+        let dns = SocketAddr::new(vip, 53);
+        let answers = lab
+            .client
+            .run(move || {
+                let sock = lab::udp_socket(dns.ip())?;
+                (0..3)
+                    .map(|_| lab::udp_big(&sock, dns, 4000))
+                    .collect::<std::io::Result<Vec<_>>>()
+            })
+            .unwrap()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{topology:?} {vip}: a 4,000-byte UDP answer: {e}\n{}",
+                    orch.log()
+                )
+            });
+        assert_eq!(answers.len(), 3);
     }
 
     // The counters tell what happened: both directions translated, nothing dropped.
