@@ -2,19 +2,22 @@
 //! HAProxy (TCP mode) and nginx's stream proxy, with wrk, in the lab's namespaces.
 //!
 //! ```text
-//! sudo target/release/e2e [--rounds R] [--seconds S] [--connections C] [--xdp-mode M]
+//! sudo target/release/e2e [--rounds R] [--seconds S] [--connections C] [--attach A]
 //!                           [--only direct|orch|nftables|haproxy|nginx]
 //! ```
 //! Needs root, the `orch` binary (`ORCH_BIN`, default target/release/orch), and nginx (with
 //! its stream module), HAProxy, wrk and nft on the PATH (`cargo xtask bench` installs them).
 //!
-//! Topology: the lab (client, load balancer, three backends, see `orch_tests::lab`), with
+//! Topology: the lab's default (client, load balancer, three backends as ports of a Linux
+//! bridge, every device as the kernel makes it, TX checksum offload on; see
+//! `orch_tests::lab`), with
 //! nginx on port 80 in every backend answering `200` and the backend's name (one worker:
 //! each backend is one small service). The client always runs the same wrk (one thread per
 //! backend, C connections); only the path changes:
 //! - `direct`: each wrk thread talks to one backend; packets are routed through the load
 //!   balancer's namespace like every other path, with nothing on it but IP forwarding;
-//! - `orch`: the daemon with one service on the VIP, XDP on every interface
+//! - `orch`: the daemon with one service on the VIP, attached to `ext` and `br0` as `--attach`
+//!   says (default `auto`: TC on these virtual devices)
 //!   (`--detach-on-exit`, so the other paths run without it);
 //! - `nftables`: DNAT to a random backend (`numgen random`) in prerouting, the rule shape
 //!   kube-proxy generates, with conntrack;
@@ -167,7 +170,7 @@ fn main() -> anyhow::Result<()> {
                 );
             }
             other => bail!(
-                "unknown argument {other:?} (--rounds R, --seconds S, --connections C, --xdp-mode M, --only PATH)"
+                "unknown argument {other:?} (--rounds R, --seconds S, --connections C, --attach A, --only PATH)"
             ),
         }
     }
@@ -328,7 +331,7 @@ impl<'a> Bench<'a> {
                     .lab
                     .start_orch_with(
                         &self.bin,
-                        &orch_config(&self.o.attach),
+                        &orch_config(&self.lab.lb_interfaces(), &self.o.attach),
                         &["--detach-on-exit"],
                     )
                     .context("starting orch")?;
@@ -628,14 +631,11 @@ fn backends() -> impl Iterator<Item = Ipv4Addr> {
     (1..=BACKENDS).map(lab::backend4)
 }
 
-fn orch_config(attach: &str) -> String {
+fn orch_config(interfaces: &[String], attach: &str) -> String {
     let list: Vec<String> = backends()
         .map(|b| format!("  {{ address = \"{b}:{PORT}\" }},"))
         .collect();
-    let ifaces: Vec<String> = std::iter::once("ext".to_owned())
-        .chain((1..=BACKENDS).map(|i| format!("be{i}")))
-        .map(|i| format!("\"{i}\""))
-        .collect();
+    let ifaces: Vec<String> = interfaces.iter().map(|i| format!("\"{i}\"")).collect();
     format!(
         "[dataplane]\ninterfaces = [{}]\nattach = \"{}\"\n\n[[service]]\nname = \"web\"\nvip = \"{VIP4}\"\nport = {PORT}\nprotocol = \"tcp\"\nbackend = [\n{}\n]\n",
         ifaces.join(", "),

@@ -267,6 +267,16 @@ fn run(o: &Options) -> anyhow::Result<Vec<Row>> {
         );
     }
 
+    for c in &cases {
+        // The TC hook too: the same bytes out (TC_ACT_OK: no route, to the stack).
+        let (action, out) = dp.test_run_tc(&c.packet, 0)?;
+        ensure!(
+            action == 0 && out == c.packet,
+            "TC {}: the path is not repeatable (action {action})",
+            c.name
+        );
+    }
+
     let mut rows = Vec::new();
     for c in &cases {
         let (ns, floor, ratio) = alternate(&mut dp, &c.packet, repeat, rounds)?;
@@ -280,6 +290,27 @@ fn run(o: &Options) -> anyhow::Result<Vec<Row>> {
             floor,
             ratio,
             target: c.target,
+        });
+    }
+
+    // The same balancer at TC, on skbs, against the TC floor (one counter increment,
+    // TC_ACT_OK): the hook `auto` picks for veths, bridges and VLANs.
+    for c in &cases {
+        let (ns, floor, ratio) = alternate_tc(&mut dp, &c.packet, repeat, rounds)?;
+        let name: &'static str = match c.name {
+            "non-VIP pass" => "TC: non-VIP pass",
+            "established TCP" => "TC: established TCP",
+            "reply translation" => "TC: reply translation",
+            "UDP" => "TC: UDP",
+            _ => "TC: IPv6 established TCP",
+        };
+        eprintln!("{name:<32} {ns:>8.1} ns  floor {floor:>6.1} ns  {ratio:>6.2}x");
+        rows.push(Row {
+            name,
+            ns,
+            floor,
+            ratio,
+            target: None,
         });
     }
 
@@ -358,6 +389,11 @@ fn short(name: &str) -> &str {
         "IPv6 established TCP" => "IPv6 est.",
         "established TCP, no FIB lookup" => "est., no FIB",
         "new TCP flow" => "new flow",
+        "TC: non-VIP pass" => "TC non-VIP",
+        "TC: established TCP" => "TC est.",
+        "TC: reply translation" => "TC reply",
+        "TC: UDP" => "TC UDP",
+        "TC: IPv6 established TCP" => "TC IPv6",
         other => other,
     }
 }
@@ -464,6 +500,24 @@ fn alternate(
     for _ in 0..rounds {
         let f = per_packet(dp.bench_run(true, packet, repeat)?.duration);
         let t = per_packet(dp.bench_run(false, packet, repeat)?.duration);
+        ns.push(t);
+        floor.push(f);
+        ratio.push(t / f);
+    }
+    Ok((median(&ns), median(&floor), median(&ratio)))
+}
+
+/// [`alternate`] on the TC hook: the balancer and the TC floor, alternately.
+fn alternate_tc(
+    dp: &mut Dataplane,
+    packet: &[u8],
+    repeat: u32,
+    rounds: usize,
+) -> anyhow::Result<(f64, f64, f64)> {
+    let (mut ns, mut floor, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let f = per_packet(dp.bench_run_tc(true, packet, repeat)?.1);
+        let t = per_packet(dp.bench_run_tc(false, packet, repeat)?.1);
         ns.push(t);
         floor.push(f);
         ratio.push(t / f);

@@ -1505,26 +1505,56 @@ impl Dataplane {
         packet: &[u8],
         ifindex: u32,
     ) -> Result<(i32, Vec<u8>), DataplaneError> {
+        let (action, out, _) = self.run_tc(TC_PROGRAM, packet, 1, ifindex)?;
+        Ok((action, out))
+    }
+
+    /// [`Dataplane::bench_run`] for the TC balancer and its floor (one counter increment,
+    /// `TC_ACT_OK`): the TC action, and the kernel's average run time.
+    pub fn bench_run_tc(
+        &mut self,
+        floor: bool,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<(i32, Duration), DataplaneError> {
+        let name = if floor { TC_FLOOR_PROGRAM } else { TC_PROGRAM };
+        let (action, _, duration) = self.run_tc(name, packet, repeat, 0)?;
+        Ok((action, duration))
+    }
+
+    fn run_tc(
+        &mut self,
+        name: &'static str,
+        packet: &[u8],
+        repeat: u32,
+        ifindex: u32,
+    ) -> Result<(i32, Vec<u8>, Duration), DataplaneError> {
         let mut out = vec![0u8; packet.len() + 256];
-        // `struct __sk_buff` up to `ifindex` (offset 40), the one field set.
+        // `struct __sk_buff` up to `ifindex` (offset 40), the one field set; without it the
+        // kernel runs the skb on the loopback device.
         let mut ctx = [0u8; 44];
         ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-        let prog = self.tc_program()?;
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DataplaneError::Missing {
+                kind: "program",
+                name,
+            })?
+            .try_into()
+            .map_err(|source| DataplaneError::Program { name, source })?;
         let opts = TestRunOptions {
             data_in: Some(packet),
             data_out: Some(&mut out),
-            ctx_in: Some(&ctx[..]),
-            repeat: 1,
+            ctx_in: (ifindex != 0).then_some(&ctx[..]),
+            repeat,
             ..Default::default()
         };
         let result = prog
             .test_run(opts)
-            .map_err(|source| DataplaneError::Program {
-                name: TC_PROGRAM,
-                source,
-            })?;
+            .map_err(|source| DataplaneError::Program { name, source })?;
         out.truncate(result.data_size_out as usize);
-        Ok((result.return_value as i32, out))
+        Ok((result.return_value as i32, out, result.duration))
     }
 
     /// Runs `packet` `repeat` times through the balancer (`floor == false`) or the floor
