@@ -101,7 +101,7 @@ fn main() -> anyhow::Result<()> {
     let starts = (trials / 4).max(3);
     eprintln!("daemon start to first connection steered ({starts} starts)");
     let start = cp.start_to_first_steered(starts)?;
-    let mut orch = lab.start_orch(&cp.bin, &config())?;
+    let mut orch = lab.start_orch(&cp.bin, &config(&lab))?;
     eprintln!("orch service add to first connection ({trials} registrations)");
     let register = cp.register_to_first_connection(&orch, trials)?;
     let kills = (trials / 4).max(3);
@@ -202,13 +202,18 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// The daemon's config: the acceptor service and the probe fleet.
-fn config() -> String {
+fn config(lab: &Lab) -> String {
     let backends = |port: u16| -> String {
         (1..=3)
             .map(|i| format!("  {{ address = \"{}:{port}\" }},\n", lab::backend4(i)))
             .collect()
     };
-    let mut s = String::from("[dataplane]\ninterfaces = [\"ext\", \"be1\", \"be2\", \"be3\"]\n\n");
+    let list: Vec<String> = lab
+        .lb_interfaces()
+        .iter()
+        .map(|i| format!("{i:?}"))
+        .collect();
+    let mut s = format!("[dataplane]\ninterfaces = [{}]\n\n", list.join(", "));
     writeln!(
         s,
         "[[service]]\nname = \"accept\"\nvip = \"{VIP4}\"\nport = {ACCEPT_PORT}\nprotocol = \"tcp\"\nbackend = [\n{}]\n",
@@ -357,9 +362,9 @@ impl ControlPlane<'_> {
                 Duration::from_secs(10),
             )?;
             let t0 = Instant::now();
-            let orch = self
-                .lab
-                .start_orch_with(&self.bin, &config(), &["--detach-on-exit"])?;
+            let orch =
+                self.lab
+                    .start_orch_with(&self.bin, &config(self.lab), &["--detach-on-exit"])?;
             let first = self
                 .first_syn(t0, Duration::from_secs(5))
                 .context("no connection reached a backend within 5 s of the start")?;

@@ -37,7 +37,7 @@ fn main() -> anyhow::Result<()> {
 
     eprintln!("24 services x 3 backends");
     let small = {
-        let orch = lab.start_orch_with(&bin, &small_config(), &["--detach-on-exit"])?;
+        let orch = lab.start_orch_with(&bin, &small_config(&lab), &["--detach-on-exit"])?;
         // Steady state: probes running, some traffic, one scrape.
         thread::sleep(Duration::from_secs(5));
         lab.client.run(|| {
@@ -57,7 +57,7 @@ fn main() -> anyhow::Result<()> {
     };
 
     eprintln!("{} services x {} backends", LARGE.0, LARGE.1);
-    let config = large_config();
+    let config = large_config(&lab);
     let t0 = Instant::now();
     let orch = lab.start_orch_with(&bin, &config, &["--detach-on-exit"])?;
     let ready = t0.elapsed();
@@ -186,12 +186,18 @@ fn bpf_map_memory(pid: u64) -> anyhow::Result<(u64, usize)> {
     Ok((seen.values().sum(), seen.len()))
 }
 
-fn interfaces() -> &'static str {
-    "[dataplane]\ninterfaces = [\"ext\", \"be1\", \"be2\", \"be3\"]\n"
+/// The `[dataplane]` section for the lab's interfaces.
+fn interfaces(lab: &Lab) -> String {
+    let list: Vec<String> = lab
+        .lb_interfaces()
+        .iter()
+        .map(|i| format!("{i:?}"))
+        .collect();
+    format!("[dataplane]\ninterfaces = [{}]\n", list.join(", "))
 }
 
-fn small_config() -> String {
-    let mut s = format!("{}\n", interfaces());
+fn small_config(lab: &Lab) -> String {
+    let mut s = format!("{}\n", interfaces(lab));
     for i in 0..24u16 {
         let backends: String = (1..=3)
             .map(|b| {
@@ -214,10 +220,10 @@ fn small_config() -> String {
 
 /// 10,000 services on VIPs 198.19.(i / 250 + 1).(i % 250 + 1):80, each with 8 backends
 /// spread over 198.18.200.0/22 ports 20000-20007.
-fn large_config() -> String {
+fn large_config(lab: &Lab) -> String {
     let mut s = format!(
         "{}max_services = 10240\nmax_backends = 81920\n\n",
-        interfaces()
+        interfaces(lab)
     );
     for i in 0..LARGE.0 {
         let vip = Ipv4Addr::new(198, 19, (i / 250 + 1) as u8, (i % 250 + 1) as u8);
