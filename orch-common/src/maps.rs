@@ -79,7 +79,10 @@ pub const SERVICE_STATS_MAP: &str = "ORCH_SVC_ST_V1";
 /// Per-backend traffic: backend id → [`TrafficCounters`] (per-CPU array).
 pub const BACKEND_STATS_MAP: &str = "ORCH_BE_ST_V1";
 /// Passive health signals per backend: backend id → [`BackendSignals`] (per-CPU array).
-pub const BACKEND_SIGNALS_MAP: &str = "ORCH_BE_SIG_V1";
+pub const BACKEND_SIGNALS_MAP: &str = "ORCH_BE_SIG_V2";
+/// The passive signals of the previous layout ([`v1::BackendSignals`], without the SYN
+/// times); migrated into [`BACKEND_SIGNALS_MAP`] so that its counters never go backwards.
+pub const BACKEND_SIGNALS_MAP_V1: &str = "ORCH_BE_SIG_V1";
 /// Backends the data plane ejected itself: backend id → non-zero when a backend refused a
 /// connection (array of u32). New connections skip them; the daemon clears the mark once
 /// probes find the backend healthy again.
@@ -381,6 +384,32 @@ const _: () = assert!(size_of::<FlowValue>() == 64);
 pub mod v1 {
     use core::mem::size_of;
 
+    /// A backend's passive signals as layout 1 stored them: layout 2's without the SYN
+    /// times, which are appended.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct BackendSignals {
+        pub handshakes: u64,
+        pub handshake_ns: u64,
+        pub handshake_hist: [u64; 8],
+        pub refused: u64,
+        pub syn_retrans: u64,
+    }
+    const _: () = assert!(size_of::<BackendSignals>() == 96);
+
+    impl BackendSignals {
+        /// Adds these counts to `to` (layout 2).
+        pub fn add_to(&self, to: &mut super::BackendSignals) {
+            to.handshakes += self.handshakes;
+            to.handshake_ns += self.handshake_ns;
+            for (a, b) in to.handshake_hist.iter_mut().zip(&self.handshake_hist) {
+                *a += b;
+            }
+            to.refused += self.refused;
+            to.syn_retrans += self.syn_retrans;
+        }
+    }
+
     /// A connection-table value as layout 1 stored it (the key is unchanged).
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -509,6 +538,7 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}
     unsafe impl aya::Pod for v1::FlowValue {}
+    unsafe impl aya::Pod for v1::BackendSignals {}
     unsafe impl aya::Pod for PortBitmap {}
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for TrafficCounters {}
@@ -532,8 +562,14 @@ pub struct BackendSignals {
     pub refused: u64,
     /// SYN retransmissions on a balanced flow: the first SYN got no answer in time.
     pub syn_retrans: u64,
+    /// When the last new connection's SYN was sent to the backend, and when the backend's
+    /// last SYN-ACK came (`bpf_ktime_get_ns`, CLOCK_MONOTONIC). A SYN that no SYN-ACK has
+    /// followed for many times the usual handshake latency is the first sign of a host gone
+    /// dark, a second before the client's retransmission says so.
+    pub last_syn_ns: u64,
+    pub last_synack_ns: u64,
 }
-const _: () = assert!(size_of::<BackendSignals>() == 96);
+const _: () = assert!(size_of::<BackendSignals>() == 112);
 
 impl BackendSignals {
     /// Field-wise sum, for adding up the per-CPU values.
@@ -545,6 +581,15 @@ impl BackendSignals {
         }
         self.refused += o.refused;
         self.syn_retrans += o.syn_retrans;
+        // Times, not counts: the latest over CPUs.
+        self.last_syn_ns = self.last_syn_ns.max(o.last_syn_ns);
+        self.last_synack_ns = self.last_synack_ns.max(o.last_synack_ns);
+    }
+
+    /// Whether a SYN has gone unanswered for longer than `after_ns` at `now_ns`: the last
+    /// SYN is newer than the last SYN-ACK, and old.
+    pub const fn syn_unanswered(&self, now_ns: u64, after_ns: u64) -> bool {
+        self.last_syn_ns > self.last_synack_ns && now_ns.saturating_sub(self.last_syn_ns) > after_ns
     }
 
     /// The histogram bucket of a latency.

@@ -54,7 +54,21 @@ pub fn find(ctx: &impl Frame, pkt: &Packet) -> *mut FlowValue {
             forget(&key, entry);
             return core::ptr::null_mut();
         }
-        // Otherwise it is the client retrying: its first SYN got no answer.
+        // Before the backend's SYN-ACK, nothing binds the client to it yet.
+        if entry.peer_next == 0 {
+            // The same initial sequence number: the client retrying, its first SYN got no
+            // answer (a sign against the backend). Another one: a new attempt on a reused
+            // port, after an attempt the client gave up without a word.
+            if pkt.tcp_seq(ctx).map(|s| s.wrapping_add(1)) == Ok(entry.syn_next) {
+                stats::signals(entry.backend_id, |s| s.syn_retrans += 1);
+            }
+            // Either way it is balanced afresh: a backend that left the rotation (a host
+            // gone dark) keeps no client waiting on it, and a live one may well be chosen
+            // again.
+            forget(&key, entry);
+            return core::ptr::null_mut();
+        }
+        // A SYN after the SYN-ACK: the client retrying, the SYN-ACK lost on the way.
         stats::signals(entry.backend_id, |s| s.syn_retrans += 1);
     }
     let settings = settings();
@@ -228,6 +242,10 @@ pub fn new_flow(
     let chosen = result?;
     stats::traffic(&SERVICE_STATS, svc.id, |c| c.new_conns += 1);
     stats::traffic(&BACKEND_STATS, chosen, |c| c.new_conns += 1);
+    if key.proto == IPPROTO_TCP {
+        // For the daemon's watch on SYNs no SYN-ACK follows (see `BackendSignals`).
+        stats::signals(chosen, |s| s.last_syn_ns = new.now);
+    }
     let w = SCRATCH.get_ptr(0).ok_or(Reason::DropInternal)?;
     // SAFETY: this CPU's scratch entry, just written by `record`.
     Ok(unsafe { &(*w).flow })

@@ -103,7 +103,7 @@ pub static SERVICE_STATS: PerCpuArray<TrafficCounters> =
 pub static BACKEND_STATS: PerCpuArray<TrafficCounters> =
     PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
-#[map(name = "ORCH_BE_SIG_V1")]
+#[map(name = "ORCH_BE_SIG_V2")]
 pub static BACKEND_SIGNALS: PerCpuArray<BackendSignals> =
     PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 

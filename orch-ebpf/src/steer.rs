@@ -187,7 +187,8 @@ fn handshake<F: Frame>(
     }
     if flags & TCP_SYN != 0 {
         // SAFETY: a helper without arguments.
-        let latency = unsafe { bpf_ktime_get_ns() }.saturating_sub(entry.created_ns);
+        let now = unsafe { bpf_ktime_get_ns() };
+        let latency = now.saturating_sub(entry.created_ns);
         entry.synack = 1;
         // The client's side learns the backend's sequence number: the client's segment
         // that acknowledges it confirms the connection.
@@ -197,6 +198,7 @@ fn handshake<F: Frame>(
             unsafe { (*fwd).peer_next = seq.wrapping_add(1) };
         }
         stats::signals(entry.backend_id, |s| {
+            s.last_synack_ns = now;
             s.handshakes += 1;
             s.handshake_ns += latency;
             let b = BackendSignals::bucket(latency);

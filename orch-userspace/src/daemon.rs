@@ -157,6 +157,12 @@ struct BackendHealth {
     breaker: Breaker,
     /// Probes and breaker transitions, for the metrics.
     events: BackendEvents,
+    /// A SYN went unanswered for many times the usual handshake: the quick probe asked for
+    /// decides (failed: out at once; answered: a lost packet, nothing more).
+    suspect: bool,
+    /// The SYN (its send time) that made the backend suspect, so that one SYN is one
+    /// suspicion.
+    suspected_syn_ns: u64,
 }
 
 impl BackendHealth {
@@ -171,6 +177,8 @@ impl BackendHealth {
             last_slow: false,
             breaker: Breaker::new(breaker::Config::default(), seed),
             events: BackendEvents::default(),
+            suspect: false,
+            suspected_syn_ns: 0,
         }
     }
 
@@ -178,7 +186,32 @@ impl BackendHealth {
     fn usable(&self) -> bool {
         self.healthy && self.breaker.allows_traffic()
     }
+
+    /// The backend's usual SYN-to-SYN-ACK time as the data plane measured it, if it has
+    /// completed any handshake.
+    fn handshake_mean(&self) -> Option<Duration> {
+        (self.signals.handshakes > 0)
+            .then(|| Duration::from_nanos(self.signals.handshake_ns / self.signals.handshakes))
+    }
+
+    /// How long a SYN may go unanswered before the backend is suspect, and how long the
+    /// probe that decides may take: many times the usual handshake, within bounds (a
+    /// backend that answers in 0.1 ms needs no second to show it is gone; a slow one gets
+    /// the probe's own timeout at most).
+    fn quick_limits(&self, timeout_ms: u64) -> Duration {
+        let usual = self.handshake_mean().unwrap_or(QUICK_DEFAULT);
+        let most = Duration::from_millis(timeout_ms).max(QUICK_MIN);
+        (usual * QUICK_FACTOR).clamp(QUICK_MIN, most)
+    }
 }
+
+/// A SYN unanswered for this many times the backend's usual handshake makes it suspect.
+const QUICK_FACTOR: u32 = 50;
+/// The floor of that wait and of the quick probe's timeout: scheduling noise on a busy
+/// host is a few milliseconds, and a lost SYN must never be taken for a dead host.
+const QUICK_MIN: Duration = Duration::from_millis(100);
+/// The usual handshake assumed before the data plane has measured one.
+const QUICK_DEFAULT: Duration = Duration::from_millis(4);
 
 /// Most probes in flight at once.
 const MAX_PROBES_IN_FLIGHT: usize = 64;
@@ -456,11 +489,15 @@ impl Daemon {
             .or_insert_with(|| BackendHealth::new(seed));
         let before = h.usable();
         h.events.probe(matches!(report.outcome, Outcome::Up { .. }));
+        let suspect = std::mem::take(&mut h.suspect);
         if let Outcome::Up { latency } = &report.outcome {
             self.metrics.probe_latency(&report.service, *latency);
         }
         let transition = match &report.outcome {
             Outcome::Up { latency } => {
+                if suspect {
+                    info!(service = %report.service, backend = %report.backend, ?latency, "quick probe answered: a SYN was lost, the backend is fine");
+                }
                 h.successes += 1;
                 h.failures = 0;
                 if !h.healthy && h.successes >= check.rise {
@@ -479,6 +516,11 @@ impl Daemon {
                 h.failures += 1;
                 h.successes = 0;
                 h.last_failure = Some(reason.clone());
+                // The data plane's unanswered SYN and this probe agree: that is enough.
+                if suspect {
+                    h.failures = h.failures.max(check.fall);
+                    h.last_failure = Some(format!("a SYN went unanswered, then {reason}"));
+                }
                 if h.healthy && h.failures >= check.fall {
                     h.healthy = false;
                     warn!(service = %report.service, backend = %report.backend, %reason, "backend unhealthy");
@@ -600,6 +642,23 @@ impl Daemon {
                     Ok(()) => h.ejection_noted = false,
                     Err(e) => warn!(error = %e, "clearing an ejection failed"),
                 }
+            } else if h.usable()
+                && signals.syn_unanswered(
+                    dataplane::monotonic_ns(),
+                    h.quick_limits(target.timeout_ms).as_nanos() as u64,
+                )
+                && h.suspected_syn_ns != signals.last_syn_ns
+            {
+                // A SYN has gone unanswered for many times this backend's usual handshake,
+                // and no SYN-ACK came since: a host gone dark, or a lost packet. A quick
+                // probe decides, at once: failed, the backend is out (the unanswered SYN
+                // counts as the first failure); answered, nothing happened.
+                h.suspect = true;
+                h.suspected_syn_ns = signals.last_syn_ns;
+                let limit = h.quick_limits(target.timeout_ms);
+                info!(service = %target.service, backend = %target.backend, ?limit, "a SYN went unanswered: quick probe");
+                self.checker
+                    .nudge_quick(&target.service, target.backend, limit);
             } else if unanswered > 0 && handshakes == 0 {
                 // Clients retransmit SYNs it left unanswered and no handshake with it
                 // completed since the last read: a host gone dark, or one whose accept
@@ -629,6 +688,7 @@ impl Daemon {
                     targets.push(SignalTarget {
                         service: svc.name.clone(),
                         check: svc.check.kind,
+                        timeout_ms: svc.check.timeout_ms,
                         backend: b.addr,
                         id,
                     });
@@ -1234,6 +1294,8 @@ const EXPIRY_BUDGET: usize = 16_384;
 struct SignalTarget {
     service: String,
     check: CheckKind,
+    /// The check's probe timeout, the longest a quick probe may take.
+    timeout_ms: u64,
     backend: SocketAddr,
     id: u32,
 }

@@ -4,7 +4,7 @@
 //! - **Adaptive interval.** Each task keeps a stability score in [0, 1]: a success moves it a
 //!   quarter of the way to 1, a failure drops it to 0. The next probe comes after
 //!   `fast + (interval - fast) x score`, so a backend that has been fine for a while is probed
-//!   every `interval` (5 s by default) and one that is failing or recovering every `fast`
+//!   every `interval` (20 s by default) and one that is failing or recovering every `fast`
 //!   (500 ms). A new backend starts at 0: it is probed fast until it proves stable.
 //! - **Jitter.** Every wait is stretched or shrunk by up to 10 %, so the probes of many
 //!   backends never align into bursts.
@@ -12,6 +12,10 @@
 //!   has its own timeout, so a backend that hangs delays no other.
 //! - **Probe now.** The daemon can ask for an immediate probe ([`Checker::nudge`]), e.g. when
 //!   the data plane sees a backend refuse connections.
+//! - **Quick probe.** When the data plane has seen a SYN go unanswered far longer than the
+//!   backend's usual handshake, the daemon asks for a probe now with a timeout of the same
+//!   order ([`Checker::nudge_quick`]): a host gone dark is out within a fraction of a second,
+//!   and a lost packet costs one probe.
 //! - **Probe less when traffic vouches.** When the data plane has seen the backend complete
 //!   handshakes since the last probe ([`Checker::vouch`]), a stable backend's interval
 //!   doubles: real traffic is already checking it.
@@ -20,7 +24,7 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
     },
     time::Duration,
@@ -62,6 +66,8 @@ struct Task {
     check: HealthCheck,
     nudge: Arc<Notify>,
     vouched: Arc<AtomicBool>,
+    /// The timeout of the next probe, in milliseconds, when it is a quick one (0: not).
+    quick_ms: Arc<AtomicU64>,
     handle: JoinHandle<()>,
 }
 
@@ -112,6 +118,7 @@ impl Checker {
             }
             let nudge = Arc::new(Notify::new());
             let vouched = Arc::new(AtomicBool::new(false));
+            let quick_ms = Arc::new(AtomicU64::new(0));
             let handle = tokio::spawn(run(
                 key.clone(),
                 check.clone(),
@@ -119,6 +126,7 @@ impl Checker {
                 self.reports.clone(),
                 nudge.clone(),
                 vouched.clone(),
+                quick_ms.clone(),
             ));
             debug!(service = %key.0, backend = %key.1, "health check started");
             self.tasks.insert(
@@ -127,6 +135,7 @@ impl Checker {
                     check,
                     nudge,
                     vouched,
+                    quick_ms,
                     handle,
                 },
             );
@@ -136,6 +145,16 @@ impl Checker {
     /// Asks for a probe of `backend` of `service` now instead of at its next slot.
     pub fn nudge(&self, service: &str, backend: SocketAddr) {
         if let Some(t) = self.tasks.get(&(service.to_owned(), backend)) {
+            t.nudge.notify_one();
+        }
+    }
+
+    /// Asks for a probe now that gives up after `limit` (shorter than the check's own
+    /// timeout): the data plane suspects the backend, and the probe decides.
+    pub fn nudge_quick(&self, service: &str, backend: SocketAddr, limit: Duration) {
+        if let Some(t) = self.tasks.get(&(service.to_owned(), backend)) {
+            let ms = (limit.as_millis() as u64).max(1);
+            t.quick_ms.store(ms, Ordering::Relaxed);
             t.nudge.notify_one();
         }
     }
@@ -174,6 +193,7 @@ async fn run(
     reports: mpsc::Sender<Report>,
     nudge: Arc<Notify>,
     vouched: Arc<AtomicBool>,
+    quick_ms: Arc<AtomicU64>,
 ) {
     let mut stability = 0.0f64;
     let mut rng = fastrand::Rng::new();
@@ -182,7 +202,16 @@ async fn run(
             let Ok(_permit) = limit.acquire().await else {
                 return;
             };
-            probe(backend, &check).await
+            match quick_ms.swap(0, Ordering::Relaxed) {
+                0 => probe(backend, &check).await,
+                ms => {
+                    let quick = HealthCheck {
+                        timeout_ms: ms.min(check.timeout_ms),
+                        ..check.clone()
+                    };
+                    probe(backend, &quick).await
+                }
+            }
         };
         stability = match outcome {
             Outcome::Up { .. } => stability + (1.0 - stability) * 0.25,
@@ -296,10 +325,10 @@ mod tests {
     fn the_interval_moves_with_stability_and_jitter_stays_within_ten_percent() {
         let c = HealthCheck::default();
         assert_eq!(next_interval(&c, 0.0, 0.5), Duration::from_millis(500));
-        assert_eq!(next_interval(&c, 1.0, 0.5), Duration::from_millis(5000));
-        assert_eq!(next_interval(&c, 0.5, 0.5), Duration::from_millis(2750));
-        assert_eq!(next_interval(&c, 1.0, 0.0), Duration::from_millis(4500));
-        assert!(next_interval(&c, 1.0, 0.999_999) <= Duration::from_millis(5500));
+        assert_eq!(next_interval(&c, 1.0, 0.5), Duration::from_millis(20_000));
+        assert_eq!(next_interval(&c, 0.5, 0.5), Duration::from_millis(10_250));
+        assert_eq!(next_interval(&c, 1.0, 0.0), Duration::from_millis(18_000));
+        assert!(next_interval(&c, 1.0, 0.999_999) <= Duration::from_millis(22_000));
     }
 
     async fn http_server(answer: &'static str, delay: Duration) -> SocketAddr {

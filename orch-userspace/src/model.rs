@@ -146,7 +146,7 @@ pub enum CheckKind {
 }
 
 /// A service's health-check spec. Defaults: TCP connect (none for UDP services), timeout 1 s,
-/// healthy after 2 successes, unhealthy after 2 failures, a probe every 5 s while stable and
+/// healthy after 2 successes, unhealthy after 2 failures, a probe every 20 s while stable and
 /// every 500 ms while failing or recovering.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -177,7 +177,7 @@ impl Default for HealthCheck {
             timeout_ms: 1000,
             rise: 2,
             fall: 2,
-            interval_ms: 5000,
+            interval_ms: 20_000,
             fast_interval_ms: 500,
         }
     }

@@ -69,6 +69,12 @@ pub fn backend6(i: usize) -> Ipv6Addr {
     Ipv6Addr::new(0x2001, 0xdb8, i as u16, 0, 0, 0, 0, 2)
 }
 
+/// Whether `tool` is on the PATH.
+pub fn have(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
+}
+
 /// Whether the kernel can create VLAN devices (802.1Q built in or loadable): tried in a
 /// namespace of its own, removed at once.
 pub fn kernel_has_vlans() -> bool {

@@ -239,7 +239,7 @@ fn probe_rate_for_24_services_of_3_backends() {
         let v: serde_json::Value = serde_json::from_str(&out.stdout_text()).unwrap();
         v["status"]["probes_total"].as_u64().unwrap()
     };
-    // New backends are probed every 0.5 s until they prove stable; then every ~5 s.
+    // New backends are probed every 0.5 s until they prove stable; then every ~20 s.
     thread::sleep(Duration::from_secs(15));
     let (p0, t0) = (probes(), Instant::now());
     thread::sleep(Duration::from_secs(20));
@@ -251,10 +251,181 @@ fn probe_rate_for_24_services_of_3_backends() {
         p1 - p0,
         t1 - t0
     );
-    // 72 backends at one probe per 5 s +/- 10 % is 864 a minute; a Kubernetes fleet of this
-    // size was measured at 2,400.
+    // 72 backends at one probe per 20 s +/- 10 % is 216 a minute once every check is stable
+    // (the window above still sees some settle); the target is under 300, and a Kubernetes
+    // fleet of this size was measured at 2,400. Fewer than 150 would mean checks stopped.
     assert!(
-        (650.0..1100.0).contains(&per_minute),
+        (150.0..300.0).contains(&per_minute),
         "{per_minute:.0} probes per minute"
+    );
+}
+
+/// What a client saw of one connection attempt while a backend went dark.
+struct Attempt {
+    started: Instant,
+    took: Duration,
+    answered: Result<String, String>,
+}
+
+/// Opens connections to `vip` one after another (10 ms apart) until `stop` or 20 s.
+fn attempts_until(
+    lab: &Lab,
+    vip: SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> thread::JoinHandle<Vec<Attempt>> {
+    lab.client
+        .spawn(move || {
+            let mut seen = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+                let started = Instant::now();
+                let answered = lab::tcp_ask(vip, "are you there").map_err(|e| e.to_string());
+                seen.push(Attempt {
+                    started,
+                    took: started.elapsed(),
+                    answered,
+                });
+                thread::sleep(Duration::from_millis(10));
+            }
+            seen
+        })
+        .unwrap()
+}
+
+/// A backend's host goes dark (its link down: no RST, no answer at all) while a client
+/// opens connections: the data plane sees a SYN go unanswered far longer than the usual
+/// handshake, a quick probe confirms, and the backend is out of rotation in under a second.
+/// A client whose SYN went to the dark host is rebalanced by its retransmission (a second
+/// later, the client's own timer), so no attempt fails.
+#[test]
+fn a_host_gone_dark_leaves_the_rotation_within_a_second() {
+    if !require_root("a_host_gone_dark_leaves_the_rotation_within_a_second") {
+        return;
+    }
+    let lab = Lab::new("dark", 3).expect("building the lab");
+    let orch = lab
+        .start_orch(&lab::orch_bin(), &lab::demo_config())
+        .expect("starting orch");
+    let vip = SocketAddr::from((VIP4, 80));
+    let dark = "198.18.2.2:8080";
+    thread::sleep(Duration::from_secs(2));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = attempts_until(&lab, vip, stop.clone());
+    // Traffic first: the data plane learns the usual handshake.
+    thread::sleep(Duration::from_millis(800));
+    assert!(orch.in_rotation("web", dark));
+    lab.backends[1]
+        .ns
+        .ip(&["link", "set", "dev", "eth0", "down"])
+        .unwrap();
+    let went_dark = Instant::now();
+    let out = lab::wait_until(Duration::from_secs(10), || !orch.in_rotation("web", dark));
+    let detected = went_dark.elapsed();
+    thread::sleep(Duration::from_millis(2500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let attempts = client.join().expect("client thread");
+    assert!(
+        out.is_some(),
+        "still in rotation 10 s after it went dark\n{}",
+        orch.log()
+    );
+    // Attempts whose first SYN met the dark host: they took the client's retransmission.
+    let delayed: Vec<Duration> = attempts
+        .iter()
+        .filter(|a| a.started >= went_dark && a.took > Duration::from_millis(700))
+        .map(|a| a.started - went_dark)
+        .collect();
+    let failed: Vec<&String> = attempts
+        .iter()
+        .filter_map(|a| a.answered.as_ref().err())
+        .collect();
+    eprintln!(
+        "dark host out of rotation {detected:?} after it went dark; {} attempts, {} delayed by \
+         a retransmission (started {delayed:?} after), {} failed",
+        attempts.len(),
+        delayed.len(),
+        failed.len()
+    );
+    assert!(
+        detected < Duration::from_secs(1),
+        "out after {detected:?}\n{}",
+        orch.log()
+    );
+    assert!(
+        failed.is_empty(),
+        "failed attempts: {failed:?}\n{}",
+        orch.log()
+    );
+    // The last attempt that still met the dark host started within the detection time.
+    assert!(
+        delayed.iter().all(|d| *d < Duration::from_secs(1)),
+        "attempts still sent to the dark host: {delayed:?}"
+    );
+}
+
+/// One client SYN lost on the way to a healthy backend (dropped once by a netfilter rule in
+/// its namespace) makes it suspect for a moment: the quick probe answers, and it stays in
+/// rotation. The client's retransmission completes its connection.
+#[test]
+fn a_single_lost_syn_ejects_nobody() {
+    if !require_root("a_single_lost_syn_ejects_nobody") {
+        return;
+    }
+    if !lab::have("nft") {
+        let why = "nft (nftables) is not installed: `cargo xtask prereqs` installs it";
+        assert!(std::env::var_os("CI").is_none(), "{why}");
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let lab = Lab::new("lostsyn", 3).expect("building the lab");
+    let orch = lab
+        .start_orch(&lab::orch_bin(), &lab::demo_config())
+        .expect("starting orch");
+    let vip = SocketAddr::from((VIP4, 80));
+    let lossy = "198.18.3.2:8080";
+    // Handshakes first, so the data plane knows the usual one.
+    lab.client
+        .run(move || {
+            for i in 0..12 {
+                lab::tcp_ask(vip, &format!("warm {i}")).unwrap();
+            }
+        })
+        .unwrap();
+    // The client's next SYN to backend-3 is dropped, once: `quota until` matches the first
+    // 100 bytes' worth of packets: one SYN (60 bytes), not two.
+    let rule = "add table inet lossy
+add chain inet lossy input { type filter hook input priority 0; }
+add rule inet lossy input ip saddr 198.18.0.2 tcp flags syn quota until 100 bytes drop
+";
+    let script = lab.scratch_path("lossy.nft");
+    std::fs::write(&script, rule).unwrap();
+    let loaded = lab.backends[2]
+        .ns
+        .exec("nft", &["-f", script.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&script);
+    loaded.expect("loading the rule");
+    let names = lab
+        .client
+        .run(move || {
+            (0..9)
+                .map(|i| {
+                    let t = Instant::now();
+                    lab::tcp_ask(vip, &format!("after {i}")).map(|n| (n, t.elapsed()))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .unwrap()
+        .unwrap_or_else(|e| panic!("a connection failed: {e}\n{}", orch.log()));
+    let retried = names
+        .iter()
+        .filter(|(_, t)| *t > Duration::from_millis(700))
+        .count();
+    assert_eq!(retried, 1, "exactly one SYN was dropped: {names:?}");
+    // Suspect, probed, cleared: in rotation the whole time, and still after a second.
+    let ejected = lab::wait_until(Duration::from_secs(2), || !orch.in_rotation("web", lossy));
+    assert!(
+        ejected.is_none(),
+        "a lost SYN ejected backend-3\n{}",
+        orch.log()
     );
 }

@@ -1829,7 +1829,24 @@ fn an_upgrade_carries_connections_and_counters_from_the_previous_layout() {
     stats
         .update(&(Reason::FwdRedirect as u32).to_ne_bytes(), &per_cpu(1000))
         .unwrap();
-    drop((ct, stats));
+    // Its passive signals (layout 1: without the SYN times): backend 1 refused 7 SYNs.
+    let signals = OldMap::create(
+        &maps.join(orch_common::maps::BACKEND_SIGNALS_MAP_V1),
+        BPF_MAP_TYPE_PERCPU_ARRAY,
+        4,
+        96,
+        Capacity::default().max_backends,
+    )
+    .unwrap();
+    let old_signals = v1::BackendSignals {
+        refused: 7,
+        ..Default::default()
+    };
+    let per_cpu_signals: Vec<u8> = (0..cpus).flat_map(|_| bytes_of(&old_signals)).collect();
+    signals
+        .update(&1u32.to_ne_bytes(), &per_cpu_signals)
+        .unwrap();
+    drop((ct, stats, signals));
 
     let ns = test_netns("upgrade");
     let dir = pin_dir.clone();
@@ -1866,7 +1883,8 @@ fn an_upgrade_carries_connections_and_counters_from_the_previous_layout() {
         // After the swap: counters added up, old pins gone.
         let done = dp.migrate(true).unwrap();
         assert!(done.counters);
-        assert_eq!(done.retired, 2);
+        assert_eq!(done.retired, 3);
+        assert_eq!(dp.backend_signals(1).unwrap().refused, 7 * cpus as u64);
         let fwd = counts(&dp)
             .into_iter()
             .find(|(r, _)| *r == Reason::FwdRedirect)
@@ -1881,6 +1899,9 @@ fn an_upgrade_carries_connections_and_counters_from_the_previous_layout() {
     .expect("upgrade");
     assert!(!maps.join(orch_common::maps::CONNTRACK_MAP_V1).exists());
     assert!(!maps.join(orch_common::maps::STATS_MAPS_BEFORE[0]).exists());
+    assert!(!maps
+        .join(orch_common::maps::BACKEND_SIGNALS_MAP_V1)
+        .exists());
 }
 
 /// A spoofed SYN from the `i`th address of a flood.

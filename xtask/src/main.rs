@@ -25,7 +25,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install missing prerequisites (rust-src, LLVM, bpf-linker, iproute2, ethtool).
+    /// Install missing prerequisites (rust-src, LLVM, bpf-linker, iproute2, nftables).
     Prereqs,
     /// Build orch and run it. Without --config: a demo lab in network namespaces (a client,
     /// orch, three backends) with traffic that shows connections spread round-robin.

@@ -6,7 +6,8 @@
 //! - bpf-linker built against the same LLVM major version as rustc (rustc emits LLVM
 //!   bitcode for the BPF target and bpf-linker generates the code, so the two must agree);
 //!   building it needs LLVM's development packages from apt;
-//! - iproute2 and ethtool, for the demo lab and the tests.
+//! - iproute2 for the demo lab and the tests, nftables for the tests that lose packets on
+//!   purpose.
 
 use std::{path::PathBuf, process::Command};
 
@@ -22,13 +23,13 @@ pub fn ensure() -> anyhow::Result<()> {
     step(&format!("bpf-linker for LLVM {llvm}"), || {
         ensure_bpf_linker(llvm)
     })?;
-    step("iproute2 and ethtool (demo lab and tests)", || {
+    step("iproute2 and nftables (demo lab and tests)", || {
         let mut missing = Vec::new();
         if !util::have("ip") {
             missing.push("iproute2");
         }
-        if !util::have("ethtool") {
-            missing.push("ethtool");
+        if !util::have("nft") {
+            missing.push("nftables");
         }
         apt_install(&missing)
     })?;

@@ -42,10 +42,10 @@ use aya::{
 use orch_common::maps::{
     v1, Backend, BackendSignals, FlowKey, FlowValue, PortBitmap, ServiceKey, ServiceValue,
     Settings, SlotTable, TrafficCounters, BACKENDS_MAP, BACKEND_DOWN_MAP, BACKEND_SIGNALS_MAP,
-    BACKEND_STATS_MAP, CONNTRACK_MAP, CONNTRACK_MAP_V1, CONNTRACK_NEW_MAP, CT_EVENTS_MAP,
-    CT_NEW_ADOPTED, CT_NEW_EXPIRED, CT_NEW_INSERTED, CT_NEW_OPS_MAP, CT_NEW_REMOVED, CURSORS_MAP,
-    DIR_FORWARD, PORTS_MAP, SERVICES_MAP, SERVICE_STATS_MAP, SETTINGS_MAP, SLOTS_MAP, STATS_MAP,
-    STATS_MAPS_BEFORE, XDP_TX_MAP,
+    BACKEND_SIGNALS_MAP_V1, BACKEND_STATS_MAP, CONNTRACK_MAP, CONNTRACK_MAP_V1, CONNTRACK_NEW_MAP,
+    CT_EVENTS_MAP, CT_NEW_ADOPTED, CT_NEW_EXPIRED, CT_NEW_INSERTED, CT_NEW_OPS_MAP, CT_NEW_REMOVED,
+    CURSORS_MAP, DIR_FORWARD, PORTS_MAP, SERVICES_MAP, SERVICE_STATS_MAP, SETTINGS_MAP, SLOTS_MAP,
+    STATS_MAP, STATS_MAPS_BEFORE, XDP_TX_MAP,
 };
 use orch_common::{CtEvent, Reason, IPPROTO_UDP};
 use tracing::{debug, info, warn};
@@ -617,6 +617,37 @@ impl Dataplane {
             self.ops_began = false;
         }
         let mut old_pins = vec![old_ct];
+        let old_signals = maps_dir.join(BACKEND_SIGNALS_MAP_V1);
+        if finish && old_signals.exists() {
+            let old = open_pinned(&old_signals)?;
+            let old: PerCpuArray<MapData, v1::BackendSignals> =
+                PerCpuArray::try_from(old).map_err(map_err(BACKEND_SIGNALS_MAP_V1))?;
+            for index in 0..old.len().min(self.capacity.max_backends) {
+                let (Ok(before), Ok(now)) =
+                    (old.get(&index, 0), self.backend_signals.get(&index, 0))
+                else {
+                    continue;
+                };
+                let sum: Vec<BackendSignals> = before
+                    .iter()
+                    .zip(now.iter())
+                    .map(|(b, n)| {
+                        let mut n = *n;
+                        b.add_to(&mut n);
+                        n
+                    })
+                    .collect();
+                let values = PerCpuValues::try_from(sum).map_err(|source| DataplaneError::Map {
+                    name: BACKEND_SIGNALS_MAP,
+                    source: MapError::IoError(source),
+                })?;
+                self.backend_signals
+                    .set(index, values, 0)
+                    .map_err(map_err(BACKEND_SIGNALS_MAP))?;
+            }
+            done.counters = true;
+        }
+        old_pins.push(old_signals);
         for name in STATS_MAPS_BEFORE {
             let old_stats = maps_dir.join(name);
             if finish && old_stats.exists() {
