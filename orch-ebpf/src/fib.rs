@@ -14,6 +14,7 @@ use aya_ebpf::{
 use orch_common::{
     csum::Delta,
     maps::{Settings, SETTING_REDIRECT},
+    Reason,
 };
 
 use crate::{
@@ -116,6 +117,32 @@ pub enum Hop {
     TooBig,
     /// Its TTL (hop limit) ends here.
     TtlExpired,
+}
+
+impl Hop {
+    /// Why the packet is left to the kernel as it came, for its ICMP answer: too big, or
+    /// its TTL ends here. `None` for a packet we translate.
+    #[inline(always)]
+    pub fn answered_by_stack(&self) -> Option<Reason> {
+        match self {
+            Hop::TooBig => Some(Reason::PassTooBig),
+            Hop::TtlExpired => Some(Reason::PassTtlExpired),
+            _ => None,
+        }
+    }
+}
+
+/// Sends a translated packet to its `hop`: the action, and whether it was redirected (or
+/// went to the stack).
+#[inline(always)]
+pub fn forward<F: Frame>(ctx: &F, pkt: &Packet, hop: Hop) -> (u32, bool) {
+    match hop {
+        Hop::Redirect(route) => match send(ctx, pkt, &route) {
+            Some(action) => (action, true),
+            None => (F::PASS, false),
+        },
+        _ => (F::PASS, false),
+    }
 }
 
 /// Decides the next hop of a packet that will go from `src` to `dst` once translated, with

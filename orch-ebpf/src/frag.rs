@@ -174,10 +174,8 @@ fn translate<F: Frame>(ctx: &F) -> Result<(u32, Reason), Reason> {
         tcp_flags: 0,
     };
     let hop = fib::decide(ctx, &pkt, &pkt.src, &pkt.dst, &settings(), None);
-    match hop {
-        fib::Hop::TooBig => return Err(Reason::PassTooBig),
-        fib::Hop::TtlExpired => return Err(Reason::PassTtlExpired),
-        _ => {}
+    if let Some(reason) = hop.answered_by_stack() {
+        return Err(reason);
     }
 
     // The address, and the IPv4 header checksum.
@@ -237,11 +235,6 @@ fn translate<F: Frame>(ctx: &F) -> Result<(u32, Reason), Reason> {
     } else {
         (Reason::ReplyRedirect, Reason::ReplyStack)
     };
-    Ok(match hop {
-        fib::Hop::Redirect(route) => match fib::send(ctx, &pkt, &route) {
-            Some(action) => (action, redirected),
-            None => (F::PASS, stacked),
-        },
-        _ => (F::PASS, stacked),
-    })
+    let (action, sent) = fib::forward(ctx, &pkt, hop);
+    Ok((action, if sent { redirected } else { stacked }))
 }

@@ -231,10 +231,8 @@ fn translate<F: Frame>(ctx: &F) -> Result<(u32, Reason), Reason> {
         tcp_flags: 0,
     };
     let hop = fib::decide(ctx, &pkt, &pkt.src, &pkt.dst, &settings(), None);
-    match hop {
-        fib::Hop::TooBig => return Err(Reason::PassTooBig),
-        fib::Hop::TtlExpired => return Err(Reason::PassTtlExpired),
-        _ => {}
+    if let Some(reason) = hop.answered_by_stack() {
+        return Err(reason);
     }
 
     // The quoted packet.
@@ -292,11 +290,7 @@ fn translate<F: Frame>(ctx: &F) -> Result<(u32, Reason), Reason> {
         Toward::Backend => Reason::IcmpToBackend,
         Toward::Client => Reason::IcmpToClient,
     };
-    let action = match hop {
-        fib::Hop::Redirect(route) => fib::send(ctx, &pkt, &route).unwrap_or(F::PASS),
-        _ => F::PASS,
-    };
-    Ok((action, reason))
+    Ok((fib::forward(ctx, &pkt, hop).0, reason))
 }
 
 /// Writes an address: 16 bytes, or the IPv4 word of a mapped one.

@@ -267,11 +267,7 @@ fn translate_forward<F: Frame>(
 /// for one we translate.
 #[inline(always)]
 fn for_the_stack<F: Frame>(hop: &fib::Hop) -> Option<(u32, Reason)> {
-    match hop {
-        fib::Hop::TooBig => Some((F::PASS, Reason::PassTooBig)),
-        fib::Hop::TtlExpired => Some((F::PASS, Reason::PassTtlExpired)),
-        _ => None,
-    }
+    hop.answered_by_stack().map(|reason| (F::PASS, reason))
 }
 
 /// Counts a translated packet for its service and backend (ids), then forwards it to
@@ -301,11 +297,6 @@ fn deliver<F: Frame>(
     } else {
         (Reason::FwdRedirect, Reason::FwdStack)
     };
-    match hop {
-        fib::Hop::Redirect(route) => match fib::send(ctx, pkt, &route) {
-            Some(action) => (action, redirected),
-            None => (F::PASS, stacked),
-        },
-        _ => (F::PASS, stacked),
-    }
+    let (action, sent) = fib::forward(ctx, pkt, hop);
+    (action, if sent { redirected } else { stacked })
 }

@@ -1560,7 +1560,6 @@ impl Dataplane {
         repeat: u32,
         ifindex: u32,
     ) -> Result<(i32, Vec<u8>, Duration), DataplaneError> {
-        let mut out = vec![0u8; packet.len() + 256];
         // `struct __sk_buff` up to `ifindex` (offset 40), the one field set; without it the
         // kernel runs the skb on the loopback device.
         let mut ctx = [0u8; 44];
@@ -1574,18 +1573,9 @@ impl Dataplane {
             })?
             .try_into()
             .map_err(|source| DataplaneError::Program { name, source })?;
-        let opts = TestRunOptions {
-            data_in: Some(packet),
-            data_out: Some(&mut out),
-            ctx_in: (ifindex != 0).then_some(&ctx[..]),
-            repeat,
-            ..Default::default()
-        };
-        let result = prog
-            .test_run(opts)
-            .map_err(|source| DataplaneError::Program { name, source })?;
-        out.truncate(result.data_size_out as usize);
-        Ok((result.return_value as i32, out, result.duration))
+        let ctx = (ifindex != 0).then_some(&ctx[..]);
+        let (rc, out, duration) = test_run_program(prog, name, packet, repeat, ctx)?;
+        Ok((rc as i32, out, duration))
     }
 
     /// Runs `packet` `repeat` times through the balancer (`floor == false`) or the floor
@@ -1612,9 +1602,6 @@ impl Dataplane {
         repeat: u32,
         ingress_ifindex: u32,
     ) -> Result<TestRunOutput, DataplaneError> {
-        // Room for the program to grow the packet (it does not today) and the kernel's check
-        // that the output fits.
-        let mut out = vec![0u8; packet.len() + 256];
         // `struct xdp_md`: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
         // egress_ifindex. The kernel wants data 0 and data_end the packet's length.
         let ctx: Vec<u8> = [0, packet.len() as u32, 0, ingress_ifindex, 0, 0]
@@ -1622,21 +1609,12 @@ impl Dataplane {
             .flat_map(|w| w.to_ne_bytes())
             .collect();
         let prog = self.program(name)?;
-        let opts = TestRunOptions {
-            data_in: Some(packet),
-            data_out: Some(&mut out),
-            ctx_in: (ingress_ifindex != 0).then_some(&ctx[..]),
-            repeat,
-            ..Default::default()
-        };
-        let result = prog
-            .test_run(opts)
-            .map_err(|source| DataplaneError::Program { name, source })?;
-        out.truncate(result.data_size_out as usize);
+        let ctx = (ingress_ifindex != 0).then_some(&ctx[..]);
+        let (rc, packet, duration) = test_run_program(prog, name, packet, repeat, ctx)?;
         Ok(TestRunOutput {
-            verdict: Verdict::from(result.return_value),
-            packet: out,
-            duration: result.duration,
+            verdict: Verdict::from(rc),
+            packet,
+            duration,
         })
     }
 }
@@ -1649,6 +1627,35 @@ impl Drop for Dataplane {
             .retain(|a| !matches!(a.attachment, Attachment::Pinned(_)));
         self.detach_all();
     }
+}
+
+/// `BPF_PROG_TEST_RUN` of `prog` (XDP or TC) on `packet`, `repeat` times, with the context
+/// `ctx`: the return value, the packet as the program left it, the average run time.
+fn test_run_program<P>(
+    prog: &mut P,
+    name: &'static str,
+    packet: &[u8],
+    repeat: u32,
+    ctx: Option<&[u8]>,
+) -> Result<(u32, Vec<u8>, Duration), DataplaneError>
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::programs::TestRunResult>,
+{
+    // Room for the program to grow the packet (it does not today) and the kernel's check
+    // that the output fits.
+    let mut out = vec![0u8; packet.len() + 256];
+    let opts = TestRunOptions {
+        data_in: Some(packet),
+        data_out: Some(&mut out),
+        ctx_in: ctx,
+        repeat,
+        ..Default::default()
+    };
+    let result = prog
+        .test_run(opts)
+        .map_err(|source| DataplaneError::Program { name, source })?;
+    out.truncate(result.data_size_out as usize);
+    Ok((result.return_value, out, result.duration))
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`.
