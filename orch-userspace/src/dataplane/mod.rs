@@ -619,56 +619,29 @@ impl Dataplane {
         let mut old_pins = vec![old_ct];
         let old_signals = maps_dir.join(BACKEND_SIGNALS_MAP_V1);
         if finish && old_signals.exists() {
-            let old = open_pinned(&old_signals)?;
-            let old: PerCpuArray<MapData, v1::BackendSignals> =
-                PerCpuArray::try_from(old).map_err(map_err(BACKEND_SIGNALS_MAP_V1))?;
-            for index in 0..old.len().min(self.capacity.max_backends) {
-                let (Ok(before), Ok(now)) =
-                    (old.get(&index, 0), self.backend_signals.get(&index, 0))
-                else {
-                    continue;
-                };
-                let sum: Vec<BackendSignals> = before
-                    .iter()
-                    .zip(now.iter())
-                    .map(|(b, n)| {
-                        let mut n = *n;
-                        b.add_to(&mut n);
-                        n
-                    })
-                    .collect();
-                let values = PerCpuValues::try_from(sum).map_err(|source| DataplaneError::Map {
-                    name: BACKEND_SIGNALS_MAP,
-                    source: MapError::IoError(source),
-                })?;
-                self.backend_signals
-                    .set(index, values, 0)
-                    .map_err(map_err(BACKEND_SIGNALS_MAP))?;
-            }
+            let n = self.capacity.max_backends;
+            carry_per_cpu::<v1::BackendSignals, _>(
+                &old_signals,
+                (
+                    BACKEND_SIGNALS_MAP_V1,
+                    &mut self.backend_signals,
+                    BACKEND_SIGNALS_MAP,
+                ),
+                n,
+                |old, new| old.add_to(new),
+            )?;
             done.counters = true;
         }
         old_pins.push(old_signals);
         for name in STATS_MAPS_BEFORE {
             let old_stats = maps_dir.join(name);
             if finish && old_stats.exists() {
-                let old = open_pinned(&old_stats)?;
-                let old: PerCpuArray<MapData, u64> =
-                    PerCpuArray::try_from(old).map_err(map_err(name))?;
-                for index in 0..old.len().min(Reason::COUNT) {
-                    let (Ok(before), Ok(now)) = (old.get(&index, 0), self.stats.get(&index, 0))
-                    else {
-                        continue;
-                    };
-                    let sum: Vec<u64> = before.iter().zip(now.iter()).map(|(a, b)| a + b).collect();
-                    let values =
-                        PerCpuValues::try_from(sum).map_err(|source| DataplaneError::Map {
-                            name: STATS_MAP,
-                            source: MapError::IoError(source),
-                        })?;
-                    self.stats
-                        .set(index, values, 0)
-                        .map_err(map_err(STATS_MAP))?;
-                }
+                carry_per_cpu::<u64, _>(
+                    &old_stats,
+                    (name, &mut self.stats, STATS_MAP),
+                    Reason::COUNT,
+                    |old, new| *new += old,
+                )?;
                 done.counters = true;
             }
             old_pins.push(old_stats);
@@ -1627,6 +1600,40 @@ impl Drop for Dataplane {
             .retain(|a| !matches!(a.attachment, Attachment::Pinned(_)));
         self.detach_all();
     }
+}
+
+/// Adds the per-CPU values of the old pinned map at `old` (named `old_name`) into `new`,
+/// index by index up to `limit`, with `add`: an upgrade's counters carried over. An index
+/// the old map lacks is skipped. (The program keeps counting into `new` meanwhile; what it
+/// counts between a read and the write of one index is lost, a window of microseconds.)
+fn carry_per_cpu<O: aya::Pod, N: aya::Pod>(
+    old: &Path,
+    (old_name, new, new_name): (&'static str, &mut PerCpuArray<MapData, N>, &'static str),
+    limit: u32,
+    add: impl Fn(&O, &mut N),
+) -> Result<(), DataplaneError> {
+    let old: PerCpuArray<MapData, O> =
+        PerCpuArray::try_from(open_pinned(old)?).map_err(map_err(old_name))?;
+    for index in 0..old.len().min(limit) {
+        let (Ok(before), Ok(now)) = (old.get(&index, 0), new.get(&index, 0)) else {
+            continue;
+        };
+        let sum: Vec<N> = before
+            .iter()
+            .zip(now.iter())
+            .map(|(b, n)| {
+                let mut n = *n;
+                add(b, &mut n);
+                n
+            })
+            .collect();
+        let values = PerCpuValues::try_from(sum).map_err(|source| DataplaneError::Map {
+            name: new_name,
+            source: MapError::IoError(source),
+        })?;
+        new.set(index, values, 0).map_err(map_err(new_name))?;
+    }
+    Ok(())
 }
 
 /// `BPF_PROG_TEST_RUN` of `prog` (XDP or TC) on `packet`, `repeat` times, with the context
