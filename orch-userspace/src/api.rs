@@ -2,7 +2,11 @@
 //!
 //! Transport: a Unix stream socket (default [`DEFAULT_SOCKET`], mode 0660, group `orch` when
 //! that group exists). Nothing listens on a network address for control; who may change the
-//! load balancer is decided by file permissions.
+//! load balancer is decided by file permissions. The socket appears at its path only with
+//! those permissions (it is bound under a temporary name and renamed into place), and orch
+//! never replaces anything at that path but a stale socket. A client has [`READ_TIMEOUT`]
+//! to send its request and [`MAX_CONNECTIONS`] may be open at once. Every change is logged
+//! with the requester's uid and pid (`SO_PEERCRED`).
 //!
 //! Protocol, version [`API_VERSION`]: one request per connection. The client writes one line
 //! of JSON, `{"api": 1, "op": "...", ...arguments}`, and reads one line back:
@@ -41,6 +45,10 @@ pub const API_VERSION: u32 = 1;
 pub const DEFAULT_SOCKET: &str = "/run/orch/orch.sock";
 /// Longest request line accepted: far above any real request, low enough to bound memory.
 const MAX_REQUEST: u64 = 1 << 20;
+/// How long a client may take to send its request line.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Admin connections open at once; one more is answered "busy" and closed at once.
+pub const MAX_CONNECTIONS: usize = 64;
 /// How long the CLI waits for the daemon.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -97,6 +105,36 @@ pub enum Request {
         client: SocketAddr,
         vip: SocketAddr,
     },
+}
+
+impl Request {
+    /// The operation's wire name (`op`).
+    pub const fn op(&self) -> &'static str {
+        match self {
+            Request::Status => "status",
+            Request::ServiceList => "service_list",
+            Request::ServiceShow { .. } => "service_show",
+            Request::ServiceAdd { .. } => "service_add",
+            Request::ServiceRm { .. } => "service_rm",
+            Request::BackendAdd { .. } => "backend_add",
+            Request::BackendRm { .. } => "backend_rm",
+            Request::BackendSetState { .. } => "backend_set_state",
+            Request::BackendList { .. } => "backend_list",
+            Request::Explain { .. } => "explain",
+        }
+    }
+
+    /// Whether it changes the load balancer (and so is logged with who asked).
+    pub const fn changes(&self) -> bool {
+        matches!(
+            self,
+            Request::ServiceAdd { .. }
+                | Request::ServiceRm { .. }
+                | Request::BackendAdd { .. }
+                | Request::BackendRm { .. }
+                | Request::BackendSetState { .. }
+        )
+    }
 }
 
 fn default_weight() -> u32 {
@@ -271,6 +309,7 @@ pub enum ApiServerError {
 /// Binds the admin socket: creates its directory, replaces a stale socket file (one nobody
 /// listens on), and sets its mode and group.
 pub fn bind(path: &Path) -> Result<UnixListener, ApiServerError> {
+    use std::os::unix::fs::FileTypeExt;
     let err = |source| ApiServerError::Socket {
         path: path.to_owned(),
         source,
@@ -278,16 +317,40 @@ pub fn bind(path: &Path) -> Result<UnixListener, ApiServerError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(err)?;
     }
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(ApiServerError::InUse(path.to_owned()));
+    // Not `exists()`, which follows a symlink: what is at the path itself.
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_socket() => {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "something that is not a socket is there; orch replaces only its own socket",
+            )))
         }
-        std::fs::remove_file(path).map_err(err)?;
+        Ok(_) if UnixStream::connect(path).is_ok() => {
+            return Err(ApiServerError::InUse(path.to_owned()))
+        }
+        _ => {}
     }
-    let listener = UnixListener::bind(path).map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
-    if let Ok(Some(group)) = nix::unistd::Group::from_name("orch") {
-        nix::unistd::chown(path, None, Some(group.gid)).map_err(|e| err(e.into()))?;
+    // Bound under a temporary name beside it, given its permissions, then renamed over the
+    // path (atomically replacing a stale socket): nobody can connect before the permissions
+    // hold.
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    let temp = path.with_file_name(format!(
+        ".{}.{}.new",
+        name.unwrap_or_default(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&temp);
+    let listener = UnixListener::bind(&temp).map_err(err)?;
+    let placed = (|| -> std::io::Result<()> {
+        std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(0o660))?;
+        if let Ok(Some(group)) = nix::unistd::Group::from_name("orch") {
+            nix::unistd::chown(&temp, None, Some(group.gid))?;
+        }
+        std::fs::rename(&temp, path)
+    })();
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&temp);
+        return Err(err(e));
     }
     info!(socket = %path.display(), "admin API listening");
     Ok(listener)
@@ -295,14 +358,38 @@ pub fn bind(path: &Path) -> Result<UnixListener, ApiServerError> {
 
 /// Accepts connections forever, handing each request to the main loop through `calls`.
 pub async fn serve(listener: UnixListener, calls: mpsc::Sender<Call>) {
+    serve_with(listener, calls, READ_TIMEOUT, MAX_CONNECTIONS).await
+}
+
+/// [`serve`] with its limits given: how long a request may take to arrive, and how many
+/// connections may be open at once.
+pub async fn serve_with(
+    listener: UnixListener,
+    calls: mpsc::Sender<Call>,
+    read_timeout: Duration,
+    max_connections: usize,
+) {
+    let open = std::sync::Arc::new(tokio::sync::Semaphore::new(max_connections));
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => {
+            Ok((mut stream, _)) => {
+                let Ok(permit) = open.clone().try_acquire_owned() else {
+                    // Answered at once, never queued: a full house must not grow.
+                    let busy = ApiError::new(
+                        ErrorKind::Internal,
+                        format!("too many admin connections open ({max_connections}); try again"),
+                    );
+                    tokio::spawn(async move {
+                        let _ = reply(&mut stream, Err(busy)).await;
+                    });
+                    continue;
+                };
                 let calls = calls.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = handle(stream, calls).await {
+                    if let Err(e) = handle(stream, calls, read_timeout).await {
                         debug!(error = %e, "admin connection ended with an error");
                     }
+                    drop(permit);
                 });
             }
             Err(e) => {
@@ -313,30 +400,60 @@ pub async fn serve(listener: UnixListener, calls: mpsc::Sender<Call>) {
     }
 }
 
-async fn handle(stream: tokio::net::UnixStream, calls: mpsc::Sender<Call>) -> std::io::Result<()> {
-    let (read, mut write) = stream.into_split();
+async fn handle(
+    mut stream: tokio::net::UnixStream,
+    calls: mpsc::Sender<Call>,
+    read_timeout: Duration,
+) -> std::io::Result<()> {
+    let peer = stream.peer_cred().ok();
     let mut line = String::new();
-    let mut reader = tokio::io::BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST));
-    reader.read_line(&mut line).await?;
-    let outcome = match decode(&line) {
-        Ok(request) => {
-            let (tx, rx) = oneshot::channel();
-            if calls.send((request, tx)).await.is_err() {
-                Err(ApiError::new(
-                    ErrorKind::Internal,
-                    "the daemon is shutting down",
-                ))
-            } else {
-                rx.await.unwrap_or_else(|_| {
+    let read = {
+        let mut reader =
+            tokio::io::BufReader::new(tokio::io::AsyncReadExt::take(&mut stream, MAX_REQUEST));
+        tokio::time::timeout(read_timeout, reader.read_line(&mut line)).await
+    };
+    let outcome = match read {
+        Err(_) => Err(ApiError::new(
+            ErrorKind::Invalid,
+            format!("no request line within {read_timeout:?}"),
+        )),
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(_)) => match decode(&line) {
+            Ok(request) => {
+                if request.changes() {
+                    info!(
+                        uid = peer.as_ref().map(|p| p.uid()),
+                        pid = peer.as_ref().and_then(|p| p.pid()),
+                        request = request.op(),
+                        "admin change requested"
+                    );
+                }
+                let (tx, rx) = oneshot::channel();
+                if calls.send((request, tx)).await.is_err() {
                     Err(ApiError::new(
                         ErrorKind::Internal,
-                        "the daemon dropped the request",
+                        "the daemon is shutting down",
                     ))
-                })
+                } else {
+                    rx.await.unwrap_or_else(|_| {
+                        Err(ApiError::new(
+                            ErrorKind::Internal,
+                            "the daemon dropped the request",
+                        ))
+                    })
+                }
             }
-        }
-        Err(e) => Err(e),
+            Err(e) => Err(e),
+        },
     };
+    reply(&mut stream, outcome).await
+}
+
+/// Writes the reply line and closes the writing side.
+async fn reply(
+    stream: &mut tokio::net::UnixStream,
+    outcome: Result<Reply, ApiError>,
+) -> std::io::Result<()> {
     let body = match outcome {
         Ok(r) => Outcome::Ok(r),
         Err(e) => Outcome::Error(e),
@@ -347,8 +464,8 @@ async fn handle(stream: tokio::net::UnixStream, calls: mpsc::Sender<Call>) -> st
     })
     .map_err(std::io::Error::other)?;
     out.push(b'\n');
-    write.write_all(&out).await?;
-    write.shutdown().await
+    stream.write_all(&out).await?;
+    stream.shutdown().await
 }
 
 /// Parses one request line, checking the version before anything else.
@@ -434,6 +551,155 @@ pub fn call(socket: &Path, request: &Request) -> Result<Reply, ClientError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Sends `line` (if any) on a new connection to `path` and reads the reply line.
+    async fn ask(path: &Path, line: Option<&str>) -> String {
+        let mut s = tokio::net::UnixStream::connect(path).await.unwrap();
+        if let Some(line) = line {
+            s.write_all(format!("{line}\n").as_bytes()).await.unwrap();
+        }
+        let mut answer = String::new();
+        tokio::io::BufReader::new(s)
+            .read_line(&mut answer)
+            .await
+            .unwrap();
+        answer
+    }
+
+    #[tokio::test]
+    async fn the_socket_appears_with_its_permissions_and_replaces_only_a_stale_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("orch.sock");
+        // A regular file or a symlink at the path is left alone, and said.
+        std::fs::write(&path, "precious").unwrap();
+        let e = bind(&path).unwrap_err().to_string();
+        assert!(e.contains(&path.display().to_string()), "{e}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "precious");
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("elsewhere"), &path).unwrap();
+        assert!(bind(&path).is_err());
+        assert!(std::fs::symlink_metadata(&path)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        std::fs::remove_file(&path).unwrap();
+        // A stale socket (nobody listening) is replaced; the new one has mode 0660.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let listener = bind(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o660);
+        // No temporary name is left beside it.
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("orch.sock")]);
+        // And one that is in use is not taken over.
+        assert!(matches!(bind(&path), Err(ApiServerError::InUse(_))));
+        drop(listener);
+    }
+
+    #[tokio::test]
+    async fn a_silent_client_is_cut_off_and_a_full_house_answers_busy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("orch.sock");
+        let listener = bind(&path).unwrap();
+        let (calls, mut rx) = mpsc::channel::<Call>(4);
+        tokio::spawn(serve_with(listener, calls, Duration::from_millis(300), 2));
+        tokio::spawn(async move {
+            while let Some((_, reply)) = rx.recv().await {
+                let _ = reply.send(Ok(Reply::Done("ok".into())));
+            }
+        });
+        // A client that sends nothing gets an error after the read timeout.
+        let started = std::time::Instant::now();
+        let answer = ask(&path, None).await;
+        assert!(answer.contains("no request line within"), "{answer}");
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        // Two silent connections fill the house; a third is answered busy at once.
+        let _a = tokio::net::UnixStream::connect(&path).await.unwrap();
+        let _b = tokio::net::UnixStream::connect(&path).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let started = std::time::Instant::now();
+        let answer = ask(&path, Some(r#"{"api":1,"op":"status"}"#)).await;
+        assert!(answer.contains("too many admin connections"), "{answer}");
+        assert!(started.elapsed() < Duration::from_millis(250));
+        // Once they are gone (cut off by the timeout), requests are served again.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let answer = ask(&path, Some(r#"{"api":1,"op":"status"}"#)).await;
+        assert!(answer.contains(r#""ok""#), "{answer}");
+    }
+
+    /// A log sink for one test.
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_change_is_logged_with_who_asked_and_a_read_is_not() {
+        let log = Captured::default();
+        let sink = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || sink.clone())
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("orch.sock");
+        let listener = bind(&path).unwrap();
+        let (calls, mut rx) = mpsc::channel::<Call>(4);
+        tokio::spawn(serve(listener, calls));
+        tokio::spawn(async move {
+            while let Some((_, reply)) = rx.recv().await {
+                let _ = reply.send(Ok(Reply::Done("ok".into())));
+            }
+        });
+        ask(&path, Some(r#"{"api":1,"op":"status"}"#)).await;
+        ask(&path, Some(r#"{"api":1,"op":"service_rm","name":"web"}"#)).await;
+        let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        let changes: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("admin change requested"))
+            .collect();
+        assert_eq!(changes.len(), 1, "{text}");
+        let uid = nix::unistd::getuid().as_raw();
+        assert!(changes[0].contains(&format!("uid={uid}")), "{}", changes[0]);
+        assert!(
+            changes[0].contains(&format!("pid={}", std::process::id())),
+            "{}",
+            changes[0]
+        );
+        assert!(changes[0].contains("service_rm"), "{}", changes[0]);
+    }
+
+    #[test]
+    fn every_op_name_is_the_wire_name_and_only_changes_are_changes() {
+        let reqs = [
+            Request::Status,
+            Request::ServiceList,
+            Request::ServiceShow { name: "w".into() },
+            Request::ServiceRm { name: "w".into() },
+            Request::BackendRm {
+                service: "w".into(),
+                address: "198.18.1.2:80".parse().unwrap(),
+            },
+            Request::BackendList { service: None },
+        ];
+        for r in &reqs {
+            let v = serde_json::to_value(r).unwrap();
+            assert_eq!(v["op"], r.op());
+        }
+        assert!(!Request::Status.changes() && Request::ServiceRm { name: "w".into() }.changes());
+    }
 
     #[test]
     fn requests_round_trip_with_the_documented_shape() {
