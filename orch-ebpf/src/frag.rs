@@ -24,13 +24,10 @@ use crate::{
     conntrack, fib,
     frame::{Frame, L4Change},
     maps::{settings, BACKEND_STATS, FRAGS, SCRATCH, SERVICE_STATS},
-    parse::{read, write, Packet, ETH_HLEN},
+    parse::{read, write, Packet, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV6_FRAGMENT},
     stats,
 };
 
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const IPPROTO_FRAGMENT: u8 = 44;
 /// IPv4 header fields (RFC 791).
 const V4_TOT_LEN: usize = ETH_HLEN + 2;
 const V4_ID: usize = ETH_HLEN + 4;
@@ -76,7 +73,7 @@ fn translate<F: Frame>(ctx: &F) -> Result<(u32, Reason), Reason> {
     };
     // The datagram: its identity, whether this is its first fragment, where L4 starts.
     let (src, dst, id, proto, first, l4, len) = if v6 {
-        if read::<u8>(ctx, V6_NEXT) != Some(IPPROTO_FRAGMENT) {
+        if read::<u8>(ctx, V6_NEXT) != Some(IPV6_FRAGMENT) {
             return Err(pass);
         }
         let proto = read::<u8>(ctx, V6_FRAG).ok_or(Reason::PassTruncated)?;

@@ -28,14 +28,11 @@ use crate::{
     conntrack, fib,
     frame::Frame,
     maps::{settings, SCRATCH},
-    parse::{read, write, Packet, ETH_HLEN},
+    parse::{read, write, Packet, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV6_FRAGMENT},
 };
 
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_ICMPV6: u8 = 58;
-const IPPROTO_FRAGMENT: u8 = 44;
 
 /// Where the fields are, for each family: the outer header without options or extension
 /// headers, the ICMP header, the quoted header (likewise), the quoted ports.
@@ -143,7 +140,7 @@ fn translate<F: Frame>(ctx: &F) -> Result<(u32, Reason), Reason> {
     // IPv6 routers do not fragment: a datagram sent in fragments wider than a later link
     // gets "packet too big" quoting its first fragment, whose ports follow the fragment
     // header (IPv4 fragments carry no DF, and routers fragment them further).
-    if l.v6 && proto == IPPROTO_FRAGMENT {
+    if l.v6 && proto == IPV6_FRAGMENT {
         let offset = read::<u16>(ctx, inner_l4 + 2).ok_or(Reason::PassTruncated)?;
         if u16::from_be(offset) & 0xfff8 != 0 {
             return Err(other);

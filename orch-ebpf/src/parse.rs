@@ -20,8 +20,8 @@ use orch_common::{
 pub const ETH_HLEN: usize = 14;
 pub const IPV4_HLEN: usize = 20;
 pub const IPV6_HLEN: usize = 40;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
 /// IPv4 `frag_off` bits that mark a fragment: MF and the 13-bit offset (RFC 791).
 const IP_MF_OFFSET_MASK: u16 = 0x3fff;
 const TCP_HLEN: usize = 20;
@@ -32,7 +32,8 @@ const UDP_HLEN: usize = 8;
 
 /// IPv6 next-header values that are extension headers (RFC 8200 section 4, and AH/ESP).
 const IPV6_EXT_HEADERS: [u8; 7] = [0, 43, 50, 51, 60, 135, 139];
-const IPV6_FRAGMENT: u8 = 44;
+/// The IPv6 fragment header's next-header value.
+pub const IPV6_FRAGMENT: u8 = 44;
 
 /// Offset of the L4 header for each family (fixed: see the module docs).
 pub const L4_OFF_V4: usize = ETH_HLEN + IPV4_HLEN;

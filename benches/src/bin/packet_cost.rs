@@ -496,15 +496,9 @@ fn alternate(
     repeat: u32,
     rounds: usize,
 ) -> anyhow::Result<(f64, f64, f64)> {
-    let (mut ns, mut floor, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..rounds {
-        let f = per_packet(dp.bench_run(true, packet, repeat)?.duration);
-        let t = per_packet(dp.bench_run(false, packet, repeat)?.duration);
-        ns.push(t);
-        floor.push(f);
-        ratio.push(t / f);
-    }
-    Ok((median(&ns), median(&floor), median(&ratio)))
+    alternate_with(rounds, |floor| {
+        Ok(dp.bench_run(floor, packet, repeat)?.duration)
+    })
 }
 
 /// [`alternate`] on the TC hook: the balancer and the TC floor, alternately.
@@ -514,10 +508,20 @@ fn alternate_tc(
     repeat: u32,
     rounds: usize,
 ) -> anyhow::Result<(f64, f64, f64)> {
+    alternate_with(rounds, |floor| {
+        Ok(dp.bench_run_tc(floor, packet, repeat)?.1)
+    })
+}
+
+/// Runs the floor (`run(true)`) and the balancer (`run(false)`) alternately `rounds` times.
+fn alternate_with(
+    rounds: usize,
+    mut run: impl FnMut(bool) -> anyhow::Result<Duration>,
+) -> anyhow::Result<(f64, f64, f64)> {
     let (mut ns, mut floor, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
-        let f = per_packet(dp.bench_run_tc(true, packet, repeat)?.1);
-        let t = per_packet(dp.bench_run_tc(false, packet, repeat)?.1);
+        let f = per_packet(run(true)?);
+        let t = per_packet(run(false)?);
         ns.push(t);
         floor.push(f);
         ratio.push(t / f);
