@@ -33,6 +33,11 @@ pub const CONNTRACK_NEW_CAPACITY: u32 = 262_144;
 /// Default idle time after which a UDP flow may be re-balanced, in nanoseconds.
 pub const DEFAULT_UDP_IDLE_NS: u64 = 30_000_000_000;
 
+/// How many further slots a new connection tries when its slot's backend was ejected by the
+/// data plane (it refused a connection and the daemon has not yet rebuilt the table). The
+/// kernel program follows it and `orch explain` predicts with it.
+pub const EJECTED_RETRIES: u64 = 3;
+
 /// IP protocol numbers the data plane balances.
 pub const IPPROTO_TCP: u8 = 6;
 /// See [`IPPROTO_TCP`].

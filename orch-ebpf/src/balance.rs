@@ -6,7 +6,7 @@ use orch_common::{
         slot_table_index, tcp_opens, FlowKey, FlowValue, ServiceValue, SlotTable, DIR_FORWARD,
         TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
     },
-    CtEvent, Reason, IPPROTO_TCP, IPPROTO_UDP, SLOTS_PER_TABLE,
+    CtEvent, Reason, EJECTED_RETRIES, IPPROTO_TCP, IPPROTO_UDP, SLOTS_PER_TABLE,
 };
 
 use crate::{
@@ -19,10 +19,6 @@ use crate::{
     parse::Packet,
     stats,
 };
-
-/// How many further slots a new connection tries when its slot's backend was ejected by the
-/// data plane (it refused a connection and the daemon has not yet rebuilt the table).
-const EJECTED_RETRIES: u64 = 3;
 
 /// Looks a client's packet up: the live connection's entry, with this packet's FIN/RST
 /// recorded and, when due, a fresh timestamp; null when the packet must be balanced as a new

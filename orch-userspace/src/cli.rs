@@ -10,7 +10,10 @@ use clap::{Args, Parser, Subcommand};
 use comfy_table::{presets::NOTHING, Table};
 
 use crate::{
-    api::{self, BackendInfo, BackendSpec, ClientError, ErrorKind, Reply, Request, ServiceInfo},
+    api::{
+        client::{self, ClientError},
+        BackendInfo, BackendSpec, ErrorKind, Reply, Request, ServiceInfo,
+    },
     model::{AdminState, CheckKind, HealthCheck, Protocol},
 };
 
@@ -58,7 +61,7 @@ pub enum LogFormat {
 #[derive(Debug, Args, Clone)]
 pub struct ClientOpts {
     /// The daemon's admin socket.
-    #[arg(long, global = true, env = "ORCH_SOCKET", default_value = api::DEFAULT_SOCKET)]
+    #[arg(long, global = true, env = "ORCH_SOCKET", default_value = crate::config::defaults::SOCKET)]
     pub socket: PathBuf,
     /// Print the API's JSON answer instead of a table.
     #[arg(long, global = true)]
@@ -376,7 +379,7 @@ pub fn wait_drained(
         let request = Request::BackendList {
             service: Some(service.to_owned()),
         };
-        let left = match api::call(&opts.socket, &request) {
+        let left = match client::call(&opts.socket, &request) {
             Ok(Reply::Backends(rows)) => rows
                 .iter()
                 .find(|r| r.backend.address == address)
@@ -416,7 +419,7 @@ pub fn wait_drained(
 
 /// Sends `request`, prints the answer, and returns the exit code.
 pub fn run_client(request: &Request, opts: &ClientOpts) -> ExitCode {
-    match api::call(&opts.socket, request) {
+    match client::call(&opts.socket, request) {
         Ok(reply) => {
             if opts.json {
                 match serde_json::to_string_pretty(&reply) {
@@ -552,8 +555,8 @@ pub fn render(reply: &Reply) -> String {
 
 fn source(s: &ServiceInfo) -> String {
     match s.source {
-        api::Source::File => "file",
-        api::Source::Registry => "registry",
+        crate::api::Source::File => "file",
+        crate::api::Source::Registry => "registry",
     }
     .to_owned()
 }
@@ -563,8 +566,8 @@ fn backend_cells(b: &BackendInfo) -> Vec<String> {
         b.address.to_string(),
         b.weight.to_string(),
         b.state.to_string(),
-        b.health.clone(),
-        b.breaker.clone(),
+        b.health.name().to_owned(),
+        b.breaker.name().to_owned(),
         if b.in_rotation { "yes" } else { "no" }.to_owned(),
         b.established.to_string(),
         b.connections.to_string(),

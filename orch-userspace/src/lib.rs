@@ -24,17 +24,13 @@
 //! Kernel/user shared types live in the `orch-common` crate.
 
 pub mod api;
-pub mod breaker;
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod explain;
 pub mod health;
-pub mod links;
 pub mod metrics;
 pub mod model;
 pub mod reconcile;
 pub mod registry;
-pub mod vips;
-pub mod wrr;

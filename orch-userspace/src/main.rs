@@ -73,13 +73,7 @@ fn check_config(file: &std::path::Path) -> ExitCode {
                 file.display(),
                 c.services.len(),
                 c.services.iter().map(|s| s.backends.len()).sum::<usize>(),
-                c.dataplane
-                    .interfaces
-                    .get_ref()
-                    .iter()
-                    .map(|i| i.get_ref().as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                c.interfaces.join(", ")
             );
             ExitCode::from(exit::OK)
         }

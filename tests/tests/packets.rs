@@ -14,9 +14,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use etherparse::PacketBuilder;
 use orch::{
-    dataplane::{default_settings, Capacity, Dataplane, DataplaneError, TestRunOutput, Verdict},
+    dataplane::{
+        codec::{addr_words, words_addr},
+        default_settings, Capacity, Dataplane, DataplaneError, TestRunOutput, Verdict,
+    },
     model::{Backend, Protocol, Service, ServiceAddr},
-    reconcile::{addr_words, words_addr, Reconciler},
+    reconcile::Reconciler,
 };
 use orch_common::{
     csum::checksum_be,
@@ -340,7 +343,7 @@ fn loaded_logging(kernel_log: u8) -> (Dataplane, Reconciler) {
 }
 
 fn counts(dp: &Dataplane) -> Vec<(Reason, u64)> {
-    dp.reason_counts().expect("reading counters")
+    dp.reader().reason_counts().expect("reading counters")
 }
 
 fn hex(p: &[u8]) -> String {
@@ -823,7 +826,7 @@ fn fixture_table_verdicts_outputs_and_counters() {
         // Per-service and per-backend counters saw exactly the table's traffic.
         let web = services()[0].addr;
         let web_id = rec.service_id(&web).unwrap();
-        let c = dp.service_counters(web_id).unwrap();
+        let c = dp.reader().service_counters(web_id).unwrap();
         assert_eq!(c.new_conns, 3, "web: SYN, second SYN, TTL-1 SYN: {c:?}");
         assert_eq!(c.fwd_packets, 3, "the TTL-1 SYN is not translated: {c:?}");
         assert_eq!(c.reply_packets, 1, "{c:?}");
@@ -831,8 +834,8 @@ fn fixture_table_verdicts_outputs_and_counters() {
         let be2 = rec.backend_id(&web, sa("198.18.1.2:8080")).unwrap();
         let be3 = rec.backend_id(&web, sa("198.18.1.3:8080")).unwrap();
         let (c2, c3) = (
-            dp.backend_counters(be2).unwrap(),
-            dp.backend_counters(be3).unwrap(),
+            dp.reader().backend_counters(be2).unwrap(),
+            dp.reader().backend_counters(be3).unwrap(),
         );
         assert_eq!(
             (c2.new_conns, c2.fwd_packets, c2.reply_packets),
@@ -845,6 +848,7 @@ fn fixture_table_verdicts_outputs_and_counters() {
             "{c3:?}"
         );
         let empty = dp
+            .reader()
             .service_counters(rec.service_id(&services()[4].addr).unwrap())
             .unwrap();
         assert_eq!(empty.no_backend, 1, "{empty:?}");
@@ -1329,10 +1333,12 @@ fn tcp_key(client: SocketAddr, vip: SocketAddr) -> FlowKey {
 /// The connection-table entries of a client's TCP connection to a VIP: (forward, reply).
 fn tcp_entries(dp: &Dataplane, client: SocketAddr, vip: SocketAddr) -> (FlowValue, FlowValue) {
     let forward = dp
+        .reader()
         .flow(&tcp_key(client, vip))
         .unwrap()
         .expect("a forward entry");
     let reply = dp
+        .reader()
         .flow(&FlowKey {
             src: forward.nat_addr,
             dst: addr_words(client.ip()),
@@ -1449,7 +1455,7 @@ fn a_refused_syn_ejects_the_backend_and_the_retry_goes_elsewhere() {
         )
         .unwrap();
         let ok_id = rec.backend_id(&web.addr, ok_backend).unwrap();
-        let sig = dp.backend_signals(ok_id).unwrap();
+        let sig = dp.reader().backend_signals(ok_id).unwrap();
         assert_eq!((sig.handshakes, sig.refused), (1, 0));
         assert_eq!(sig.handshake_hist.iter().sum::<u64>(), 1);
 
@@ -1474,11 +1480,11 @@ fn a_refused_syn_ejects_the_backend_and_the_retry_goes_elsewhere() {
             .map(|(_, a)| a.0)
             .collect();
         assert_eq!(moved, [Reason::DropRefused]);
-        assert!(dp.ejected(refusing_id).unwrap());
-        assert_eq!(dp.backend_signals(refusing_id).unwrap().refused, 1);
+        assert!(dp.reader().ejected(refusing_id).unwrap());
+        assert_eq!(dp.reader().backend_signals(refusing_id).unwrap().refused, 1);
         let forward = tcp_key(client, vip);
         assert_eq!(
-            dp.flow(&forward).unwrap(),
+            dp.reader().flow(&forward).unwrap(),
             None,
             "the refused flow is forgotten"
         );
@@ -1568,7 +1574,9 @@ fn anyone_ejected(dp: &Dataplane, rec: &Reconciler) -> Vec<String> {
     for svc in services() {
         for b in &svc.backends {
             let id = rec.backend_id(&svc.addr, b.addr).expect("installed");
-            if dp.ejected(id).unwrap() || dp.backend_signals(id).unwrap().refused > 0 {
+            if dp.reader().ejected(id).unwrap()
+                || dp.reader().backend_signals(id).unwrap().refused > 0
+            {
                 out.push(format!("{} {}", svc.name, b.addr));
             }
         }
@@ -1621,7 +1629,11 @@ fn stray_tcp_segments_create_no_state_and_eject_nobody() {
                     "{kind:?} from {src}"
                 );
                 let forward = tcp_key(src, dst);
-                assert_eq!(dp.flow(&forward).unwrap(), None, "{kind:?} created state");
+                assert_eq!(
+                    dp.reader().flow(&forward).unwrap(),
+                    None,
+                    "{kind:?} created state"
+                );
             }
         }
         assert_eq!(anyone_ejected(&dp, &rec), Vec::<String>::new());
@@ -1860,11 +1872,16 @@ fn an_upgrade_carries_connections_and_counters_from_the_previous_layout() {
         rec.apply(&mut dp, &services()).unwrap();
         // Before the swap the connection is in the new table already, converted.
         let f = dp
+            .reader()
             .flow(&forward)
             .unwrap()
             .expect("the forward entry migrated");
         assert_eq!(f, old_forward.upgrade());
-        let r = dp.flow(&reply).unwrap().expect("the reply entry migrated");
+        let r = dp
+            .reader()
+            .flow(&reply)
+            .unwrap()
+            .expect("the reply entry migrated");
         assert_eq!(r.synack, 1);
         // Its next segments keep their backend: not stray, not re-balanced.
         let data = Pkt::new(L4::Ack, client, vip).payload(b"more");
@@ -1884,7 +1901,10 @@ fn an_upgrade_carries_connections_and_counters_from_the_previous_layout() {
         let done = dp.migrate(true).unwrap();
         assert!(done.counters);
         assert_eq!(done.retired, 3);
-        assert_eq!(dp.backend_signals(1).unwrap().refused, 7 * cpus as u64);
+        assert_eq!(
+            dp.reader().backend_signals(1).unwrap().refused,
+            7 * cpus as u64
+        );
         let fwd = counts(&dp)
             .into_iter()
             .find(|(r, _)| *r == Reason::FwdRedirect)
@@ -1953,14 +1973,14 @@ fn evictions_are_counted_exactly_in_a_table_adopted_from_a_release_that_did_not_
         let mut rec = Reconciler::new(cap.max_services, cap.max_backends);
         rec.apply(&mut dp, &services()).unwrap();
         dp.migrate(true).unwrap();
-        assert_eq!(dp.unconfirmed_len().unwrap(), Some(600));
-        assert_eq!(dp.ct_events().unwrap().evicted, Some(0));
+        assert_eq!(dp.reader().unconfirmed_len().unwrap(), Some(600));
+        assert_eq!(dp.reader().ct_events().unwrap().evicted, Some(0));
         for i in 300..4396 {
             test_run(&mut dp, &flood_syn(i, vip)).unwrap();
         }
-        let present = dp.unconfirmed_keys().unwrap();
+        let present = dp.reader().unconfirmed_keys().unwrap();
         assert_eq!(
-            dp.ct_events().unwrap().evicted,
+            dp.reader().ct_events().unwrap().evicted,
             Some(600 + 2 * 4096 - present),
             "the adopted entries count as entries, their evictions as evictions"
         );
@@ -1994,18 +2014,25 @@ fn the_clients_ack_confirms_and_a_syn_flood_cannot_evict_a_confirmed_connection(
         let (f, _) = tcp_entries(&dp, client, vip);
         let backend = SocketAddr::new(words_addr(&f.nat_addr), u16::from_be(f.nat_port_be));
         let reply = fwd.reply(f.nat_addr, f.nat_port_be);
-        assert!(!dp.confirmed(&fwd).unwrap(), "a SYN alone is unconfirmed");
+        assert!(
+            !dp.reader().confirmed(&fwd).unwrap(),
+            "a SYN alone is unconfirmed"
+        );
         test_run(&mut dp, &Pkt::new(L4::SynAck, backend, client).bytes()).unwrap();
         assert_eq!(tcp_entries(&dp, client, vip).0.peer_next, 5001);
         // An ACK that does not acknowledge the SYN-ACK (a blind guess) confirms nothing.
         test_run(&mut dp, &Pkt::new(L4::AckOf(7777), client, vip).bytes()).unwrap();
-        assert!(!dp.confirmed(&fwd).unwrap());
+        assert!(!dp.reader().confirmed(&fwd).unwrap());
         // The client's real ACK does, both entries.
         test_run(&mut dp, &Pkt::new(L4::Ack, client, vip).bytes()).unwrap();
-        assert!(dp.confirmed(&fwd).unwrap() && dp.confirmed(&reply).unwrap());
-        assert_eq!(dp.ct_events().unwrap().confirmed, 1);
-        assert_eq!(dp.ct_events().unwrap().evicted, Some(0));
-        let before = dp.unconfirmed_len().unwrap().expect("kernel element count");
+        assert!(dp.reader().confirmed(&fwd).unwrap() && dp.reader().confirmed(&reply).unwrap());
+        assert_eq!(dp.reader().ct_events().unwrap().confirmed, 1);
+        assert_eq!(dp.reader().ct_events().unwrap().evicted, Some(0));
+        let before = dp
+            .reader()
+            .unconfirmed_len()
+            .unwrap()
+            .expect("kernel element count");
 
         // A spoofed SYN flood, four times the unconfirmed table.
         for i in 0..4096u32 {
@@ -2013,14 +2040,23 @@ fn the_clients_ack_confirms_and_a_syn_flood_cannot_evict_a_confirmed_connection(
             assert_eq!(out.verdict, Verdict::Redirect);
         }
         // The size the kernel counts is the size a walk of the keys finds.
-        let counted = dp.unconfirmed_len().unwrap().expect("kernel element count");
-        let keys = dp.unconfirmed_keys().unwrap();
-        let census = dp.census(30_000_000_000).unwrap();
+        let counted = dp
+            .reader()
+            .unconfirmed_len()
+            .unwrap()
+            .expect("kernel element count");
+        let keys = dp.reader().unconfirmed_keys().unwrap();
+        let census = dp.reader().census(30_000_000_000).unwrap();
         assert!(census.unconfirmed <= 1024, "{}", census.unconfirmed);
         assert_eq!((counted, census.unconfirmed), (keys, keys));
         // Every entry the flood inserted (two per SYN) is in the table or was evicted,
         // and each eviction is counted once: nothing else removed any.
-        let evicted = dp.ct_events().unwrap().evicted.expect("evictions counted");
+        let evicted = dp
+            .reader()
+            .ct_events()
+            .unwrap()
+            .evicted
+            .expect("evictions counted");
         assert_eq!(evicted, before + 2 * 4096 - keys, "{before} entries before");
         // The expiry's removals are not evictions.
         let gone = dp
@@ -2035,10 +2071,10 @@ fn the_clients_ack_confirms_and_a_syn_flood_cannot_evict_a_confirmed_connection(
             )
             .unwrap();
         assert!(gone.removed.iter().sum::<u64>() > 0, "{gone:?}");
-        assert_eq!(dp.unconfirmed_len().unwrap(), Some(0));
-        assert_eq!(dp.ct_events().unwrap().evicted, Some(evicted));
+        assert_eq!(dp.reader().unconfirmed_len().unwrap(), Some(0));
+        assert_eq!(dp.reader().ct_events().unwrap().evicted, Some(evicted));
         // The established connection is where it was, and still translated both ways.
-        assert!(dp.confirmed(&fwd).unwrap() && dp.confirmed(&reply).unwrap());
+        assert!(dp.reader().confirmed(&fwd).unwrap() && dp.reader().confirmed(&reply).unwrap());
         let data = Pkt::new(L4::Ack, client, vip).payload(b"after the flood");
         let out = test_run(&mut dp, &data.bytes()).unwrap();
         let mac = if backend.ip() == v4("198.18.1.2") {
@@ -2064,10 +2100,10 @@ fn the_clients_ack_confirms_and_a_syn_flood_cannot_evict_a_confirmed_connection(
             dst_port_be: 53u16.to_be(),
             ..fwd
         };
-        assert!(!dp.confirmed(&udp_fwd).unwrap());
+        assert!(!dp.reader().confirmed(&udp_fwd).unwrap());
         let a = Pkt::new(L4::Udp, sa("198.18.1.2:5353"), sa("198.18.0.2:50001")).payload(b"a");
         test_run(&mut dp, &a.bytes()).unwrap();
-        assert!(dp.confirmed(&udp_fwd).unwrap());
+        assert!(dp.reader().confirmed(&udp_fwd).unwrap());
     })
     .expect("confirmation and flood");
 }
@@ -2102,7 +2138,7 @@ fn expiry_removes_each_kind_of_connection_at_its_own_timeout() {
         let q = Pkt::new(L4::Udp, sa("198.18.0.2:50002"), sa("198.19.0.1:53")).payload(b"q");
         test_run(&mut dp, &q.bytes()).unwrap();
         let entries = |dp: &Dataplane| {
-            let c = dp.census(u64::MAX).unwrap();
+            let c = dp.reader().census(u64::MAX).unwrap();
             c.entries + c.unconfirmed
         };
         assert_eq!(entries(&dp), 8);
@@ -2134,13 +2170,25 @@ fn expiry_removes_each_kind_of_connection_at_its_own_timeout() {
         let removed = sweep(&mut dp, &t);
         assert_eq!(removed[Expiry::Closed as usize], 1, "{removed:?}");
         assert_eq!(entries(&dp), 6);
-        assert!(dp.flow(&tcp_key(established, vip)).unwrap().is_some());
+        assert!(dp
+            .reader()
+            .flow(&tcp_key(established, vip))
+            .unwrap()
+            .is_some());
 
         t.unconfirmed_ns = 1_000_000;
         let removed = sweep(&mut dp, &t);
         assert_eq!(removed[Expiry::Unconfirmed as usize], 1, "{removed:?}");
-        assert!(dp.flow(&tcp_key(half_open, vip)).unwrap().is_none());
-        assert!(dp.flow(&tcp_key(established, vip)).unwrap().is_some());
+        assert!(dp
+            .reader()
+            .flow(&tcp_key(half_open, vip))
+            .unwrap()
+            .is_none());
+        assert!(dp
+            .reader()
+            .flow(&tcp_key(established, vip))
+            .unwrap()
+            .is_some());
 
         t.udp_idle_ns = 1_000_000;
         let removed = sweep(&mut dp, &t);

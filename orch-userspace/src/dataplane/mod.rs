@@ -15,13 +15,20 @@
 //! no packet meets an interface without a program. Map names carry a layout version
 //! (`ORCH_CT_V1`); a layout change gets a new name and therefore new pins.
 
+mod access;
+pub mod codec;
 mod device;
+pub mod links;
 mod raw;
+mod reader;
+pub mod vips;
+
+pub use reader::{Census, Reader};
 
 use std::{
-    cell::Cell,
     os::fd::AsFd,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -47,10 +54,10 @@ use orch_common::maps::{
     CURSORS_MAP, DIR_FORWARD, PORTS_MAP, SERVICES_MAP, SERVICE_STATS_MAP, SETTINGS_MAP, SLOTS_MAP,
     STATS_MAP, STATS_MAPS_BEFORE, XDP_TX_MAP,
 };
-use orch_common::{CtEvent, Reason, IPPROTO_UDP};
+use orch_common::{Reason, IPPROTO_UDP};
 use tracing::{debug, info, warn};
 
-use crate::reconcile::{MapReader, MapWriter};
+pub use access::{MapReader, MapWriter};
 use raw::{next_key, ElemCount, ELEM_COUNT_KFUNC};
 
 /// The maps that hold the balancer's state, pinned so that it outlives the daemon.
@@ -110,17 +117,6 @@ impl log::Log for KernelLog {
     fn flush(&self) {}
 }
 
-/// What a walk of the connection table found: see [`Dataplane::census`].
-#[derive(Clone, Debug, Default)]
-pub struct Census {
-    /// Entries in the confirmed table (two per connection).
-    pub entries: u64,
-    /// Entries in the unconfirmed table.
-    pub unconfirmed: u64,
-    /// Live connections per backend id.
-    pub live: std::collections::HashMap<u32, u64>,
-}
-
 /// The balancer program's name in the object.
 const PROGRAM: &str = "orch_xdp";
 /// The benchmark floor program (one counter increment, XDP_PASS).
@@ -140,7 +136,7 @@ pub enum DataplaneError {
         kind: &'static str,
         name: &'static str,
     },
-    #[error("program {name}: {source}")]
+    #[error("program {name}")]
     Program {
         name: &'static str,
         #[source]
@@ -171,7 +167,7 @@ pub enum DataplaneError {
     KernelLogReader(#[source] std::io::Error),
     #[error("reading the number of possible CPUs")]
     Cpus(#[source] std::io::Error),
-    #[error("map {name}: {source}")]
+    #[error("map {name}")]
     Map {
         name: &'static str,
         #[source]
@@ -204,6 +200,12 @@ pub enum DataplaneError {
         path: PathBuf,
         #[source]
         source: MapError,
+    },
+    #[error("removing the link pin {path}")]
+    Unpin {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
     },
     #[error("pinning the XDP link of {iface} at {path}")]
     PinLink {
@@ -377,8 +379,9 @@ impl Hook {
     }
 }
 
-/// What the configuration asks for on an interface.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// What the configuration asks for on an interface (`dataplane.attach`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum AttachKind {
     /// Native XDP on hardware NICs whose driver runs it, TC everywhere else.
     #[default]
@@ -457,19 +460,15 @@ pub struct Dataplane {
     ports: Array<MapData, PortBitmap>,
     settings: Array<MapData, Settings>,
     stats: PerCpuArray<MapData, u64>,
-    cursors: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, TrafficCounters>,
     backend_stats: PerCpuArray<MapData, TrafficCounters>,
     backend_signals: PerCpuArray<MapData, BackendSignals>,
     backend_down: Array<MapData, u32>,
     conntrack: HashMap<MapData, FlowKey, FlowValue>,
     conntrack_new: HashMap<MapData, FlowKey, FlowValue>,
-    ct_events: PerCpuArray<MapData, u64>,
     ct_new_ops: PerCpuArray<MapData, u64>,
-    /// Counts the unconfirmed table's elements; `None` where the kernel cannot.
-    ct_new_count: Option<ElemCount>,
-    /// The highest eviction figure reported, which later ones never go below.
-    evicted_high: Cell<u64>,
+    /// The same maps, read-only, for the loop and for readers on other threads.
+    reader: Arc<Reader>,
     /// Whether the unconfirmed-table counters began with this process while the table was
     /// adopted with entries: [`Dataplane::migrate`] then records what it held.
     ops_began: bool,
@@ -607,11 +606,12 @@ impl Dataplane {
             // The table was counted from the middle of its life: what it held then (less
             // what left it uncounted since) becomes the starting point, so that its first
             // eviction figure is zero rather than minus the entries nobody counted in.
-            if let Some(present) = self.unconfirmed_len()? {
+            if let Some(present) = self.reader.unconfirmed_len()? {
                 let counted = self
+                    .reader
                     .ct_new_op(CT_NEW_INSERTED)?
-                    .wrapping_sub(self.ct_new_op(CT_NEW_REMOVED)?)
-                    .wrapping_sub(self.ct_new_op(CT_NEW_EXPIRED)?);
+                    .wrapping_sub(self.reader.ct_new_op(CT_NEW_REMOVED)?)
+                    .wrapping_sub(self.reader.ct_new_op(CT_NEW_EXPIRED)?);
                 self.add_ct_new_op(CT_NEW_ADOPTED, present.wrapping_sub(counted))?;
             }
             self.ops_began = false;
@@ -714,35 +714,9 @@ impl Dataplane {
             prog.load()
                 .map_err(|source| DataplaneError::Program { name, source })?;
         }
-        let mut dp = Dataplane {
-            services: take(&mut ebpf, SERVICES_MAP)?,
-            slots: take(&mut ebpf, SLOTS_MAP)?,
-            backends: take(&mut ebpf, BACKENDS_MAP)?,
-            ports: take(&mut ebpf, PORTS_MAP)?,
-            settings: take(&mut ebpf, SETTINGS_MAP)?,
-            stats: take(&mut ebpf, STATS_MAP)?,
-            cursors: take(&mut ebpf, CURSORS_MAP)?,
-            service_stats: take(&mut ebpf, SERVICE_STATS_MAP)?,
-            backend_stats: take(&mut ebpf, BACKEND_STATS_MAP)?,
-            backend_signals: take(&mut ebpf, BACKEND_SIGNALS_MAP)?,
-            backend_down: take(&mut ebpf, BACKEND_DOWN_MAP)?,
-            conntrack: take(&mut ebpf, CONNTRACK_MAP)?,
-            conntrack_new: take(&mut ebpf, CONNTRACK_NEW_MAP)?,
-            ct_events: take(&mut ebpf, CT_EVENTS_MAP)?,
-            ct_new_ops: take(&mut ebpf, CT_NEW_OPS_MAP)?,
-            xdp_tx: take(&mut ebpf, XDP_TX_MAP)?,
-            ct_new_count: None,
-            evicted_high: Cell::new(0),
-            ops_began: false,
-            sweep: [None, None],
-            kernel_log,
-            ebpf,
-            capacity,
-            attached: Vec::new(),
-            pin_dir: None,
-            adopted: false,
-        };
-        dp.ct_new_count = match Self::elem_counter(&dp.conntrack_new) {
+        let conntrack_new: HashMap<MapData, FlowKey, FlowValue> =
+            take(&mut ebpf, CONNTRACK_NEW_MAP)?;
+        let ct_new_count = match Self::elem_counter(&conntrack_new) {
             Ok(c) => Some(c),
             Err(e) => {
                 warn!(
@@ -754,6 +728,62 @@ impl Dataplane {
                 None
             }
         };
+        let services = take(&mut ebpf, SERVICES_MAP)?;
+        let slots = take(&mut ebpf, SLOTS_MAP)?;
+        let backends = take(&mut ebpf, BACKENDS_MAP)?;
+        let cursors = take(&mut ebpf, CURSORS_MAP)?;
+        let stats = take(&mut ebpf, STATS_MAP)?;
+        let service_stats = take(&mut ebpf, SERVICE_STATS_MAP)?;
+        let backend_stats = take(&mut ebpf, BACKEND_STATS_MAP)?;
+        let backend_signals = take(&mut ebpf, BACKEND_SIGNALS_MAP)?;
+        let backend_down = take(&mut ebpf, BACKEND_DOWN_MAP)?;
+        let conntrack = take(&mut ebpf, CONNTRACK_MAP)?;
+        let ct_events = take(&mut ebpf, CT_EVENTS_MAP)?;
+        let ct_new_ops = take(&mut ebpf, CT_NEW_OPS_MAP)?;
+        let reader = Arc::new(Reader::open(
+            reader::Sources {
+                services: &services,
+                slots: &slots,
+                backends: &backends,
+                cursors: &cursors,
+                stats: &stats,
+                service_stats: &service_stats,
+                backend_stats: &backend_stats,
+                backend_signals: &backend_signals,
+                backend_down: &backend_down,
+                conntrack: &conntrack,
+                conntrack_new: &conntrack_new,
+                ct_events: &ct_events,
+                ct_new_ops: &ct_new_ops,
+            },
+            capacity,
+            ct_new_count,
+        )?);
+        let dp = Dataplane {
+            services,
+            slots,
+            backends,
+            ports: take(&mut ebpf, PORTS_MAP)?,
+            settings: take(&mut ebpf, SETTINGS_MAP)?,
+            stats,
+            service_stats,
+            backend_stats,
+            backend_signals,
+            backend_down,
+            conntrack,
+            conntrack_new,
+            ct_new_ops,
+            xdp_tx: take(&mut ebpf, XDP_TX_MAP)?,
+            reader,
+            ops_began: false,
+            sweep: [None, None],
+            kernel_log,
+            ebpf,
+            capacity,
+            attached: Vec::new(),
+            pin_dir: None,
+            adopted: false,
+        };
         debug!(?capacity, "data plane loaded");
         Ok(dp)
     }
@@ -764,28 +794,6 @@ impl Dataplane {
         let btf = aya::Btf::from_sys_fs()?;
         let id = btf.id_by_type_name_kind(ELEM_COUNT_KFUNC, aya_obj::btf::BtfKind::Func)?;
         Ok(ElemCount::new(map.map().fd().as_fd(), id)?)
-    }
-
-    /// The unconfirmed table's element count, exact, in one syscall; `None` where the
-    /// kernel cannot count it (before Linux 6.6).
-    pub fn unconfirmed_len(&self) -> Result<Option<u64>, DataplaneError> {
-        let Some(c) = &self.ct_new_count else {
-            return Ok(None);
-        };
-        c.read().map(Some).map_err(|e| DataplaneError::Map {
-            name: CONNTRACK_NEW_MAP,
-            source: MapError::IoError(e),
-        })
-    }
-
-    /// One unconfirmed-table counter, summed over CPUs (wrapping: the program's removal
-    /// count dips below zero on a CPU whose removals another CPU's entries).
-    fn ct_new_op(&self, slot: u32) -> Result<u64, DataplaneError> {
-        let v = self
-            .ct_new_ops
-            .get(&slot, 0)
-            .map_err(map_err(CT_NEW_OPS_MAP))?;
-        Ok(v.iter().fold(0u64, |a, b| a.wrapping_add(*b)))
     }
 
     /// Adds `n` (wrapping) to one of the daemon's own unconfirmed-table counters. The
@@ -806,31 +814,6 @@ impl Dataplane {
         self.ct_new_ops
             .set(slot, values, 0)
             .map_err(map_err(CT_NEW_OPS_MAP))
-    }
-
-    /// The evictions so far (see [`CtEvents::evicted`]). The program's insertions are read
-    /// first and its removals last: an insertion is counted after its entry is in, a
-    /// removal before its entry goes, so whatever happens between the reads makes the
-    /// figure low, not high.
-    fn evicted(&self) -> Result<Option<u64>, DataplaneError> {
-        if self.ct_new_count.is_none() {
-            return Ok(None);
-        }
-        let inserted = self.ct_new_op(CT_NEW_INSERTED)?;
-        let Some(present) = self.unconfirmed_len()? else {
-            return Ok(None);
-        };
-        let removed = self.ct_new_op(CT_NEW_REMOVED)?;
-        let expired = self.ct_new_op(CT_NEW_EXPIRED)?;
-        let adopted = self.ct_new_op(CT_NEW_ADOPTED)?;
-        let gone = inserted
-            .wrapping_add(adopted)
-            .wrapping_sub(removed)
-            .wrapping_sub(expired)
-            .wrapping_sub(present) as i64;
-        let high = self.evicted_high.get().max(gone.max(0) as u64);
-        self.evicted_high.set(high);
-        Ok(Some(high))
     }
 
     /// Forwards the program's log lines into the daemon's log (target `orch::kernel`) from a
@@ -1071,27 +1054,52 @@ impl Dataplane {
 
     /// Detaches pinned links of interfaces not in `keep` (left by an earlier configuration).
     pub fn detach_others(&mut self, keep: &[String]) {
-        let Some(dir) = self.links_dir() else { return };
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(iface) = name
-                .strip_prefix("xdp_")
-                .or_else(|| name.strip_prefix("tc_"))
-            else {
-                continue;
-            };
-            if keep.iter().any(|k| k == iface) {
-                continue;
-            }
-            match std::fs::remove_file(entry.path()) {
-                Ok(()) => info!(iface, "balancer detached (interface no longer configured)"),
-                Err(e) => warn!(iface, error = %e, "removing a link pin failed"),
+        let others: Vec<String> = self
+            .pinned_links()
+            .into_iter()
+            .filter(|i| !keep.contains(i))
+            .collect();
+        for iface in others {
+            if let Err(e) = self.detach(&iface) {
+                warn!(iface, error = %format!("{:#}", anyhow::Error::from(e)), "detaching failed");
             }
         }
         self.attached.retain(|a| keep.contains(&a.iface));
+    }
+
+    /// Detaches the balancer from `iface`: its link pin removed and its link dropped.
+    pub fn detach(&mut self, iface: &str) -> Result<(), DataplaneError> {
+        if let Some(dir) = self.links_dir() {
+            for prefix in ["xdp_", "tc_"] {
+                let path = dir.join(format!("{prefix}{iface}"));
+                match std::fs::remove_file(&path) {
+                    Ok(()) => info!(iface, "balancer detached (interface no longer configured)"),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(source) => return Err(DataplaneError::Unpin { path, source }),
+                }
+            }
+        }
+        self.attached.retain(|a| a.iface != iface);
+        Ok(())
+    }
+
+    /// The interfaces with a pinned link.
+    fn pinned_links(&self) -> Vec<String> {
+        let Some(dir) = self.links_dir() else {
+            return Vec::new();
+        };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.strip_prefix("xdp_")
+                    .or_else(|| name.strip_prefix("tc_"))
+                    .map(str::to_owned)
+            })
+            .collect()
     }
 
     fn links_dir(&self) -> Option<PathBuf> {
@@ -1114,7 +1122,7 @@ impl Dataplane {
                             source,
                         })
                     })
-                    .map_err(|e| e.to_string()),
+                    .map_err(|e| format!("{:#}", anyhow::Error::from(e))),
                 Attachment::OwnedTc(id) => self
                     .tc_program()
                     .and_then(|p| {
@@ -1123,7 +1131,7 @@ impl Dataplane {
                             source,
                         })
                     })
-                    .map_err(|e| e.to_string()),
+                    .map_err(|e| format!("{:#}", anyhow::Error::from(e))),
                 // Dropping the last fd of an unpinned link detaches it.
                 Attachment::Pinned(p) => p.unpin().map(drop).map_err(|e| e.to_string()),
             };
@@ -1179,52 +1187,15 @@ impl Dataplane {
             .collect()
     }
 
+    /// Read-only handles on the counters and connection tables, shareable with other
+    /// threads (see [`Reader`]).
+    pub fn reader(&self) -> &Arc<Reader> {
+        &self.reader
+    }
+
     /// Replaces the runtime settings.
     pub fn set_settings(&mut self, s: &Settings) -> Result<(), DataplaneError> {
         self.settings.set(0, s, 0).map_err(map_err(SETTINGS_MAP))
-    }
-
-    /// Verdict counters summed over CPUs, one per [`Reason`], in [`Reason::ALL`] order.
-    pub fn reason_counts(&self) -> Result<Vec<(Reason, u64)>, DataplaneError> {
-        Reason::ALL
-            .iter()
-            .map(|&r| {
-                let per_cpu = self.stats.get(&(r as u32), 0).map_err(map_err(STATS_MAP))?;
-                Ok((r, per_cpu.iter().sum()))
-            })
-            .collect()
-    }
-
-    /// Traffic counters of service `id`, summed over CPUs.
-    pub fn service_counters(&self, id: u32) -> Result<TrafficCounters, DataplaneError> {
-        sum_counters(&self.service_stats, id, SERVICE_STATS_MAP)
-    }
-
-    /// Traffic counters of backend `id`, summed over CPUs.
-    pub fn backend_counters(&self, id: u32) -> Result<TrafficCounters, DataplaneError> {
-        sum_counters(&self.backend_stats, id, BACKEND_STATS_MAP)
-    }
-
-    /// The passive signals of backend `id`, summed over CPUs.
-    pub fn backend_signals(&self, id: u32) -> Result<BackendSignals, DataplaneError> {
-        let per_cpu = self
-            .backend_signals
-            .get(&id, 0)
-            .map_err(map_err(BACKEND_SIGNALS_MAP))?;
-        let mut total = BackendSignals::default();
-        for s in per_cpu.iter() {
-            total.add(s);
-        }
-        Ok(total)
-    }
-
-    /// Whether the data plane ejected backend `id` (it refused a connection).
-    pub fn ejected(&self, id: u32) -> Result<bool, DataplaneError> {
-        Ok(self
-            .backend_down
-            .get(&id, 0)
-            .map_err(map_err(BACKEND_DOWN_MAP))?
-            != 0)
     }
 
     /// Lets new connections reach backend `id` again (after probes found it healthy), or
@@ -1233,140 +1204,6 @@ impl Dataplane {
         self.backend_down
             .set(id, 0, 0)
             .map_err(map_err(BACKEND_DOWN_MAP))
-    }
-
-    /// The services-map entry of `key`, if the service is installed.
-    pub fn service_entry(&self, key: &ServiceKey) -> Result<Option<ServiceValue>, DataplaneError> {
-        match self.services.get(key, 0) {
-            Ok(v) => Ok(Some(v)),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(map_err(SERVICES_MAP)(e)),
-        }
-    }
-
-    /// Service `id`'s new-connection cursor on every CPU, in CPU order.
-    pub fn cursors(&self, id: u32) -> Result<Vec<u64>, DataplaneError> {
-        let per_cpu = self.cursors.get(&id, 0).map_err(map_err(CURSORS_MAP))?;
-        Ok(per_cpu.iter().copied().collect())
-    }
-
-    /// Backend entry `id`.
-    pub fn backend_entry(&self, id: u32) -> Result<Backend, DataplaneError> {
-        self.backends.get(&id, 0).map_err(map_err(BACKENDS_MAP))
-    }
-
-    /// The connection-table entry for `key`, if any, confirmed or not.
-    pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowValue>, DataplaneError> {
-        for (map, name) in [
-            (&self.conntrack, CONNTRACK_MAP),
-            (&self.conntrack_new, CONNTRACK_NEW_MAP),
-        ] {
-            match map.get(key, 0) {
-                Ok(v) => return Ok(Some(v)),
-                Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(name)(e)),
-            }
-        }
-        Ok(None)
-    }
-
-    /// Whether `key`'s entry is in the confirmed table.
-    pub fn confirmed(&self, key: &FlowKey) -> Result<bool, DataplaneError> {
-        match self.conntrack.get(key, 0) {
-            Ok(_) => Ok(true),
-            Err(MapError::KeyNotFound) => Ok(false),
-            Err(e) => Err(map_err(CONNTRACK_MAP)(e)),
-        }
-    }
-
-    /// The connection-table events the program counted, summed over CPUs.
-    pub fn ct_events(&self) -> Result<CtEvents, DataplaneError> {
-        let read = |e: CtEvent| -> Result<u64, DataplaneError> {
-            let v = self
-                .ct_events
-                .get(&(e as u32), 0)
-                .map_err(map_err(CT_EVENTS_MAP))?;
-            Ok(v.iter().sum())
-        };
-        Ok(CtEvents {
-            confirmed: read(CtEvent::Confirmed)?,
-            confirm_failed: read(CtEvent::ConfirmFailed)?,
-            reply_collisions: read(CtEvent::ReplyCollision)?,
-            evicted: self.evicted()?,
-        })
-    }
-
-    /// The connection tables' occupancy, and the live connections per backend id: confirmed
-    /// TCP connections until a RST or both FINs, confirmed UDP flows until their idle timeout
-    /// (`udp_idle_ns`). A connection needs both its entries to carry traffic, so one whose
-    /// reply entry is gone is not live. Connections whose ends vanished without a FIN or RST
-    /// stay counted until they expire; callers that wait on this use a timeout.
-    ///
-    /// The unconfirmed table (handshakes in flight; under a flood, full) is only counted:
-    /// exactly, in one syscall, where the kernel can ([`Dataplane::unconfirmed_len`]), else
-    /// key by key (a scrape during a flood must not read a quarter of a million values);
-    /// under churn that walk restarts when its key vanishes, so it can run high, but never
-    /// past the capacity.
-    pub fn census(&self, udp_idle_ns: u64) -> Result<Census, DataplaneError> {
-        let mut entries: std::collections::HashMap<FlowKey, FlowValue> =
-            std::collections::HashMap::new();
-        for entry in self
-            .conntrack
-            .iter()
-            .take(2 * self.capacity.conntrack as usize)
-        {
-            let (k, v) = entry.map_err(map_err(CONNTRACK_MAP))?;
-            entries.insert(k, v);
-        }
-        let confirmed = (entries.len() as u64).min(u64::from(self.capacity.conntrack));
-        let unconfirmed = match self.unconfirmed_len()? {
-            Some(n) => n,
-            None => self.unconfirmed_keys()?,
-        };
-        let now = monotonic_ns();
-        let mut counts = std::collections::HashMap::new();
-        for (key, value) in &entries {
-            if key.dir != DIR_FORWARD {
-                continue;
-            }
-            let reply = entries.get(&key.reply(value.nat_addr, value.nat_port_be));
-            let live = match reply {
-                None => false,
-                Some(_) if key.proto == IPPROTO_UDP => {
-                    now.saturating_sub(value.last_seen_ns) <= udp_idle_ns
-                }
-                Some(r) => !FlowValue::closed(value.seen(), r.seen()),
-            };
-            if live {
-                *counts.entry(value.backend_id).or_insert(0) += 1;
-            }
-        }
-        Ok(Census {
-            entries: confirmed,
-            unconfirmed,
-            live: counts,
-        })
-    }
-
-    /// The unconfirmed table's keys, counted one syscall each, up to its capacity. Exact
-    /// only while the table is still: see [`Dataplane::census`].
-    pub fn unconfirmed_keys(&self) -> Result<u64, DataplaneError> {
-        let capacity = u64::from(self.capacity.conntrack_new);
-        let fd = self.conntrack_new.map().fd().as_fd();
-        let (mut n, mut key) = (0u64, None);
-        while n < capacity {
-            match next_key(fd, key.as_ref()).map_err(|e| DataplaneError::Map {
-                name: CONNTRACK_NEW_MAP,
-                source: MapError::IoError(e),
-            })? {
-                Some(k) => {
-                    n += 1;
-                    key = Some(k);
-                }
-                None => break,
-            }
-        }
-        Ok(n)
     }
 
     /// One step of the connection tables' expiry: walks up to `budget` entries of each table
@@ -1460,13 +1297,13 @@ impl Dataplane {
         if key.dir != DIR_FORWARD {
             // Reply entries go with their forward entry; alone, they are orphans.
             let quiet = now.saturating_sub(value.last_seen_ns) > t.tcp_close_ns;
-            if quiet && self.flow(&key.forward_of(value))?.is_none() {
+            if quiet && self.reader.flow(&key.forward_of(value))?.is_none() {
                 return Ok(Some((Expiry::Orphan, None)));
             }
             return Ok(None);
         }
         let reply_key = key.reply(value.nat_addr, value.nat_port_be);
-        let reply = self.flow(&reply_key)?;
+        let reply = self.reader.flow(&reply_key)?;
         let last = reply.map_or(value.last_seen_ns, |r| {
             r.last_seen_ns.max(value.last_seen_ns)
         });
@@ -1727,19 +1564,6 @@ fn prepare_pin_dir(dir: &Path) -> Result<(), DataplaneError> {
 fn is_bpffs(path: &Path) -> std::io::Result<bool> {
     let st = nix::sys::statfs::statfs(path)?;
     Ok(st.filesystem_type().0 as i64 == BPF_FS_MAGIC)
-}
-
-fn sum_counters(
-    map: &PerCpuArray<MapData, TrafficCounters>,
-    id: u32,
-    name: &'static str,
-) -> Result<TrafficCounters, DataplaneError> {
-    let per_cpu = map.get(&id, 0).map_err(map_err(name))?;
-    let mut total = TrafficCounters::default();
-    for c in per_cpu.iter() {
-        total.add(c);
-    }
-    Ok(total)
 }
 
 /// Settings written at load: UDP idle timeout 30 s, timestamps refreshed once a second,

@@ -2,6 +2,9 @@
 //!
 //! - [`next_key`]: `BPF_MAP_GET_NEXT_KEY` from any key, so that the expiry sweep resumes
 //!   where it stopped (aya's iterator always starts at the beginning).
+//! - [`Batches`]: `BPF_MAP_LOOKUP_BATCH`, a hash map read many entries per syscall. It
+//!   walks the map bucket by bucket, so a deletion during the walk cannot send it back to
+//!   the start (as it does `BPF_MAP_GET_NEXT_KEY`, and with it aya's iterator).
 //! - [`ElemCount`]: the exact number of elements in a hash map. The kernel keeps that count
 //!   (for every hash map since Linux 6.6) but gives it only to BPF programs, through the
 //!   kfunc `bpf_map_sum_elem_count`, and aya cannot emit a kfunc call. So this is a
@@ -17,6 +20,7 @@ use orch_common::maps::FlowKey;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_PROG_TYPE_XDP: u32 = 6;
 /// `src_reg` of a `ld_imm64` whose immediate is a map fd, which the kernel turns into the
 /// map's pointer.
@@ -41,6 +45,94 @@ pub fn next_key(fd: BorrowedFd<'_>, key: Option<&FlowKey>) -> io::Result<Option<
         Ok(_) => Ok(Some(next)),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
         Err(e) => Err(e),
+    }
+}
+
+/// The head of `union bpf_attr` for the batch commands.
+#[repr(C)]
+#[derive(Default)]
+struct Batch {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// A walk of a hash map with `BPF_MAP_LOOKUP_BATCH`, `chunk` entries per syscall at most.
+///
+/// Each call to [`Batches::next_batch`] fills the buffers with the next entries; the walk
+/// sees every entry that stays in the map throughout, once.
+pub struct Batches<'a, K, V> {
+    fd: BorrowedFd<'a>,
+    /// The kernel's cursor: the next bucket (a u32 for hash maps).
+    token: u32,
+    started: bool,
+    done: bool,
+    pub keys: Vec<K>,
+    pub values: Vec<V>,
+}
+
+impl<'a, K: Copy + Default, V: Copy + Default> Batches<'a, K, V> {
+    /// `K` and `V` must be the map's key and value types (`#[repr(C)]`, the map's sizes).
+    pub fn new(fd: BorrowedFd<'a>, chunk: usize) -> Self {
+        Batches {
+            fd,
+            token: 0,
+            started: false,
+            done: false,
+            keys: vec![K::default(); chunk],
+            values: vec![V::default(); chunk],
+        }
+    }
+
+    /// Reads the next entries; returns how many of `keys` and `values` hold them, 0 at the
+    /// end. A bucket holding more entries than the buffers doubles them and is read again.
+    pub fn next_batch(&mut self) -> io::Result<usize> {
+        loop {
+            if self.done {
+                return Ok(0);
+            }
+            let mut out_token = 0u32;
+            let mut attr = Batch {
+                in_batch: if self.started {
+                    &self.token as *const u32 as u64
+                } else {
+                    0
+                },
+                out_batch: &mut out_token as *mut u32 as u64,
+                keys: self.keys.as_mut_ptr() as u64,
+                values: self.values.as_mut_ptr() as u64,
+                count: self.keys.len() as u32,
+                map_fd: self.fd.as_raw_fd() as u32,
+                ..Default::default()
+            };
+            // SAFETY: the buffers hold `count` keys and values of the map's sizes and the
+            // tokens are u32 (a hash map's batch token), all alive for the call.
+            let result = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
+            let n = attr.count as usize;
+            match result {
+                Ok(_) => {}
+                // The end: the last entries (if any) came with it.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => self.done = true,
+                // One bucket holds more entries than fit: make room and read it again.
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && n == 0 => {
+                    let len = self.keys.len() * 2;
+                    self.keys.resize(len, K::default());
+                    self.values.resize(len, V::default());
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+            self.started = true;
+            self.token = out_token;
+            if n > 0 || self.done {
+                return Ok(n);
+            }
+        }
     }
 }
 

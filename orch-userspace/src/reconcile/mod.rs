@@ -17,43 +17,28 @@
 //! writes only what changed while the daemon was away. Connections never notice the restart.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, VecDeque},
-    net::{IpAddr, Ipv6Addr, SocketAddr},
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
 };
 
 use orch_common::maps::{
-    is_v4_mapped, slot_table_index, v4_mapped, Backend as MapBackend, PortBitmap, ServiceKey,
-    ServiceValue, SlotTable, PORTS_BACKEND, PORTS_VIP,
+    slot_table_index, Backend as MapBackend, PortBitmap, ServiceValue, SlotTable, PORTS_BACKEND,
+    PORTS_VIP,
 };
 use tracing::{debug, info, warn};
 
+mod ids;
+pub mod wrr;
+
+use ids::IdPool;
+
 use crate::{
-    model::{Protocol, Service, ServiceAddr},
-    wrr,
+    dataplane::{
+        codec::{addr_words, service_addr, service_key, words_addr},
+        MapReader, MapWriter,
+    },
+    model::{Service, ServiceAddr},
 };
-
-/// The map writes the reconciler needs; the data plane implements it, tests fake it.
-pub trait MapWriter {
-    type Error: std::error::Error + Send + Sync + 'static;
-    fn set_backend(&mut self, id: u32, backend: &MapBackend) -> Result<(), Self::Error>;
-    fn set_slot_table(&mut self, index: u32, table: &SlotTable) -> Result<(), Self::Error>;
-    fn set_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), Self::Error>;
-    fn remove_service(&mut self, key: &ServiceKey) -> Result<(), Self::Error>;
-    fn set_ports(&mut self, index: u32, ports: &PortBitmap) -> Result<(), Self::Error>;
-    /// Zeroes the traffic counters of a service id about to be given to a new service.
-    fn zero_service_counters(&mut self, id: u32) -> Result<(), Self::Error>;
-}
-
-/// The map reads [`Reconciler::adopt`] needs to take over maps a previous daemon filled.
-pub trait MapReader {
-    type Error: std::error::Error + Send + Sync + 'static;
-    /// Every entry of the services map.
-    fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, Self::Error>;
-    fn slot_table(&self, index: u32) -> Result<SlotTable, Self::Error>;
-    /// Every backend entry that is in use ([`MapBackend::in_use`]), with its id.
-    fn backends(&self) -> Result<Vec<(u32, MapBackend)>, Self::Error>;
-    fn ports(&self, index: u32) -> Result<PortBitmap, Self::Error>;
-}
 
 /// Why a desired state could not be applied.
 #[derive(Debug, thiserror::Error)]
@@ -119,54 +104,6 @@ fn slot_ids(svc: &Service, id_of: impl Fn(SocketAddr) -> u32) -> Vec<u32> {
         .collect()
 }
 
-/// The network-order words of an address, IPv4-mapped for IPv4 (the maps' address layout).
-pub fn addr_words(ip: IpAddr) -> [u32; 4] {
-    match ip {
-        IpAddr::V4(v4) => v4_mapped(u32::from_ne_bytes(v4.octets())),
-        IpAddr::V6(v6) => {
-            let o = v6.octets();
-            std::array::from_fn(|i| {
-                u32::from_ne_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]])
-            })
-        }
-    }
-}
-
-/// The inverse of [`addr_words`].
-pub fn words_addr(words: &[u32; 4]) -> IpAddr {
-    if is_v4_mapped(words) {
-        IpAddr::from(words[3].to_ne_bytes())
-    } else {
-        let mut o = [0u8; 16];
-        for (chunk, w) in o.chunks_exact_mut(4).zip(words) {
-            chunk.copy_from_slice(&w.to_ne_bytes());
-        }
-        IpAddr::V6(Ipv6Addr::from(o))
-    }
-}
-
-/// The services-map key of a service.
-pub fn service_key(addr: &ServiceAddr) -> ServiceKey {
-    ServiceKey {
-        vip: addr_words(addr.vip),
-        port_be: addr.port.to_be(),
-        proto: addr.protocol.number(),
-        _pad: 0,
-    }
-}
-
-/// The inverse of [`service_key`]; `None` for a protocol orch does not balance.
-pub fn service_addr(key: &ServiceKey) -> Option<ServiceAddr> {
-    let protocol = [Protocol::Tcp, Protocol::Udp]
-        .into_iter()
-        .find(|p| p.number() == key.proto)?;
-    Some(ServiceAddr {
-        vip: words_addr(&key.vip),
-        port: u16::from_be(key.port_be),
-        protocol,
-    })
-}
-
 fn map_backend(addr: SocketAddr, service_id: u32) -> MapBackend {
     MapBackend {
         addr: addr_words(addr.ip()),
@@ -183,52 +120,6 @@ pub struct Reconciler {
     service_ids: IdPool,
     backend_ids: IdPool,
     ports: [PortBitmap; 2],
-}
-
-/// Dense ids below a capacity: fresh ids first, then freed ones, oldest first.
-#[derive(Debug)]
-struct IdPool {
-    max: u32,
-    next: u32,
-    free: VecDeque<u32>,
-}
-
-impl IdPool {
-    fn new(max: u32) -> Self {
-        IdPool {
-            max,
-            next: 0,
-            free: VecDeque::new(),
-        }
-    }
-
-    /// A pool in which exactly `used` are taken (ids at or above `max` are ignored).
-    fn with_used(max: u32, used: &BTreeSet<u32>) -> Self {
-        let next = used.range(..max).next_back().map_or(0, |&id| id + 1);
-        IdPool {
-            max,
-            next,
-            free: (0..next).filter(|id| !used.contains(id)).collect(),
-        }
-    }
-
-    fn in_use(&self) -> usize {
-        self.next as usize - self.free.len()
-    }
-
-    /// Callers check capacity first (`in_use` + needed <= `max`), so this cannot fail.
-    fn alloc(&mut self) -> u32 {
-        if self.next < self.max {
-            self.next += 1;
-            self.next - 1
-        } else {
-            self.free.pop_front().expect("capacity was checked")
-        }
-    }
-
-    fn release(&mut self, id: u32) {
-        self.free.push_back(id);
-    }
 }
 
 impl Reconciler {
@@ -425,22 +316,83 @@ impl Reconciler {
     }
 
     /// Writes a new or changed service: backends, then the inactive table, then the flip.
+    ///
+    /// A failed write leaves the record true to the maps: until the flip, the service's
+    /// active table is the old one, and the ids taken for it are given back (their entries
+    /// cleared where that still works); from the flip on, the new state is recorded before
+    /// the old backends are freed. Applying the previous desired state again after a
+    /// failure therefore restores the maps exactly (a reload's rollback counts on it).
     fn install<W: MapWriter>(&mut self, w: &mut W, svc: &Service) -> Result<(), W::Error> {
         let old = self.installed.get(&svc.addr).cloned();
-        let id = match &old {
+        let mut fresh_service = None;
+        let mut fresh_backends = Vec::new();
+        let written = self.write_service(
+            w,
+            svc,
+            old.as_ref(),
+            &mut fresh_service,
+            &mut fresh_backends,
+        );
+        let installed = match written {
+            Ok(done) => done,
+            Err(e) => {
+                for bid in fresh_backends {
+                    // Best effort: the entry may stay written, but no table names it.
+                    if self.release_backend(w, bid).is_err() {
+                        self.backend_ids.release(bid);
+                    }
+                }
+                if let Some(id) = fresh_service {
+                    self.service_ids.release(id);
+                }
+                return Err(e);
+            }
+        };
+        info!(
+            service = %svc.name,
+            addr = %svc.addr,
+            backends = installed.backends.len(),
+            slots = installed.slots.len(),
+            "service {}",
+            if old.is_some() { "updated" } else { "added" }
+        );
+        let kept: Vec<SocketAddr> = installed.backends.iter().map(|(a, _)| *a).collect();
+        self.installed.insert(svc.addr, installed);
+        if let Some(o) = &old {
+            for (addr, bid) in &o.backends {
+                if !kept.contains(addr) {
+                    self.release_backend(w, *bid)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The writes of [`Reconciler::install`] up to the flip; returns what is installed then.
+    fn write_service<W: MapWriter>(
+        &mut self,
+        w: &mut W,
+        svc: &Service,
+        old: Option<&Installed>,
+        fresh_service: &mut Option<u32>,
+        fresh_backends: &mut Vec<u32>,
+    ) -> Result<Installed, W::Error> {
+        let id = match old {
             Some(o) => o.id,
             None => {
                 let id = self.service_ids.alloc();
+                *fresh_service = Some(id);
                 w.zero_service_counters(id)?;
                 id
             }
         };
         let mut backends = Vec::with_capacity(svc.backends.len());
         for b in &svc.backends {
-            let bid = match old.as_ref().and_then(|o| o.backend_id(b.addr)) {
+            let bid = match old.and_then(|o| o.backend_id(b.addr)) {
                 Some(bid) => bid,
                 None => {
                     let bid = self.backend_ids.alloc();
+                    fresh_backends.push(bid);
                     w.set_backend(bid, &map_backend(b.addr, id))?;
                     bid
                 }
@@ -460,7 +412,7 @@ impl Reconciler {
             ..SlotTable::default()
         };
         table.backend_ids[..slots.len()].copy_from_slice(&slots);
-        let active_table = match &old {
+        let active_table = match old {
             Some(o) => 1 - o.active_table,
             None => 0,
         };
@@ -474,33 +426,13 @@ impl Reconciler {
                 _pad: 0,
             },
         )?;
-
-        if let Some(o) = &old {
-            for (addr, bid) in &o.backends {
-                if !backends.iter().any(|(b, _)| b == addr) {
-                    self.release_backend(w, *bid)?;
-                }
-            }
-        }
-        info!(
-            service = %svc.name,
-            addr = %svc.addr,
-            backends = backends.len(),
-            slots = table.len,
-            "service {}",
-            if old.is_some() { "updated" } else { "added" }
-        );
-        self.installed.insert(
-            svc.addr,
-            Installed {
-                id,
-                name: svc.name.clone(),
-                active_table,
-                backends,
-                slots,
-            },
-        );
-        Ok(())
+        Ok(Installed {
+            id,
+            name: svc.name.clone(),
+            active_table,
+            backends,
+            slots,
+        })
     }
 
     /// Frees a backend id once no table points at it. The entry is cleared so that a
@@ -548,10 +480,11 @@ fn union(a: &PortBitmap, b: &PortBitmap) -> PortBitmap {
 
 #[cfg(test)]
 mod tests {
-    use std::{collections::HashMap, convert::Infallible};
+    use std::{collections::HashMap, convert::Infallible, io};
 
     use super::*;
-    use crate::model::Backend;
+    use crate::model::{Backend, Protocol};
+    use orch_common::maps::ServiceKey;
 
     /// Records every write, in order, and keeps the resulting map contents.
     #[derive(Default)]
@@ -561,11 +494,27 @@ mod tests {
         slots: HashMap<u32, SlotTable>,
         backends: HashMap<u32, MapBackend>,
         ports: HashMap<u32, PortBitmap>,
+        /// Writes so far, and the one that fails (counting from 0), if any.
+        writes: usize,
+        fail_at: Option<usize>,
+    }
+
+    impl FakeMaps {
+        /// Counts a write; the one chosen to fail does, before it changes anything.
+        fn write(&mut self) -> Result<(), io::Error> {
+            let n = self.writes;
+            self.writes += 1;
+            if self.fail_at == Some(n) {
+                return Err(io::Error::other(format!("write {n} fails")));
+            }
+            Ok(())
+        }
     }
 
     impl MapWriter for FakeMaps {
-        type Error = Infallible;
-        fn set_backend(&mut self, id: u32, b: &MapBackend) -> Result<(), Infallible> {
+        type Error = io::Error;
+        fn set_backend(&mut self, id: u32, b: &MapBackend) -> Result<(), io::Error> {
+            self.write()?;
             if b.in_use() {
                 self.log.push(format!("backend {id}"));
             } else {
@@ -574,28 +523,33 @@ mod tests {
             self.backends.insert(id, *b);
             Ok(())
         }
-        fn set_slot_table(&mut self, index: u32, t: &SlotTable) -> Result<(), Infallible> {
+        fn set_slot_table(&mut self, index: u32, t: &SlotTable) -> Result<(), io::Error> {
+            self.write()?;
             self.log.push(format!("slots {index}"));
             self.slots.insert(index, *t);
             Ok(())
         }
-        fn set_service(&mut self, k: &ServiceKey, v: &ServiceValue) -> Result<(), Infallible> {
+        fn set_service(&mut self, k: &ServiceKey, v: &ServiceValue) -> Result<(), io::Error> {
+            self.write()?;
             self.log
                 .push(format!("service {} table {}", v.id, v.active_table));
             self.services.insert(*k, *v);
             Ok(())
         }
-        fn remove_service(&mut self, k: &ServiceKey) -> Result<(), Infallible> {
+        fn remove_service(&mut self, k: &ServiceKey) -> Result<(), io::Error> {
+            self.write()?;
             self.log.push("remove service".into());
             self.services.remove(k);
             Ok(())
         }
-        fn set_ports(&mut self, index: u32, p: &PortBitmap) -> Result<(), Infallible> {
+        fn set_ports(&mut self, index: u32, p: &PortBitmap) -> Result<(), io::Error> {
+            self.write()?;
             self.log.push(format!("ports {index}"));
             self.ports.insert(index, *p);
             Ok(())
         }
-        fn zero_service_counters(&mut self, id: u32) -> Result<(), Infallible> {
+        fn zero_service_counters(&mut self, id: u32) -> Result<(), io::Error> {
+            self.write()?;
             self.log.push(format!("zero service {id}"));
             Ok(())
         }
@@ -822,6 +776,65 @@ mod tests {
         assert!(m.log.is_empty(), "{:?}", m.log);
     }
 
+    /// Every service's address and rotation in `m`, sorted, and the port filters.
+    fn installed_state(m: &FakeMaps) -> (Vec<(ServiceAddr, Vec<SocketAddr>)>, Vec<PortBitmap>) {
+        let mut services: Vec<(ServiceAddr, Vec<SocketAddr>)> = m
+            .services
+            .keys()
+            .map(|k| {
+                let addr = service_addr(k).unwrap();
+                (addr, m.rotation(&addr))
+            })
+            .collect();
+        services.sort_by_key(|(a, _)| a.to_string());
+        let ports = [PORTS_VIP, PORTS_BACKEND]
+            .iter()
+            .map(|i| m.ports.get(i).copied().unwrap_or_default())
+            .collect();
+        (services, ports)
+    }
+
+    #[test]
+    fn a_write_failing_anywhere_leaves_a_record_that_rolls_back_exactly() {
+        let before = mixed();
+        // A change of every kind: a service updated (a backend gone, one new), one removed,
+        // one added.
+        let mut after = mixed();
+        after[0].backends.remove(1);
+        after[0]
+            .backends
+            .push(Backend::new(sa("198.18.4.2:8080"), 2));
+        after.remove(1);
+        after.push(svc("api", 443, &[("198.18.5.2:443", 1)]));
+        let (want_before, want_after, writes) = {
+            let mut r = Reconciler::new(16, 64);
+            let mut m = FakeMaps::default();
+            r.apply(&mut m, &before).unwrap();
+            let at = m.writes;
+            let b = installed_state(&m);
+            r.apply(&mut m, &after).unwrap();
+            (b, installed_state(&m), m.writes - at)
+        };
+        assert!(writes >= 8, "{writes} writes");
+        for n in 0..writes {
+            let mut r = Reconciler::new(16, 64);
+            let mut m = FakeMaps::default();
+            r.apply(&mut m, &before).unwrap();
+            m.fail_at = Some(m.writes + n);
+            assert!(r.apply(&mut m, &after).is_err(), "write {n} should fail");
+            r.apply(&mut m, &before)
+                .unwrap_or_else(|e| panic!("rolling back after write {n} failed: {e}"));
+            assert_eq!(
+                installed_state(&m),
+                want_before,
+                "rolled back after write {n}"
+            );
+            // The record is still true: the change applies cleanly afterwards.
+            r.apply(&mut m, &after).unwrap();
+            assert_eq!(installed_state(&m), want_after, "reapplied after write {n}");
+        }
+    }
+
     fn mixed() -> Vec<Service> {
         let mut v6 = svc(
             "web6",
@@ -906,23 +919,5 @@ mod tests {
             [sa("198.18.1.2:8053"), sa("198.18.2.2:8053")]
         );
         assert!(!m.services.contains_key(&service_key(&desired[2].addr)));
-    }
-
-    #[test]
-    fn service_keys_round_trip() {
-        for s in mixed() {
-            assert_eq!(service_addr(&service_key(&s.addr)), Some(s.addr));
-        }
-    }
-
-    #[test]
-    fn ipv6_addresses_keep_their_bytes() {
-        let w = addr_words("2001:db8:ff::1".parse().unwrap());
-        let mut bytes = Vec::new();
-        for x in w {
-            bytes.extend_from_slice(&x.to_ne_bytes());
-        }
-        assert_eq!(bytes[..4], [0x20, 0x01, 0x0d, 0xb8]);
-        assert_eq!(bytes[15], 1);
     }
 }

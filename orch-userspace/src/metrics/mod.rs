@@ -40,11 +40,7 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use crate::breaker;
-
-/// Where `/metrics` listens unless configured otherwise: loopback only, since the numbers
-/// describe the fleet's traffic.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:9477";
+use crate::health::{breaker, BackendEvents};
 
 /// Seconds buckets for probe latency and map syncs: 100 µs to 5 s.
 const LATENCY_BUCKETS: [f64; 12] = [
@@ -345,38 +341,6 @@ pub struct BackendSample {
     pub events: BackendEvents,
 }
 
-/// What happened to one backend in the daemon: probes by result and breaker transitions by
-/// the state entered. Kept with the backend's health (40 bytes) and exported as counters.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct BackendEvents {
-    pub probes_up: u64,
-    pub probes_down: u64,
-    /// Transitions into closed, open and half-open.
-    pub transitions: [u64; 3],
-}
-
-impl BackendEvents {
-    pub fn probe(&mut self, up: bool) {
-        if up {
-            self.probes_up += 1;
-        } else {
-            self.probes_down += 1;
-        }
-    }
-
-    pub fn transition(&mut self, to: breaker::State) {
-        self.transitions[Self::index(to)] += 1;
-    }
-
-    fn index(state: breaker::State) -> usize {
-        match state {
-            breaker::State::Closed => 0,
-            breaker::State::Open => 1,
-            breaker::State::HalfOpen => 2,
-        }
-    }
-}
-
 impl Snapshot {
     fn families(&self) -> Vec<MetricFamily> {
         let mut f = Families::default();
@@ -581,7 +545,7 @@ impl Snapshot {
                         "orch_breaker_transitions_total",
                         "Circuit breaker state changes, by the state entered.",
                         &to,
-                        b.events.transitions[BackendEvents::index(state)],
+                        b.events.transitions_into(state),
                     );
                     f.gauge(
                         "orch_breaker_state",
@@ -990,19 +954,6 @@ mod tests {
             Some("0"),
             "new services start at zero"
         );
-    }
-
-    #[test]
-    fn backend_events_count_by_kind() {
-        let mut e = BackendEvents::default();
-        e.probe(true);
-        e.probe(true);
-        e.probe(false);
-        e.transition(breaker::State::Open);
-        e.transition(breaker::State::HalfOpen);
-        e.transition(breaker::State::Open);
-        assert_eq!((e.probes_up, e.probes_down), (2, 1));
-        assert_eq!(e.transitions, [0, 2, 1]);
     }
 
     #[test]

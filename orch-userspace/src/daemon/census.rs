@@ -1,0 +1,111 @@
+//! Live connections per backend, counted off the event loop, fresh for whoever asks.
+//!
+//! Counting means walking the connection table ([`Reader::census`]): milliseconds for a few
+//! thousand connections, seconds for millions. So it never runs on the daemon's loop, and
+//! it runs only when asked: a list request, a scrape or a `drain --wait` poll waits for a
+//! census that *started after it asked*, so what it reports is never older than the
+//! question. Askers that arrive while a census runs share the next one: however many
+//! scrapes come at once, at most one walk runs and one more is queued.
+
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    Arc, Mutex,
+};
+
+use tokio::sync::watch;
+use tracing::warn;
+
+use crate::dataplane::{Census, Reader};
+
+/// One finished census.
+#[derive(Clone, Debug, Default)]
+struct Done {
+    /// Which run it was (0: none yet).
+    run: u64,
+    /// The counts; empty when the walk failed (said in the log).
+    census: Arc<Census>,
+}
+
+#[derive(Debug, Default)]
+struct Runs {
+    /// The last run started.
+    started: u64,
+    /// A run is going.
+    running: bool,
+    /// Someone asked while it went: run again when it ends.
+    again: bool,
+}
+
+/// Schedules censuses and hands out their results.
+pub struct Censuses {
+    reader: Arc<Reader>,
+    /// The UDP idle timeout, which decides whether a UDP flow is live (a reload changes it).
+    udp_idle_ns: AtomicU64,
+    runs: Mutex<Runs>,
+    done: watch::Sender<Done>,
+}
+
+impl Censuses {
+    pub fn new(reader: Arc<Reader>, udp_idle_ns: u64) -> Arc<Censuses> {
+        Arc::new(Censuses {
+            reader,
+            udp_idle_ns: AtomicU64::new(udp_idle_ns),
+            runs: Mutex::new(Runs::default()),
+            done: watch::channel(Done::default()).0,
+        })
+    }
+
+    pub fn set_udp_idle(&self, ns: u64) {
+        self.udp_idle_ns.store(ns, Ordering::Relaxed);
+    }
+
+    /// A census that started after this call. Runs one on a blocking thread unless one is
+    /// already going, in which case the one after it serves.
+    pub async fn fresh(self: &Arc<Self>) -> Arc<Census> {
+        let mut done = self.done.subscribe();
+        let wanted = {
+            let mut runs = self.runs.lock().expect("census lock");
+            if runs.running {
+                runs.again = true;
+                runs.started + 1
+            } else {
+                runs.running = true;
+                runs.started += 1;
+                let me = self.clone();
+                tokio::task::spawn_blocking(move || me.run());
+                runs.started
+            }
+        };
+        // The sender lives as long as `self`: the wait ends with a census.
+        let census = match done.wait_for(|d| d.run >= wanted).await {
+            Ok(d) => d.census.clone(),
+            Err(_) => Arc::default(),
+        };
+        census
+    }
+
+    /// Walks the table until nobody is waiting for another walk.
+    fn run(&self) {
+        loop {
+            let run = self.runs.lock().expect("census lock").started;
+            let census = self
+                .reader
+                .census(self.udp_idle_ns.load(Ordering::Relaxed))
+                .unwrap_or_else(|e| {
+                    warn!(error = %format!("{:#}", anyhow::Error::from(e)), "counting live connections failed");
+                    Census::default()
+                });
+            self.done.send_replace(Done {
+                run,
+                census: Arc::new(census),
+            });
+            let mut runs = self.runs.lock().expect("census lock");
+            if std::mem::take(&mut runs.again) {
+                runs.started += 1;
+            } else {
+                runs.running = false;
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,373 @@
+//! What readers see: the daemon's state published as an immutable [`View`], and the
+//! answers built from it off the event loop.
+//!
+//! The loop publishes a new view after every change it makes (a registry change, a
+//! reload) before it answers, and at the next tick (100 ms) after health moved. Status,
+//! list and explain requests and `/metrics` scrapes are answered from the latest view, the
+//! kernel's counters (read through a [`Reader`]) and a fresh connection census, on tokio's
+//! blocking threads: however large the connection table, and however many scrapes come,
+//! the loop that probes, balances and applies changes never waits for them.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use tokio::sync::watch;
+
+use super::{census::Censuses, state::Daemon};
+use crate::{
+    api::{
+        ApiError, BackendInfo, BackendRow, BreakerState, ErrorKind, Explanation, Health, Reply,
+        Request, ServiceInfo, Source, StatusInfo, API_VERSION,
+    },
+    dataplane::{Census, Reader},
+    explain,
+    health::{breaker, BackendEvents},
+    metrics::{BackendSample, Metrics, ServiceSample, Snapshot},
+    model::{CheckKind, Service},
+};
+
+/// The daemon's state as readers see it.
+#[derive(Debug, Default)]
+pub struct View {
+    services: Vec<ServiceView>,
+    /// Everything of `status` but the uptime.
+    status: StatusInfo,
+    started: Option<std::time::Instant>,
+    conntrack_capacity: u64,
+    unconfirmed_capacity: u64,
+    udp_idle_ns: u64,
+}
+
+#[derive(Debug)]
+struct ServiceView {
+    service: Service,
+    source: Source,
+    id: Option<u32>,
+    panic: bool,
+    backends: Vec<BackendView>,
+}
+
+#[derive(Debug)]
+struct BackendView {
+    id: Option<u32>,
+    health: Health,
+    healthy: bool,
+    breaker: breaker::State,
+    in_rotation: bool,
+    events: BackendEvents,
+}
+
+fn breaker_state(s: breaker::State) -> BreakerState {
+    match s {
+        breaker::State::Closed => BreakerState::Closed,
+        breaker::State::Open => BreakerState::Open,
+        breaker::State::HalfOpen => BreakerState::HalfOpen,
+    }
+}
+
+impl View {
+    /// The view of `d` now.
+    pub(super) fn of(d: &Daemon) -> View {
+        let threshold = d.config.panic_threshold;
+        let services: Vec<ServiceView> = d
+            .sourced()
+            .map(|(s, source)| {
+                let panic = d.verdicts.in_panic(s, threshold);
+                let backends = s
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        let h = d.verdicts.get(&s.name, b.addr);
+                        let healthy = h.is_none_or(|h| h.healthy());
+                        BackendView {
+                            id: d.reconciler.backend_id(&s.addr, b.addr),
+                            health: match (s.check.kind, healthy) {
+                                (CheckKind::None, _) => Health::Unchecked,
+                                (_, false) => Health::Unhealthy,
+                                (_, true) => Health::Healthy,
+                            },
+                            healthy,
+                            breaker: h.map_or(breaker::State::Closed, |h| h.breaker_state()),
+                            in_rotation: d.verdicts.in_rotation(&s.name, b, panic),
+                            events: h.map(|h| h.events()).unwrap_or_default(),
+                        }
+                    })
+                    .collect();
+                ServiceView {
+                    service: s.clone(),
+                    source,
+                    id: d.reconciler.service_id(&s.addr),
+                    panic,
+                    backends,
+                }
+            })
+            .collect();
+        let capacity = d.dp.capacity();
+        View {
+            status: StatusInfo {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                api: API_VERSION,
+                pid: std::process::id(),
+                uptime_secs: 0,
+                config: d.config_path().to_owned(),
+                registry: d.registry.path().to_owned(),
+                pin_dir: d.config.fixed.pin_dir.clone(),
+                interfaces: d
+                    .dp
+                    .attached()
+                    .map(|(i, hook)| format!("{i} ({})", hook.name()))
+                    .chain(d.missing.iter().map(|i| format!("{i} (missing)")))
+                    .collect(),
+                adopted: d.dp.adopted(),
+                services: services.len(),
+                backends: services.iter().map(|s| s.backends.len()).sum(),
+                config_reloads: d.reloads,
+                probes_total: d.probes,
+                config_reload_failures: d.reload_failures,
+                last_reload_error: d.last_reload_error.clone(),
+                services_in_panic: d.panicking.iter().cloned().collect(),
+            },
+            services,
+            started: Some(d.started),
+            conntrack_capacity: u64::from(capacity.conntrack),
+            unconfirmed_capacity: u64::from(capacity.conntrack_new),
+            udp_idle_ns: d.config.timeouts.udp_idle_ns,
+        }
+    }
+}
+
+/// Answers reads from the latest view, off the loop.
+pub struct Reads {
+    pub(super) views: watch::Receiver<Arc<View>>,
+    pub(super) reader: Arc<Reader>,
+    pub(super) censuses: Arc<Censuses>,
+    pub(super) metrics: Arc<Metrics>,
+}
+
+impl Reads {
+    /// Whether `request` is a read these answer (the rest goes to the loop).
+    pub fn serves(request: &Request) -> bool {
+        matches!(
+            request,
+            Request::Status
+                | Request::ServiceList
+                | Request::ServiceShow { .. }
+                | Request::BackendList { .. }
+                | Request::Explain { .. }
+        )
+    }
+
+    /// Answers a read request.
+    pub async fn answer(self: Arc<Self>, request: Request) -> Result<Reply, ApiError> {
+        let view = self.views.borrow().clone();
+        if matches!(request, Request::Status) {
+            let mut status = view.status.clone();
+            status.uptime_secs = view.started.map_or(0, |s| s.elapsed().as_secs());
+            return Ok(Reply::Status(status));
+        }
+        // Refused requests need no census.
+        match &request {
+            Request::ServiceShow { name }
+            | Request::BackendList {
+                service: Some(name),
+            } if !view.services.iter().any(|s| &s.service.name == name) => {
+                return Err(not_found(format!("no service named {name:?}")));
+            }
+            Request::Explain { client, vip, .. } => check_explain(*client, *vip)?,
+            _ => {}
+        }
+        let census = self.censuses.fresh().await;
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.read(&view, &census, request))
+            .await
+            .unwrap_or_else(|e| Err(ApiError::new(ErrorKind::Internal, e.to_string())))
+    }
+
+    fn read(&self, view: &View, census: &Census, request: Request) -> Result<Reply, ApiError> {
+        let infos = |name: Option<&str>| -> Vec<ServiceInfo> {
+            view.services
+                .iter()
+                .filter(|s| name.is_none_or(|n| n == s.service.name))
+                .map(|s| self.info(s, census))
+                .collect()
+        };
+        match request {
+            Request::ServiceList => Ok(Reply::Services(infos(None))),
+            Request::ServiceShow { name } => infos(Some(&name))
+                .pop()
+                .map(Reply::Service)
+                .ok_or_else(|| not_found(format!("no service named {name:?}"))),
+            Request::BackendList { service } => Ok(Reply::Backends(
+                infos(service.as_deref())
+                    .into_iter()
+                    .flat_map(|info| {
+                        let name = info.name;
+                        info.backends.into_iter().map(move |b| BackendRow {
+                            service: name.clone(),
+                            backend: b,
+                        })
+                    })
+                    .collect(),
+            )),
+            Request::Explain {
+                protocol,
+                client,
+                vip,
+            } => {
+                let mut e = Explanation {
+                    protocol,
+                    client,
+                    vip,
+                    service: None,
+                    path: crate::api::ExplainPath::NotAService,
+                    backends: Vec::new(),
+                };
+                let Some(svc) = view.services.iter().find(|s| {
+                    s.service.addr.vip == vip.ip()
+                        && s.service.addr.port == vip.port()
+                        && s.service.addr.protocol == protocol
+                }) else {
+                    return Ok(Reply::Explain(e));
+                };
+                e.service = Some(svc.service.name.clone());
+                let (path, named) =
+                    explain::query(&self.reader, protocol, client, vip, view.udp_idle_ns).map_err(
+                        |e| {
+                            ApiError::new(
+                                ErrorKind::Internal,
+                                format!("reading the data plane: {:#}", anyhow::Error::from(e)),
+                            )
+                        },
+                    )?;
+                e.path = path;
+                e.backends = self
+                    .info(svc, census)
+                    .backends
+                    .into_iter()
+                    .filter(|b| named.contains(&b.address))
+                    .collect();
+                Ok(Reply::Explain(e))
+            }
+            other => Err(ApiError::new(
+                ErrorKind::Internal,
+                format!("{} is not a read", other.op()),
+            )),
+        }
+    }
+
+    fn info(&self, s: &ServiceView, census: &Census) -> ServiceInfo {
+        let svc = &s.service;
+        let new_conns = |id: Option<u32>, service: bool| {
+            id.and_then(|id| {
+                if service {
+                    self.reader.service_counters(id).ok()
+                } else {
+                    self.reader.backend_counters(id).ok()
+                }
+            })
+            .map_or(0, |c| c.new_conns)
+        };
+        ServiceInfo {
+            name: svc.name.clone(),
+            vip: svc.addr.vip,
+            port: svc.addr.port,
+            protocol: svc.addr.protocol,
+            source: s.source,
+            check: svc.check.clone(),
+            connections: new_conns(s.id, true),
+            panic: s.panic,
+            backends: svc
+                .backends
+                .iter()
+                .zip(&s.backends)
+                .map(|(b, v)| BackendInfo {
+                    address: b.addr,
+                    weight: b.weight,
+                    state: b.state,
+                    health: v.health,
+                    breaker: breaker_state(v.breaker),
+                    in_rotation: v.in_rotation,
+                    established: v
+                        .id
+                        .and_then(|id| census.live.get(&id))
+                        .copied()
+                        .unwrap_or(0),
+                    connections: new_conns(v.id, false),
+                })
+                .collect(),
+        }
+    }
+
+    /// The Prometheus text: the event counters, and the kernel's counters and the
+    /// daemon's view of each backend read now.
+    pub async fn scrape(self: Arc<Self>) -> String {
+        let view = self.views.borrow().clone();
+        let census = self.censuses.fresh().await;
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.render(&view, &census))
+            .await
+            .unwrap_or_default()
+    }
+
+    fn render(&self, view: &View, census: &Census) -> String {
+        let r = &self.reader;
+        let warn = |what: &str, e: crate::dataplane::DataplaneError| {
+            tracing::warn!(error = %e, "reading {what} failed");
+        };
+        let mut snapshot = Snapshot {
+            reasons: r.reason_counts().unwrap_or_else(|e| {
+                warn("the verdict counters", e);
+                Vec::new()
+            }),
+            conntrack_entries: census.entries,
+            conntrack_capacity: view.conntrack_capacity,
+            unconfirmed_entries: census.unconfirmed,
+            unconfirmed_capacity: view.unconfirmed_capacity,
+            ct_events: r.ct_events().unwrap_or_default(),
+            uptime: view.started.map(|s| s.elapsed()).unwrap_or_default(),
+            ..Default::default()
+        };
+        for s in &view.services {
+            let Some(id) = s.id else { continue };
+            let mut sample = ServiceSample {
+                traffic: r.service_counters(id).unwrap_or_default(),
+                name: s.service.name.clone(),
+                panic: s.panic,
+                backends: Vec::new(),
+            };
+            for (b, v) in s.service.backends.iter().zip(&s.backends) {
+                let Some(bid) = v.id else { continue };
+                sample.backends.push(BackendSample {
+                    addr: b.addr,
+                    traffic: r.backend_counters(bid).unwrap_or_default(),
+                    signals: r.backend_signals(bid).unwrap_or_default(),
+                    ejected: r.ejected(bid).unwrap_or(false),
+                    active: census.live.get(&bid).copied().unwrap_or(0),
+                    healthy: v.healthy,
+                    in_rotation: v.in_rotation,
+                    breaker: v.breaker,
+                    events: v.events,
+                });
+            }
+            snapshot.backends_total += s.service.backends.len() as u64;
+            snapshot.services.push(sample);
+        }
+        self.metrics.render(&snapshot)
+    }
+}
+
+fn check_explain(client: SocketAddr, vip: SocketAddr) -> Result<(), ApiError> {
+    let invalid = |m: String| ApiError::new(ErrorKind::Invalid, m);
+    if client.is_ipv4() != vip.is_ipv4() {
+        return Err(invalid(format!(
+            "{client} and {vip} are not of the same address family"
+        )));
+    }
+    if client.port() == 0 || vip.port() == 0 {
+        return Err(invalid("ports must be 1-65535".into()));
+    }
+    Ok(())
+}
+
+pub(super) fn not_found(message: String) -> ApiError {
+    ApiError::new(ErrorKind::NotFound, message)
+}

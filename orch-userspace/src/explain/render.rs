@@ -1,0 +1,95 @@
+//! `orch explain`'s answer as text for people.
+
+use crate::api::{ExplainPath as Path, Explanation};
+
+/// The explanation as text for people.
+pub fn render(e: &Explanation) -> String {
+    let mut out = format!("{} {} -> {}", e.protocol, e.client, e.vip);
+    match &e.service {
+        Some(s) => out.push_str(&format!(": service {s:?}\n")),
+        None => out.push('\n'),
+    }
+    match &e.path {
+        Path::NotAService => out.push_str(
+            "  no service at this address: the data plane passes the packet to the kernel \
+             stack untouched (counted as pass_not_service)\n",
+        ),
+        Path::Existing {
+            backend,
+            idle_ms,
+            client_closed,
+            backend_closed,
+        } => {
+            out.push_str(&format!(
+                "  existing connection: the connection table sends it to {backend} \
+                 (last packet {:.1} s ago)\n",
+                *idle_ms as f64 / 1000.0
+            ));
+            if *client_closed || *backend_closed {
+                out.push_str(&format!(
+                    "  closing: {} sent FIN or RST{}\n",
+                    match (client_closed, backend_closed) {
+                        (true, true) => "both sides",
+                        (true, false) => "the client",
+                        _ => "the backend",
+                    },
+                    if *client_closed {
+                        "; a new SYN from this port is balanced afresh"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+        }
+        Path::New {
+            stale,
+            slots,
+            by_cpu,
+        } => {
+            if let Some(b) = stale {
+                out.push_str(&format!(
+                    "  the UDP flow to {b} has been idle past the timeout: the next datagram \
+                     is balanced again\n"
+                ));
+            }
+            out.push_str(&format!(
+                "  new connection: next round-robin slot of {slots}; each CPU keeps its own \
+                 cursor, so it depends on the CPU that receives the first packet:\n"
+            ));
+            for c in by_cpu {
+                out.push_str(&format!(
+                    "    cpu {:<3} slot {:<4} -> {}",
+                    c.cpu, c.slot, c.backend
+                ));
+                if !c.skipped.is_empty() {
+                    let skipped: Vec<String> = c.skipped.iter().map(|s| s.to_string()).collect();
+                    out.push_str(&format!(" (skips ejected {})", skipped.join(", ")));
+                }
+                out.push('\n');
+            }
+        }
+        Path::NoBackend => out
+            .push_str("  no backend in rotation: new connections are dropped (drop_no_backend)\n"),
+    }
+    for b in &e.backends {
+        out.push_str(&format!(
+            "  backend {}: {}, {}, breaker {}, {}, {} live connection{}\n",
+            b.address,
+            match b.state {
+                crate::model::AdminState::Active => "active",
+                crate::model::AdminState::Draining => "draining",
+                crate::model::AdminState::Disabled => "disabled",
+            },
+            b.health,
+            b.breaker,
+            if b.in_rotation {
+                "in rotation"
+            } else {
+                "out of rotation"
+            },
+            b.established,
+            if b.established == 1 { "" } else { "s" }
+        ));
+    }
+    out
+}

@@ -1,0 +1,14 @@
+//! Health: active probes, the verdicts drawn from them and from the data plane's signals,
+//! and the learning circuit breaker.
+//!
+//! - [`probe`]: one tokio task per checked backend, adaptive intervals, reports to the daemon;
+//! - [`verdict`]: whether each backend may take new connections (rise/fall, the data
+//!   plane's signals, ejection, panic), with the breaker's say;
+//! - [`breaker`]: the learning circuit breaker, one per backend.
+
+pub mod breaker;
+pub mod probe;
+pub mod verdict;
+
+pub use probe::{Checker, Outcome, Report};
+pub use verdict::{AfterProbe, AfterSignals, BackendEvents, BackendHealth, Verdicts};
