@@ -386,7 +386,7 @@ pub fn wait_drained(
                 .map(|r| r.backend.established),
             Ok(_) => None,
             Err(e) => {
-                eprintln!("error: {:#}", anyhow::Error::from(e));
+                eprintln!("error: {}", crate::chain(&e));
                 return ExitCode::from(exit::FAILURE);
             }
         };
@@ -445,7 +445,7 @@ pub fn run_client(request: &Request, opts: &ClientOpts) -> ExitCode {
             })
         }
         Err(e) => {
-            eprintln!("error: {:#}", anyhow::Error::from(e));
+            eprintln!("error: {}", crate::chain(&e));
             ExitCode::from(exit::FAILURE)
         }
     }

@@ -34,3 +34,17 @@ pub mod metrics;
 pub mod model;
 pub mod reconcile;
 pub mod registry;
+
+/// An error and its causes, `: `-separated: how logs and the CLI print errors. (Error types
+/// here name their own context and leave the cause to `source()`, so that nothing is said
+/// twice.)
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}

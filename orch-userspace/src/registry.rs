@@ -86,6 +86,8 @@ pub enum RegistryError {
         found: i64,
         known: usize,
     },
+    #[error("the registry database is corrupt: {0}")]
+    Corrupt(String),
     #[error("registry database error")]
     Db(#[from] rusqlite::Error),
 }
@@ -384,13 +386,7 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), RegistryError> {
 /// Reads the whole registry. A row that does not parse is a corrupt database: an error, not
 /// a silently missing service.
 fn load(conn: &Connection) -> Result<BTreeMap<String, Service>, RegistryError> {
-    let corrupt = |what: String| {
-        RegistryError::Db(rusqlite::Error::FromSqlConversionFailure(
-            0,
-            rusqlite::types::Type::Text,
-            what.into(),
-        ))
-    };
+    let corrupt = RegistryError::Corrupt;
     let mut index = BTreeMap::new();
     let mut ids = BTreeMap::new();
     let mut stmt = conn.prepare("SELECT id, name, vip, port, protocol, options FROM service")?;

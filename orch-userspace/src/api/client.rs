@@ -16,8 +16,8 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error(
-        "cannot reach the orch daemon at {path}: {source} (is it running? is --socket right? \
-         are you root or in group orch?)"
+        "cannot reach the orch daemon at {path} (is it running? is --socket right? are you \
+         root or in group orch?)"
     )]
     Connect {
         path: PathBuf,

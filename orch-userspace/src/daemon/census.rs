@@ -92,7 +92,7 @@ impl Censuses {
                 .reader
                 .census(self.udp_idle_ns.load(Ordering::Relaxed))
                 .unwrap_or_else(|e| {
-                    warn!(error = %format!("{:#}", anyhow::Error::from(e)), "counting live connections failed");
+                    warn!(error = %crate::chain(&e), "counting live connections failed");
                     Census::default()
                 });
             self.done.send_replace(Done {

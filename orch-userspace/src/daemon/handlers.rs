@@ -126,11 +126,11 @@ impl Daemon {
         self.checker.sync(&self.services());
         self.forget_removed();
         if let Err(e) = applied {
-            let e = anyhow::Error::from(e);
-            error!(error = %format!("{e:#}"), "applying a registry change to the data plane failed");
+            let e = crate::chain(&e);
+            error!(error = %e, "applying a registry change to the data plane failed");
             return Err(ApiError::new(
                 ErrorKind::Internal,
-                format!("{done} in the registry, but the data plane was not updated: {e:#}"),
+                format!("{done} in the registry, but the data plane was not updated: {e}"),
             ));
         }
         Ok(Reply::Done(done))
@@ -186,10 +186,11 @@ fn registry_error(e: RegistryError) -> ApiError {
             ErrorKind::NotFound
         }
         RegistryError::Conflict(_) => ErrorKind::Conflict,
-        RegistryError::Open { .. } | RegistryError::TooNew { .. } | RegistryError::Db(_) => {
-            ErrorKind::Internal
-        }
+        RegistryError::Open { .. }
+        | RegistryError::TooNew { .. }
+        | RegistryError::Corrupt(_)
+        | RegistryError::Db(_) => ErrorKind::Internal,
     };
-    let message = format!("{:#}", anyhow::Error::from(e));
+    let message = crate::chain(&e);
     ApiError::new(kind, message)
 }

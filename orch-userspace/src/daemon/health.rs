@@ -127,7 +127,7 @@ impl Daemon {
                             h.ejection_cleared();
                         }
                     }
-                    Err(e) => warn!(error = %e, "clearing an ejection failed"),
+                    Err(e) => warn!(error = %crate::chain(&e), "clearing an ejection failed"),
                 },
                 AfterSignals::QuickProbe(limit) => {
                     self.checker.nudge_quick(&t.service, t.backend, limit)

@@ -221,7 +221,7 @@ fn log_totals(d: &Daemon) {
             info!(packets = %nonzero.join(" "), "data plane totals");
         }
         Err(e) => {
-            warn!(error = %format!("{:#}", anyhow::Error::from(e)), "reading counters failed")
+            warn!(error = %crate::chain(&e), "reading counters failed")
         }
     }
 }

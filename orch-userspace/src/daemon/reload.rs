@@ -184,7 +184,7 @@ impl Daemon {
             Err(e) => {
                 self.reload_failures += 1;
                 self.metrics.config_reload(false);
-                let text = format!("{:#}", anyhow::Error::from(e));
+                let text = crate::chain(&e);
                 error!(trigger = why, "config reload failed:\n{text}");
                 self.last_reload_error = Some(text);
             }

@@ -138,7 +138,7 @@ impl Daemon {
         // The new program is in every link now: what the old one did since the first pass
         // is carried over too, and the old layout's maps are retired.
         if let Err(e) = daemon.dp.migrate(true) {
-            error!(error = %format!("{:#}", anyhow::Error::from(e)), "migrating the previous map layout failed");
+            error!(error = %crate::chain(&e), "migrating the previous map layout failed");
         }
         daemon.forget_removed();
         daemon.publish();
@@ -209,12 +209,13 @@ impl Daemon {
                 }
                 Err(e) => {
                     if self.missing.insert(iface.clone()) {
-                        warn!(iface, error = %format!("{:#}", anyhow::Error::from(e)), "configured interface not attached; trying again when links change");
+                        warn!(iface, error = %crate::chain(&e), "configured interface not attached; trying again when links change");
                         self.view_stale = true;
                     }
                 }
             }
         }
+        self.publish();
     }
 
     /// Every service, from the file and the registry.
@@ -269,7 +270,7 @@ impl Daemon {
                 if let Some(id) = self.reconciler.backend_id(&svc.addr, b.addr) {
                     match self.dp.clear_ejection(id) {
                         Ok(()) => h.ejection_cleared(),
-                        Err(e) => warn!(error = %e, "clearing an ejection failed"),
+                        Err(e) => warn!(error = %crate::chain(&e), "clearing an ejection failed"),
                     }
                 }
             }
@@ -281,7 +282,7 @@ impl Daemon {
                 self.note_panic();
             }
             Err(e) => {
-                error!(error = %format!("{:#}", anyhow::Error::from(e)), "rebalancing failed")
+                error!(error = %crate::chain(&e), "rebalancing failed")
             }
         }
     }
@@ -322,12 +323,13 @@ impl Daemon {
     pub(super) fn expire(&mut self) {
         match self.dp.expire(&self.config.timeouts, EXPIRY_BUDGET) {
             Ok(done) => self.metrics.conntrack_expired(&done),
-            Err(e) => warn!(error = %e, "expiring connections failed"),
+            Err(e) => warn!(error = %crate::chain(&e), "expiring connections failed"),
         }
     }
 
     /// Publishes the view for readers (list requests, scrapes) if anything changed since
-    /// the last time.
+    /// the last time. Changes of services and interfaces publish at once; health, which
+    /// probes move all the time, at the next tick.
     pub(super) fn publish(&mut self) {
         if !std::mem::take(&mut self.view_stale) {
             return;

@@ -234,7 +234,7 @@ impl Reads {
                         |e| {
                             ApiError::new(
                                 ErrorKind::Internal,
-                                format!("reading the data plane: {:#}", anyhow::Error::from(e)),
+                                format!("reading the data plane: {}", crate::chain(&e)),
                             )
                         },
                     )?;
@@ -311,7 +311,7 @@ impl Reads {
     fn render(&self, view: &View, census: &Census) -> String {
         let r = &self.reader;
         let warn = |what: &str, e: crate::dataplane::DataplaneError| {
-            tracing::warn!(error = %e, "reading {what} failed");
+            tracing::warn!(error = %crate::chain(&e), "reading {what} failed");
         };
         let mut snapshot = Snapshot {
             reasons: r.reason_counts().unwrap_or_else(|e| {

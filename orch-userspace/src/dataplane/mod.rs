@@ -1061,7 +1061,7 @@ impl Dataplane {
             .collect();
         for iface in others {
             if let Err(e) = self.detach(&iface) {
-                warn!(iface, error = %format!("{:#}", anyhow::Error::from(e)), "detaching failed");
+                warn!(iface, error = %crate::chain(&e), "detaching failed");
             }
         }
         self.attached.retain(|a| keep.contains(&a.iface));
@@ -1122,7 +1122,7 @@ impl Dataplane {
                             source,
                         })
                     })
-                    .map_err(|e| format!("{:#}", anyhow::Error::from(e))),
+                    .map_err(|e| crate::chain(&e)),
                 Attachment::OwnedTc(id) => self
                     .tc_program()
                     .and_then(|p| {
@@ -1131,7 +1131,7 @@ impl Dataplane {
                             source,
                         })
                     })
-                    .map_err(|e| format!("{:#}", anyhow::Error::from(e))),
+                    .map_err(|e| crate::chain(&e)),
                 // Dropping the last fd of an unpinned link detaches it.
                 Attachment::Pinned(p) => p.unpin().map(drop).map_err(|e| e.to_string()),
             };
