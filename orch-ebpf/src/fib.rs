@@ -18,9 +18,9 @@ use orch_common::{
 };
 
 use crate::{
-    frame::Frame,
+    frame::{read, write, Frame},
     maps::FIB_SCRATCH,
-    parse::{read, write, Packet, ETH_HLEN},
+    parse::{Packet, ETH_HLEN},
 };
 
 const AF_INET: u8 = 2;

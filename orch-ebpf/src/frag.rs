@@ -22,9 +22,9 @@ use orch_common::{
 
 use crate::{
     conntrack, fib,
-    frame::{Frame, L4Change},
+    frame::{read, write, Frame, L4Change},
     maps::{settings, BACKEND_STATS, FRAGS, SCRATCH, SERVICE_STATS},
-    parse::{read, write, Packet, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV6_FRAGMENT},
+    parse::{Packet, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV6_FRAGMENT},
     stats,
 };
 

@@ -19,12 +19,11 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
     EbpfContext,
 };
+use core::{mem::size_of, ptr};
+
 use orch_common::csum::Delta;
 
-use crate::{
-    maps::XDP_TX,
-    parse::{read, write},
-};
+use crate::maps::XDP_TX;
 
 /// The headers the program reads, at most: Ethernet, IPv6, ICMPv6 and the quoted IPv6
 /// header and ports (TCP up to its sequence numbers is shorter). A TC program pulls this
@@ -243,5 +242,37 @@ impl Frame for TcContext {
                     udp | 2,
                 )
                 .is_ok()
+    }
+}
+
+/// Returns a pointer to a `T` at `offset` in the packet, or `None` if it would end past
+/// `data_end`. The comparison is the bounds proof the verifier needs.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &impl Frame, offset: usize) -> Option<*mut T> {
+    let start = ctx.start();
+    let end = ctx.end();
+    if start + offset + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+/// Reads a `T` at `offset` (unaligned), or `None` past the end of the packet.
+#[inline(always)]
+pub fn read<T: Copy>(ctx: &impl Frame, offset: usize) -> Option<T> {
+    // SAFETY: ptr_at proved `offset..offset + size_of::<T>()` is inside the packet.
+    ptr_at::<T>(ctx, offset).map(|p| unsafe { ptr::read_unaligned(p) })
+}
+
+/// Writes a `T` at `offset` (unaligned); false past the end of the packet.
+#[inline(always)]
+pub fn write<T: Copy>(ctx: &impl Frame, offset: usize, value: T) -> bool {
+    match ptr_at::<T>(ctx, offset) {
+        Some(p) => {
+            // SAFETY: as in `read`.
+            unsafe { ptr::write_unaligned(p, value) };
+            true
+        }
+        None => false,
     }
 }

@@ -26,9 +26,9 @@ use orch_common::{
 
 use crate::{
     conntrack, fib,
-    frame::Frame,
+    frame::{read, write, Frame},
     maps::{settings, SCRATCH},
-    parse::{read, write, Packet, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV6_FRAGMENT},
+    parse::{Packet, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV6_FRAGMENT},
 };
 
 const IPPROTO_ICMP: u8 = 1;

@@ -3,8 +3,8 @@
 use orch_common::{csum::Delta, IPPROTO_UDP};
 
 use crate::{
-    frame::{Frame, L4Change},
-    parse::{read, write, Packet, ETH_HLEN},
+    frame::{read, write, Frame, L4Change},
+    parse::{Packet, ETH_HLEN},
 };
 
 /// Which end of the packet to rewrite.

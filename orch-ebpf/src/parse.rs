@@ -9,9 +9,9 @@
 //! whose next header is TCP or UDP (L4 at byte 54). Everything else is passed to the kernel
 //! with the reason counted, so constant offsets keep the verifier's job (and ours) simple.
 
-use core::{mem::size_of, ptr};
+use core::ptr;
 
-use crate::frame::Frame;
+use crate::frame::{ptr_at, read, Frame};
 use orch_common::{
     maps::{v4_mapped, FlowKey},
     Reason, IPPROTO_TCP, IPPROTO_UDP,
@@ -38,38 +38,6 @@ pub const IPV6_FRAGMENT: u8 = 44;
 /// Offset of the L4 header for each family (fixed: see the module docs).
 pub const L4_OFF_V4: usize = ETH_HLEN + IPV4_HLEN;
 pub const L4_OFF_V6: usize = ETH_HLEN + IPV6_HLEN;
-
-/// Returns a pointer to a `T` at `offset` in the packet, or `None` if it would end past
-/// `data_end`. The comparison is the bounds proof the verifier needs.
-#[inline(always)]
-pub fn ptr_at<T>(ctx: &impl Frame, offset: usize) -> Option<*mut T> {
-    let start = ctx.start();
-    let end = ctx.end();
-    if start + offset + size_of::<T>() > end {
-        return None;
-    }
-    Some((start + offset) as *mut T)
-}
-
-/// Reads a `T` at `offset` (unaligned), or `None` past the end of the packet.
-#[inline(always)]
-pub fn read<T: Copy>(ctx: &impl Frame, offset: usize) -> Option<T> {
-    // SAFETY: ptr_at proved `offset..offset + size_of::<T>()` is inside the packet.
-    ptr_at::<T>(ctx, offset).map(|p| unsafe { ptr::read_unaligned(p) })
-}
-
-/// Writes a `T` at `offset` (unaligned); false past the end of the packet.
-#[inline(always)]
-pub fn write<T: Copy>(ctx: &impl Frame, offset: usize, value: T) -> bool {
-    match ptr_at::<T>(ctx, offset) {
-        Some(p) => {
-            // SAFETY: as in `read`.
-            unsafe { ptr::write_unaligned(p, value) };
-            true
-        }
-        None => false,
-    }
-}
 
 /// What the steering logic needs to know of a TCP or UDP packet.
 #[derive(Clone, Copy)]

@@ -2,12 +2,10 @@
 //! of each backend and the breakers' cool-downs (the tick also steps the expiry). The rules
 //! themselves are in [`crate::health::verdict`]; this applies what they ask.
 
-use std::net::SocketAddr;
-
 use tokio::time::Instant;
 use tracing::warn;
 
-use super::state::Daemon;
+use super::state::{Daemon, SignalTarget};
 use crate::{
     dataplane,
     health::{AfterSignals, Outcome, Report},
@@ -19,16 +17,6 @@ use crate::{
 /// backends in 16 s. The data plane ejects a refusing backend by itself at once; what waits
 /// for the sweep is the daemon's follow-up (a probe, the breaker), not the protection.
 const SIGNALS_PER_TICK: usize = 512;
-
-/// One backend whose kernel signals the ticks read.
-pub(super) struct Target {
-    service: String,
-    check: CheckKind,
-    /// The check's probe timeout, the longest a quick probe may take.
-    timeout_ms: u64,
-    backend: SocketAddr,
-    id: u32,
-}
 
 impl Daemon {
     /// Takes one probe result: counts it against the thresholds, feeds the breaker, and
@@ -146,12 +134,12 @@ impl Daemon {
     }
 
     /// Every backend the kernel keeps signals for, with its id.
-    fn signal_targets_now(&self) -> Vec<Target> {
+    fn signal_targets_now(&self) -> Vec<SignalTarget> {
         let mut targets = Vec::new();
         for svc in self.services() {
             for b in &svc.backends {
                 if let Some(id) = self.reconciler.backend_id(&svc.addr, b.addr) {
-                    targets.push(Target {
+                    targets.push(SignalTarget {
                         service: svc.name.clone(),
                         check: svc.check.kind,
                         timeout_ms: svc.check.timeout_ms,

@@ -13,14 +13,18 @@ use std::{
 use tokio::{sync::mpsc, time::Instant};
 use tracing::{error, info, warn};
 
-use super::{census::Censuses, view::View, DaemonError};
+use super::{
+    census::Censuses,
+    view::{Parts, View},
+    DaemonError,
+};
 use crate::{
     api::Source,
     config::Config,
     dataplane::{vips::VipRoutes, Dataplane, DataplaneError},
     health::{Checker, Report, Verdicts},
     metrics::Metrics,
-    model::Service,
+    model::{CheckKind, Service},
     reconcile::{ReconcileError, Reconciler, Summary},
     registry::Registry,
 };
@@ -38,6 +42,16 @@ pub(super) const EXPIRY_BUDGET: usize = 16_384;
 /// notification came (they normally say it at once: see [`crate::dataplane::links`]).
 pub(super) const LINK_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
+/// One backend whose kernel signals the ticks read.
+pub(super) struct SignalTarget {
+    pub(super) service: String,
+    pub(super) check: CheckKind,
+    /// The check's probe timeout, the longest a quick probe may take.
+    pub(super) timeout_ms: u64,
+    pub(super) backend: SocketAddr,
+    pub(super) id: u32,
+}
+
 /// Everything the daemon owns.
 pub struct Daemon {
     pub(super) config: Config,
@@ -48,7 +62,7 @@ pub struct Daemon {
     pub(super) verdicts: Verdicts,
     /// Every backend whose kernel signals the ticks read, rebuilt after each map sync
     /// (`None`: stale), and where the next tick starts reading.
-    pub(super) signal_targets: Option<Vec<super::health::Target>>,
+    pub(super) signal_targets: Option<Vec<SignalTarget>>,
     pub(super) signal_cursor: usize,
     pub(super) probes: u64,
     pub(super) started: std::time::Instant,
@@ -334,7 +348,19 @@ impl Daemon {
         if !std::mem::take(&mut self.view_stale) {
             return;
         }
-        let view = View::of(self);
+        let view = View::of(Parts {
+            sourced: self.sourced().collect(),
+            verdicts: &self.verdicts,
+            reconciler: &self.reconciler,
+            dp: &self.dp,
+            config: &self.config,
+            registry: self.registry.path(),
+            missing: &self.missing,
+            panicking: &self.panicking,
+            counts: [self.reloads, self.reload_failures, self.probes],
+            last_reload_error: self.last_reload_error.as_deref(),
+            started: self.started,
+        });
         self.views.send_replace(Arc::new(view));
     }
 

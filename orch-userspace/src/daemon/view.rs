@@ -8,21 +8,23 @@
 //! blocking threads: however large the connection table, and however many scrapes come,
 //! the loop that probes, balances and applies changes never waits for them.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{collections::BTreeSet, net::SocketAddr, path::Path, sync::Arc};
 
 use tokio::sync::watch;
 
-use super::{census::Censuses, state::Daemon};
+use super::census::Censuses;
 use crate::{
     api::{
         ApiError, BackendInfo, BackendRow, BreakerState, ErrorKind, Explanation, Health, Reply,
         Request, ServiceInfo, Source, StatusInfo, API_VERSION,
     },
-    dataplane::{Census, Reader},
+    config::Config,
+    dataplane::{Census, Dataplane, Reader},
     explain,
-    health::{breaker, BackendEvents},
+    health::{breaker, BackendEvents, Verdicts},
     metrics::{BackendSample, Metrics, ServiceSample, Snapshot},
     model::{CheckKind, Service},
+    reconcile::Reconciler,
 };
 
 /// The daemon's state as readers see it.
@@ -64,13 +66,30 @@ fn breaker_state(s: breaker::State) -> BreakerState {
     }
 }
 
+/// What a view is made of, lent by the daemon.
+pub(super) struct Parts<'a> {
+    pub sourced: Vec<(&'a Service, Source)>,
+    pub verdicts: &'a Verdicts,
+    pub reconciler: &'a Reconciler,
+    pub dp: &'a Dataplane,
+    pub config: &'a Config,
+    pub registry: &'a Path,
+    pub missing: &'a BTreeSet<String>,
+    pub panicking: &'a BTreeSet<String>,
+    /// Reloads, failed reloads, probes.
+    pub counts: [u64; 3],
+    pub last_reload_error: Option<&'a str>,
+    pub started: std::time::Instant,
+}
+
 impl View {
-    /// The view of `d` now.
-    pub(super) fn of(d: &Daemon) -> View {
+    /// The view of the daemon's `parts` now.
+    pub(super) fn of(d: Parts<'_>) -> View {
         let threshold = d.config.panic_threshold;
         let services: Vec<ServiceView> = d
-            .sourced()
-            .map(|(s, source)| {
+            .sourced
+            .iter()
+            .map(|&(s, source)| {
                 let panic = d.verdicts.in_panic(s, threshold);
                 let backends = s
                     .backends
@@ -102,14 +121,15 @@ impl View {
             })
             .collect();
         let capacity = d.dp.capacity();
+        let [reloads, reload_failures, probes] = d.counts;
         View {
             status: StatusInfo {
                 version: env!("CARGO_PKG_VERSION").to_owned(),
                 api: API_VERSION,
                 pid: std::process::id(),
                 uptime_secs: 0,
-                config: d.config_path().to_owned(),
-                registry: d.registry.path().to_owned(),
+                config: d.config.path().to_owned(),
+                registry: d.registry.to_owned(),
                 pin_dir: d.config.fixed.pin_dir.clone(),
                 interfaces: d
                     .dp
@@ -120,10 +140,10 @@ impl View {
                 adopted: d.dp.adopted(),
                 services: services.len(),
                 backends: services.iter().map(|s| s.backends.len()).sum(),
-                config_reloads: d.reloads,
-                probes_total: d.probes,
-                config_reload_failures: d.reload_failures,
-                last_reload_error: d.last_reload_error.clone(),
+                config_reloads: reloads,
+                probes_total: probes,
+                config_reload_failures: reload_failures,
+                last_reload_error: d.last_reload_error.map(str::to_owned),
                 services_in_panic: d.panicking.iter().cloned().collect(),
             },
             services,
