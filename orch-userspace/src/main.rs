@@ -26,7 +26,8 @@ fn main() -> ExitCode {
             .init(),
     }
 
-    if let Some((request, opts)) = cli::request(&cli.command) {
+    let opts = &cli.client;
+    if let Some(request) = cli::request(&cli.command) {
         let code = cli::run_client(&request, opts);
         if let Command::Backend {
             command:
@@ -61,6 +62,8 @@ fn main() -> ExitCode {
             config,
             detach_on_exit,
         }),
+        Command::Completions { shell } => cli::print_completions(shell),
+        Command::Man => cli::print_man(),
         _ => unreachable!("client commands returned above"),
     }
 }

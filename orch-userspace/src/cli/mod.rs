@@ -2,19 +2,32 @@
 //!
 //! Every command except `daemon` and `config check` is a client of the admin API
 //! ([`crate::api`]): it sends one request over the Unix socket and prints the answer as a
-//! table for people or, with `--json`, as the API's JSON for scripts.
+//! table for people or, with `--json`, as the API's JSON for scripts. Options (`--socket`,
+//! `--json`, `--log-format`) go anywhere on the line.
+//!
+//! - this file: the grammar;
+//! - [`request`]: which API request each command stands for;
+//! - [`render`]: answers as text for people;
+//! - [`drain`]: `backend drain --wait`.
+
+mod drain;
+mod render;
+mod request;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use clap::{Args, Parser, Subcommand};
-use comfy_table::{presets::NOTHING, Table};
+
+pub use drain::wait_drained;
+pub use render::render;
+pub use request::request;
 
 use crate::{
     api::{
         client::{self, ClientError},
-        BackendInfo, BackendSpec, ErrorKind, Reply, Request, ServiceInfo,
+        BackendSpec, ErrorKind, Request,
     },
-    model::{AdminState, CheckKind, HealthCheck, Protocol},
+    model::{CheckKind, HealthCheck, Protocol},
 };
 
 /// Exit codes, as documented in `orch --help` and the README.
@@ -30,7 +43,7 @@ pub mod exit {
     pub const TIMED_OUT: u8 = 3;
 }
 
-/// orch: an eBPF/XDP layer-4 load balancer.
+/// An eBPF layer-4 load balancer: a kernel data plane (XDP, TC) and its daemon.
 #[derive(Debug, Parser)]
 #[command(
     name = "orch",
@@ -43,6 +56,8 @@ pub mod exit {
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    #[command(flatten)]
+    pub client: ClientOpts,
     /// Log format on stderr: `human`, or `json` (one object per line, for log shippers).
     #[arg(long, global = true, env = "ORCH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
@@ -90,23 +105,16 @@ pub enum Command {
     },
     /// The daemon's state: uptime, interfaces, services, reloads.
     #[command(after_help = "Example:\n  orch status")]
-    Status {
-        #[command(flatten)]
-        client: ClientOpts,
-    },
+    Status,
     /// Register, inspect and remove services.
     Service {
         #[command(subcommand)]
         command: ServiceCommand,
-        #[command(flatten)]
-        client: ClientOpts,
     },
     /// Add, remove, drain and enable backends.
     Backend {
         #[command(subcommand)]
         command: BackendCommand,
-        #[command(flatten)]
-        client: ClientOpts,
     },
     /// Where the data plane steers a flow (or would steer a new one), and why.
     #[command(
@@ -125,14 +133,24 @@ pub enum Command {
         client: SocketAddr,
         /// The VIP and port the client connects to.
         vip: SocketAddr,
-        #[command(flatten)]
-        opts: ClientOpts,
     },
     /// Work with configuration files.
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Print a shell completion script for orch.
+    #[command(
+        after_help = "Examples:\n  orch completions bash > /etc/bash_completion.d/orch\n  \
+                            orch completions zsh > \"${fpath[1]}/_orch\""
+    )]
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print orch's manual page (roff), generated from this command line's definition.
+    #[command(after_help = "Example:\n  orch man > /usr/local/share/man/man1/orch.1")]
+    Man,
 }
 
 #[derive(Debug, Subcommand)]
@@ -284,139 +302,6 @@ fn parse_backend_spec(s: &str) -> Result<BackendSpec, String> {
     Ok(BackendSpec { address, weight })
 }
 
-/// The API request a client command stands for.
-pub fn request(command: &Command) -> Option<(Request, &ClientOpts)> {
-    let r = match command {
-        Command::Status { client } => (Request::Status, client),
-        Command::Service { command, client } => (
-            match command {
-                ServiceCommand::Add {
-                    name,
-                    vip,
-                    protocol,
-                    backends,
-                    check,
-                } => Request::ServiceAdd {
-                    name: name.clone(),
-                    vip: vip.ip(),
-                    port: vip.port(),
-                    protocol: *protocol,
-                    backends: backends.clone(),
-                    check: check.clone(),
-                },
-                ServiceCommand::Rm { name } => Request::ServiceRm { name: name.clone() },
-                ServiceCommand::List => Request::ServiceList,
-                ServiceCommand::Show { name } => Request::ServiceShow { name: name.clone() },
-            },
-            client,
-        ),
-        Command::Backend { command, client } => {
-            let state = |service: &String, address: &SocketAddr, state| Request::BackendSetState {
-                service: service.clone(),
-                address: *address,
-                state,
-            };
-            (
-                match command {
-                    BackendCommand::Add {
-                        service,
-                        address,
-                        weight,
-                    } => Request::BackendAdd {
-                        service: service.clone(),
-                        address: *address,
-                        weight: *weight,
-                    },
-                    BackendCommand::Rm { service, address } => Request::BackendRm {
-                        service: service.clone(),
-                        address: *address,
-                    },
-                    BackendCommand::Drain {
-                        service, address, ..
-                    } => state(service, address, AdminState::Draining),
-                    BackendCommand::Enable { service, address } => {
-                        state(service, address, AdminState::Active)
-                    }
-                    BackendCommand::Disable { service, address } => {
-                        state(service, address, AdminState::Disabled)
-                    }
-                    BackendCommand::List { service } => Request::BackendList {
-                        service: service.clone(),
-                    },
-                },
-                client,
-            )
-        }
-        Command::Explain {
-            protocol,
-            client,
-            vip,
-            opts,
-        } => (
-            Request::Explain {
-                protocol: *protocol,
-                client: *client,
-                vip: *vip,
-            },
-            opts,
-        ),
-        Command::Daemon { .. } | Command::Config { .. } => return None,
-    };
-    Some(r)
-}
-
-/// After a successful `backend drain --wait`: polls the backend's live connections, printing
-/// each change, until none is left or `timeout` passes.
-pub fn wait_drained(
-    opts: &ClientOpts,
-    service: &str,
-    address: SocketAddr,
-    timeout: std::time::Duration,
-) -> ExitCode {
-    let start = std::time::Instant::now();
-    let mut last = None;
-    loop {
-        let request = Request::BackendList {
-            service: Some(service.to_owned()),
-        };
-        let left = match client::call(&opts.socket, &request) {
-            Ok(Reply::Backends(rows)) => rows
-                .iter()
-                .find(|r| r.backend.address == address)
-                .map(|r| r.backend.established),
-            Ok(_) => None,
-            Err(e) => {
-                eprintln!("error: {}", crate::chain(&e));
-                return ExitCode::from(exit::FAILURE);
-            }
-        };
-        let Some(left) = left else {
-            eprintln!("error: backend {address} of service {service:?} is gone");
-            return ExitCode::from(exit::FAILURE);
-        };
-        if last != Some(left) {
-            eprintln!(
-                "{address}: {left} connection{} left ({}s)",
-                if left == 1 { "" } else { "s" },
-                start.elapsed().as_secs()
-            );
-            last = Some(left);
-        }
-        if left == 0 {
-            println!("{address} of service {service:?} is drained");
-            return ExitCode::from(exit::OK);
-        }
-        if start.elapsed() >= timeout {
-            eprintln!(
-                "error: {left} connections still on {address} after {}s; it stays draining",
-                timeout.as_secs()
-            );
-            return ExitCode::from(exit::TIMED_OUT);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(500));
-    }
-}
-
 /// Sends `request`, prints the answer, and returns the exit code.
 pub fn run_client(request: &Request, opts: &ClientOpts) -> ExitCode {
     match client::call(&opts.socket, request) {
@@ -451,139 +336,58 @@ pub fn run_client(request: &Request, opts: &ClientOpts) -> ExitCode {
     }
 }
 
-/// A reply as text for people.
-pub fn render(reply: &Reply) -> String {
-    match reply {
-        Reply::Done(text) => format!("{text}\n"),
-        Reply::Explain(e) => crate::explain::render(e),
-        Reply::Status(s) => {
-            let mut out = format!(
-                "orch {} (pid {}), up {}s, API v{}\n\
-                 config:      {}\n\
-                 registry:    {}\n\
-                 pins:        {}{}\n\
-                 interfaces:  {}\n\
-                 services:    {} ({} backends)\n\
-                 reloads:     {} ok, {} rejected\n\
-                 probes:      {} sent\n",
-                s.version,
-                s.pid,
-                s.uptime_secs,
-                s.api,
-                s.config.display(),
-                s.registry.display(),
-                s.pin_dir.display(),
-                if s.adopted {
-                    " (took over a running data plane)"
-                } else {
-                    ""
-                },
-                s.interfaces.join(", "),
-                s.services,
-                s.backends,
-                s.config_reloads,
-                s.config_reload_failures,
-                s.probes_total,
-            );
-            if !s.services_in_panic.is_empty() {
-                out.push_str(&format!(
-                    "panic:       {} (too few healthy backends: balancing over all)\n",
-                    s.services_in_panic.join(", ")
-                ));
-            }
-            if let Some(e) = &s.last_reload_error {
-                out.push_str(&format!("last reload rejected:\n{e}\n"));
-            }
-            out
-        }
-        Reply::Services(list) => {
-            let mut t = table(&[
-                "NAME", "ADDRESS", "PROTO", "SOURCE", "BACKENDS", "ACTIVE", "CONNS",
-            ]);
-            for s in list {
-                let active = s.backends.iter().filter(|b| b.in_rotation).count();
-                t.add_row(vec![
-                    s.name.clone(),
-                    SocketAddr::new(s.vip, s.port).to_string(),
-                    s.protocol.to_string(),
-                    source(s),
-                    s.backends.len().to_string(),
-                    active.to_string(),
-                    s.connections.to_string(),
-                ]);
-            }
-            format!("{t}\n")
-        }
-        Reply::Service(s) => {
-            let mut out = format!(
-                "{} {}/{} (from {}), {} connections\n",
-                s.name,
-                SocketAddr::new(s.vip, s.port),
-                s.protocol,
-                source(s),
-                s.connections
-            );
-            if s.panic {
-                out.push_str(
-                    "PANIC: too few healthy backends to trust the checks; new connections go \
-                     to every enabled backend ([health] panic_threshold)\n",
-                );
-            }
-            let mut t = table(&[
-                "BACKEND", "WEIGHT", "STATE", "HEALTH", "BREAKER", "ROTATION", "LIVE", "CONNS",
-            ]);
-            for b in &s.backends {
-                t.add_row(backend_cells(b));
-            }
-            out.push_str(&format!("{t}\n"));
-            out
-        }
-        Reply::Backends(rows) => {
-            let mut t = table(&[
-                "SERVICE", "BACKEND", "WEIGHT", "STATE", "HEALTH", "BREAKER", "ROTATION", "LIVE",
-                "CONNS",
-            ]);
-            for r in rows {
-                let mut cells = vec![r.service.clone()];
-                cells.extend(backend_cells(&r.backend));
-                t.add_row(cells);
-            }
-            format!("{t}\n")
+/// Writes the completion script for `shell` to stdout.
+pub fn print_completions(shell: clap_complete::Shell) -> ExitCode {
+    let mut command = <Cli as clap::CommandFactory>::command();
+    clap_complete::generate(shell, &mut command, "orch", &mut std::io::stdout());
+    ExitCode::from(exit::OK)
+}
+
+/// Writes the manual page (roff) to stdout.
+pub fn print_man() -> ExitCode {
+    let command = <Cli as clap::CommandFactory>::command();
+    match clap_mangen::Man::new(command).render(&mut std::io::stdout()) {
+        Ok(()) => ExitCode::from(exit::OK),
+        // `orch man | head`: the reader had enough.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::from(exit::OK),
+        Err(e) => {
+            eprintln!("error: writing the manual page: {e}");
+            ExitCode::from(exit::FAILURE)
         }
     }
-}
-
-fn source(s: &ServiceInfo) -> String {
-    match s.source {
-        crate::api::Source::File => "file",
-        crate::api::Source::Registry => "registry",
-    }
-    .to_owned()
-}
-
-fn backend_cells(b: &BackendInfo) -> Vec<String> {
-    vec![
-        b.address.to_string(),
-        b.weight.to_string(),
-        b.state.to_string(),
-        b.health.name().to_owned(),
-        b.breaker.name().to_owned(),
-        if b.in_rotation { "yes" } else { "no" }.to_owned(),
-        b.established.to_string(),
-        b.connections.to_string(),
-    ]
-}
-
-/// A borderless table, like `ip` and `kubectl` print.
-fn table(header: &[&str]) -> Table {
-    let mut t = Table::new();
-    t.load_preset(NOTHING).set_header(header.to_vec());
-    t
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::AdminState;
+
+    #[test]
+    fn the_grammar_is_consistent_and_documents_itself() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let mut man = Vec::new();
+        clap_mangen::Man::new(Cli::command())
+            .render(&mut man)
+            .unwrap();
+        let man = String::from_utf8(man).unwrap();
+        assert!(man.starts_with(".ie \\n(.g .ds Aq"), "{}", &man[..80]);
+        for word in ["orch", "service", "backend", "explain", "\\-\\-socket"] {
+            assert!(man.contains(word), "the manual page lacks {word:?}");
+        }
+        let mut bash = Vec::new();
+        clap_complete::generate(
+            clap_complete::Shell::Bash,
+            &mut Cli::command(),
+            "orch",
+            &mut bash,
+        );
+        let bash = String::from_utf8(bash).unwrap();
+        assert!(
+            bash.contains("_orch()") && bash.contains("drain") && bash.contains("--socket"),
+            "{bash}"
+        );
+    }
 
     #[test]
     fn backend_specs_parse_with_optional_weight() {
@@ -611,7 +415,8 @@ mod tests {
             "/tmp/s",
         ])
         .unwrap();
-        let (req, opts) = request(&cli.command).unwrap();
+        let req = request(&cli.command).unwrap();
+        let opts = &cli.client;
         assert_eq!(
             req,
             Request::BackendSetState {
@@ -621,6 +426,21 @@ mod tests {
             }
         );
         assert_eq!(opts.socket, PathBuf::from("/tmp/s"));
+        // Options go anywhere on the line, before the command too.
+        for line in [
+            &["orch", "--socket", "/tmp/t", "--json", "service", "list"][..],
+            &["orch", "service", "--socket", "/tmp/t", "list", "--json"][..],
+            &["orch", "service", "list", "--json", "--socket=/tmp/t"][..],
+        ] {
+            let cli = Cli::try_parse_from(line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+            assert_eq!(
+                request(&cli.command),
+                Some(Request::ServiceList),
+                "{line:?}"
+            );
+            assert_eq!(cli.client.socket, PathBuf::from("/tmp/t"), "{line:?}");
+            assert!(cli.client.json, "{line:?}");
+        }
         assert!(Cli::try_parse_from(["orch", "service", "add", "web", "198.19.0.1"]).is_err());
         assert!(Cli::try_parse_from([
             "orch",
