@@ -12,12 +12,19 @@ use std::{fmt::Write as _, process::Command};
 use anyhow::{bail, Context};
 use orch_benches::report;
 
+/// Assembles BENCHMARKS.md from the sections the benchmarks saved.
+#[derive(clap::Parser)]
+struct Options {
+    /// The figures come from `cargo xtask bench --quick` (said at the top of the report).
+    #[arg(long, conflicts_with = "full")]
+    quick: bool,
+    /// The figures come from a full run (the default).
+    #[arg(long)]
+    full: bool,
+}
+
 fn main() -> anyhow::Result<()> {
-    let quick = match std::env::args().nth(1).as_deref() {
-        None | Some("--full") => false,
-        Some("--quick") => true,
-        Some(other) => bail!("unknown argument {other:?} (--full or --quick)"),
-    };
+    let Options { quick, .. } = <Options as clap::Parser>::parse();
     let dir = report::results_dir();
     let mut missing = Vec::new();
     let mut sections = Vec::new();

@@ -20,6 +20,7 @@
 //! 5. A restart under load (new connections in a loop and 20 long-lived connections
 //!    exchanging messages): failed requests and connections lost.
 
+use clap::builder::RangedU64ValueParser;
 use std::{
     fmt::Write as _,
     net::{Ipv4Addr, SocketAddr},
@@ -51,19 +52,16 @@ const ACCEPT_PORT: u16 = 9000;
 const FLEET: usize = 24;
 const FLEET_PORT: u16 = 10_000;
 
+/// Control-plane timings in the lab, clocked at the backends.
+#[derive(clap::Parser)]
+struct Options {
+    /// Trials of each timing; the table gives percentiles over them.
+    #[arg(long, default_value_t = 20, value_parser = RangedU64ValueParser::<usize>::new().range(3..=1000))]
+    trials: usize,
+}
+
 fn main() -> anyhow::Result<()> {
-    let mut trials = 20usize;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--trials" => trials = args::number(&mut args, "--trials")? as usize,
-            other => bail!("unknown argument {other:?} (--trials N)"),
-        }
-    }
-    ensure!(
-        (3..=1000).contains(&trials),
-        "--trials must be within 3..=1000"
-    );
+    let Options { trials } = <Options as clap::Parser>::parse();
     let bin = args::orch_bin()?;
 
     let lab = Lab::new("cp", 3)?;

@@ -29,6 +29,7 @@
 //! keep-alive and with a new connection per request (`Connection: close`); the report
 //! gives medians over rounds, and ratios as the median of the per-round ratios.
 
+use clap::builder::RangedU64ValueParser;
 use std::{
     collections::BTreeSet,
     fmt::Write as _,
@@ -53,7 +54,7 @@ use serde::Deserialize;
 const PORT: u16 = 80;
 const BACKENDS: usize = 3;
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
 enum Route {
     Direct,
     Orch,
@@ -70,17 +71,6 @@ impl Route {
         Route::Haproxy,
         Route::Nginx,
     ];
-
-    /// The name `--only` takes.
-    fn key(self) -> &'static str {
-        match self {
-            Route::Direct => "direct",
-            Route::Orch => "orch",
-            Route::Nftables => "nftables",
-            Route::Haproxy => "haproxy",
-            Route::Nginx => "nginx",
-        }
-    }
 
     fn name(self) -> &'static str {
         match self {
@@ -127,61 +117,28 @@ impl Wrk {
     }
 }
 
+/// Requests per second and latency through orch, its peers and no balancer at all.
+#[derive(clap::Parser)]
 struct Options {
+    /// Rounds of every path, alternating; the table gives the medians.
+    #[arg(long, default_value_t = 5, value_parser = RangedU64ValueParser::<usize>::new().range(1..=50))]
     rounds: usize,
+    /// Seconds of load per path and round.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=120))]
     seconds: u64,
+    /// wrk's open connections (at least one per backend).
+    #[arg(long, default_value_t = 30, value_parser = RangedU64ValueParser::<usize>::new().range(BACKENDS as u64..=1000))]
     connections: usize,
     /// orch's `attach`: `auto` (TC on the lab's veths), `tc` or `xdp` (hardware NICs only).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "tc", "xdp"])]
     attach: String,
     /// Measure this path alone (for profiling it); no section is written.
+    #[arg(long, value_enum)]
     only: Option<Route>,
 }
 
 fn main() -> anyhow::Result<()> {
-    let mut o = Options {
-        rounds: 5,
-        seconds: 5,
-        connections: 30,
-        attach: "auto".to_owned(),
-        only: None,
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--rounds" => o.rounds = args::number(&mut args, "--rounds")? as usize,
-            "--seconds" => o.seconds = args::number(&mut args, "--seconds")?,
-            "--connections" => o.connections = args::number(&mut args, "--connections")? as usize,
-            "--attach" => {
-                o.attach = args.next().context("--attach needs auto, tc or xdp")?;
-                ensure!(
-                    ["auto", "tc", "xdp"].contains(&o.attach.as_str()),
-                    "--attach takes auto, tc or xdp"
-                );
-            }
-            "--only" => {
-                let key = args.next().context("--only needs a path")?;
-                o.only = Some(
-                    Route::ALL
-                        .into_iter()
-                        .find(|r| r.key() == key)
-                        .with_context(|| {
-                            format!("--only takes direct, orch, nftables, haproxy or nginx, not {key:?}")
-                        })?,
-                );
-            }
-            other => bail!(
-                "unknown argument {other:?} (--rounds R, --seconds S, --connections C, --attach A, --only PATH)"
-            ),
-        }
-    }
-    ensure!(
-        (1..=50).contains(&o.rounds) && (1..=120).contains(&o.seconds),
-        "--rounds must be within 1..=50 and --seconds within 1..=120"
-    );
-    ensure!(
-        o.connections >= BACKENDS && o.connections <= 1000,
-        "--connections must be within {BACKENDS}..=1000"
-    );
+    let o = <Options as clap::Parser>::parse();
     for tool in ["wrk", "nginx", "haproxy", "nft"] {
         ensure!(
             which(tool),

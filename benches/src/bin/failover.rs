@@ -9,6 +9,7 @@
 //! connections are refused (as when its process has exited) while requests already accepted
 //! finish.
 
+use clap::builder::RangedU64ValueParser;
 use std::{
     net::SocketAddr,
     sync::{
@@ -19,20 +20,21 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Context;
 use orch_tests::lab::{self, Lab, VIP4};
 
+/// Failover under load: one of three backends dies for 4 s while clients connect.
+#[derive(clap::Parser)]
+struct Options {
+    /// Client threads, each opening a new connection per request.
+    #[arg(long, default_value_t = 8, value_parser = RangedU64ValueParser::<usize>::new().range(1..=256))]
+    threads: usize,
+    /// Seconds of load; the backend dies a third of the way in.
+    #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u64).range(3..=600))]
+    seconds: u64,
+}
+
 fn main() -> anyhow::Result<()> {
-    let mut threads = 8usize;
-    let mut seconds = 12u64;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--threads" => threads = args.next().context("--threads N")?.parse()?,
-            "--seconds" => seconds = args.next().context("--seconds S")?.parse()?,
-            other => anyhow::bail!("unknown argument {other:?}"),
-        }
-    }
+    let Options { threads, seconds } = <Options as clap::Parser>::parse();
     let bin = std::env::var_os("ORCH_BIN")
         .map(Into::into)
         .unwrap_or_else(|| std::path::PathBuf::from("target/release/orch"));

@@ -30,8 +30,12 @@ use orch_tests::lab::{self, Lab, Orch, VIP4};
 /// The large fleet: services and backends per service.
 const LARGE: (usize, usize) = (10_000, 8);
 
+/// The daemon's memory with 24 services and with 10,000.
+#[derive(clap::Parser)]
+struct Options {}
+
 fn main() -> anyhow::Result<()> {
-    ensure!(std::env::args().len() == 1, "memory takes no arguments");
+    let Options {} = <Options as clap::Parser>::parse();
     let bin = args::orch_bin()?;
     let lab = Lab::new("mem", 3)?;
 

@@ -20,6 +20,7 @@
 //! distinct source port, and so does the floor for its ratio. Rounds interleave the cases
 //! with the floor; the figures are medians over rounds.
 
+use clap::builder::RangedU64ValueParser;
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::Duration,
@@ -33,7 +34,6 @@ use orch::{
     reconcile::Reconciler,
 };
 use orch_benches::{
-    args,
     chart::{self, Bars},
     report,
     stats::{median, verdict},
@@ -131,34 +131,22 @@ struct Row {
     target: Option<f64>,
 }
 
+/// The data plane's cost per packet, by path, against a trivial program on the same hook.
+#[derive(Clone, Copy, clap::Parser)]
 struct Options {
+    /// Runs of each packet per measurement (BPF_PROG_TEST_RUN's repeat).
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u32).range(1..))]
     repeat: u32,
+    /// Measurements per path; the table gives their median.
+    #[arg(long, default_value_t = 5, value_parser = RangedU64ValueParser::<usize>::new().range(1..=100))]
     rounds: usize,
+    /// Extra services installed first, to measure at scale.
+    #[arg(long, default_value_t = 0, value_parser = RangedU64ValueParser::<usize>::new().range(0..=100_000))]
     services: usize,
 }
 
 fn main() -> anyhow::Result<()> {
-    let mut o = Options {
-        repeat: 1_000_000,
-        rounds: 5,
-        services: 0,
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--repeat" => o.repeat = args::number(&mut args, "--repeat")? as u32,
-            "--rounds" => o.rounds = args::number(&mut args, "--rounds")? as usize,
-            "--services" => o.services = args::number(&mut args, "--services")? as usize,
-            other => {
-                anyhow::bail!("unknown argument {other:?} (--repeat N, --rounds R, --services N)")
-            }
-        }
-    }
-    ensure!(
-        (1..=100).contains(&o.rounds) && o.repeat > 0,
-        "--repeat must be positive and --rounds within 1..=100"
-    );
-    ensure!(o.services <= 100_000, "--services is at most 100000");
+    let o = <Options as clap::Parser>::parse();
     orch_tests::netns::sweep_stale(orch_tests::lab::NS_PREFIX);
     let ns = Netns::create(&format!(
         "{}{}-bench",
