@@ -4,9 +4,11 @@
 //!   (or, with `--config`, on this host's interfaces);
 //! - `cargo xtask test`: every check and every test tier, as CI runs them;
 //! - `cargo xtask bench`: every benchmark against its baseline, written to BENCHMARKS.md;
+//! - `cargo xtask install` / `uninstall`: orch as a systemd service on this host;
 //! - `cargo xtask prereqs`: only the installation step.
 
 mod bench;
+mod install;
 mod prereqs;
 mod run;
 mod test;
@@ -49,6 +51,24 @@ enum Cmd {
         #[arg(last = true)]
         cargo_args: Vec<String>,
     },
+    /// Install orch as a systemd service: the binary, its manual page and completions, an
+    /// example /etc/orch/orch.toml (an existing one is kept), the orch user and group and
+    /// the unit. Does not start it: name this host's interfaces in the config first.
+    Install {
+        /// Install under this directory instead of / (an image, a test).
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+        /// Install this binary instead of building one.
+        #[arg(long)]
+        binary: Option<PathBuf>,
+    },
+    /// Undo `install`: stop and disable the service, remove what install wrote and the
+    /// data plane's pins. Keeps the config, the registry and the orch user and group.
+    Uninstall {
+        /// Uninstall from this directory instead of /.
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
     /// Install the peers (wrk, nginx, HAProxy, nftables), build in release mode, run every
     /// benchmark and write BENCHMARKS.md with its charts. Needs root; about 12 minutes.
     Bench {
@@ -73,6 +93,8 @@ fn main() -> ExitCode {
             cargo_args,
         } => test::test(!no_lint, &cargo_args),
         Cmd::Bench { quick } => bench::bench(quick),
+        Cmd::Install { root, binary } => install::install(&root, binary),
+        Cmd::Uninstall { root } => install::uninstall(&root),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

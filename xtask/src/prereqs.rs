@@ -7,7 +7,7 @@
 //!   bitcode for the BPF target and bpf-linker generates the code, so the two must agree);
 //!   building it needs LLVM's development packages from apt;
 //! - iproute2 for the demo lab and the tests, nftables for the tests that lose packets on
-//!   purpose.
+//!   purpose, systemd-analyze and useradd for the tests of `cargo xtask install`.
 
 use std::{path::PathBuf, process::Command};
 
@@ -23,16 +23,23 @@ pub fn ensure() -> anyhow::Result<()> {
     step(&format!("bpf-linker for LLVM {llvm}"), || {
         ensure_bpf_linker(llvm)
     })?;
-    step("iproute2 and nftables (demo lab and tests)", || {
-        let mut missing = Vec::new();
-        if !util::have("ip") {
-            missing.push("iproute2");
-        }
-        if !util::have("nft") {
-            missing.push("nftables");
-        }
-        apt_install(&missing)
-    })?;
+    step(
+        "iproute2, nftables, systemd-analyze, useradd (demo lab and tests)",
+        || {
+            let mut missing = Vec::new();
+            for (tool, package) in [
+                ("ip", "iproute2"),
+                ("nft", "nftables"),
+                ("systemd-analyze", "systemd"),
+                ("useradd", "passwd"),
+            ] {
+                if !util::have(tool) {
+                    missing.push(package);
+                }
+            }
+            apt_install(&missing)
+        },
+    )?;
     Ok(())
 }
 
