@@ -432,11 +432,62 @@ impl Lab {
             lb: self.lb.name().to_owned(),
             interfaces: self.lb_interfaces(),
             exited: None,
+            unprivileged: None,
+            env: Vec::new(),
         };
         orch.write_config(config)?;
         orch.start()?;
         Ok(orch)
     }
+
+    /// [`Lab::start_orch`] as the systemd unit runs it: as user `uid` (group `gid`) with
+    /// only the capabilities `caps` (ambient, like `AmbientCapabilities=`), and `env` added.
+    /// The lab's state directory and pin directory are handed to that user first, as the
+    /// unit's `StateDirectory=`, `RuntimeDirectory=` and pre-start step do.
+    pub fn start_orch_unprivileged(
+        &self,
+        bin: &Path,
+        config: &str,
+        who: Unprivileged,
+        env: &[(&str, &str)],
+    ) -> io::Result<Orch> {
+        let pins = self.state.join("bpffs/orch");
+        std::fs::create_dir_all(&pins)?;
+        for dir in [&self.state, &pins] {
+            std::os::unix::fs::chown(dir, Some(who.uid), Some(who.gid))?;
+        }
+        let config_path = self.scratch_path("orch.toml");
+        let mut orch = Orch {
+            child: None,
+            bin: bin.to_owned(),
+            args: Vec::new(),
+            config_path,
+            log_path: self.scratch_path("orch.log"),
+            socket: self.state.join("orch.sock"),
+            pin_dir: pins,
+            registry: self.state.join("registry.db"),
+            lb: self.lb.name().to_owned(),
+            interfaces: self.lb_interfaces(),
+            exited: None,
+            unprivileged: Some(who),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        orch.write_config(config)?;
+        orch.start()?;
+        Ok(orch)
+    }
+}
+
+/// Who an unprivileged daemon runs as (see [`Lab::start_orch_unprivileged`]).
+#[derive(Clone, Debug)]
+pub struct Unprivileged {
+    pub uid: u32,
+    pub gid: u32,
+    /// Capability names as `setpriv` takes them: `bpf`, `net_admin`...
+    pub caps: Vec<String>,
 }
 
 impl Drop for Lab {
@@ -1017,6 +1068,11 @@ pub struct Orch {
     child: Option<Child>,
     bin: PathBuf,
     args: Vec<String>,
+    /// Runs the daemon as this user with only these capabilities, as the systemd unit
+    /// does; `None`: as root.
+    unprivileged: Option<Unprivileged>,
+    /// Extra environment for the daemon.
+    env: Vec<(String, String)>,
     config_path: PathBuf,
     log_path: PathBuf,
     socket: PathBuf,
@@ -1079,12 +1135,24 @@ impl Orch {
             .create(true)
             .append(true)
             .open(&self.log_path)?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.lb])
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.lb]);
+        if let Some(who) = &self.unprivileged {
+            // `setpriv` changes the user and execs: the child's pid stays the daemon's.
+            let caps: Vec<String> = who.caps.iter().map(|c| format!("+{c}")).collect();
+            cmd.arg("setpriv")
+                .arg(format!("--reuid={}", who.uid))
+                .arg(format!("--regid={}", who.gid))
+                .arg("--clear-groups")
+                .arg(format!("--inh-caps={}", caps.join(",")))
+                .arg(format!("--ambient-caps={}", caps.join(",")));
+        }
+        let child = cmd
             .arg(&self.bin)
             .args(["daemon", "--config"])
             .arg(&self.config_path)
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -1201,6 +1269,11 @@ impl Orch {
     }
 
     /// Sends `signal` (e.g. `libc::SIGHUP`) to the running daemon.
+    /// The daemon's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     pub fn signal(&self, signal: i32) -> io::Result<()> {
         let child = self
             .child

@@ -688,3 +688,118 @@ fn a_large_fleet_loads_and_the_daemon_keeps_answering() {
     let t = spread(&lab, &orch, SocketAddr::from((VIP4, 80)), 6);
     assert_eq!(t.len(), 3, "the demo service stopped round-robin: {t:?}");
 }
+
+/// What a systemd service manager hears on `NOTIFY_SOCKET`, one message at a time.
+struct FakeServiceManager {
+    socket: std::os::unix::net::UnixDatagram,
+    path: std::path::PathBuf,
+}
+
+impl FakeServiceManager {
+    fn new(lab: &Lab) -> FakeServiceManager {
+        let path = lab.scratch_path("notify.sock");
+        let _ = std::fs::remove_file(&path);
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        // The daemon runs as another user: it must be able to send here.
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        FakeServiceManager { socket, path }
+    }
+
+    fn next(&self, orch: &Orch) -> String {
+        let mut buf = [0u8; 512];
+        let n = self
+            .socket
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no notification within 10 s: {e}\n{}", orch.log()));
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+}
+
+impl Drop for FakeServiceManager {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// As the systemd unit runs it: user nobody with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON
+/// only. The daemon balances, and tells the service manager when it is ready (only once
+/// it serves), when it reloads and when it stops.
+#[test]
+fn unprivileged_with_the_units_capabilities_it_balances_and_notifies_the_service_manager() {
+    if !require_root("unprivileged_..._notifies_the_service_manager") {
+        return;
+    }
+    if !lab::have("setpriv") {
+        let in_ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+        assert!(!in_ci, "CI=true but setpriv (util-linux) is missing");
+        eprintln!("SKIP: setpriv (util-linux) is not installed");
+        return;
+    }
+    let lab = Lab::new("unpriv", 3).expect("building the lab");
+    let manager = FakeServiceManager::new(&lab);
+    let caps = ["bpf", "net_admin", "perfmon"];
+    let nobody = lab::Unprivileged {
+        uid: 65534,
+        gid: 65534,
+        caps: caps.iter().map(|c| c.to_string()).collect(),
+    };
+    let config = lab::demo_config();
+    let notify = manager.path.to_string_lossy().into_owned();
+    let orch = lab
+        .start_orch_unprivileged(
+            &lab::orch_bin(),
+            &config,
+            nobody,
+            &[("NOTIFY_SOCKET", notify.as_str())],
+        )
+        .expect("starting orch as nobody");
+    // Ready came, and only after the daemon answered (start_orch waits for that).
+    assert_eq!(manager.next(&orch), "READY=1\nSTATUS=serving\n");
+    let pid = orch.pid().unwrap();
+    let proc_status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        proc_status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.split_whitespace().next().unwrap_or("").to_owned())
+            .unwrap()
+    };
+    assert_eq!(field("Uid:"), "65534", "{proc_status}");
+    // CAP_NET_ADMIN (12), CAP_PERFMON (38), CAP_BPF (39) and nothing else.
+    let want: u64 = (1 << 12) | (1 << 38) | (1 << 39);
+    let eff = u64::from_str_radix(&field("CapEff:"), 16).unwrap();
+    assert_eq!(eff, want, "effective capabilities {eff:#x}");
+
+    // It balances: six new connections reach all three backends.
+    let web = SocketAddr::from((VIP4, 80));
+    let t = spread(&lab, &orch, web, 6);
+    assert_eq!(t.len(), 3, "{t:?}\n{}", orch.log());
+    // And registers through its socket, in a registry it owns.
+    ok(
+        &orch,
+        &[
+            "service",
+            "add",
+            "api",
+            "198.19.0.9:80",
+            "-b",
+            "198.18.1.2:8080",
+        ],
+    );
+
+    orch.signal(libc::SIGHUP).unwrap();
+    let reload = manager.next(&orch);
+    assert!(
+        reload.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reload:?}"
+    );
+    assert_eq!(manager.next(&orch), "READY=1\nSTATUS=serving\n");
+    let mut orch = orch;
+    let status = orch.stop().unwrap();
+    assert!(status.success(), "{status}\n{}", orch.log());
+    assert_eq!(manager.next(&orch), "STOPPING=1\n");
+}

@@ -292,7 +292,9 @@ impl<'a> Bench<'a> {
                         &["--detach-on-exit"],
                     )
                     .context("starting orch")?;
-                Setup::Orch { _daemon: orch }
+                Setup::Orch {
+                    _daemon: Box::new(orch),
+                }
             }
             Route::Nftables => {
                 let rules = self.dir.join("dnat.nft");
@@ -539,7 +541,7 @@ fn ratio(a: &[Wrk], b: &[Wrk], f: fn(&Wrk) -> f64) -> f64 {
 /// What a route left in place; dropping it removes it (the fields are held for that).
 enum Setup<'a> {
     Nothing,
-    Orch { _daemon: Orch },
+    Orch { _daemon: Box<Orch> },
     Nft { _table: NftTable<'a> },
     Proxy { _proxy: Child, _vip: LocalVip<'a> },
 }
