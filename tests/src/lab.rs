@@ -417,6 +417,11 @@ impl Lab {
             .run(move || http_request(METRICS_ADDR.parse().expect("valid"), &method, &path))?
     }
 
+    /// Where the daemon this lab starts pins its maps and links.
+    pub fn pin_dir(&self) -> PathBuf {
+        self.state.join("bpffs/orch")
+    }
+
     /// [`Lab::start_orch`] with extra `orch daemon` arguments.
     pub fn start_orch_with(&self, bin: &Path, config: &str, args: &[&str]) -> io::Result<Orch> {
         let config_path = self.scratch_path("orch.toml");

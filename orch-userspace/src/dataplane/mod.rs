@@ -1187,6 +1187,27 @@ impl Dataplane {
             .collect()
     }
 
+    /// Puts entries straight into the confirmed-connection table, as the program writes
+    /// them once handshakes complete: for benchmarks that need a full table without
+    /// millions of handshakes. Returns how many went in; a full table ends it early.
+    pub fn seed_flows(
+        &mut self,
+        entries: impl IntoIterator<Item = (FlowKey, FlowValue)>,
+    ) -> Result<u64, DataplaneError> {
+        let mut n = 0;
+        for (key, value) in entries {
+            match self.conntrack.insert(key, value, 0) {
+                Ok(()) => n += 1,
+                // E2BIG: the table is full.
+                Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
+                    break
+                }
+                Err(e) => return Err(map_err(CONNTRACK_MAP)(e)),
+            }
+        }
+        Ok(n)
+    }
+
     /// Read-only handles on the counters and connection tables, shareable with other
     /// threads (see [`Reader`]).
     pub fn reader(&self) -> &Arc<Reader> {
