@@ -28,11 +28,12 @@ pub fn charts_dir() -> PathBuf {
 }
 
 /// The order of the sections in BENCHMARKS.md, by fragment name.
-pub const SECTIONS: [&str; 5] = [
+pub const SECTIONS: [&str; 6] = [
     "packet_cost",
     "packet_cost_at_scale",
     "e2e",
     "control_plane",
+    "api_latency",
     "memory",
 ];
 

@@ -1,25 +1,23 @@
 //! The orch daemon and CLI, as a library (the `orch` binary is a thin `main.rs` over it).
 //!
-//! Layout, one module per concern:
+//! Layout, one module per concern, each using only those listed after it:
+//! - [`daemon`]: the event loop that wires the rest together (changes, reloads, probe
+//!   reports, ticks, signals) and the readers served off it;
 //! - [`cli`]: the command line (clap) and how its results are printed;
-//! - [`api`]: the admin API over a Unix socket: protocol types, server, client;
-//! - [`config`]: the TOML file: parsing, validation with positions, desired services;
-//! - [`registry`]: services registered through the API, in SQLite with an in-memory index;
-//! - [`model`]: the desired state in plain types, and the rules it must follow;
-//! - [`health`]: active health checks, one task per backend, adaptive intervals;
-//! - [`breaker`]: the learning circuit breaker, one per backend;
-//! - [`wrr`]: smooth weighted round-robin, laid out as slot tables;
-//! - [`reconcile`]: the only writer of service maps: diffs desired against installed state
-//!   and writes the minimum, with atomic flips;
-//! - [`dataplane`]: the only module that talks to aya: load, attach, map access, counters,
-//!   test runs;
-//! - [`metrics`]: Prometheus metrics: daemon events, kernel counters read at scrape, the
-//!   `/metrics` listener;
+//! - [`config`]: the TOML file, validated with positions, as a plain [`config::Config`];
 //! - [`explain`]: `orch explain`: where a flow goes and why, by the program's own rules;
-//! - [`vips`]: unreachable routes for the VIPs, so traffic the data plane does not steer
-//!   never loops;
-//! - [`daemon`]: the event loop that wires them together: API requests, config reloads,
-//!   signals.
+//! - [`metrics`]: Prometheus metrics: daemon events, the snapshot rendered at scrape, the
+//!   `/metrics` listener;
+//! - [`reconcile`]: the only writer of the service maps: diffs desired against installed
+//!   state and writes the minimum, with atomic flips; ids; weighted round-robin;
+//! - [`health`]: probes, the verdicts drawn from them and from the data plane's signals,
+//!   the learning circuit breaker;
+//! - [`registry`]: services registered through the API, in SQLite with an in-memory index;
+//! - [`api`]: the admin API: wire types, server, client;
+//! - [`dataplane`]: the only module that talks to aya: load, attach, map access, a
+//!   read-only [`dataplane::Reader`] for other threads, test runs, link and VIP-route
+//!   watching;
+//! - [`model`]: the desired state in plain types, and the rules it must follow.
 //!
 //! Kernel/user shared types live in the `orch-common` crate.
 

@@ -631,8 +631,18 @@ pub fn http_get(addr: SocketAddr) -> io::Result<String> {
 
 /// One HTTP/1.1 request without a body to `addr`: the status code and the body.
 pub fn http_request(addr: SocketAddr, method: &str, path: &str) -> io::Result<(u16, String)> {
+    http_request_within(addr, method, path, REQUEST_TIMEOUT)
+}
+
+/// [`http_request`] with its own time limit for the answer.
+pub fn http_request_within(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    limit: Duration,
+) -> io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, REQUEST_TIMEOUT)?;
-    s.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+    s.set_read_timeout(Some(limit))?;
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"

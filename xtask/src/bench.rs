@@ -55,7 +55,7 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
     let release = util::target_dir().join("release");
     let out = util::target_dir().join("bench");
     let _ = std::fs::remove_dir_all(&out);
-    let runs: [(&str, &str, &[&str], &[&str]); 5] = [
+    let runs: [(&str, &str, &[&str], &[&str]); 6] = [
         (
             "per-packet cost (BPF_PROG_TEST_RUN)",
             "packet_cost",
@@ -79,6 +79,12 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
             "control_plane",
             &[],
             &["--trials", "8"],
+        ),
+        (
+            "admin API under scrapes, connection table of 4 million entries (about a minute)",
+            "api_latency",
+            &[],
+            &["--entries", "262144", "--requests", "100"],
         ),
         ("memory and scale", "memory", &[], &[]),
     ];

@@ -41,27 +41,45 @@ struct Options {
     /// Connection-table entries (two per connection); the table's capacity is set to it.
     #[arg(long, default_value_t = 1 << 22, value_parser = RangedU64ValueParser::<u32>::new().range(1024..=1 << 24))]
     entries: u32,
+    /// How long a scrape may take, seconds (Prometheus' default scrape timeout is 10).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
+    scrape_timeout: u64,
     /// Requests of each kind per phase.
     #[arg(long, default_value_t = 400, value_parser = RangedU64ValueParser::<usize>::new().range(20..=100_000))]
     requests: usize,
 }
 
-/// Latencies of one kind of request, milliseconds.
+/// Latencies of one kind of request, milliseconds, and how many got no answer in time
+/// (the CLI's 10 s).
 struct Sample {
     name: &'static str,
     ms: Vec<f64>,
+    failed: usize,
 }
 
 impl Sample {
     fn row(&self) -> String {
         format!(
-            "| {} | {} | {:.2} | {:.2} | {:.2} |",
+            "| {} | {} | {} | {:.2} | {:.2} | {:.2} |",
             self.name,
             self.ms.len(),
+            self.failed,
             percentile(&self.ms, 50.0),
             percentile(&self.ms, 99.0),
             percentile(&self.ms, 100.0),
         )
+    }
+
+    /// Times `f`; a failure is counted, not fatal.
+    fn time(&mut self, f: impl FnOnce() -> anyhow::Result<()>) {
+        let t = Instant::now();
+        match f() {
+            Ok(()) => self.ms.push(t.elapsed().as_secs_f64() * 1e3),
+            Err(e) => {
+                eprintln!("{}: {e:#}", self.name);
+                self.failed += 1;
+            }
+        }
     }
 }
 
@@ -70,7 +88,10 @@ fn main() -> anyhow::Result<()> {
     let bin = args::orch_bin()?;
     let lab = Lab::new("api", 3)?;
 
-    eprintln!("filling the connection table with {} entries", thousands(o.entries as f64));
+    eprintln!(
+        "filling the connection table with {} entries",
+        thousands(o.entries as f64)
+    );
     let began = Instant::now();
     let capacity = Capacity {
         conntrack: o.entries,
@@ -81,8 +102,14 @@ fn main() -> anyhow::Result<()> {
         let mut dp = Dataplane::open(capacity, &pins, 0).context("loading the data plane")?;
         Ok(dp.seed_flows(connections(o.entries / 2).flatten())?)
     })??;
-    ensure!(seeded == u64::from(o.entries), "only {seeded} entries went in");
-    eprintln!("  {seeded} entries in {:.1} s", began.elapsed().as_secs_f64());
+    ensure!(
+        seeded == u64::from(o.entries),
+        "only {seeded} entries went in"
+    );
+    eprintln!(
+        "  {seeded} entries in {:.1} s",
+        began.elapsed().as_secs_f64()
+    );
 
     let config = lab::demo_config().replace(
         "[dataplane]",
@@ -92,8 +119,12 @@ fn main() -> anyhow::Result<()> {
     let socket = orch.socket().to_owned();
 
     // The first scrape counts every connection: the daemon adopted the table.
+    let metrics: SocketAddr = lab::METRICS_ADDR.parse().expect("valid");
+    let limit = Duration::from_secs(o.scrape_timeout);
+    let scrape_once = move || lab::http_request_within(metrics, "GET", "/metrics", limit);
     let began = Instant::now();
-    let text = lab.metrics()?;
+    let (code, text) = lab.lb.run(scrape_once)??;
+    ensure!(code == 200, "/metrics answered {code}");
     let first_scrape = began.elapsed();
     let entries = orch_tests::prom::sum(
         &orch_tests::prom::parse(&text),
@@ -107,18 +138,20 @@ fn main() -> anyhow::Result<()> {
         o.entries
     );
 
-    let baseline = measure(&socket, o.requests)?;
+    let baseline = measure(&socket, o.requests);
     let stop = Arc::new(AtomicBool::new(false));
     let scrapes = Arc::new(AtomicU64::new(0));
     let scrape_ms = Arc::new(std::sync::Mutex::new(Vec::new()));
     let scraper = {
         let (stop, scrapes, scrape_ms) = (stop.clone(), scrapes.clone(), scrape_ms.clone());
         lab.lb.spawn(move || {
-            let addr: SocketAddr = lab::METRICS_ADDR.parse().expect("valid");
             while !stop.load(Ordering::Relaxed) {
                 let t = Instant::now();
-                if let Ok((200, _)) = lab::http_request(addr, "GET", "/metrics") {
-                    scrape_ms.lock().unwrap().push(t.elapsed().as_secs_f64() * 1e3);
+                if let Ok((200, _)) = scrape_once() {
+                    scrape_ms
+                        .lock()
+                        .unwrap()
+                        .push(t.elapsed().as_secs_f64() * 1e3);
                     scrapes.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -128,28 +161,30 @@ fn main() -> anyhow::Result<()> {
     while scrapes.load(Ordering::Relaxed) == 0 {
         std::thread::sleep(Duration::from_millis(10));
     }
-    let loaded = measure(&socket, o.requests)?;
-    let list = timed(&socket, "service list", 10, || Request::ServiceList)?;
+    let loaded = measure(&socket, o.requests);
+    let list = timed(&socket, "service list", 10, || Request::ServiceList);
     stop.store(true, Ordering::Relaxed);
     let _ = scraper.join();
     let scrape = Sample {
         name: "scrape (GET /metrics)",
         ms: scrape_ms.lock().unwrap().clone(),
+        failed: 0,
     };
 
     let mut rows = vec![
-        "| request | n | p50 ms | p99 ms | max ms |".to_owned(),
-        "|---|---|---|---|---|".to_owned(),
+        "| request | answered | failed | p50 ms | p99 ms | max ms |".to_owned(),
+        "|---|---|---|---|---|---|".to_owned(),
     ];
     for (phase, samples) in [("no scrapes", &baseline), ("scraped back to back", &loaded)] {
         for s in samples {
-            rows.push(
-                s.row()
-                    .replacen(s.name, &format!("{}, {phase}", s.name), 1),
-            );
+            rows.push(s.row().replacen(s.name, &format!("{}, {phase}", s.name), 1));
         }
     }
-    rows.push(list.row().replacen(list.name, "service list (counts live connections), scraped", 1));
+    rows.push(list.row().replacen(
+        list.name,
+        "service list (counts live connections), scraped",
+        1,
+    ));
     rows.push(scrape.row());
     let p99 = |s: &[Sample], name: &str| {
         s.iter()
@@ -215,30 +250,32 @@ fn connections(n: u32) -> impl Iterator<Item = [(FlowKey, FlowValue); 2]> {
 }
 
 /// `requests` each of `status` and of a registry change (`service add` + `service rm`).
-fn measure(socket: &std::path::Path, requests: usize) -> anyhow::Result<Vec<Sample>> {
-    let status = timed(socket, "status", requests, || Request::Status)?;
+fn measure(socket: &std::path::Path, requests: usize) -> Vec<Sample> {
+    let status = timed(socket, "status", requests, || Request::Status);
     let mut change = Sample {
         name: "service add + rm",
         ms: Vec::new(),
+        failed: 0,
     };
     for i in 0..requests / 2 {
         let name = format!("bench{i}");
-        let t = Instant::now();
-        call(
-            socket,
-            &Request::ServiceAdd {
-                name: name.clone(),
-                vip: IpAddr::V4(Ipv4Addr::new(198, 19, 1, 1)),
-                port: 9000,
-                protocol: Protocol::Tcp,
-                backends: Vec::new(),
-                check: None,
-            },
-        )?;
-        call(socket, &Request::ServiceRm { name })?;
-        change.ms.push(t.elapsed().as_secs_f64() * 1e3);
+        change.time(|| {
+            call(
+                socket,
+                &Request::ServiceAdd {
+                    name: name.clone(),
+                    vip: IpAddr::V4(Ipv4Addr::new(198, 19, 1, 1)),
+                    port: 9000,
+                    protocol: Protocol::Tcp,
+                    backends: Vec::new(),
+                    check: None,
+                },
+            )?;
+            call(socket, &Request::ServiceRm { name })?;
+            Ok(())
+        });
     }
-    Ok(vec![status, change])
+    vec![status, change]
 }
 
 fn timed(
@@ -246,14 +283,16 @@ fn timed(
     name: &'static str,
     n: usize,
     request: impl Fn() -> Request,
-) -> anyhow::Result<Sample> {
-    let mut ms = Vec::with_capacity(n);
+) -> Sample {
+    let mut sample = Sample {
+        name,
+        ms: Vec::with_capacity(n),
+        failed: 0,
+    };
     for _ in 0..n {
-        let t = Instant::now();
-        call(socket, &request())?;
-        ms.push(t.elapsed().as_secs_f64() * 1e3);
+        sample.time(|| call(socket, &request()).map(drop));
     }
-    Ok(Sample { name, ms })
+    sample
 }
 
 fn call(socket: &std::path::Path, request: &Request) -> anyhow::Result<Reply> {

@@ -1,11 +1,16 @@
 //! Live connections per backend, counted off the event loop, fresh for whoever asks.
 //!
 //! Counting means walking the connection table ([`Reader::census`]): milliseconds for a few
-//! thousand connections, seconds for millions. So it never runs on the daemon's loop, and
-//! it runs only when asked: a list request, a scrape or a `drain --wait` poll waits for a
-//! census that *started after it asked*, so what it reports is never older than the
-//! question. Askers that arrive while a census runs share the next one: however many
-//! scrapes come at once, at most one walk runs and one more is queued.
+//! thousand connections, about a second per million entries. So it never runs on the
+//! daemon's loop, and it runs only when asked:
+//! - a list, explain or `drain --wait` request waits for a census that *started after it
+//!   asked* ([`Censuses::fresh`]): what it reports is never older than the question (a
+//!   client that just closed its connections sees them gone);
+//! - a scrape takes the census running when it arrives, or starts one
+//!   ([`Censuses::current`]): its counts are at most one walk old, and back-to-back
+//!   scrapes of a huge table wait one walk, not two.
+//!
+//! However many ask at once, at most one walk runs and one more is queued.
 
 use std::sync::{
     atomic::{AtomicU64, Ordering},
@@ -62,10 +67,21 @@ impl Censuses {
     /// A census that started after this call. Runs one on a blocking thread unless one is
     /// already going, in which case the one after it serves.
     pub async fn fresh(self: &Arc<Self>) -> Arc<Census> {
+        self.wait(true).await
+    }
+
+    /// The census running now, or a new one if none is.
+    pub async fn current(self: &Arc<Self>) -> Arc<Census> {
+        self.wait(false).await
+    }
+
+    async fn wait(self: &Arc<Self>, after_now: bool) -> Arc<Census> {
         let mut done = self.done.subscribe();
         let wanted = {
             let mut runs = self.runs.lock().expect("census lock");
-            if runs.running {
+            if runs.running && !after_now {
+                runs.started
+            } else if runs.running {
                 runs.again = true;
                 runs.started + 1
             } else {

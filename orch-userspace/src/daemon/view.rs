@@ -321,7 +321,7 @@ impl Reads {
     /// daemon's view of each backend read now.
     pub async fn scrape(self: Arc<Self>) -> String {
         let view = self.views.borrow().clone();
-        let census = self.censuses.fresh().await;
+        let census = self.censuses.current().await;
         let me = self.clone();
         tokio::task::spawn_blocking(move || me.render(&view, &census))
             .await

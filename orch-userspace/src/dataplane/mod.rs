@@ -1199,7 +1199,9 @@ impl Dataplane {
             match self.conntrack.insert(key, value, 0) {
                 Ok(()) => n += 1,
                 // E2BIG: the table is full.
-                Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::E2BIG) =>
+                {
                     break
                 }
                 Err(e) => return Err(map_err(CONNTRACK_MAP)(e)),
