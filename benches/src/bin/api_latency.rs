@@ -193,11 +193,14 @@ fn main() -> anyhow::Result<()> {
     };
     let section = format!(
         "## Admin API under scrapes, full connection table\n\n\
-         `api_latency`: the daemon adopts a connection table of {} entries ({} live \
+         ```sh\nsudo target/release/api_latency --entries {} --requests {}\n```\n\n\
+         The daemon adopts a connection table of {} entries ({} live \
          connections), then answers `status` and registry changes one after another, \
          without scrapes and while a scraper fetches `/metrics` back to back ({} scrapes). \
          The first scrape after start took {:.0} ms.\n\n{}\n\n\
          p99 with scrapes / without: status {:.2}x, change {:.2}x.\n",
+        o.entries,
+        o.requests,
         thousands(o.entries as f64),
         thousands(f64::from(o.entries / 2)),
         scrapes.load(Ordering::Relaxed),
