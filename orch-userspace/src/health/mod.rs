@@ -1,7 +1,8 @@
 //! Health: active probes, the verdicts drawn from them and from the data plane's signals,
 //! and the learning circuit breaker.
 //!
-//! - [`probe`]: one tokio task per checked backend, adaptive intervals, reports to the daemon;
+//! - [`probe`]: the kinds of probe behind one small trait ([`probe::Probe`]), and one tokio
+//!   task per checked backend that runs its probe at adaptive intervals and reports;
 //! - [`verdict`]: whether each backend may take new connections (rise/fall, the data
 //!   plane's signals, ejection, panic), with the breaker's say;
 //! - [`breaker`]: the learning circuit breaker, one per backend.

@@ -22,7 +22,9 @@
 
 use std::{
     collections::HashMap,
+    future::Future,
     net::SocketAddr,
+    pin::Pin,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -197,21 +199,18 @@ async fn run(
 ) {
     let mut stability = 0.0f64;
     let mut rng = fastrand::Rng::new();
+    let prober = probe_for(&check);
     loop {
         let outcome = {
             let Ok(_permit) = limit.acquire().await else {
                 return;
             };
-            match quick_ms.swap(0, Ordering::Relaxed) {
-                0 => probe(backend, &check).await,
-                ms => {
-                    let quick = HealthCheck {
-                        timeout_ms: ms.min(check.timeout_ms),
-                        ..check.clone()
-                    };
-                    probe(backend, &quick).await
-                }
-            }
+            // A quick probe has a shorter time limit, never a longer one.
+            let ms = match quick_ms.swap(0, Ordering::Relaxed) {
+                0 => check.timeout_ms,
+                quick => quick.min(check.timeout_ms),
+            };
+            probe_within(prober.as_ref(), backend, Duration::from_millis(ms)).await
         };
         stability = match outcome {
             Outcome::Up { .. } => stability + (1.0 - stability) * 0.25,
@@ -247,21 +246,83 @@ pub fn next_interval(check: &HealthCheck, stability: f64, unit_random: f64) -> D
     Duration::from_secs_f64(base * jitter / 1000.0)
 }
 
-/// One probe of `backend` as `check` says, bounded by its timeout.
-pub async fn probe(backend: SocketAddr, check: &HealthCheck) -> Outcome {
+/// A probe in flight.
+pub type Pending<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+
+/// One kind of active check, as the checker sees it: probe a backend once. Timing,
+/// thresholds and scheduling are the same for every kind and live elsewhere (the tasks here,
+/// the verdicts in [`super::verdict`]), so a new kind is one more implementation.
+pub trait Probe: Send + Sync {
+    /// Probes `backend` once: `Ok` when it answered as expected, else what went wrong. The
+    /// caller bounds it in time.
+    fn check(&self, backend: SocketAddr) -> Pending<'_>;
+    /// What a timeout means for it, for the failure's text ("no {} within 1s").
+    fn awaits(&self) -> &'static str;
+}
+
+/// `tcp`: a connection is accepted.
+pub struct TcpConnect;
+
+/// `http`: `GET path` is answered with the expected status.
+pub struct HttpGet {
+    path: String,
+    expect_status: u16,
+}
+
+/// `none`: always up (the service has no check; its backends are never probed).
+pub struct Unchecked;
+
+impl Probe for TcpConnect {
+    fn check(&self, backend: SocketAddr) -> Pending<'_> {
+        Box::pin(async move {
+            TcpStream::connect(backend)
+                .await
+                .map(drop)
+                .map_err(|e| format!("connect: {e}"))
+        })
+    }
+    fn awaits(&self) -> &'static str {
+        "connection"
+    }
+}
+
+impl Probe for HttpGet {
+    fn check(&self, backend: SocketAddr) -> Pending<'_> {
+        Box::pin(http_get(backend, &self.path, self.expect_status))
+    }
+    fn awaits(&self) -> &'static str {
+        "HTTP answer"
+    }
+}
+
+impl Probe for Unchecked {
+    fn check(&self, _: SocketAddr) -> Pending<'_> {
+        Box::pin(async { Ok(()) })
+    }
+    fn awaits(&self) -> &'static str {
+        "answer"
+    }
+}
+
+/// The probe a check asks for.
+pub fn probe_for(check: &HealthCheck) -> Box<dyn Probe> {
+    match check.kind {
+        CheckKind::None => Box::new(Unchecked),
+        CheckKind::Tcp => Box::new(TcpConnect),
+        CheckKind::Http => Box::new(HttpGet {
+            path: check.path.clone(),
+            expect_status: check.expect_status,
+        }),
+    }
+}
+
+/// Runs `probe` on `backend` within `limit`, timing it.
+pub async fn probe_within(probe: &dyn Probe, backend: SocketAddr, limit: Duration) -> Outcome {
     let start = Instant::now();
-    let limit = Duration::from_millis(check.timeout_ms);
-    let result = match check.kind {
-        CheckKind::None => Ok(()),
-        CheckKind::Tcp => timeout(limit, TcpStream::connect(backend))
-            .await
-            .map_err(|_| format!("no connection within {limit:?}"))
-            .and_then(|r| r.map(drop).map_err(|e| format!("connect: {e}"))),
-        CheckKind::Http => timeout(limit, http_get(backend, check))
-            .await
-            .map_err(|_| format!("no HTTP answer within {limit:?}"))
-            .and_then(|r| r),
-    };
+    let result = timeout(limit, probe.check(backend))
+        .await
+        .map_err(|_| format!("no {} within {limit:?}", probe.awaits()))
+        .and_then(|r| r);
     match result {
         Ok(()) => Outcome::Up {
             latency: start.elapsed(),
@@ -270,8 +331,18 @@ pub async fn probe(backend: SocketAddr, check: &HealthCheck) -> Outcome {
     }
 }
 
+/// One probe of `backend` as `check` describes it, within its timeout.
+pub async fn probe(backend: SocketAddr, check: &HealthCheck) -> Outcome {
+    probe_within(
+        probe_for(check).as_ref(),
+        backend,
+        Duration::from_millis(check.timeout_ms),
+    )
+    .await
+}
+
 /// `GET path` and a check of the status line; the rest of the answer is not read.
-async fn http_get(backend: SocketAddr, check: &HealthCheck) -> Result<(), String> {
+async fn http_get(backend: SocketAddr, path: &str, expect_status: u16) -> Result<(), String> {
     let mut conn = TcpStream::connect(backend)
         .await
         .map_err(|e| format!("connect: {e}"))?;
@@ -280,8 +351,7 @@ async fn http_get(backend: SocketAddr, check: &HealthCheck) -> Result<(), String
         SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
     };
     let request = format!(
-        "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: orch-health/{}\r\nConnection: close\r\n\r\n",
-        check.path,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: orch-health/{}\r\nConnection: close\r\n\r\n",
         env!("CARGO_PKG_VERSION")
     );
     conn.write_all(request.as_bytes())
@@ -298,13 +368,10 @@ async fn http_get(backend: SocketAddr, check: &HealthCheck) -> Result<(), String
         .and_then(|rest| rest.get(2..5))
         .and_then(|code| code.parse().ok())
         .ok_or_else(|| format!("not an HTTP status line: {:?}", line.trim_end()))?;
-    if status == check.expect_status {
+    if status == expect_status {
         Ok(())
     } else {
-        Err(format!(
-            "HTTP status {status}, expected {}",
-            check.expect_status
-        ))
+        Err(format!("HTTP status {status}, expected {expect_status}"))
     }
 }
 
