@@ -457,4 +457,25 @@ protocol = "udp"
         taken.addr.port = 8443;
         c.check_against(&[taken]).unwrap();
     }
+
+    #[test]
+    fn restart_only_settings_are_compared_in_one_place() {
+        let running = parse(GOOD).unwrap();
+        assert!(running.fixed.differences(&running.fixed).is_empty());
+        let next = parse(&GOOD.replace(
+            "[dataplane]\n",
+            "[dataplane]\nmax_services = 8\nconntrack_capacity = 4096\n",
+        ))
+        .unwrap();
+        let changed: Vec<&str> = running
+            .fixed
+            .differences(&next.fixed)
+            .iter()
+            .map(|(what, _, _)| *what)
+            .collect();
+        assert_eq!(
+            changed,
+            ["dataplane.max_services", "dataplane.conntrack_capacity"]
+        );
+    }
 }
