@@ -5,6 +5,7 @@
 //!   reports, ticks, signals) and the readers served off it;
 //! - [`cli`]: the command line (clap) and how its results are printed;
 //! - [`config`]: the TOML file, validated with positions, as a plain [`config::Config`];
+//! - [`dns`]: service discovery by name: an authoritative DNS server for one domain;
 //! - [`explain`]: `orch explain`: where a flow goes and why, by the program's own rules;
 //! - [`metrics`]: Prometheus metrics: daemon events, the snapshot rendered at scrape, the
 //!   `/metrics` listener;
@@ -26,6 +27,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod dns;
 pub mod explain;
 pub mod health;
 pub mod metrics;

@@ -38,6 +38,8 @@ pub(super) struct File {
     pub log: LogConfig,
     #[serde(default)]
     pub health: HealthConfig,
+    #[serde(default)]
+    pub dns: DnsSection,
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceConfig>,
 }
@@ -150,6 +152,83 @@ pub(super) struct DataplaneConfig {
     /// daemon restarts. Under /sys/fs/bpf, bpffs is mounted when missing.
     #[serde(default = "default_pin_dir")]
     pub pin_dir: Spanned<PathBuf>,
+}
+
+/// `[dns]`: service discovery by name.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct DnsSection {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    pub domain: Spanned<String>,
+    pub ttl_secs: Spanned<u32>,
+    pub max_queries_per_sec: Spanned<u32>,
+    pub tcp_idle_timeout_secs: Spanned<u64>,
+}
+
+impl Default for DnsSection {
+    fn default() -> Self {
+        DnsSection {
+            enabled: false,
+            listen: defaults::DNS_LISTEN.parse().expect("the default is valid"),
+            domain: Spanned::new(0..0, defaults::DNS_DOMAIN.to_owned()),
+            ttl_secs: Spanned::new(0..0, defaults::DNS_TTL_SECS),
+            max_queries_per_sec: Spanned::new(0..0, defaults::DNS_MAX_QPS),
+            tcp_idle_timeout_secs: Spanned::new(0..0, defaults::DNS_TCP_IDLE_SECS),
+        }
+    }
+}
+
+impl DnsSection {
+    fn validate(&self, v: &mut Validator<'_>) {
+        if let Err(e) = crate::dns::check_domain(self.domain.get_ref()) {
+            v.at(self.domain.span(), e);
+        }
+        for (name, value, range) in [
+            (
+                "dns.ttl_secs",
+                u64::from(*self.ttl_secs.get_ref()),
+                0..=86_400,
+            ),
+            (
+                "dns.max_queries_per_sec",
+                u64::from(*self.max_queries_per_sec.get_ref()),
+                1..=1_000_000,
+            ),
+            (
+                "dns.tcp_idle_timeout_secs",
+                *self.tcp_idle_timeout_secs.get_ref(),
+                1..=300,
+            ),
+        ] {
+            if !range.contains(&value) {
+                let span = match name {
+                    "dns.ttl_secs" => self.ttl_secs.span(),
+                    "dns.max_queries_per_sec" => self.max_queries_per_sec.span(),
+                    _ => self.tcp_idle_timeout_secs.span(),
+                };
+                v.at(
+                    span,
+                    format!(
+                        "{name} = {value} is outside {}..={}",
+                        range.start(),
+                        range.end()
+                    ),
+                );
+            }
+        }
+    }
+
+    /// The server's settings, when it is enabled.
+    fn settings(self) -> Option<crate::dns::Settings> {
+        self.enabled.then(|| crate::dns::Settings {
+            listen: self.listen,
+            domain: crate::dns::check_domain(self.domain.get_ref()).expect("validated"),
+            ttl: *self.ttl_secs.get_ref(),
+            max_queries_per_sec: *self.max_queries_per_sec.get_ref(),
+            tcp_idle_timeout: std::time::Duration::from_secs(*self.tcp_idle_timeout_secs.get_ref()),
+        })
+    }
 }
 
 /// `[[service]]`.
@@ -292,6 +371,7 @@ impl File {
                 api_socket: self.api.socket,
                 metrics: self.metrics,
                 kernel_log: self.log.kernel,
+                dns: self.dns.settings(),
             },
             interfaces: d
                 .interfaces
@@ -328,6 +408,7 @@ impl File {
             problems: Vec::new(),
         };
         self.dataplane.validate(&mut v);
+        self.dns.validate(&mut v);
         let threshold = &self.health.panic_threshold;
         if *threshold.get_ref() > 100 {
             v.at(

@@ -53,6 +53,17 @@ pub mod defaults {
     /// Unconfirmed TCP timeout: a client gives up on a SYN after about a minute of
     /// retransmissions; a retry after 30 s is balanced afresh.
     pub const UNCONFIRMED_SECS: u64 = 30;
+    /// The DNS server's address: a loopback address of its own, beside systemd-resolved's
+    /// 127.0.0.53 and 127.0.0.54, on the port resolvers use.
+    pub const DNS_LISTEN: &str = "127.0.0.153:53";
+    /// The domain orch answers for (`.internal` is reserved for private use, ICANN 2024).
+    pub const DNS_DOMAIN: &str = "orch.internal";
+    /// Seconds clients may cache an answer: services come and go.
+    pub const DNS_TTL_SECS: u32 = 5;
+    /// Queries per second over all clients.
+    pub const DNS_MAX_QPS: u32 = 10_000;
+    /// Seconds an idle TCP connection to the DNS server stays open.
+    pub const DNS_TCP_IDLE_SECS: u64 = 5;
 }
 
 /// A valid configuration.
@@ -87,6 +98,8 @@ pub struct Fixed {
     pub api_socket: PathBuf,
     pub metrics: MetricsConfig,
     pub kernel_log: KernelLogLevel,
+    /// The DNS server, when `[dns] enabled`.
+    pub dns: Option<crate::dns::Settings>,
 }
 
 #[derive(Clone, Debug)]
@@ -274,6 +287,7 @@ impl Fixed {
                 format!("{:?}", a.kernel_log),
                 format!("{:?}", b.kernel_log),
             ),
+            ("dns", format!("{:?}", a.dns), format!("{:?}", b.dns)),
         ];
         rows.into_iter().filter(|(_, x, y)| x != y).collect()
     }

@@ -69,6 +69,8 @@ pub enum DaemonError {
     Api(#[from] server::ApiServerError),
     #[error(transparent)]
     Metrics(#[from] metrics::ListenError),
+    #[error(transparent)]
+    Dns(#[from] crate::dns::ListenError),
     #[error("installing a signal handler failed")]
     Signal(#[source] std::io::Error),
 }
@@ -109,6 +111,15 @@ pub async fn run(opts: &Options) -> Result<(), DaemonError> {
         let (scrapes_tx, scrapes) = mpsc::channel::<metrics::Scrape>(16);
         tasks.push(tokio::spawn(metrics::serve(listener, scrapes_tx)));
         tasks.push(tokio::spawn(answer_scrapes(scrapes, reads)));
+    }
+    if let Some(settings) = d.config.fixed.dns.clone() {
+        let mut server =
+            crate::dns::serve(&settings, d.zones.subscribe(), d.metrics.clone()).await?;
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = server.block_until_done().await {
+                warn!(error = %e, "the DNS server stopped");
+            }
+        }));
     }
     let (changed_tx, mut changed) = mpsc::channel(1);
     let _watcher = watch(d.config_path(), changed_tx)

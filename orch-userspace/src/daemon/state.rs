@@ -22,6 +22,7 @@ use crate::{
     api::Source,
     config::Config,
     dataplane::{vips::VipRoutes, Dataplane, DataplaneError},
+    dns::{self, Zone},
     health::{Checker, Report, Verdicts},
     metrics::Metrics,
     model::{CheckKind, Service},
@@ -85,6 +86,9 @@ pub struct Daemon {
     /// Where the view is published, and whether the daemon's state changed since.
     pub(super) views: tokio::sync::watch::Sender<Arc<View>>,
     pub(super) view_stale: bool,
+    /// Where the DNS zone is published (with the view), and its serial.
+    pub(super) zones: tokio::sync::watch::Sender<Arc<Zone>>,
+    pub(super) zone_serial: u32,
 }
 
 impl Daemon {
@@ -119,6 +123,11 @@ impl Daemon {
         checker.sync(&all(&config, &registered));
         let censuses = Censuses::new(dp.reader().clone(), config.timeouts.udp_idle_ns);
         let (views, _) = tokio::sync::watch::channel(Arc::new(View::default()));
+        let domain = config.fixed.dns.as_ref().map_or_else(
+            || dns::check_domain(crate::config::defaults::DNS_DOMAIN).expect("valid default"),
+            |d| d.domain.clone(),
+        );
+        let (zones, _) = tokio::sync::watch::channel(Arc::new(Zone::empty(&domain)));
         let mut daemon = Daemon {
             config,
             dp,
@@ -142,6 +151,8 @@ impl Daemon {
             censuses,
             views,
             view_stale: true,
+            zones,
+            zone_serial: 0,
         };
         let desired = daemon.desired();
         daemon
@@ -362,6 +373,16 @@ impl Daemon {
             started: self.started,
         });
         self.views.send_replace(Arc::new(view));
+        if let Some(dns) = &self.config.fixed.dns {
+            self.zone_serial = self.zone_serial.wrapping_add(1);
+            let zone = Zone::new(
+                &dns.domain,
+                dns.ttl,
+                self.zone_serial,
+                self.sourced().map(|(s, _)| s),
+            );
+            self.zones.send_replace(Arc::new(zone));
+        }
     }
 
     /// The path of the admin socket and pins, for `run`'s exit.

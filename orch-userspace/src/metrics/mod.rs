@@ -50,6 +50,8 @@ pub struct Metrics {
     health_check_seconds: HistogramVec,
     registry_ops: IntCounterVec,
     config_reloads: IntCounterVec,
+    dns_queries: IntCounterVec,
+    dns_rate_limited: IntCounter,
     map_sync_seconds: Histogram,
     map_sync_errors: IntCounter,
     conntrack_expired: IntCounterVec,
@@ -138,6 +140,20 @@ impl Metrics {
         for e in crate::dataplane::Expiry::ALL {
             conntrack_expired.with_label_values(&[e.name()]);
         }
+        let dns_queries = IntCounterVec::new(
+            Opts::new(
+                "orch_dns_queries_total",
+                "DNS queries answered, by query type (A, AAAA, SRV, SOA, ANY, other; none when \
+                 the message had no single question) and response code.",
+            ),
+            &["type", "rcode"],
+        )
+        .expect("valid metric");
+        let dns_rate_limited = IntCounter::new(
+            "orch_dns_rate_limited_total",
+            "DNS queries refused because the server's query rate limit was reached.",
+        )
+        .expect("valid metric");
         let map_sync_errors = IntCounter::new(
             "orch_map_sync_errors_total",
             "Map syncs that failed (the data plane kept its previous state).",
@@ -162,6 +178,8 @@ impl Metrics {
             Box::new(map_sync_seconds.clone()),
             Box::new(map_sync_errors.clone()),
             Box::new(conntrack_expired.clone()),
+            Box::new(dns_queries.clone()),
+            Box::new(dns_rate_limited.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -180,6 +198,8 @@ impl Metrics {
             map_sync_seconds,
             map_sync_errors,
             conntrack_expired,
+            dns_queries,
+            dns_rate_limited,
         }
     }
 
@@ -208,6 +228,24 @@ impl Metrics {
         self.registry_ops
             .with_label_values(&[operation, result.label()])
             .inc();
+    }
+
+    /// Counts a DNS query by its type label and the response code sent.
+    pub fn dns_query(&self, qtype: &str, rcode: hickory_proto::op::ResponseCode) {
+        let code = match rcode {
+            hickory_proto::op::ResponseCode::NoError => "noerror",
+            hickory_proto::op::ResponseCode::NXDomain => "nxdomain",
+            hickory_proto::op::ResponseCode::Refused => "refused",
+            hickory_proto::op::ResponseCode::FormErr => "formerr",
+            hickory_proto::op::ResponseCode::NotImp => "notimp",
+            _ => "other",
+        };
+        self.dns_queries.with_label_values(&[qtype, code]).inc();
+    }
+
+    /// Counts a DNS query refused by the rate limit.
+    pub fn dns_rate_limited(&self) {
+        self.dns_rate_limited.inc();
     }
 
     /// Counts a config reload.
