@@ -725,9 +725,10 @@ impl Drop for FakeServiceManager {
     }
 }
 
-/// As the systemd unit runs it: user nobody with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON
-/// only. The daemon balances, and tells the service manager when it is ready (only once
-/// it serves), when it reloads and when it stops.
+/// As the systemd unit runs it: user nobody with CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON and
+/// CAP_NET_BIND_SERVICE only, the DNS server on port 53. The daemon balances, answers by
+/// name, and tells the service manager when it is ready (only once it serves), when it
+/// reloads and when it stops.
 #[test]
 fn unprivileged_with_the_units_capabilities_it_balances_and_notifies_the_service_manager() {
     if !require_root("unprivileged_..._notifies_the_service_manager") {
@@ -741,13 +742,16 @@ fn unprivileged_with_the_units_capabilities_it_balances_and_notifies_the_service
     }
     let lab = Lab::new("unpriv", 3).expect("building the lab");
     let manager = FakeServiceManager::new(&lab);
-    let caps = ["bpf", "net_admin", "perfmon"];
+    let caps = ["bpf", "net_admin", "perfmon", "net_bind_service"];
     let nobody = lab::Unprivileged {
         uid: 65534,
         gid: 65534,
         caps: caps.iter().map(|c| c.to_string()).collect(),
     };
-    let config = lab::demo_config();
+    let config = format!(
+        "{}\n[dns]\nenabled = true\nlisten = \"198.18.0.1:53\"\n",
+        lab::demo_config()
+    );
     let notify = manager.path.to_string_lossy().into_owned();
     let orch = lab
         .start_orch_unprivileged(
@@ -769,8 +773,9 @@ fn unprivileged_with_the_units_capabilities_it_balances_and_notifies_the_service
             .unwrap()
     };
     assert_eq!(field("Uid:"), "65534", "{proc_status}");
-    // CAP_NET_ADMIN (12), CAP_PERFMON (38), CAP_BPF (39) and nothing else.
-    let want: u64 = (1 << 12) | (1 << 38) | (1 << 39);
+    // CAP_NET_BIND_SERVICE (10), CAP_NET_ADMIN (12), CAP_PERFMON (38), CAP_BPF (39) and
+    // nothing else.
+    let want: u64 = (1 << 10) | (1 << 12) | (1 << 38) | (1 << 39);
     let eff = u64::from_str_radix(&field("CapEff:"), 16).unwrap();
     assert_eq!(eff, want, "effective capabilities {eff:#x}");
 
@@ -778,6 +783,35 @@ fn unprivileged_with_the_units_capabilities_it_balances_and_notifies_the_service
     let web = SocketAddr::from((VIP4, 80));
     let t = spread(&lab, &orch, web, 6);
     assert_eq!(t.len(), 3, "{t:?}\n{}", orch.log());
+    // It answers by name on port 53.
+    let answer = lab
+        .client
+        .run(|| -> std::io::Result<Vec<u8>> {
+            use hickory_proto::{
+                op::{Message, Query},
+                rr::{Name, RecordType},
+            };
+            let mut q = Message::new();
+            q.add_query(Query::query(
+                Name::from_ascii("web.orch.internal.").unwrap(),
+                RecordType::A,
+            ));
+            let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.send_to(&q.to_vec().map_err(std::io::Error::other)?, "198.18.0.1:53")?;
+            let mut buf = vec![0u8; 512];
+            let n = s.recv(&mut buf)?;
+            buf.truncate(n);
+            Ok(buf)
+        })
+        .unwrap()
+        .unwrap_or_else(|e| panic!("no DNS answer on port 53: {e}\n{}", orch.log()));
+    let answer =
+        <hickory_proto::op::Message as hickory_proto::serialize::binary::BinDecodable>::from_bytes(
+            &answer,
+        )
+        .unwrap();
+    assert_eq!(answer.answers().len(), 1, "{answer:?}");
     // And registers through its socket, in a registry it owns.
     ok(
         &orch,

@@ -492,4 +492,32 @@ protocol = "udp"
             ["dataplane.max_services", "dataplane.conntrack_capacity"]
         );
     }
+
+    #[test]
+    fn the_dns_section_is_off_by_default_and_checked() {
+        assert_eq!(parse(GOOD).unwrap().fixed.dns, None);
+        let on = parse(&format!("{GOOD}\n[dns]\nenabled = true\n")).unwrap();
+        let dns = on.fixed.dns.unwrap();
+        assert_eq!(dns.domain.to_string(), "orch.internal.");
+        assert_eq!(dns.listen.to_string(), defaults::DNS_LISTEN);
+        let p = problems(&format!(
+            "{GOOD}\n[dns]\nenabled = true\ndomain = \"orch_internal\"\nttl_secs = 100000\n"
+        ));
+        let at_line = |m: &str| {
+            m.split(':')
+                .next()
+                .is_some_and(|l| l.parse::<u32>().is_ok())
+        };
+        assert!(
+            p.iter()
+                .any(|m| at_line(m)
+                    && m.contains("dns.domain \"orch_internal\" is not a domain name")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter()
+                .any(|m| at_line(m) && m.contains("dns.ttl_secs = 100000")),
+            "{p:?}"
+        );
+    }
 }
