@@ -87,6 +87,54 @@ pub const BACKEND_SIGNALS_MAP_V1: &str = "ORCH_BE_SIG_V1";
 /// connection (array of u32). New connections skip them; the daemon clears the mark once
 /// probes find the backend healthy again.
 pub const BACKEND_DOWN_MAP: &str = "ORCH_BE_DOWN_V1";
+/// Socket-level balancing: the VIP each balanced socket connected to, by socket cookie
+/// ([`SockPeer`]), so that `getpeername()` answers the VIP. An LRU: a closed socket's entry
+/// leaves when room is needed.
+pub const SOCK_PEERS_MAP: &str = "ORCH_SOCK_PEERS_V1";
+/// Capacity of [`SOCK_PEERS_MAP`]: sockets balanced at connect time and still open.
+pub const SOCK_PEERS_CAPACITY: u32 = 65_536;
+/// Socket-level balancing's counters, per CPU: see [`SockEvent`].
+pub const SOCK_STATS_MAP: &str = "ORCH_SOCK_ST_V1";
+
+/// What the socket-level programs count.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SockEvent {
+    /// A `connect()` to a VIP rewritten to a backend.
+    Connect = 0,
+    /// A `connect()` to a VIP whose service has no backend in rotation: left as it was
+    /// (it meets the VIP's unreachable route).
+    NoBackend = 1,
+    /// A `getpeername()` answered with the VIP.
+    Peername = 2,
+}
+
+impl SockEvent {
+    pub const COUNT: u32 = 3;
+    pub const ALL: [SockEvent; Self::COUNT as usize] = [
+        SockEvent::Connect,
+        SockEvent::NoBackend,
+        SockEvent::Peername,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            SockEvent::Connect => "connect",
+            SockEvent::NoBackend => "no_backend",
+            SockEvent::Peername => "peername",
+        }
+    }
+}
+
+/// The value of [`SOCK_PEERS_MAP`]: the VIP a socket connected to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockPeer {
+    pub vip: [u32; 4],
+    pub port_be: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<SockPeer>() == 20);
 
 /// Index of the VIP-port bitmap in [`PORTS_MAP`]: destination ports of any service.
 pub const PORTS_VIP: u32 = 0;
@@ -533,6 +581,7 @@ mod pod {
     // SAFETY: every type is repr(C), Copy, with explicit padding and no invalid bit patterns.
     unsafe impl aya::Pod for ServiceKey {}
     unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for SockPeer {}
     unsafe impl aya::Pod for SlotTable {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}

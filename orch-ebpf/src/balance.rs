@@ -174,39 +174,12 @@ pub fn new_flow(
     let key = &key;
     let egress = &mut route;
     let new = &new;
-    let table = SLOTS
-        .get(slot_table_index(svc.id, svc.active_table))
-        .ok_or(Reason::DropInternal)?;
-    let len = table.len;
-    if len == 0 {
-        stats::traffic(&SERVICE_STATS, svc.id, |c| c.no_backend += 1);
-        return Err(Reason::DropNoBackend);
-    }
-    // The cursor is per CPU: incrementing it is a plain add on memory no other CPU touches,
-    // so there is no read-then-write race and no cache line bouncing between CPUs under a
-    // burst of new connections. Each CPU walks the same smooth order from its own starting
-    // slot, so over any number of connections a backend's share is off by at most one per CPU.
-    let cursor = CURSORS.get_ptr_mut(svc.id).ok_or(Reason::DropInternal)?;
-    // SAFETY: this CPU's own slot; XDP programs do not nest on one CPU.
-    let ticket = unsafe {
-        let n = *cursor;
-        *cursor = n + 1;
-        n + bpf_get_smp_processor_id() as u64
-    };
-    let len = len as u64;
-    let mut backend_id = slot_backend(table, ticket % len)?;
-    // A backend the data plane ejected (it refused a connection moments ago) is skipped for
-    // the next slots until the daemon rewrites the table; if all of those are ejected too,
-    // the first choice stands (better a try than a certain drop).
-    if is_ejected(backend_id) {
-        for i in 1..=EJECTED_RETRIES {
-            let candidate = slot_backend(table, (ticket + i) % len)?;
-            if !is_ejected(candidate) {
-                backend_id = candidate;
-                break;
-            }
-        }
-    }
+    let Pick {
+        table,
+        ticket,
+        len,
+        backend_id,
+    } = pick(svc)?;
 
     // One call site for `record`, in a loop of at most two rounds: inlined twice, its keys
     // would take twice the stack.
@@ -332,6 +305,62 @@ fn claim_reply(w: &mut Work, key: &FlowKey, new: &NewFlow) -> Result<(), Reason>
     conntrack::remove(&w.holder_key);
     conntrack::remove(&w.reply_key);
     Ok(())
+}
+
+/// A new connection's backend, and where in the table it was found.
+pub struct Pick {
+    pub table: &'static SlotTable,
+    /// This CPU's ticket: the slot is `ticket % len`.
+    pub ticket: u64,
+    pub len: u64,
+    pub backend_id: u32,
+}
+
+/// The backend the next new connection to `svc` takes on this CPU: the next slot of the
+/// service's active table from this CPU's cursor, past backends the data plane ejected.
+/// The one selection rule of every path (packets at XDP or TC, sockets at `connect()`), and
+/// the rule `orch explain` restates.
+#[inline(always)]
+pub fn pick(svc: &ServiceValue) -> Result<Pick, Reason> {
+    let table = SLOTS
+        .get(slot_table_index(svc.id, svc.active_table))
+        .ok_or(Reason::DropInternal)?;
+    let len = table.len;
+    if len == 0 {
+        stats::traffic(&SERVICE_STATS, svc.id, |c| c.no_backend += 1);
+        return Err(Reason::DropNoBackend);
+    }
+    // The cursor is per CPU: incrementing it is a plain add on memory no other CPU touches,
+    // so there is no read-then-write race and no cache line bouncing between CPUs under a
+    // burst of new connections. Each CPU walks the same smooth order from its own starting
+    // slot, so over any number of connections a backend's share is off by at most one per CPU.
+    let cursor = CURSORS.get_ptr_mut(svc.id).ok_or(Reason::DropInternal)?;
+    // SAFETY: this CPU's own slot; programs do not nest on one CPU.
+    let ticket = unsafe {
+        let n = *cursor;
+        *cursor = n + 1;
+        n + bpf_get_smp_processor_id() as u64
+    };
+    let len = len as u64;
+    let mut backend_id = slot_backend(table, ticket % len)?;
+    // A backend the data plane ejected (it refused a connection moments ago) is skipped for
+    // the next slots until the daemon rewrites the table; if all of those are ejected too,
+    // the first choice stands (better a try than a certain drop).
+    if is_ejected(backend_id) {
+        for i in 1..=EJECTED_RETRIES {
+            let candidate = slot_backend(table, (ticket + i) % len)?;
+            if !is_ejected(candidate) {
+                backend_id = candidate;
+                break;
+            }
+        }
+    }
+    Ok(Pick {
+        table,
+        ticket,
+        len,
+        backend_id,
+    })
 }
 
 #[inline(always)]

@@ -29,14 +29,16 @@ mod log;
 mod maps;
 mod nat;
 mod parse;
+mod sock;
 mod stats;
 mod steer;
 
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK},
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
+use sock::Family;
 
 /// The load balancer: attached to client- and backend-facing interfaces alike.
 #[xdp]
@@ -55,6 +57,35 @@ pub fn orch_tc(ctx: TcContext) -> i32 {
     stats::count(reason);
     log::verdict(&ctx, reason);
     action as i32
+}
+
+/// Socket-level balancing (see `sock`): `connect()` to an IPv4 VIP, attached to a cgroup.
+/// Always lets the call proceed (1); only its destination may change.
+#[cgroup_sock_addr(connect4)]
+pub fn orch_connect4(ctx: SockAddrContext) -> i32 {
+    sock::connect(&ctx, Family::V4);
+    1
+}
+
+/// [`orch_connect4`] for IPv6.
+#[cgroup_sock_addr(connect6)]
+pub fn orch_connect6(ctx: SockAddrContext) -> i32 {
+    sock::connect(&ctx, Family::V6);
+    1
+}
+
+/// `getpeername()` of a socket balanced at connect time: the VIP.
+#[cgroup_sock_addr(getpeername4)]
+pub fn orch_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::peername(&ctx, Family::V4);
+    1
+}
+
+/// [`orch_getpeername4`] for IPv6.
+#[cgroup_sock_addr(getpeername6)]
+pub fn orch_getpeername6(ctx: SockAddrContext) -> i32 {
+    sock::peername(&ctx, Family::V6);
+    1
 }
 
 /// The TC benchmark floor: one counter increment and TC_ACT_OK.

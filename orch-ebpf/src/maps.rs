@@ -12,8 +12,8 @@ use aya_ebpf::{
 use orch_common::{
     maps::{
         Backend, BackendSignals, FlowKey, FlowValue, FragKey, FragValue, PortBitmap, ServiceKey,
-        ServiceValue, Settings, SlotTable, TrafficCounters, CT_NEW_OPS as CT_NEW_OPS_SLOTS,
-        FRAGS_CAPACITY, XDP_TX_CAPACITY,
+        ServiceValue, Settings, SlotTable, SockEvent, SockPeer, TrafficCounters,
+        CT_NEW_OPS as CT_NEW_OPS_SLOTS, FRAGS_CAPACITY, SOCK_PEERS_CAPACITY, XDP_TX_CAPACITY,
     },
     CtEvent, Reason, CONNTRACK_CAPACITY, CONNTRACK_NEW_CAPACITY, MAX_BACKENDS, MAX_SERVICES,
 };
@@ -115,3 +115,10 @@ pub static BACKEND_DOWN: Array<u32> = Array::with_max_entries(MAX_BACKENDS, 0);
 pub fn settings() -> Settings {
     SETTINGS.get(0).copied().unwrap_or_default()
 }
+
+#[map(name = "ORCH_SOCK_PEERS_V1")]
+pub static SOCK_PEERS: LruHashMap<u64, SockPeer> =
+    LruHashMap::with_max_entries(SOCK_PEERS_CAPACITY, 0);
+
+#[map(name = "ORCH_SOCK_ST_V1")]
+pub static SOCK_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(SockEvent::COUNT, 0);

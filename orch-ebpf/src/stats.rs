@@ -3,17 +3,26 @@
 
 use aya_ebpf::maps::PerCpuArray;
 use orch_common::{
-    maps::{BackendSignals, TrafficCounters},
+    maps::{BackendSignals, SockEvent, TrafficCounters},
     Reason,
 };
 
-use crate::maps::{BACKEND_SIGNALS, STATS};
+use crate::maps::{BACKEND_SIGNALS, SOCK_STATS, STATS};
 
 /// Counts one packet under `reason`.
 #[inline(always)]
 pub fn count(reason: Reason) {
     if let Some(c) = STATS.get_ptr_mut(reason as u32) {
         // SAFETY: a per-CPU slot, written only by this CPU while this program runs.
+        unsafe { *c += 1 };
+    }
+}
+
+/// Counts a socket-level balancing event.
+#[inline(always)]
+pub fn sock(event: SockEvent) {
+    if let Some(c) = SOCK_STATS.get_ptr_mut(event as u32) {
+        // SAFETY: as in `count`.
         unsafe { *c += 1 };
     }
 }

@@ -40,6 +40,8 @@ pub(super) struct File {
     pub health: HealthConfig,
     #[serde(default)]
     pub dns: DnsSection,
+    #[serde(default)]
+    pub socket_lb: SocketLbSection,
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceConfig>,
 }
@@ -152,6 +154,23 @@ pub(super) struct DataplaneConfig {
     /// daemon restarts. Under /sys/fs/bpf, bpffs is mounted when missing.
     #[serde(default = "default_pin_dir")]
     pub pin_dir: Spanned<PathBuf>,
+}
+
+/// `[socket_lb]`: balancing local clients at `connect()`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct SocketLbSection {
+    pub enabled: bool,
+    pub cgroup: PathBuf,
+}
+
+impl Default for SocketLbSection {
+    fn default() -> Self {
+        SocketLbSection {
+            enabled: false,
+            cgroup: PathBuf::from(defaults::SOCKET_LB_CGROUP),
+        }
+    }
 }
 
 /// `[dns]`: service discovery by name.
@@ -372,6 +391,7 @@ impl File {
                 metrics: self.metrics,
                 kernel_log: self.log.kernel,
                 dns: self.dns.settings(),
+                socket_lb: self.socket_lb.enabled.then_some(self.socket_lb.cgroup),
             },
             interfaces: d
                 .interfaces

@@ -53,6 +53,9 @@ pub mod defaults {
     /// Unconfirmed TCP timeout: a client gives up on a SYN after about a minute of
     /// retransmissions; a retry after 30 s is balanced afresh.
     pub const UNCONFIRMED_SECS: u64 = 30;
+    /// The cgroup whose processes' sockets are balanced at `connect()`: the root of the
+    /// unified hierarchy, so every process on the host (containers included).
+    pub const SOCKET_LB_CGROUP: &str = "/sys/fs/cgroup";
     /// The DNS server's address: a loopback address of its own, beside systemd-resolved's
     /// 127.0.0.53 and 127.0.0.54, on the port resolvers use.
     pub const DNS_LISTEN: &str = "127.0.0.153:53";
@@ -100,6 +103,9 @@ pub struct Fixed {
     pub kernel_log: KernelLogLevel,
     /// The DNS server, when `[dns] enabled`.
     pub dns: Option<crate::dns::Settings>,
+    /// The cgroup (v2) whose sockets are balanced at `connect()`, when `[socket_lb]
+    /// enabled`.
+    pub socket_lb: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug)]
@@ -288,6 +294,11 @@ impl Fixed {
                 format!("{:?}", b.kernel_log),
             ),
             ("dns", format!("{:?}", a.dns), format!("{:?}", b.dns)),
+            (
+                "socket_lb",
+                format!("{:?}", a.socket_lb),
+                format!("{:?}", b.socket_lb),
+            ),
         ];
         rows.into_iter().filter(|(_, x, y)| x != y).collect()
     }

@@ -160,6 +160,10 @@ impl Daemon {
             .set(desired.iter().map(|s| s.addr.vip).collect());
         let wanted = daemon.config.interfaces.clone();
         daemon.attach(&wanted)?;
+        match daemon.config.fixed.socket_lb.clone() {
+            Some(cgroup) => daemon.dp.attach_cgroup(&cgroup)?,
+            None => daemon.dp.detach_cgroup(),
+        }
         // The new program is in every link now: what the old one did since the first pass
         // is carried over too, and the old layout's maps are retired.
         if let Err(e) = daemon.dp.migrate(true) {

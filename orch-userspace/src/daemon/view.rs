@@ -338,6 +338,7 @@ impl Reads {
                 warn("the verdict counters", e);
                 Vec::new()
             }),
+            sock: r.sock_counts().unwrap_or_default(),
             conntrack_entries: census.entries,
             conntrack_capacity: view.conntrack_capacity,
             unconfirmed_entries: census.unconfirmed,

@@ -42,7 +42,8 @@ use aya::{
         links::{FdLink, LinkError, PinnedLink},
         tc::{SchedClassifierLink, SchedClassifierLinkId, TcAttachType},
         xdp::{XdpLink, XdpLinkId},
-        ProgramError, SchedClassifier, TestRun, TestRunOptions, Xdp, XdpMode,
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TestRun, TestRunOptions,
+        Xdp, XdpMode,
     },
     Ebpf, EbpfError, EbpfLoader,
 };
@@ -52,7 +53,7 @@ use orch_common::maps::{
     BACKEND_SIGNALS_MAP_V1, BACKEND_STATS_MAP, CONNTRACK_MAP, CONNTRACK_MAP_V1, CONNTRACK_NEW_MAP,
     CT_EVENTS_MAP, CT_NEW_ADOPTED, CT_NEW_EXPIRED, CT_NEW_INSERTED, CT_NEW_OPS_MAP, CT_NEW_REMOVED,
     CURSORS_MAP, DIR_FORWARD, PORTS_MAP, SERVICES_MAP, SERVICE_STATS_MAP, SETTINGS_MAP, SLOTS_MAP,
-    STATS_MAP, STATS_MAPS_BEFORE, XDP_TX_MAP,
+    SOCK_PEERS_MAP, SOCK_STATS_MAP, STATS_MAP, STATS_MAPS_BEFORE, XDP_TX_MAP,
 };
 use orch_common::{Reason, IPPROTO_UDP};
 use tracing::{debug, info, warn};
@@ -61,7 +62,9 @@ pub use access::{MapReader, MapWriter};
 use raw::{next_key, ElemCount, ELEM_COUNT_KFUNC};
 
 /// The maps that hold the balancer's state, pinned so that it outlives the daemon.
-const PINNED_MAPS: [&str; 15] = [
+const PINNED_MAPS: [&str; 17] = [
+    SOCK_PEERS_MAP,
+    SOCK_STATS_MAP,
     BACKEND_SIGNALS_MAP,
     BACKEND_DOWN_MAP,
     SERVICES_MAP,
@@ -116,6 +119,16 @@ impl log::Log for KernelLog {
 
     fn flush(&self) {}
 }
+
+/// Socket-level balancing's programs (cgroup `sock_addr` hooks).
+const SOCK_PROGRAMS: [&str; 4] = [
+    "orch_connect4",
+    "orch_connect6",
+    "orch_getpeername4",
+    "orch_getpeername6",
+];
+/// `statfs` magic of cgroup v2 (`CGROUP2_SUPER_MAGIC` in include/uapi/linux/magic.h).
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
 /// The balancer program's name in the object.
 const PROGRAM: &str = "orch_xdp";
@@ -200,6 +213,18 @@ pub enum DataplaneError {
         path: PathBuf,
         #[source]
         source: MapError,
+    },
+    #[error("socket-level balancing: {path}")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("replacing the program in the pinned socket link of {name}")]
+    SockLink {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
     },
     #[error("removing the link pin {path}")]
     Unpin {
@@ -477,6 +502,10 @@ pub struct Dataplane {
     /// The reader of the program's log ring buffer, when kernel logging is on.
     kernel_log: Option<aya_log::EbpfLogger<KernelLog>>,
     attached: Vec<Attached>,
+    /// Socket-level balancing's links, while they are not pinned (no pin directory: tests).
+    sock_links: Vec<FdLink>,
+    /// The cgroup socket-level balancing is attached to.
+    sock_cgroup: Option<PathBuf>,
     /// Where the XDP program may redirect (see `orch_common::maps::XDP_TX_MAP`).
     xdp_tx: DevMapHash<MapData>,
     pin_dir: Option<PathBuf>,
@@ -702,6 +731,18 @@ impl Dataplane {
                 .load()
                 .map_err(|source| DataplaneError::Program { name, source })?;
         }
+        for name in SOCK_PROGRAMS {
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or(DataplaneError::Missing {
+                    kind: "program",
+                    name,
+                })?
+                .try_into()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+            prog.load()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+        }
         for name in [TC_PROGRAM, TC_FLOOR_PROGRAM] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -740,6 +781,7 @@ impl Dataplane {
         let conntrack = take(&mut ebpf, CONNTRACK_MAP)?;
         let ct_events = take(&mut ebpf, CT_EVENTS_MAP)?;
         let ct_new_ops = take(&mut ebpf, CT_NEW_OPS_MAP)?;
+        let sock_stats: PerCpuArray<MapData, u64> = take(&mut ebpf, SOCK_STATS_MAP)?;
         let reader = Arc::new(Reader::open(
             reader::Sources {
                 services: &services,
@@ -755,6 +797,7 @@ impl Dataplane {
                 conntrack_new: &conntrack_new,
                 ct_events: &ct_events,
                 ct_new_ops: &ct_new_ops,
+                sock_stats: &sock_stats,
             },
             capacity,
             ct_new_count,
@@ -781,6 +824,8 @@ impl Dataplane {
             ebpf,
             capacity,
             attached: Vec::new(),
+            sock_links: Vec::new(),
+            sock_cgroup: None,
             pin_dir: None,
             adopted: false,
         };
@@ -1106,8 +1151,91 @@ impl Dataplane {
         self.pin_dir.as_ref().map(|d| d.join("links"))
     }
 
+    /// Balances the sockets of the processes in the cgroup (v2) at `cgroup` and its
+    /// descendants: their `connect()` to a VIP goes to a backend, their `getpeername()`
+    /// answers the VIP (see `orch-ebpf/src/sock.rs`). Each program's link is pinned as
+    /// `links/sock_<program>`; a link already pinned (a previous daemon's) gets this
+    /// daemon's program in one atomic switch, so no `connect()` meets a moment without one.
+    pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<(), DataplaneError> {
+        let cgroup_err = |source| DataplaneError::Cgroup {
+            path: cgroup.to_owned(),
+            source,
+        };
+        let is_cgroup2 = fs_magic(cgroup).map_err(cgroup_err)? == CGROUP2_SUPER_MAGIC;
+        if !is_cgroup2 {
+            return Err(cgroup_err(std::io::Error::other(
+                "not a cgroup v2 directory (socket-level balancing needs the unified hierarchy)",
+            )));
+        }
+        let dir = std::fs::File::open(cgroup).map_err(cgroup_err)?;
+        let links = self.links_dir();
+        for name in SOCK_PROGRAMS {
+            let pin = links.as_ref().map(|d| d.join(format!("sock_{name}")));
+            let prog: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(DataplaneError::Missing {
+                    kind: "program",
+                    name,
+                })?
+                .try_into()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+            if let Some(pin) = pin.as_ref().filter(|p| p.exists()) {
+                let fd = prog
+                    .fd()
+                    .map_err(|source| DataplaneError::Program { name, source })?;
+                raw::link_update(pin, fd.as_fd())
+                    .map_err(|source| DataplaneError::SockLink { name, source })?;
+                continue;
+            }
+            let id = prog
+                .attach(&dir, CgroupAttachMode::Single)
+                .map_err(|source| DataplaneError::Program { name, source })?;
+            let link = FdLink::try_from(
+                prog.take_link(id)
+                    .map_err(|source| DataplaneError::Program { name, source })?,
+            )
+            .map_err(|source| DataplaneError::NotALink {
+                iface: name.to_owned(),
+                source,
+            })?;
+            match pin {
+                Some(pin) => {
+                    link.pin(&pin).map_err(|source| DataplaneError::PinLink {
+                        iface: name.to_owned(),
+                        path: pin,
+                        source,
+                    })?;
+                }
+                None => self.sock_links.push(link),
+            }
+        }
+        info!(cgroup = %cgroup.display(), "socket-level balancing attached");
+        self.sock_cgroup = Some(cgroup.to_owned());
+        Ok(())
+    }
+
+    /// Detaches socket-level balancing (its pins removed, its links dropped).
+    pub fn detach_cgroup(&mut self) {
+        self.sock_links.clear();
+        if let Some(dir) = self.links_dir() {
+            for name in SOCK_PROGRAMS {
+                let pin = dir.join(format!("sock_{name}"));
+                match std::fs::remove_file(&pin) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => warn!(pin = %pin.display(), error = %e, "removing a link pin failed"),
+                }
+            }
+        }
+        if self.sock_cgroup.take().is_some() {
+            info!("socket-level balancing detached");
+        }
+    }
+
     /// Detaches the balancer from every interface it was attached to, pinned links included.
     pub fn detach_all(&mut self) {
+        self.detach_cgroup();
         let attached = std::mem::take(&mut self.attached);
         for Attached {
             iface, attachment, ..
@@ -1585,8 +1713,14 @@ fn prepare_pin_dir(dir: &Path) -> Result<(), DataplaneError> {
 }
 
 fn is_bpffs(path: &Path) -> std::io::Result<bool> {
+    Ok(fs_magic(path)? == BPF_FS_MAGIC)
+}
+
+/// The filesystem type (`statfs` magic) of `path`.
+fn fs_magic(path: &Path) -> std::io::Result<i64> {
     let st = nix::sys::statfs::statfs(path)?;
-    Ok(st.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+    #[allow(clippy::unnecessary_cast)] // `__fsword_t` is narrower than i64 on some targets
+    Ok(st.filesystem_type().0 as i64)
 }
 
 /// Settings written at load: UDP idle timeout 30 s, timestamps refreshed once a second,

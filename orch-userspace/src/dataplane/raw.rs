@@ -5,6 +5,9 @@
 //! - [`Batches`]: `BPF_MAP_LOOKUP_BATCH`, a hash map read many entries per syscall. It
 //!   walks the map bucket by bucket, so a deletion during the walk cannot send it back to
 //!   the start (as it does `BPF_MAP_GET_NEXT_KEY`, and with it aya's iterator).
+//! - [`link_update`]: `BPF_LINK_UPDATE` on a pinned link of any kind (aya swaps programs
+//!   into XDP and TC links only), so a restarted daemon's socket programs replace the old
+//!   ones in their cgroup links without a moment unattached.
 //! - [`ElemCount`]: the exact number of elements in a hash map. The kernel keeps that count
 //!   (for every hash map since Linux 6.6) but gives it only to BPF programs, through the
 //!   kfunc `bpf_map_sum_elem_count`, and aya cannot emit a kfunc call. So this is a
@@ -20,7 +23,9 @@ use orch_common::maps::FlowKey;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_PROG_TYPE_XDP: u32 = 6;
 /// `src_reg` of a `ld_imm64` whose immediate is a map fd, which the kernel turns into the
 /// map's pointer.
@@ -134,6 +139,27 @@ impl<'a, K: Copy + Default, V: Copy + Default> Batches<'a, K, V> {
             }
         }
     }
+}
+
+/// Puts `prog` into the BPF link pinned at `pin`, in place of the program it runs: one
+/// atomic switch (`BPF_LINK_UPDATE` after `BPF_OBJ_GET`).
+pub fn link_update(pin: &std::path::Path, prog: BorrowedFd<'_>) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // `union bpf_attr` for BPF_OBJ_GET: pathname (u64), bpf_fd (u32), file_flags (u32).
+    let mut get = [0u64; 2];
+    get[0] = path.as_ptr() as u64;
+    // SAFETY: the attribute points at a NUL-terminated path alive for the call.
+    let fd = unsafe { bpf(BPF_OBJ_GET, &mut get) }?;
+    // SAFETY: the kernel returned a new descriptor, now ours alone.
+    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // For BPF_LINK_UPDATE: link_fd, new_prog_fd, flags, old_prog_fd (all u32).
+    let mut update = [0u32; 4];
+    update[0] = link.as_raw_fd() as u32;
+    update[1] = prog.as_raw_fd() as u32;
+    // SAFETY: plain integers.
+    unsafe { bpf(BPF_LINK_UPDATE, &mut update) }.map(drop)
 }
 
 /// One BPF instruction, as the kernel reads it.

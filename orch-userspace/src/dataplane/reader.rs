@@ -15,10 +15,10 @@ use aya::maps::{Array, HashMap, IterableMap, Map, MapData, MapError, PerCpuArray
 use orch_common::{
     maps::{
         Backend, BackendSignals, FlowKey, FlowValue, ServiceKey, ServiceValue, SlotTable,
-        TrafficCounters, BACKENDS_MAP, BACKEND_DOWN_MAP, BACKEND_SIGNALS_MAP, BACKEND_STATS_MAP,
-        CONNTRACK_MAP, CONNTRACK_NEW_MAP, CT_EVENTS_MAP, CT_NEW_ADOPTED, CT_NEW_EXPIRED,
-        CT_NEW_INSERTED, CT_NEW_OPS_MAP, CT_NEW_REMOVED, CURSORS_MAP, DIR_FORWARD, SERVICES_MAP,
-        SERVICE_STATS_MAP, SLOTS_MAP, STATS_MAP,
+        SockEvent, TrafficCounters, BACKENDS_MAP, BACKEND_DOWN_MAP, BACKEND_SIGNALS_MAP,
+        BACKEND_STATS_MAP, CONNTRACK_MAP, CONNTRACK_NEW_MAP, CT_EVENTS_MAP, CT_NEW_ADOPTED,
+        CT_NEW_EXPIRED, CT_NEW_INSERTED, CT_NEW_OPS_MAP, CT_NEW_REMOVED, CURSORS_MAP, DIR_FORWARD,
+        SERVICES_MAP, SERVICE_STATS_MAP, SLOTS_MAP, SOCK_STATS_MAP, STATS_MAP,
     },
     CtEvent, Reason, IPPROTO_UDP,
 };
@@ -60,6 +60,7 @@ pub struct Reader {
     conntrack_new: HashMap<MapData, FlowKey, FlowValue>,
     ct_events: PerCpuArray<MapData, u64>,
     ct_new_ops: PerCpuArray<MapData, u64>,
+    sock_stats: PerCpuArray<MapData, u64>,
     /// Counts the unconfirmed table's elements; `None` where the kernel cannot.
     ct_new_count: Option<ElemCount>,
     /// The highest eviction figure reported, which later ones never go below.
@@ -81,6 +82,7 @@ pub(super) struct Sources<'a> {
     pub conntrack_new: &'a HashMap<MapData, FlowKey, FlowValue>,
     pub ct_events: &'a PerCpuArray<MapData, u64>,
     pub ct_new_ops: &'a PerCpuArray<MapData, u64>,
+    pub sock_stats: &'a PerCpuArray<MapData, u64>,
 }
 
 /// A second handle on the kernel map behind `data`: a duplicated file descriptor.
@@ -123,6 +125,7 @@ impl Reader {
             conntrack_new: dup(m.conntrack_new.map(), Map::LruHashMap, CONNTRACK_NEW_MAP)?,
             ct_events: dup(m.ct_events.map(), Map::PerCpuArray, CT_EVENTS_MAP)?,
             ct_new_ops: dup(m.ct_new_ops.map(), Map::PerCpuArray, CT_NEW_OPS_MAP)?,
+            sock_stats: dup(m.sock_stats.map(), Map::PerCpuArray, SOCK_STATS_MAP)?,
             ct_new_count,
             evicted_high: AtomicU64::new(0),
         })
@@ -157,6 +160,20 @@ impl Reader {
     /// Backend entry `id`.
     pub fn backend_entry(&self, id: u32) -> Result<Backend, DataplaneError> {
         self.backends.get(&id, 0).map_err(map_err(BACKENDS_MAP))
+    }
+
+    /// Socket-level balancing's counters summed over CPUs, in [`SockEvent::ALL`] order.
+    pub fn sock_counts(&self) -> Result<Vec<(SockEvent, u64)>, DataplaneError> {
+        SockEvent::ALL
+            .iter()
+            .map(|&e| {
+                let per_cpu = self
+                    .sock_stats
+                    .get(&(e as u32), 0)
+                    .map_err(map_err(SOCK_STATS_MAP))?;
+                Ok((e, per_cpu.iter().sum()))
+            })
+            .collect()
     }
 
     /// Verdict counters summed over CPUs, one per [`Reason`], in [`Reason::ALL`] order.

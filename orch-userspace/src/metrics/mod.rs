@@ -332,7 +332,7 @@ mod tests {
     use super::*;
     use crate::health::{breaker, BackendEvents};
     use orch_common::{
-        maps::{BackendSignals, TrafficCounters},
+        maps::{BackendSignals, SockEvent, TrafficCounters},
         Reason,
     };
 
@@ -347,6 +347,7 @@ mod tests {
         signals.handshake_hist[BackendSignals::bucket(440_000)] = 1;
         Snapshot {
             reasons: vec![(Reason::FwdRedirect, 7), (Reason::DropConntrackFull, 2)],
+            sock: vec![(SockEvent::Connect, 5), (SockEvent::Peername, 4)],
             conntrack_entries: 4,
             conntrack_capacity: 100,
             unconfirmed_entries: 60,
@@ -416,6 +417,8 @@ mod tests {
         let cases = [
             (r#"orch_xdp_packets_total{reason="fwd_redirect"}"#.to_string(), "7"),
             ("orch_conntrack_insert_failures_total".into(), "2"),
+            (r#"orch_socket_lb_total{event="connect"}"#.into(), "5"),
+            (r#"orch_socket_lb_total{event="peername"}"#.into(), "4"),
             ("orch_conntrack_entries".into(), "4"),
             (
                 r#"orch_service_packets_total{direction="to_backend",service="web"}"#.into(),

@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use orch_common::{
-    maps::{BackendSignals, TrafficCounters, HANDSHAKE_BUCKETS_US},
+    maps::{BackendSignals, SockEvent, TrafficCounters, HANDSHAKE_BUCKETS_US},
     Reason,
 };
 use prometheus::proto::{self, MetricFamily, MetricType};
@@ -17,6 +17,8 @@ use crate::health::{breaker, BackendEvents};
 pub struct Snapshot {
     /// The program's verdict counters.
     pub reasons: Vec<(Reason, u64)>,
+    /// Socket-level balancing's counters.
+    pub sock: Vec<(SockEvent, u64)>,
     /// Entries in the confirmed-connection table (two per connection), and its capacity.
     pub conntrack_entries: u64,
     pub conntrack_capacity: u64,
@@ -94,6 +96,16 @@ impl Snapshot {
                 "Packets seen by the XDP program, by what it did with them (pass_*: \
                  handed to the stack untouched, fwd_*/reply_*: translated, drop_*: dropped).",
                 &[("reason", reason.name())],
+                *n,
+            );
+        }
+        for (event, n) in &self.sock {
+            f.counter(
+                "orch_socket_lb_total",
+                "Socket-level balancing: connect() calls to a VIP rewritten to a backend \
+                 (connect), left alone for want of a backend (no_backend), getpeername() \
+                 answered with the VIP (peername).",
+                &[("event", event.name())],
                 *n,
             );
         }
