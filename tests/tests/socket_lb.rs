@@ -249,6 +249,21 @@ fn local_clients_are_balanced_at_connect_with_no_packet_translated() {
     );
     assert!(!after.contains_key("backend-1"), "{after:?}");
 
+    // The daemon stopped: its pinned links keep balancing. Started again: its program is
+    // swapped into them (BPF_LINK_UPDATE), and balancing goes on.
+    let mut orch = orch;
+    assert!(orch.stop().unwrap().success(), "{}", orch.log());
+    let stopped = clients_in(lab.client.name(), &cgroup.dir, "tcp", web, 6);
+    assert_eq!(tally(&stopped).len(), 3, "with no daemon: {stopped:?}");
+    orch.start().expect("starting orch again");
+    assert!(
+        orch.log().contains("socket-level balancing attached"),
+        "{}",
+        orch.log()
+    );
+    let again = clients_in(lab.client.name(), &cgroup.dir, "tcp", web, 6);
+    assert_eq!(tally(&again).len(), 3, "after the restart: {again:?}");
+
     // A process outside the cgroup still reaches the VIP, through the packet path.
     let before = translated(&lab);
     let name = lab
