@@ -13,7 +13,8 @@
 //! checks, [`steer`] decides, [`balance`] picks backends, [`conntrack`] keeps connections
 //! (unconfirmed, then confirmed), [`nat`] rewrites addresses and checksums, [`fib`]
 //! forwards, [`icmp`] translates ICMP errors about balanced connections and [`frag`] their
-//! datagrams' fragments, [`maps`] declares
+//! datagrams' fragments, [`sock`] balances local clients' sockets at `connect()` (cgroup
+//! programs), [`maps`] declares
 //! the maps, [`stats`] counts, [`log`] tells the operator (off unless asked for). Only
 //! `main.rs` has entry points.
 #![no_std]
