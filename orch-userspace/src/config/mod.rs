@@ -531,4 +531,22 @@ protocol = "udp"
             "{p:?}"
         );
     }
+
+    #[test]
+    fn socket_lb_is_off_by_default_and_names_its_cgroup() {
+        assert_eq!(parse(GOOD).unwrap().fixed.socket_lb, None);
+        let on = parse(&format!(
+            "{GOOD}\n[socket_lb]\nenabled = true\ncgroup = \"/sys/fs/cgroup/lb\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            on.fixed.socket_lb.as_deref(),
+            Some(Path::new("/sys/fs/cgroup/lb"))
+        );
+        let p = problems(&format!("{GOOD}\n[socket_lb]\nenable = true\n"));
+        assert!(
+            p.iter().any(|m| m.contains("unknown field `enable`")),
+            "{p:?}"
+        );
+    }
 }
