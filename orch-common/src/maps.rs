@@ -93,6 +93,17 @@ pub const BACKEND_DOWN_MAP: &str = "ORCH_BE_DOWN_V1";
 pub const SOCK_PEERS_MAP: &str = "ORCH_SOCK_PEERS_V1";
 /// Capacity of [`SOCK_PEERS_MAP`]: sockets balanced at connect time and still open.
 pub const SOCK_PEERS_CAPACITY: u32 = 65_536;
+/// Socket-level balancing of unconnected UDP sockets: the backend each socket's datagrams
+/// to a VIP go to ([`SockFlowKey`] with the VIP -> [`SockFlow`]), so that a socket's flow
+/// keeps its backend; and the way back ([`SockFlowKey`] with the backend -> the VIP), so
+/// that answers seem to come from the VIP. LRUs: an idle socket's entries leave when room
+/// is needed.
+pub const SOCK_UDP_MAP: &str = "ORCH_SOCK_UDP_V1";
+/// See [`SOCK_UDP_MAP`].
+pub const SOCK_UDP_REV_MAP: &str = "ORCH_SOCK_UDP_REV_V1";
+/// Capacity of each of [`SOCK_UDP_MAP`] and [`SOCK_UDP_REV_MAP`].
+pub const SOCK_UDP_CAPACITY: u32 = 65_536;
+
 /// Socket-level balancing's counters, per CPU: see [`SockEvent`].
 pub const SOCK_STATS_MAP: &str = "ORCH_SOCK_ST_V1";
 
@@ -107,14 +118,20 @@ pub enum SockEvent {
     NoBackend = 1,
     /// A `getpeername()` answered with the VIP.
     Peername = 2,
+    /// A datagram an unconnected UDP socket sent to a VIP, sent to a backend.
+    Sendmsg = 3,
+    /// A datagram from a backend, received as from the VIP.
+    Recvmsg = 4,
 }
 
 impl SockEvent {
-    pub const COUNT: u32 = 3;
+    pub const COUNT: u32 = 5;
     pub const ALL: [SockEvent; Self::COUNT as usize] = [
         SockEvent::Connect,
         SockEvent::NoBackend,
         SockEvent::Peername,
+        SockEvent::Sendmsg,
+        SockEvent::Recvmsg,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -122,9 +139,36 @@ impl SockEvent {
             SockEvent::Connect => "connect",
             SockEvent::NoBackend => "no_backend",
             SockEvent::Peername => "peername",
+            SockEvent::Sendmsg => "sendmsg",
+            SockEvent::Recvmsg => "recvmsg",
         }
     }
 }
+
+/// The key of [`SOCK_UDP_MAP`] and [`SOCK_UDP_REV_MAP`]: a socket (its cookie) and the far
+/// end's address and port (network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockFlowKey {
+    pub cookie: u64,
+    pub addr: [u32; 4],
+    pub port_be: u16,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(size_of::<SockFlowKey>() == 32);
+
+/// The value of [`SOCK_UDP_MAP`] (the backend) and [`SOCK_UDP_REV_MAP`] (the VIP), with
+/// when the flow last sent: idle past the UDP idle timeout, it is balanced afresh.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockFlow {
+    pub addr: [u32; 4],
+    pub port_be: u16,
+    pub _pad: u16,
+    pub backend_id: u32,
+    pub last_ns: u64,
+}
+const _: () = assert!(size_of::<SockFlow>() == 32);
 
 /// The value of [`SOCK_PEERS_MAP`]: the VIP a socket connected to.
 #[repr(C)]
@@ -582,6 +626,8 @@ mod pod {
     unsafe impl aya::Pod for ServiceKey {}
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for SockPeer {}
+    unsafe impl aya::Pod for SockFlowKey {}
+    unsafe impl aya::Pod for SockFlow {}
     unsafe impl aya::Pod for SlotTable {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}

@@ -89,6 +89,34 @@ pub fn orch_getpeername6(ctx: SockAddrContext) -> i32 {
     1
 }
 
+/// Unconnected UDP sockets sending to an IPv4 VIP: each datagram goes to its flow's backend.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn orch_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::sendmsg(&ctx, Family::V4);
+    1
+}
+
+/// [`orch_sendmsg4`] for IPv6.
+#[cgroup_sock_addr(sendmsg6)]
+pub fn orch_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock::sendmsg(&ctx, Family::V6);
+    1
+}
+
+/// Answers to [`orch_sendmsg4`]'s datagrams: received as from the VIP.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn orch_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::recvmsg(&ctx, Family::V4);
+    1
+}
+
+/// [`orch_recvmsg4`] for IPv6.
+#[cgroup_sock_addr(recvmsg6)]
+pub fn orch_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::recvmsg(&ctx, Family::V6);
+    1
+}
+
 /// The TC benchmark floor: one counter increment and TC_ACT_OK.
 #[classifier]
 pub fn orch_tc_floor(_ctx: TcContext) -> i32 {

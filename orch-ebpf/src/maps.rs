@@ -12,8 +12,9 @@ use aya_ebpf::{
 use orch_common::{
     maps::{
         Backend, BackendSignals, FlowKey, FlowValue, FragKey, FragValue, PortBitmap, ServiceKey,
-        ServiceValue, Settings, SlotTable, SockEvent, SockPeer, TrafficCounters,
-        CT_NEW_OPS as CT_NEW_OPS_SLOTS, FRAGS_CAPACITY, SOCK_PEERS_CAPACITY, XDP_TX_CAPACITY,
+        ServiceValue, Settings, SlotTable, SockEvent, SockFlow, SockFlowKey, SockPeer,
+        TrafficCounters, CT_NEW_OPS as CT_NEW_OPS_SLOTS, FRAGS_CAPACITY, SOCK_PEERS_CAPACITY,
+        SOCK_UDP_CAPACITY, XDP_TX_CAPACITY,
     },
     CtEvent, Reason, CONNTRACK_CAPACITY, CONNTRACK_NEW_CAPACITY, MAX_BACKENDS, MAX_SERVICES,
 };
@@ -119,6 +120,14 @@ pub fn settings() -> Settings {
 #[map(name = "ORCH_SOCK_PEERS_V1")]
 pub static SOCK_PEERS: LruHashMap<u64, SockPeer> =
     LruHashMap::with_max_entries(SOCK_PEERS_CAPACITY, 0);
+
+#[map(name = "ORCH_SOCK_UDP_V1")]
+pub static SOCK_UDP: LruHashMap<SockFlowKey, SockFlow> =
+    LruHashMap::with_max_entries(SOCK_UDP_CAPACITY, 0);
+
+#[map(name = "ORCH_SOCK_UDP_REV_V1")]
+pub static SOCK_UDP_REV: LruHashMap<SockFlowKey, SockFlow> =
+    LruHashMap::with_max_entries(SOCK_UDP_CAPACITY, 0);
 
 #[map(name = "ORCH_SOCK_ST_V1")]
 pub static SOCK_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(SockEvent::COUNT, 0);

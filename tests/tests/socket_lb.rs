@@ -173,6 +173,18 @@ fn local_clients_are_balanced_at_connect_with_no_packet_translated() {
         let connects = counter(&lab, "orch_socket_lb_total", &[("event", "connect")]);
         let tcp = clients_in(ns, &cgroup.dir, "tcp", web, 6);
         let udp = clients_in(ns, &cgroup.dir, "udp", dns, 6);
+        let sendmsgs = counter(&lab, "orch_socket_lb_total", &[("event", "sendmsg")]);
+        let sendto = clients_in(ns, &cgroup.dir, "sendto", dns, 6);
+        assert_eq!(
+            tally(&sendto).len(),
+            3,
+            "{ns}: unconnected UDP over all three backends: {sendto:?}"
+        );
+        assert_eq!(
+            counter(&lab, "orch_socket_lb_total", &[("event", "sendmsg")]) - sendmsgs,
+            12.0,
+            "{ns}: every datagram balanced at sendmsg"
+        );
         assert_eq!(
             tally(&tcp).len(),
             3,
@@ -190,10 +202,10 @@ fn local_clients_are_balanced_at_connect_with_no_packet_translated() {
             3,
             "{ns}: UDP over all three backends: {udp:?}"
         );
-        for (_, peer) in tcp.iter().chain(&udp) {
+        for (_, peer) in tcp.iter().chain(&udp).chain(&sendto) {
             assert!(
                 peer == &web.to_string() || peer == &dns.to_string(),
-                "{ns}: getpeername shows the VIP, not {peer}"
+                "{ns}: getpeername and recvfrom show the VIP, not {peer}"
             );
         }
         assert_eq!(
@@ -300,6 +312,26 @@ fn client_helper() {
                 let peer = s.peer_addr().unwrap();
                 let mut conn = lab::LineConn::from_stream(s).unwrap();
                 (conn.ask(&format!("socket {i}")).unwrap(), peer)
+            }
+            "sendto" => {
+                // Unconnected: each datagram is balanced at sendmsg() (a new socket, a new
+                // flow); a second datagram on the same socket keeps its backend, and the
+                // answers come from the VIP.
+                let s = UdpSocket::bind((IpAddr::from([0, 0, 0, 0]), 0)).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                let mut names = Vec::new();
+                let mut from = None;
+                for round in 0..2 {
+                    s.send_to(format!("sendto {i} {round}").as_bytes(), to)
+                        .unwrap();
+                    let mut buf = [0u8; 256];
+                    let (n, f) = s.recv_from(&mut buf).unwrap();
+                    let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    names.push(answer.split(' ').next().unwrap_or("").to_owned());
+                    from = Some(f);
+                }
+                assert_eq!(names[0], names[1], "one socket's flow keeps its backend");
+                (names.remove(0), from.unwrap())
             }
             _ => {
                 let s = UdpSocket::bind((IpAddr::from([0, 0, 0, 0]), 0)).unwrap();

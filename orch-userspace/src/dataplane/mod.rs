@@ -53,7 +53,8 @@ use orch_common::maps::{
     BACKEND_SIGNALS_MAP_V1, BACKEND_STATS_MAP, CONNTRACK_MAP, CONNTRACK_MAP_V1, CONNTRACK_NEW_MAP,
     CT_EVENTS_MAP, CT_NEW_ADOPTED, CT_NEW_EXPIRED, CT_NEW_INSERTED, CT_NEW_OPS_MAP, CT_NEW_REMOVED,
     CURSORS_MAP, DIR_FORWARD, PORTS_MAP, SERVICES_MAP, SERVICE_STATS_MAP, SETTINGS_MAP, SLOTS_MAP,
-    SOCK_PEERS_MAP, SOCK_STATS_MAP, STATS_MAP, STATS_MAPS_BEFORE, XDP_TX_MAP,
+    SOCK_PEERS_MAP, SOCK_STATS_MAP, SOCK_UDP_MAP, SOCK_UDP_REV_MAP, STATS_MAP, STATS_MAPS_BEFORE,
+    XDP_TX_MAP,
 };
 use orch_common::{Reason, IPPROTO_UDP};
 use tracing::{debug, info, warn};
@@ -62,8 +63,10 @@ pub use access::{MapReader, MapWriter};
 use raw::{next_key, ElemCount, ELEM_COUNT_KFUNC};
 
 /// The maps that hold the balancer's state, pinned so that it outlives the daemon.
-const PINNED_MAPS: [&str; 17] = [
+const PINNED_MAPS: [&str; 19] = [
     SOCK_PEERS_MAP,
+    SOCK_UDP_MAP,
+    SOCK_UDP_REV_MAP,
     SOCK_STATS_MAP,
     BACKEND_SIGNALS_MAP,
     BACKEND_DOWN_MAP,
@@ -121,11 +124,15 @@ impl log::Log for KernelLog {
 }
 
 /// Socket-level balancing's programs (cgroup `sock_addr` hooks).
-const SOCK_PROGRAMS: [&str; 4] = [
+const SOCK_PROGRAMS: [&str; 8] = [
     "orch_connect4",
     "orch_connect6",
     "orch_getpeername4",
     "orch_getpeername6",
+    "orch_sendmsg4",
+    "orch_sendmsg6",
+    "orch_recvmsg4",
+    "orch_recvmsg6",
 ];
 /// `statfs` magic of cgroup v2 (`CGROUP2_SUPER_MAGIC` in include/uapi/linux/magic.h).
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
