@@ -221,6 +221,31 @@ fn local_clients_are_balanced_at_connect_with_no_packet_translated() {
         );
     }
 
+    // `orch explain` says which path a local connection takes.
+    let out = orch
+        .cli(&[
+            "explain",
+            "tcp",
+            "198.18.0.2:40000",
+            "198.19.0.1:80",
+            "--json",
+        ])
+        .unwrap();
+    let e: serde_json::Value = serde_json::from_str(&out.stdout_text()).unwrap();
+    assert_eq!(
+        e["explain"]["socket_lb"].as_str(),
+        Some(cgroup.dir.to_str().unwrap()),
+        "{e}"
+    );
+    let text = orch
+        .cli(&["explain", "tcp", "198.18.0.2:40000", "198.19.0.1:80"])
+        .unwrap()
+        .stdout_text();
+    assert!(
+        text.contains("balanced at connect()") && text.contains("no packet of it is translated"),
+        "{text}"
+    );
+
     // The same rotation: a backend drained is skipped by new connects.
     let out = orch
         .cli(&["backend", "disable", "web", "198.18.1.2:8080"])

@@ -292,6 +292,10 @@ pub struct Explanation {
     pub path: ExplainPath,
     /// The state of every backend `path` names.
     pub backends: Vec<BackendInfo>,
+    /// When socket-level balancing is on: the cgroup whose processes connect to the VIP
+    /// straight to a backend (their packets take no translation; `path` is for the rest).
+    #[serde(default)]
+    pub socket_lb: Option<PathBuf>,
 }
 
 /// What the data plane does with the flow's next packet.

@@ -37,6 +37,8 @@ pub struct View {
     conntrack_capacity: u64,
     unconfirmed_capacity: u64,
     udp_idle_ns: u64,
+    /// The cgroup socket-level balancing serves, when it is on.
+    socket_lb: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug)]
@@ -151,6 +153,7 @@ impl View {
             conntrack_capacity: u64::from(capacity.conntrack),
             unconfirmed_capacity: u64::from(capacity.conntrack_new),
             udp_idle_ns: d.config.timeouts.udp_idle_ns,
+            socket_lb: d.config.fixed.socket_lb.clone(),
         }
     }
 }
@@ -240,6 +243,7 @@ impl Reads {
                     service: None,
                     path: crate::api::ExplainPath::NotAService,
                     backends: Vec::new(),
+                    socket_lb: view.socket_lb.clone(),
                 };
                 let Some(svc) = view.services.iter().find(|s| {
                     s.service.addr.vip == vip.ip()

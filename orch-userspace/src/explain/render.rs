@@ -71,6 +71,14 @@ pub fn render(e: &Explanation) -> String {
         Path::NoBackend => out
             .push_str("  no backend in rotation: new connections are dropped (drop_no_backend)\n"),
     }
+    if let (Some(cgroup), Some(_)) = (&e.socket_lb, &e.service) {
+        out.push_str(&format!(
+            "  from a process on this host in cgroup {} (or below): balanced at connect() \
+             (UDP: at each sendmsg()) by the same table and cursors, straight to the backend; \
+             no packet of it is translated\n",
+            cgroup.display()
+        ));
+    }
     for b in &e.backends {
         out.push_str(&format!(
             "  backend {}: {}, {}, breaker {}, {}, {} live connection{}\n",

@@ -103,8 +103,9 @@ impl Snapshot {
             f.counter(
                 "orch_socket_lb_total",
                 "Socket-level balancing: connect() calls to a VIP rewritten to a backend \
-                 (connect), left alone for want of a backend (no_backend), getpeername() \
-                 answered with the VIP (peername).",
+                 (connect), unconnected UDP datagrams to a VIP sent to a backend (sendmsg) and \
+                 their answers received as from the VIP (recvmsg), getpeername() answered \
+                 with the VIP (peername), left alone for want of a backend (no_backend).",
                 &[("event", event.name())],
                 *n,
             );
