@@ -78,7 +78,7 @@ fn clients_in(
     ns: &str,
     cgroup: &Path,
     proto: &str,
-    to: SocketAddr,
+    to: impl std::fmt::Display,
     count: usize,
 ) -> Vec<(String, String)> {
     let me = std::env::current_exe().unwrap();
@@ -158,7 +158,7 @@ fn local_clients_are_balanced_at_connect_with_no_packet_translated() {
     };
     let lab = Lab::new("socklb", 3).expect("building the lab");
     let config = format!(
-        "{}\n[socket_lb]\nenabled = true\ncgroup = {:?}\n",
+        "{}\n[socket_lb]\nenabled = true\ncgroup = {:?}\n\n[dns]\nenabled = true\nlisten = \"{DNS}\"\n",
         lab::demo_config(),
         cgroup.dir
     );
@@ -173,6 +173,23 @@ fn local_clients_are_balanced_at_connect_with_no_packet_translated() {
         let connects = counter(&lab, "orch_socket_lb_total", &[("event", "connect")]);
         let tcp = clients_in(ns, &cgroup.dir, "tcp", web, 6);
         let udp = clients_in(ns, &cgroup.dir, "udp", dns, 6);
+        // By name: the client asks orch's DNS, then connects to what it says.
+        let by_name = clients_in(ns, &cgroup.dir, "tcp", "web.orch.internal.:80", 6);
+        let udp_by_name = clients_in(ns, &cgroup.dir, "udp", "dns.orch.internal.:53", 6);
+        assert_eq!(tally(&by_name).len(), 3, "{ns}: TCP by name: {by_name:?}");
+        assert_eq!(
+            tally(&udp_by_name).len(),
+            3,
+            "{ns}: UDP by name: {udp_by_name:?}"
+        );
+        // IPv6: the same with the other address field.
+        let web6 = SocketAddr::from((lab::VIP6, 80));
+        let v6 = clients_in(ns, &cgroup.dir, "tcp", web6, 6);
+        assert_eq!(tally(&v6).len(), 3, "{ns}: IPv6: {v6:?}");
+        assert!(
+            v6.iter().all(|(_, peer)| peer == &web6.to_string()),
+            "{ns}: IPv6 getpeername shows the VIP: {v6:?}"
+        );
         let sendmsgs = counter(&lab, "orch_socket_lb_total", &[("event", "sendmsg")]);
         let sendto = clients_in(ns, &cgroup.dir, "sendto", dns, 6);
         assert_eq!(
@@ -191,6 +208,8 @@ fn local_clients_are_balanced_at_connect_with_no_packet_translated() {
             "{ns}: TCP over all three backends: {tcp:?}"
         );
         assert_eq!(tcp.len(), 6, "{ns}: every connection answered: {tcp:?}");
+        // Six picks over per-CPU cursors: some CPU made three in a row, so all three
+        // backends answer (with fewer, a CPU change could repeat one).
         // Round-robin per CPU: each CPU walks the table from its own cursor, so over a
         // client that moves between CPUs no backend is off by more than one per CPU.
         assert!(
@@ -210,7 +229,7 @@ fn local_clients_are_balanced_at_connect_with_no_packet_translated() {
         }
         assert_eq!(
             counter(&lab, "orch_socket_lb_total", &[("event", "connect")]) - connects,
-            12.0,
+            (6 * 5) as f64,
             "{ns}: every connect balanced by the socket program"
         );
         assert_eq!(
@@ -316,6 +335,30 @@ fn local_clients_are_balanced_at_connect_with_no_packet_translated() {
     drop(orch);
 }
 
+/// The A record of `name`, asked of the daemon's DNS server ([`DNS`]).
+fn resolve(name: &str) -> IpAddr {
+    use hickory_proto::{
+        op::{Message, Query},
+        rr::{Name, RData, RecordType},
+        serialize::binary::BinDecodable,
+    };
+    let mut q = Message::new();
+    q.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+    let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    s.send_to(&q.to_vec().unwrap(), DNS).unwrap();
+    let mut buf = [0u8; 512];
+    let n = s.recv(&mut buf).unwrap();
+    let answer = Message::from_bytes(&buf[..n]).unwrap();
+    match answer.answers().first().map(|r| r.data()) {
+        Some(RData::A(a)) => IpAddr::V4(a.0),
+        other => panic!("{name}: no A record: {other:?}"),
+    }
+}
+
+/// Where the daemon answers DNS in this test: its address on the client side.
+const DNS: &str = "198.18.0.1:53";
+
 /// Not a test: the client `local_clients_are_balanced_...` starts in its cgroup (see
 /// [`clients_in`]). Does nothing unless `ORCH_SOCKLB_CLIENT` says what to do.
 #[test]
@@ -327,9 +370,14 @@ fn client_helper() {
     let mut parts = what.split_whitespace();
     let (proto, to, count) = (
         parts.next().unwrap(),
-        parts.next().unwrap().parse::<SocketAddr>().unwrap(),
+        parts.next().unwrap(),
         parts.next().unwrap().parse::<usize>().unwrap(),
     );
+    // `NAME:PORT` is looked up with orch's DNS server first, as a client that uses names.
+    let to: SocketAddr = to.parse().unwrap_or_else(|_| {
+        let (name, port) = to.rsplit_once(':').unwrap();
+        SocketAddr::new(resolve(name), port.parse().unwrap())
+    });
     for i in 0..count {
         let (name, peer) = match proto {
             "tcp" => {
