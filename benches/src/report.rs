@@ -28,12 +28,13 @@ pub fn charts_dir() -> PathBuf {
 }
 
 /// The order of the sections in BENCHMARKS.md, by fragment name.
-pub const SECTIONS: [&str; 6] = [
+pub const SECTIONS: [&str; 7] = [
     "packet_cost",
     "packet_cost_at_scale",
     "e2e",
     "control_plane",
     "api_latency",
+    "dns",
     "memory",
 ];
 

@@ -12,7 +12,7 @@ use crate::{
 };
 
 /// The peers, as (program or file that proves it is there, Debian package).
-const PEERS: [(&str, &str); 5] = [
+const PEERS: [(&str, &str); 6] = [
     ("wrk", "wrk"),
     ("nginx", "nginx-light"),
     (
@@ -21,6 +21,7 @@ const PEERS: [(&str, &str); 5] = [
     ),
     ("haproxy", "haproxy"),
     ("nft", "nftables"),
+    ("dnsmasq", "dnsmasq-base"),
 ];
 
 pub fn bench(quick: bool) -> anyhow::Result<()> {
@@ -28,20 +29,23 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
     if !util::is_root() {
         bail!("the benchmarks load BPF programs and build network namespaces: run `sudo -E cargo xtask bench`");
     }
-    step("peers: wrk, nginx (stream), HAProxy, nftables", || {
-        let missing: Vec<&str> = PEERS
-            .iter()
-            .filter(|(what, _)| {
-                if what.starts_with('/') {
-                    !Path::new(what).exists()
-                } else {
-                    !util::have(what)
-                }
-            })
-            .map(|(_, package)| *package)
-            .collect();
-        prereqs::apt_install(&missing)
-    })?;
+    step(
+        "peers: wrk, nginx (stream), HAProxy, nftables, dnsmasq",
+        || {
+            let missing: Vec<&str> = PEERS
+                .iter()
+                .filter(|(what, _)| {
+                    if what.starts_with('/') {
+                        !Path::new(what).exists()
+                    } else {
+                        !util::have(what)
+                    }
+                })
+                .map(|(_, package)| *package)
+                .collect();
+            prereqs::apt_install(&missing)
+        },
+    )?;
     step("release build (orch and the benchmarks)", || {
         util::run(util::cargo().args([
             "build",
@@ -55,7 +59,7 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
     let release = util::target_dir().join("release");
     let out = util::target_dir().join("bench");
     let _ = std::fs::remove_dir_all(&out);
-    let runs: [(&str, &str, &[&str], &[&str]); 6] = [
+    let runs: [(&str, &str, &[&str], &[&str]); 7] = [
         (
             "per-packet cost (BPF_PROG_TEST_RUN)",
             "packet_cost",
@@ -85,6 +89,12 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
             "api_latency",
             &[],
             &["--entries", "262144", "--requests", "100"],
+        ),
+        (
+            "name lookups: orch's DNS server against dnsmasq (about 15 s)",
+            "dns",
+            &[],
+            &["--queries", "5000", "--seconds", "1"],
         ),
         ("memory and scale", "memory", &[], &[]),
     ];
