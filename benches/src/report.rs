@@ -28,10 +28,11 @@ pub fn charts_dir() -> PathBuf {
 }
 
 /// The order of the sections in BENCHMARKS.md, by fragment name.
-pub const SECTIONS: [&str; 7] = [
+pub const SECTIONS: [&str; 8] = [
     "packet_cost",
     "packet_cost_at_scale",
     "e2e",
+    "e2e_local",
     "control_plane",
     "api_latency",
     "dns",

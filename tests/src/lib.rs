@@ -1,6 +1,7 @@
 //! The test lab shared by orch's end-to-end tests, `cargo xtask run`'s demo and the
 //! benchmarks.
 //!
+//! - [`cgroup`]: a cgroup v2 of a test's own, for socket-level balancing;
 //! - [`netns`]: network namespaces that delete themselves, and running code inside them;
 //! - [`lab`]: the topology (client, load balancer, backends), backend servers that answer
 //!   with their own name, clients, and the `orch` daemon process;
@@ -15,6 +16,7 @@
 //! documentation prefix (2001:db8::/32, RFC 3849), and every link lives inside namespaces the
 //! lab creates, so nothing touches the host's own interfaces.
 
+pub mod cgroup;
 pub mod hostile;
 pub mod lab;
 pub mod netns;

@@ -9,12 +9,13 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     time::Duration,
 };
 
 use orch_tests::{
+    cgroup::Cgroup,
     lab::{self, Lab, Orch, VIP4},
     privilege::require_root,
     prom,
@@ -22,55 +23,6 @@ use orch_tests::{
 
 /// The env var that makes `client_helper` a client: `tcp|udp ADDR:PORT COUNT`.
 const CLIENT: &str = "ORCH_SOCKLB_CLIENT";
-
-/// A cgroup (v2) of the test's own, removed when dropped. The unified hierarchy is mounted
-/// once more outside `/sys` for it: `ip netns exec` gives the daemon a fresh `/sys` without
-/// the host's cgroup mounts, and the same path must work there.
-struct Cgroup {
-    mount: PathBuf,
-    dir: PathBuf,
-}
-
-impl Cgroup {
-    /// `None` when the kernel has no cgroup v2.
-    fn create(tag: &str) -> Option<Cgroup> {
-        let mount = std::env::temp_dir().join(format!(
-            "{}{}-{tag}-cgroup2",
-            lab::NS_PREFIX,
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&mount).ok()?;
-        let mounted = nix::mount::mount(
-            Some("cgroup2"),
-            &mount,
-            Some("cgroup2"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        );
-        if mounted.is_err() {
-            let _ = std::fs::remove_dir(&mount);
-            return None;
-        }
-        let dir = mount.join(format!("{}{}-{tag}", lab::NS_PREFIX, std::process::id()));
-        let made = std::fs::create_dir(&dir);
-        let cgroup = Cgroup { mount, dir };
-        made.ok().map(|()| cgroup)
-    }
-}
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        // Its processes have exited; an empty cgroup is removed with rmdir.
-        for _ in 0..50 {
-            if std::fs::remove_dir(&self.dir).is_ok() || !self.dir.exists() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = nix::mount::umount2(&self.mount, nix::mount::MntFlags::MNT_DETACH);
-        let _ = std::fs::remove_dir(&self.mount);
-    }
-}
 
 /// Runs `client_helper` in network namespace `ns`, inside `cgroup`: `count` connections
 /// (`proto` tcp or udp) to `to`. Returns, per connection, (backend name, peer address).
@@ -160,7 +112,7 @@ fn local_clients_are_balanced_at_connect_with_no_packet_translated() {
     let config = format!(
         "{}\n[socket_lb]\nenabled = true\ncgroup = {:?}\n\n[dns]\nenabled = true\nlisten = \"{DNS}\"\n",
         lab::demo_config(),
-        cgroup.dir
+        cgroup.dir()
     );
     let orch: Orch = lab
         .start_orch(&lab::orch_bin(), &config)
@@ -171,11 +123,11 @@ fn local_clients_are_balanced_at_connect_with_no_packet_translated() {
     for ns in [lab.client.name(), lab.lb.name()] {
         let before = translated(&lab);
         let connects = counter(&lab, "orch_socket_lb_total", &[("event", "connect")]);
-        let tcp = clients_in(ns, &cgroup.dir, "tcp", web, 6);
-        let udp = clients_in(ns, &cgroup.dir, "udp", dns, 6);
+        let tcp = clients_in(ns, cgroup.dir(), "tcp", web, 6);
+        let udp = clients_in(ns, cgroup.dir(), "udp", dns, 6);
         // By name: the client asks orch's DNS, then connects to what it says.
-        let by_name = clients_in(ns, &cgroup.dir, "tcp", "web.orch.internal.:80", 6);
-        let udp_by_name = clients_in(ns, &cgroup.dir, "udp", "dns.orch.internal.:53", 6);
+        let by_name = clients_in(ns, cgroup.dir(), "tcp", "web.orch.internal.:80", 6);
+        let udp_by_name = clients_in(ns, cgroup.dir(), "udp", "dns.orch.internal.:53", 6);
         assert_eq!(tally(&by_name).len(), 3, "{ns}: TCP by name: {by_name:?}");
         assert_eq!(
             tally(&udp_by_name).len(),
@@ -184,14 +136,14 @@ fn local_clients_are_balanced_at_connect_with_no_packet_translated() {
         );
         // IPv6: the same with the other address field.
         let web6 = SocketAddr::from((lab::VIP6, 80));
-        let v6 = clients_in(ns, &cgroup.dir, "tcp", web6, 6);
+        let v6 = clients_in(ns, cgroup.dir(), "tcp", web6, 6);
         assert_eq!(tally(&v6).len(), 3, "{ns}: IPv6: {v6:?}");
         assert!(
             v6.iter().all(|(_, peer)| peer == &web6.to_string()),
             "{ns}: IPv6 getpeername shows the VIP: {v6:?}"
         );
         let sendmsgs = counter(&lab, "orch_socket_lb_total", &[("event", "sendmsg")]);
-        let sendto = clients_in(ns, &cgroup.dir, "sendto", dns, 6);
+        let sendto = clients_in(ns, cgroup.dir(), "sendto", dns, 6);
         assert_eq!(
             tally(&sendto).len(),
             3,
@@ -253,7 +205,7 @@ fn local_clients_are_balanced_at_connect_with_no_packet_translated() {
     let e: serde_json::Value = serde_json::from_str(&out.stdout_text()).unwrap();
     assert_eq!(
         e["explain"]["socket_lb"].as_str(),
-        Some(cgroup.dir.to_str().unwrap()),
+        Some(cgroup.dir().to_str().unwrap()),
         "{e}"
     );
     let text = orch
@@ -290,14 +242,14 @@ fn local_clients_are_balanced_at_connect_with_no_packet_translated() {
     assert!(out.status.success(), "{}", out.stderr_text());
     let api = SocketAddr::from(([198, 19, 0, 2], 80));
     assert_eq!(
-        tally(&clients_in(lab.lb.name(), &cgroup.dir, "tcp", api, 6)).len(),
+        tally(&clients_in(lab.lb.name(), cgroup.dir(), "tcp", api, 6)).len(),
         3
     );
     let out = orch
         .cli(&["backend", "drain", "api", "198.18.1.2:8080"])
         .unwrap();
     assert!(out.status.success(), "{}", out.stderr_text());
-    let after = tally(&clients_in(lab.lb.name(), &cgroup.dir, "tcp", api, 6));
+    let after = tally(&clients_in(lab.lb.name(), cgroup.dir(), "tcp", api, 6));
     assert_eq!(
         after.len(),
         2,
@@ -309,7 +261,7 @@ fn local_clients_are_balanced_at_connect_with_no_packet_translated() {
     // swapped into them (BPF_LINK_UPDATE), and balancing goes on.
     let mut orch = orch;
     assert!(orch.stop().unwrap().success(), "{}", orch.log());
-    let stopped = clients_in(lab.client.name(), &cgroup.dir, "tcp", web, 6);
+    let stopped = clients_in(lab.client.name(), cgroup.dir(), "tcp", web, 6);
     assert_eq!(tally(&stopped).len(), 3, "with no daemon: {stopped:?}");
     orch.start().expect("starting orch again");
     assert!(
@@ -317,7 +269,7 @@ fn local_clients_are_balanced_at_connect_with_no_packet_translated() {
         "{}",
         orch.log()
     );
-    let again = clients_in(lab.client.name(), &cgroup.dir, "tcp", web, 6);
+    let again = clients_in(lab.client.name(), cgroup.dir(), "tcp", web, 6);
     assert_eq!(tally(&again).len(), 3, "after the restart: {again:?}");
 
     // A process outside the cgroup still reaches the VIP, through the packet path.

@@ -59,7 +59,7 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
     let release = util::target_dir().join("release");
     let out = util::target_dir().join("bench");
     let _ = std::fs::remove_dir_all(&out);
-    let runs: [(&str, &str, &[&str], &[&str]); 7] = [
+    let runs: [(&str, &str, &[&str], &[&str]); 8] = [
         (
             "per-packet cost (BPF_PROG_TEST_RUN)",
             "packet_cost",
@@ -77,6 +77,12 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
             "e2e",
             &[],
             &["--rounds", "2", "--seconds", "3"],
+        ),
+        (
+            "local clients: socket-level balancing, direct, nftables DNAT in output (about 2 minutes)",
+            "e2e",
+            &["--local"],
+            &["--local", "--rounds", "2", "--seconds", "3"],
         ),
         (
             "control plane: start, register, kill, probes, restart (about 3 minutes)",

@@ -70,7 +70,7 @@ enum Cmd {
         root: PathBuf,
     },
     /// Install the peers (wrk, nginx, HAProxy, nftables), build in release mode, run every
-    /// benchmark and write BENCHMARKS.md with its charts. Needs root; about 13 minutes.
+    /// benchmark and write BENCHMARKS.md with its charts. Needs root; about 15 minutes.
     Bench {
         /// Fewer rounds and repetitions (about 4 minutes): to check the pipeline, not for
         /// figures to quote.

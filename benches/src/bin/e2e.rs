@@ -24,6 +24,12 @@
 //! - `haproxy` and `nginx`: the VIP as a local address, a TCP proxy on it with one thread
 //!   or worker per core, round-robin.
 //!
+//! With `--local` the client is a process on the load balancer host itself (wrk in its
+//! namespace, as a service calling another on the same host): `direct` (wrk to the
+//! backends), `orch` (socket-level balancing: wrk runs in the cgroup orch's `connect()`
+//! program is attached to; no packet is translated) and `nftables` (the same DNAT in the
+//! output hook, where kube-proxy handles local clients). The proxies are not measured there.
+//!
 //! Both proxies get a fair setup in the load balancer's namespace: `tcp_tw_reuse` and the
 //! widest ephemeral port range. Each round runs every path (in a rotated order) with
 //! keep-alive and with a new connection per request (`Connection: close`); the report
@@ -48,7 +54,10 @@ use orch_benches::{
     report,
     stats::{median, thousands, verdict},
 };
-use orch_tests::lab::{self, Lab, Orch, VIP4};
+use orch_tests::{
+    cgroup::Cgroup,
+    lab::{self, Lab, Orch, VIP4},
+};
 use serde::Deserialize;
 
 const PORT: u16 = 80;
@@ -135,6 +144,10 @@ struct Options {
     /// Measure this path alone (for profiling it); no section is written.
     #[arg(long, value_enum)]
     only: Option<Route>,
+    /// The client is a process on the load balancer host: direct, orch's socket-level
+    /// balancing, nftables DNAT in the output hook.
+    #[arg(long)]
+    local: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -155,7 +168,7 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let markdown = bench.section(&results)?;
-    report::save_section("e2e", &markdown)
+    report::save_section(if bench.o.local { "e2e_local" } else { "e2e" }, &markdown)
 }
 
 fn which(tool: &str) -> bool {
@@ -174,6 +187,8 @@ struct Bench<'a> {
     o: Options,
     /// Scratch directory for configs, scripts and logs (removed at the end).
     dir: PathBuf,
+    /// `--local`: the cgroup socket-level balancing serves, which wrk joins for `orch`.
+    cgroup: Option<Cgroup>,
     _backends: Vec<Child>,
 }
 
@@ -205,11 +220,17 @@ impl<'a> Bench<'a> {
         for (i, b) in lab.backends.iter().enumerate() {
             backends.push(start_nginx_backend(&dir, i + 1, b)?);
         }
+        let cgroup = if o.local {
+            Some(Cgroup::create("e2e").context("no cgroup v2 hierarchy to attach to")?)
+        } else {
+            None
+        };
         let mut bench = Bench {
             lab,
             bin,
             o,
             dir,
+            cgroup,
             _backends: backends,
         };
         bench.wait_backends()?;
@@ -233,13 +254,32 @@ impl<'a> Bench<'a> {
         Ok(())
     }
 
+    /// The paths measured: all of them, or with `--local` those a local client has.
+    fn routes(&self) -> &'static [Route] {
+        if self.o.local {
+            &Route::ALL[..3]
+        } else {
+            &Route::ALL
+        }
+    }
+
+    /// The namespace the client (wrk) runs in.
+    fn client(&self) -> &orch_tests::netns::Netns {
+        if self.o.local {
+            &self.lab.lb
+        } else {
+            &self.lab.client
+        }
+    }
+
     fn run(&self) -> anyhow::Result<Results> {
-        let mut results: Results = vec![vec![Vec::new(); Conn::ALL.len()]; Route::ALL.len()];
+        let routes = self.routes();
+        let mut results: Results = vec![vec![Vec::new(); Conn::ALL.len()]; routes.len()];
         let started = Instant::now();
         for round in 0..self.o.rounds {
-            for k in 0..Route::ALL.len() {
-                let ri = (k + round) % Route::ALL.len();
-                let route = Route::ALL[ri];
+            for k in 0..routes.len() {
+                let ri = (k + round) % routes.len();
+                let route = routes[ri];
                 if self.o.only.is_some_and(|only| only != route) {
                     continue;
                 }
@@ -270,19 +310,39 @@ impl<'a> Bench<'a> {
     }
 
     /// Puts `route` in place; dropping the result takes it away again.
-    fn set_up(&self, ri: usize) -> anyhow::Result<Setup<'a>> {
-        let route = Route::ALL[ri];
-        self.lab.client.ip(&[
-            "route",
-            "replace",
-            "default",
-            "via",
-            "198.18.0.1",
-            "src",
-            &client_addr(ri).to_string(),
-        ])?;
+    fn set_up(&self, ri: usize) -> anyhow::Result<Setup<'_>> {
+        let route = self.routes()[ri];
+        if !self.o.local {
+            self.lab.client.ip(&[
+                "route",
+                "replace",
+                "default",
+                "via",
+                "198.18.0.1",
+                "src",
+                &client_addr(ri).to_string(),
+            ])?;
+        }
         Ok(match route {
             Route::Direct => Setup::Nothing,
+            Route::Orch if self.o.local => {
+                let cgroup = self.cgroup.as_ref().expect("--local has a cgroup");
+                let config = format!(
+                    "{}\n[socket_lb]\nenabled = true\ncgroup = {:?}\n",
+                    orch_config(&self.lab.lb_interfaces(), &self.o.attach),
+                    cgroup.dir()
+                );
+                let orch = self
+                    .lab
+                    .start_orch_with(&self.bin, &config, &["--detach-on-exit"])
+                    .context("starting orch")?;
+                // This process and its children (wrk) connect from inside the cgroup.
+                cgroup.enter()?;
+                Setup::Local {
+                    _daemon: Box::new(orch),
+                    _member: CgroupMember(cgroup),
+                }
+            }
             Route::Orch => {
                 let orch = self
                     .lab
@@ -298,11 +358,18 @@ impl<'a> Bench<'a> {
             }
             Route::Nftables => {
                 let rules = self.dir.join("dnat.nft");
-                std::fs::write(&rules, nft_rules())?;
+                std::fs::write(&rules, nft_rules(self.o.local))?;
                 self.lab
                     .lb
                     .exec("nft", &["-f", &rules.to_string_lossy()])
                     .context("loading the DNAT rules")?;
+                if self.o.local {
+                    // A local socket needs a route to the VIP before the output hook can
+                    // translate its packets (they are routed again after the DNAT).
+                    self.lab
+                        .lb
+                        .ip(&["route", "replace", &format!("{VIP4}/32"), "dev", "br0"])?;
+                }
                 Setup::Nft {
                     _table: NftTable { lab: self.lab },
                 }
@@ -342,8 +409,7 @@ impl<'a> Bench<'a> {
         loop {
             let targets = targets.clone();
             let seen = self
-                .lab
-                .client
+                .client()
                 .run(move || -> std::io::Result<BTreeSet<String>> {
                     let mut seen = BTreeSet::new();
                     for i in 0..30 {
@@ -377,7 +443,7 @@ impl<'a> Bench<'a> {
         let targets = self.targets(route);
         std::fs::write(&script, wrk_script(&targets, conn))?;
         let out = Command::new("ip")
-            .args(["netns", "exec", self.lab.client.name(), "wrk"])
+            .args(["netns", "exec", self.client().name(), "wrk"])
             .args(["-t", &BACKENDS.to_string()])
             .args(["-c", &self.o.connections.to_string()])
             .args(["-d", &format!("{seconds}s"), "--timeout", "2s"])
@@ -410,6 +476,9 @@ impl<'a> Bench<'a> {
     fn section(&self, results: &Results) -> anyhow::Result<String> {
         let direct = &results[0];
         let mut md = String::new();
+        if self.o.local {
+            return self.local_section(results);
+        }
         writeln!(md, "## End to end (wrk through each path)\n")?;
         writeln!(md, "```sh\nsudo target/release/e2e --rounds {} --seconds {} --connections {} --attach {}\n```\n", self.o.rounds, self.o.seconds, self.o.connections, self.o.attach)?;
         writeln!(
@@ -522,6 +591,83 @@ impl<'a> Bench<'a> {
     }
 }
 
+impl Bench<'_> {
+    /// The `--local` section: a client on the load balancer host.
+    fn local_section(&self, results: &Results) -> anyhow::Result<String> {
+        let direct = &results[0];
+        let mut md = String::new();
+        writeln!(md, "## Local clients (wrk on the load balancer host)\n")?;
+        writeln!(
+            md,
+            "```sh\nsudo target/release/e2e --local --rounds {} --seconds {} --connections {}\n```\n",
+            self.o.rounds, self.o.seconds, self.o.connections
+        )?;
+        writeln!(
+            md,
+            "wrk with {BACKENDS} threads and {} connections in the load balancer's namespace, \
+             as a service calling another on the same host; nginx (one worker) on each \
+             backend; {} rounds of {} s, paths interleaved. `orch` is socket-level balancing \
+             (wrk in the cgroup its `connect()` program serves: no packet translated); \
+             `nftables` is the same DNAT in the output hook, where kube-proxy handles local \
+             clients; `direct` spreads wrk's threads over the backends.\n",
+            self.o.connections, self.o.rounds, self.o.seconds
+        )?;
+        for (ci, conn) in Conn::ALL.into_iter().enumerate() {
+            writeln!(md, "### {}, local\n", conn.name())?;
+            writeln!(
+                md,
+                "| path | requests/s | ratio to direct | p50 ms | p99 ms | p99 / direct | errors |"
+            )?;
+            writeln!(md, "|---|---:|---:|---:|---:|---:|---:|")?;
+            for (ri, route) in self.routes().iter().enumerate() {
+                let runs = &results[ri][ci];
+                let col = |f: fn(&Wrk) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
+                writeln!(
+                    md,
+                    "| {} | {} | {:.2}x | {:.3} | {:.3} | {:.2}x | {} |",
+                    route.name(),
+                    thousands(col(Wrk::rps)),
+                    ratio(runs, &direct[ci], Wrk::rps),
+                    col(|w| w.p50_us) / 1e3,
+                    col(|w| w.p99_us) / 1e3,
+                    ratio(runs, &direct[ci], |w| w.p99_us),
+                    runs.iter().map(|w| w.errors).sum::<u64>()
+                )?;
+            }
+            writeln!(md)?;
+        }
+        let orch = &results[1];
+        writeln!(md, "| target | measured | |\n|---|---:|---|")?;
+        for (ci, conn) in Conn::ALL.into_iter().enumerate() {
+            let d = ratio(&orch[ci], &direct[ci], Wrk::rps);
+            writeln!(
+                md,
+                "| orch / direct, {} >= 0.98 | {d:.3}x | {} |",
+                conn.name(),
+                verdict(d >= 0.98)
+            )?;
+            let n = ratio(&orch[ci], &results[2][ci], Wrk::rps);
+            writeln!(
+                md,
+                "| orch / nftables DNAT (output), {} > 1 | {n:.3}x | {} |",
+                conn.name(),
+                verdict(n > 1.0)
+            )?;
+        }
+        writeln!(md)?;
+        Ok(md)
+    }
+}
+
+/// Membership of this process in the bench's cgroup, left when dropped.
+struct CgroupMember<'a>(&'a Cgroup);
+
+impl Drop for CgroupMember<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.leave();
+    }
+}
+
 impl Drop for Bench<'_> {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -541,9 +687,21 @@ fn ratio(a: &[Wrk], b: &[Wrk], f: fn(&Wrk) -> f64) -> f64 {
 /// What a route left in place; dropping it removes it (the fields are held for that).
 enum Setup<'a> {
     Nothing,
-    Orch { _daemon: Box<Orch> },
-    Nft { _table: NftTable<'a> },
-    Proxy { _proxy: Child, _vip: LocalVip<'a> },
+    Orch {
+        _daemon: Box<Orch>,
+    },
+    Nft {
+        _table: NftTable<'a>,
+    },
+    Proxy {
+        _proxy: Child,
+        _vip: LocalVip<'a>,
+    },
+    /// Leaves the cgroup before the daemon stops (fields drop in order).
+    Local {
+        _member: CgroupMember<'a>,
+        _daemon: Box<Orch>,
+    },
 }
 
 struct NftTable<'a> {
@@ -556,6 +714,11 @@ impl Drop for NftTable<'_> {
             .lab
             .lb
             .exec("nft", &["delete", "table", "ip", "orch_bench"]);
+        // The local case's route to the VIP, if there is one.
+        let _ = self
+            .lab
+            .lb
+            .ip(&["route", "del", &format!("{VIP4}/32"), "dev", "br0"]);
     }
 }
 
@@ -603,9 +766,10 @@ fn orch_config(interfaces: &[String], attach: &str) -> String {
     )
 }
 
-/// DNAT the way kube-proxy programs a ClusterIP: match the VIP in prerouting, jump to the
-/// service chain, pick an endpoint at random, DNAT to it; conntrack translates the rest.
-fn nft_rules() -> String {
+/// DNAT the way kube-proxy programs a ClusterIP: match the VIP in prerouting (for a local
+/// client: in output), jump to the service chain, pick an endpoint at random, DNAT to it;
+/// conntrack translates the rest.
+fn nft_rules(local: bool) -> String {
     let mut s = String::from("table ip orch_bench {\n");
     for (i, b) in backends().enumerate() {
         writeln!(
@@ -624,9 +788,10 @@ fn nft_rules() -> String {
         map.join(", ")
     )
     .unwrap();
+    let hook = if local { "output" } else { "prerouting" };
     writeln!(
         s,
-        "  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n    ip daddr {VIP4} tcp dport {PORT} jump service-web\n  }}\n}}"
+        "  chain {hook} {{\n    type nat hook {hook} priority -100; policy accept;\n    ip daddr {VIP4} tcp dport {PORT} jump service-web\n  }}\n}}"
     )
     .unwrap();
     s
