@@ -190,8 +190,8 @@ fn query(name: &str) -> anyhow::Result<Vec<u8>> {
     Ok(m.to_vec()?)
 }
 
-/// dnsmasq in a namespace, stopped when dropped.
-struct Dnsmasq(Child);
+/// dnsmasq in a namespace, stopped (and its hosts file removed) when dropped.
+struct Dnsmasq(Child, std::path::PathBuf);
 
 impl Dnsmasq {
     fn start(ns: &str, hosts: &std::path::Path) -> anyhow::Result<Dnsmasq> {
@@ -214,7 +214,7 @@ impl Dnsmasq {
             .stderr(Stdio::null())
             .spawn()
             .context("starting dnsmasq")?;
-        Ok(Dnsmasq(child))
+        Ok(Dnsmasq(child, hosts.to_owned()))
     }
 }
 
@@ -222,5 +222,6 @@ impl Drop for Dnsmasq {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+        let _ = std::fs::remove_file(&self.1);
     }
 }
