@@ -523,7 +523,12 @@ fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
     move |source| DataplaneError::Map { name, source }
 }
 
-fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DataplaneError> {
+/// Program `name` of the object, as its kind `P` (`Xdp`, `SchedClassifier`,
+/// `CgroupSockAddr`).
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, DataplaneError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
     ebpf.program_mut(name)
         .ok_or(DataplaneError::Missing {
             kind: "program",
@@ -531,6 +536,18 @@ fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp
         })?
         .try_into()
         .map_err(|source| DataplaneError::Program { name, source })
+}
+
+/// Loads program `name` of kind `P` into the kernel (the verifier runs here).
+fn load<P>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    load: fn(&mut P) -> Result<(), ProgramError>,
+) -> Result<(), DataplaneError>
+where
+    for<'a> &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    load(program::<P>(ebpf, name)?).map_err(|source| DataplaneError::Program { name, source })
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
@@ -734,33 +751,13 @@ impl Dataplane {
             None
         };
         for name in [PROGRAM, FLOOR_PROGRAM] {
-            xdp_program(&mut ebpf, name)?
-                .load()
-                .map_err(|source| DataplaneError::Program { name, source })?;
-        }
-        for name in SOCK_PROGRAMS {
-            let prog: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or(DataplaneError::Missing {
-                    kind: "program",
-                    name,
-                })?
-                .try_into()
-                .map_err(|source| DataplaneError::Program { name, source })?;
-            prog.load()
-                .map_err(|source| DataplaneError::Program { name, source })?;
+            load::<Xdp>(&mut ebpf, name, Xdp::load)?;
         }
         for name in [TC_PROGRAM, TC_FLOOR_PROGRAM] {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or(DataplaneError::Missing {
-                    kind: "program",
-                    name,
-                })?
-                .try_into()
-                .map_err(|source| DataplaneError::Program { name, source })?;
-            prog.load()
-                .map_err(|source| DataplaneError::Program { name, source })?;
+            load::<SchedClassifier>(&mut ebpf, name, SchedClassifier::load)?;
+        }
+        for name in SOCK_PROGRAMS {
+            load::<CgroupSockAddr>(&mut ebpf, name, CgroupSockAddr::load)?;
         }
         let conntrack_new: HashMap<MapData, FlowKey, FlowValue> =
             take(&mut ebpf, CONNTRACK_NEW_MAP)?;
@@ -911,21 +908,11 @@ impl Dataplane {
     }
 
     fn program(&mut self, name: &'static str) -> Result<&mut Xdp, DataplaneError> {
-        xdp_program(&mut self.ebpf, name)
+        program::<Xdp>(&mut self.ebpf, name)
     }
 
     fn tc_program(&mut self) -> Result<&mut SchedClassifier, DataplaneError> {
-        self.ebpf
-            .program_mut(TC_PROGRAM)
-            .ok_or(DataplaneError::Missing {
-                kind: "program",
-                name: TC_PROGRAM,
-            })?
-            .try_into()
-            .map_err(|source| DataplaneError::Program {
-                name: TC_PROGRAM,
-                source,
-            })
+        program(&mut self.ebpf, TC_PROGRAM)
     }
 
     /// Decides where the balancer runs on `iface`: see [`AttachKind`] and the `device`
@@ -1178,15 +1165,7 @@ impl Dataplane {
         let links = self.links_dir();
         for name in SOCK_PROGRAMS {
             let pin = links.as_ref().map(|d| d.join(format!("sock_{name}")));
-            let prog: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(DataplaneError::Missing {
-                    kind: "program",
-                    name,
-                })?
-                .try_into()
-                .map_err(|source| DataplaneError::Program { name, source })?;
+            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
             if let Some(pin) = pin.as_ref().filter(|p| p.exists()) {
                 let fd = prog
                     .fd()
