@@ -489,28 +489,7 @@ impl<'a> Bench<'a> {
              the median of the per-round ratios to `direct` (same round).\n",
             self.o.connections, self.o.rounds, self.o.seconds
         )?;
-        for (ci, conn) in Conn::ALL.into_iter().enumerate() {
-            writeln!(md, "### {}\n", conn.name())?;
-            writeln!(md, "| path | requests/s | ratio to direct | p50 ms | p95 ms | p99 ms | p99 / direct | errors |")?;
-            writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|")?;
-            for (ri, route) in Route::ALL.into_iter().enumerate() {
-                let runs = &results[ri][ci];
-                let col = |f: fn(&Wrk) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
-                writeln!(
-                    md,
-                    "| {} | {} | {:.2}x | {:.3} | {:.3} | {:.3} | {:.2}x | {} |",
-                    route.name(),
-                    thousands(col(Wrk::rps)),
-                    ratio(runs, &direct[ci], Wrk::rps),
-                    col(|w| w.p50_us) / 1e3,
-                    col(|w| w.p95_us) / 1e3,
-                    col(|w| w.p99_us) / 1e3,
-                    ratio(runs, &direct[ci], |w| w.p99_us),
-                    runs.iter().map(|w| w.errors).sum::<u64>()
-                )?;
-            }
-            writeln!(md)?;
-        }
+        self.path_tables(&mut md, results, "")?;
 
         let orch = &results[1];
         let rps = |ri: usize, ci: usize| ratio(orch[ci].as_slice(), &results[ri][ci], Wrk::rps);
@@ -592,6 +571,35 @@ impl<'a> Bench<'a> {
 }
 
 impl Bench<'_> {
+    /// One table per connection mode: each path's rate and latency, and their ratios to
+    /// `direct` (the first path) in the same rounds.
+    fn path_tables(&self, md: &mut String, results: &Results, suffix: &str) -> std::fmt::Result {
+        let direct = &results[0];
+        for (ci, conn) in Conn::ALL.into_iter().enumerate() {
+            writeln!(md, "### {}{suffix}\n", conn.name())?;
+            writeln!(md, "| path | requests/s | ratio to direct | p50 ms | p95 ms | p99 ms | p99 / direct | errors |")?;
+            writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|")?;
+            for (ri, route) in self.routes().iter().enumerate() {
+                let runs = &results[ri][ci];
+                let col = |f: fn(&Wrk) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
+                writeln!(
+                    md,
+                    "| {} | {} | {:.2}x | {:.3} | {:.3} | {:.3} | {:.2}x | {} |",
+                    route.name(),
+                    thousands(col(Wrk::rps)),
+                    ratio(runs, &direct[ci], Wrk::rps),
+                    col(|w| w.p50_us) / 1e3,
+                    col(|w| w.p95_us) / 1e3,
+                    col(|w| w.p99_us) / 1e3,
+                    ratio(runs, &direct[ci], |w| w.p99_us),
+                    runs.iter().map(|w| w.errors).sum::<u64>()
+                )?;
+            }
+            writeln!(md)?;
+        }
+        Ok(())
+    }
+
     /// The `--local` section: a client on the load balancer host.
     fn local_section(&self, results: &Results) -> anyhow::Result<String> {
         let direct = &results[0];
@@ -612,30 +620,7 @@ impl Bench<'_> {
              clients; `direct` spreads wrk's threads over the backends.\n",
             self.o.connections, self.o.rounds, self.o.seconds
         )?;
-        for (ci, conn) in Conn::ALL.into_iter().enumerate() {
-            writeln!(md, "### {}, local\n", conn.name())?;
-            writeln!(
-                md,
-                "| path | requests/s | ratio to direct | p50 ms | p99 ms | p99 / direct | errors |"
-            )?;
-            writeln!(md, "|---|---:|---:|---:|---:|---:|---:|")?;
-            for (ri, route) in self.routes().iter().enumerate() {
-                let runs = &results[ri][ci];
-                let col = |f: fn(&Wrk) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
-                writeln!(
-                    md,
-                    "| {} | {} | {:.2}x | {:.3} | {:.3} | {:.2}x | {} |",
-                    route.name(),
-                    thousands(col(Wrk::rps)),
-                    ratio(runs, &direct[ci], Wrk::rps),
-                    col(|w| w.p50_us) / 1e3,
-                    col(|w| w.p99_us) / 1e3,
-                    ratio(runs, &direct[ci], |w| w.p99_us),
-                    runs.iter().map(|w| w.errors).sum::<u64>()
-                )?;
-            }
-            writeln!(md)?;
-        }
+        self.path_tables(&mut md, results, ", local")?;
         let orch = &results[1];
         writeln!(md, "| target | measured | |\n|---|---:|---|")?;
         for (ci, conn) in Conn::ALL.into_iter().enumerate() {
