@@ -1,6 +1,7 @@
 //! Service discovery by name, end to end: the daemon's DNS server in the lab, asked from
 //! the client's namespace over UDP and TCP, followed by connections through the VIP it
-//! names; registrations visible at once; junk and malformed messages answered or dropped
+//! names; registrations visible at once; answers too large for UDP truncated and whole over
+//! TCP, as a real stub resolver takes them; junk and malformed messages answered or dropped
 //! without harm.
 
 use std::{
@@ -11,7 +12,7 @@ use std::{
 };
 
 use hickory_proto::{
-    op::{Message, MessageType, OpCode, Query, ResponseCode},
+    op::{Edns, Message, MessageType, OpCode, Query, ResponseCode},
     rr::{Name, RData, RecordType},
     serialize::binary::BinDecodable,
 };
@@ -34,16 +35,14 @@ fn query(id: u16, name: &str, t: RecordType) -> Message {
     m
 }
 
-/// One message over UDP; the answer, if one came within a second.
-fn udp(bytes: &[u8]) -> std::io::Result<Option<Message>> {
+/// One message over UDP; the answer's bytes, if one came within a second.
+fn udp_raw(bytes: &[u8]) -> std::io::Result<Option<Vec<u8>>> {
     let s = UdpSocket::bind("0.0.0.0:0")?;
     s.set_read_timeout(Some(Duration::from_secs(1)))?;
     s.send_to(bytes, DNS)?;
     let mut buf = [0u8; 4096];
     match s.recv(&mut buf) {
-        Ok(n) => Ok(Some(
-            Message::from_bytes(&buf[..n]).map_err(std::io::Error::other)?,
-        )),
+        Ok(n) => Ok(Some(buf[..n].to_vec())),
         Err(e)
             if matches!(
                 e.kind(),
@@ -54,6 +53,13 @@ fn udp(bytes: &[u8]) -> std::io::Result<Option<Message>> {
         }
         Err(e) => Err(e),
     }
+}
+
+/// One message over UDP; the answer, if one came within a second.
+fn udp(bytes: &[u8]) -> std::io::Result<Option<Message>> {
+    udp_raw(bytes)?
+        .map(|b| Message::from_bytes(&b).map_err(std::io::Error::other))
+        .transpose()
 }
 
 /// One question over UDP, which must be answered.
@@ -273,4 +279,93 @@ fn malformed_and_hostile_messages_harm_nothing() {
         .unwrap()
         .unwrap();
     assert!(name.starts_with("backend-"), "{name}");
+}
+
+/// A file removed when dropped, also when the test fails.
+struct Scratch(std::path::PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn answers_too_large_for_udp_are_truncated_and_whole_over_tcp() {
+    if !require_root("answers_too_large_for_udp_are_truncated_and_whole_over_tcp") {
+        return;
+    }
+    let (lab, orch) = start();
+    // 100 backends: their A records take 1,600 bytes, more than UDP carries to any client.
+    let backends: Vec<IpAddr> = (1..=100).map(|i| IpAddr::from([198, 18, 200, i])).collect();
+    let mut args = vec!["service", "add", "big", "198.19.0.5:80", "--check", "none"];
+    let flags: Vec<String> = backends.iter().map(|ip| format!("{ip}:80")).collect();
+    for b in &flags {
+        args.extend(["-b", b]);
+    }
+    let out = orch.cli(&args).unwrap();
+    assert!(out.status.success(), "{}", out.stderr_text());
+    let name = "backends.big.orch.internal.";
+
+    let (plain, edns, small_edns, tcp) = lab
+        .client
+        .run(move || {
+            let raw = |m: Message| {
+                let bytes = udp_raw(&m.to_vec().unwrap()).unwrap().expect("an answer");
+                (Message::from_bytes(&bytes).unwrap(), bytes.len())
+            };
+            let with_edns = |size: u16| {
+                let mut m = query(11, name, RecordType::A);
+                m.set_edns(Edns::new().set_max_payload(size).clone());
+                raw(m)
+            };
+            (
+                raw(query(10, name, RecordType::A)),
+                with_edns(4096),
+                with_edns(100),
+                ask_tcp(name, RecordType::A),
+            )
+        })
+        .unwrap();
+    // Over UDP: the flag, no partial answer, within 512 bytes (no EDNS, or EDNS offering
+    // less than 512) or orch's 1232 (whatever larger size the client offers).
+    for ((m, len), limit, what) in [
+        (&plain, 512, "no EDNS"),
+        (&small_edns, 512, "EDNS offering 100 bytes"),
+        (&edns, 1232, "EDNS offering 4096 bytes"),
+    ] {
+        assert!(m.truncated(), "{what}: {:?}", m.header());
+        assert_eq!(m.answer_count(), 0, "{what}");
+        assert!(*len <= limit, "{what}: {len} bytes");
+        assert_eq!(m.response_code(), ResponseCode::NoError, "{what}");
+    }
+    // Over TCP: every backend.
+    assert!(!tcp.truncated());
+    assert_eq!(addresses(&tcp), backends, "over TCP");
+
+    // A real stub resolver (glibc's, which sends no EDNS) falls back to TCP by itself: its
+    // resolv.conf, bind-mounted in a private mount namespace, names only orch.
+    let conf = Scratch(lab.scratch_path("resolv.conf"));
+    std::fs::write(
+        &conf.0,
+        format!("nameserver {}\n", DNS.split(':').next().unwrap()),
+    )
+    .unwrap();
+    let script = format!(
+        "mount --bind {} /etc/resolv.conf && exec getent ahostsv4 {name}",
+        conf.0.display()
+    );
+    let out = lab
+        .client
+        .exec("unshare", &["--mount", "sh", "-c", &script])
+        .unwrap_or_else(|e| panic!("getent through orch's DNS: {e}\n{}", orch.log()));
+    let resolved: BTreeSet<IpAddr> = out
+        .lines()
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert_eq!(resolved, backends.iter().copied().collect(), "{out}");
+
+    let m = prom::parse(&lab.metrics().unwrap());
+    let truncated = prom::sum(&m, "orch_dns_truncated_total", &[]).unwrap();
+    assert!(truncated >= 4.0, "answers truncated: {truncated}");
 }

@@ -379,11 +379,21 @@ impl Daemon {
         self.views.send_replace(Arc::new(view));
         if let Some(dns) = &self.config.fixed.dns {
             self.zone_serial = self.zone_serial.wrapping_add(1);
+            let (verdicts, threshold) = (&self.verdicts, self.config.panic_threshold);
             let zone = Zone::new(
                 &dns.domain,
                 dns.ttl,
                 self.zone_serial,
-                self.sourced().map(|(s, _)| s),
+                self.sourced().map(|(s, _)| {
+                    let panic = verdicts.in_panic(s, threshold);
+                    let in_rotation = s
+                        .backends
+                        .iter()
+                        .filter(|b| verdicts.in_rotation(&s.name, b, panic))
+                        .map(|b| b.addr.ip())
+                        .collect();
+                    (s, in_rotation)
+                }),
             );
             self.zones.send_replace(Arc::new(zone));
         }

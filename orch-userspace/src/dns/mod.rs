@@ -1,15 +1,17 @@
 //! Service discovery by name: an authoritative DNS server for one domain.
 //!
-//! `<service>.<domain>` resolves to the service's VIP (`A` or `AAAA`), and
-//! `_<service>._<tcp|udp>.<domain>` to its port (`SRV`); other names in the domain are
+//! `<service>.<domain>` resolves to the service's VIP (`A` or `AAAA`),
+//! `_<service>._<tcp|udp>.<domain>` to its port (`SRV`), and `backends.<service>.<domain>`
+//! to the addresses of its backends in rotation; other names in the domain are
 //! NXDOMAIN, names outside it REFUSED (orch is not a recursive resolver). Answers come from
 //! the [`Zone`] the daemon publishes with every change, so a service added through the CLI
 //! resolves as soon as the command returns, and a removed one is gone as soon.
 //!
 //! The server is hickory's, on the daemon's runtime, over UDP and TCP. Limits: one question
 //! per message (else FORMERR), queries only (else NOTIMP), a token bucket over all clients
-//! (beyond it: REFUSED, counted), an idle timeout on TCP connections, and answers of a few
-//! records (well under the 512 bytes every client accepts).
+//! (beyond it: REFUSED, counted), an idle timeout on TCP connections, and UDP answers no
+//! larger than the client takes (512 bytes, or its EDNS size up to 1232): a larger one goes
+//! out empty with the TC flag, and the client asks again over TCP.
 
 mod zone;
 
@@ -20,8 +22,9 @@ use std::{
 };
 
 use hickory_proto::{
-    op::{Edns, Header, MessageType, OpCode, ResponseCode},
+    op::{Edns, Header, Message, MessageType, OpCode, ResponseCode},
     rr::{Name, RecordType},
+    xfer::Protocol,
 };
 use hickory_server::{
     authority::MessageResponseBuilder,
@@ -101,7 +104,7 @@ impl RequestHandler for Handler {
         request: &Request,
         mut response: R,
     ) -> ResponseInfo {
-        let builder = MessageResponseBuilder::from_message_request(request);
+        let mut builder = MessageResponseBuilder::from_message_request(request);
         let refuse = |code: ResponseCode| {
             let mut header = Header::response_from_request(request.header());
             header.set_response_code(code);
@@ -140,19 +143,26 @@ impl RequestHandler for Handler {
             };
         self.metrics
             .dns_query(qtype.map_or("none", type_label), header.response_code());
-        let mut builder = builder;
-        if request.edns().is_some() {
+        let edns = request.edns().map(|_| {
             let mut edns = Edns::new();
             edns.set_max_payload(EDNS_PAYLOAD);
-            builder.edns(edns);
+            edns
+        });
+        if let Some(edns) = &edns {
+            builder.edns(edns.clone());
+        }
+        let mut header = header;
+        let mut answer = answer.unwrap_or_else(Answer::nothing);
+        if encoded_len(request, &header, &answer, edns.as_ref()) > size_limit(request) {
+            // RFC 2181, 9: the client sees the flag and asks again over TCP, where the whole
+            // answer fits. Part of an answer would be worse than none: a client could take a
+            // few backends for all of them. (hickory alone would send a client without EDNS
+            // up to 4096 bytes, where RFC 1035 allows 512.)
+            header.set_truncated(true);
+            answer = Answer::nothing();
+            self.metrics.dns_truncated();
         }
         let empty = Vec::new();
-        let answer = answer.unwrap_or(Answer {
-            rcode: Rcode::Refused,
-            answers: Vec::new(),
-            authority: Vec::new(),
-            additionals: Vec::new(),
-        });
         let message = builder.build(
             header,
             answer.answers.iter(),
@@ -168,6 +178,33 @@ impl RequestHandler for Handler {
             }
         }
     }
+}
+
+/// The largest answer `request`'s client takes: over UDP 512 bytes (RFC 1035), or the size
+/// its EDNS option offers, up to [`EDNS_PAYLOAD`]; over TCP a whole message.
+fn size_limit(request: &Request) -> usize {
+    match request.protocol() {
+        Protocol::Udp => usize::from(
+            request
+                .edns()
+                .map_or(512, |e| e.max_payload().clamp(512, EDNS_PAYLOAD)),
+        ),
+        _ => usize::from(u16::MAX),
+    }
+}
+
+/// The size of the answer once encoded, as hickory will encode it (names compressed alike).
+fn encoded_len(request: &Request, header: &Header, answer: &Answer, edns: Option<&Edns>) -> usize {
+    let mut m = Message::new();
+    m.set_header(*header)
+        .add_queries(request.queries().iter().map(|q| q.original().clone()))
+        .add_answers(answer.answers.iter().cloned())
+        .add_name_servers(answer.authority.iter().cloned())
+        .add_additionals(answer.additionals.iter().cloned());
+    if let Some(edns) = edns {
+        m.set_edns(edns.clone());
+    }
+    m.to_vec().map_or(usize::MAX, |bytes| bytes.len())
 }
 
 /// The metrics label of a query type: the types orch answers by name, the rest as `other`

@@ -3,7 +3,10 @@
 //! Pure: no sockets, no clock. The server ([`super`]) turns a packet into a question and an
 //! [`Answer`] back into a packet.
 
-use std::{collections::HashMap, net::IpAddr};
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+};
 
 use hickory_proto::rr::{
     rdata::{A, AAAA, SOA, SRV},
@@ -11,6 +14,10 @@ use hickory_proto::rr::{
 };
 
 use crate::model::{Protocol, Service, ServiceAddr};
+
+/// The label under a service's name whose addresses are the backends in rotation:
+/// `backends.<service>.<domain>`.
+const BACKENDS_LABEL: &str = "backends";
 
 /// Seconds a negative answer may be cached (the SOA's minimum): short, since a service may be
 /// added any moment.
@@ -22,9 +29,18 @@ pub struct Zone {
     domain: Name,
     ttl: u32,
     /// By lower-case name: only names that are one DNS label are here.
-    services: HashMap<String, ServiceAddr>,
+    services: HashMap<String, Entry>,
     /// Changes with every new zone, so that secondaries (and people) can tell them apart.
     serial: u32,
+}
+
+/// What the zone knows of one service.
+#[derive(Clone, Debug)]
+struct Entry {
+    addr: ServiceAddr,
+    /// The addresses of the backends new connections may go to, each once, in the order
+    /// the operator listed them.
+    in_rotation: Vec<IpAddr>,
 }
 
 /// The answer to one question.
@@ -56,18 +72,41 @@ impl Rcode {
     }
 }
 
+impl Answer {
+    /// No records: for refusals, and for an answer that does not fit.
+    pub fn nothing() -> Answer {
+        Answer {
+            rcode: Rcode::Refused,
+            answers: Vec::new(),
+            authority: Vec::new(),
+            additionals: Vec::new(),
+        }
+    }
+}
+
 impl Zone {
-    /// The zone of `domain` (already validated) with `services`.
+    /// The zone of `domain` (already validated) with `services`, each with the addresses
+    /// of its backends in rotation (by the daemon's rule: admin state, weight, health,
+    /// panic).
     pub fn new<'a>(
         domain: &Name,
         ttl: u32,
         serial: u32,
-        services: impl IntoIterator<Item = &'a Service>,
+        services: impl IntoIterator<Item = (&'a Service, Vec<IpAddr>)>,
     ) -> Zone {
         let services = services
             .into_iter()
-            .filter(|s| is_label(&s.name))
-            .map(|s| (s.name.to_ascii_lowercase(), s.addr))
+            .filter(|(s, _)| is_label(&s.name))
+            .map(|(s, mut in_rotation)| {
+                // Two backends on one host differ only by port, which A records cannot tell.
+                let mut seen = HashSet::new();
+                in_rotation.retain(|ip| seen.insert(*ip));
+                let entry = Entry {
+                    addr: s.addr,
+                    in_rotation,
+                };
+                (s.name.to_ascii_lowercase(), entry)
+            })
             .collect();
         Zone {
             domain: domain.to_lowercase(),
@@ -84,6 +123,9 @@ impl Zone {
 
     /// Answers `qtype` for `qname`:
     /// - `<service>.<domain>`: `A` or `AAAA` give the VIP (the other family: no data);
+    /// - `backends.<service>.<domain>`: `A` or `AAAA` give the addresses of the backends in
+    ///   rotation, for clients that balance by themselves (gRPC, database drivers); with
+    ///   many backends this is the answer that outgrows a UDP message;
     /// - `_<service>._<tcp|udp>.<domain>`: `SRV` gives port and target, with the target's
     ///   address as additional data;
     /// - the domain itself: its `SOA`;
@@ -110,11 +152,14 @@ impl Zone {
             }
             [service] => match self.services.get(service.as_str()) {
                 None => self.negative(Rcode::NxDomain, true),
-                Some(addr) => match self.address(&qname, addr.vip, qtype) {
-                    Some(record) => self.positive(vec![record], Vec::new()),
-                    None => self.negative(Rcode::NoError, true),
-                },
+                Some(entry) => self.addresses(&qname, [entry.addr.vip], qtype),
             },
+            [label, service] if label == BACKENDS_LABEL => {
+                match self.services.get(service.as_str()) {
+                    None => self.negative(Rcode::NxDomain, true),
+                    Some(entry) => self.addresses(&qname, entry.in_rotation.iter().copied(), qtype),
+                }
+            }
             [service, proto] => {
                 let wanted = match proto.as_str() {
                     "_tcp" => Protocol::Tcp,
@@ -123,7 +168,7 @@ impl Zone {
                 };
                 let found = service
                     .strip_prefix('_')
-                    .and_then(|s| self.services.get(s).map(|a| (s, a)))
+                    .and_then(|s| self.services.get(s).map(|e| (s, &e.addr)))
                     .filter(|(_, a)| a.protocol == wanted);
                 let Some((name, addr)) = found else {
                     return self.negative(Rcode::NxDomain, true);
@@ -144,6 +189,25 @@ impl Zone {
                 self.positive(vec![srv], glue)
             }
             _ => self.negative(Rcode::NxDomain, true),
+        }
+    }
+
+    /// The records of those of `ips` that `qtype` asks for, under `name`: NOERROR with no
+    /// data when none is of that family.
+    fn addresses(
+        &self,
+        name: &Name,
+        ips: impl IntoIterator<Item = IpAddr>,
+        qtype: RecordType,
+    ) -> Answer {
+        let records: Vec<Record> = ips
+            .into_iter()
+            .filter_map(|ip| self.address(name, ip, qtype))
+            .collect();
+        if records.is_empty() {
+            self.negative(Rcode::NoError, true)
+        } else {
+            self.positive(records, Vec::new())
         }
     }
 
@@ -257,7 +321,20 @@ mod tests {
             service("web6", "2001:db8:ff::1", 80, Protocol::Tcp),
             service("not.a.label", "198.19.0.9", 80, Protocol::Tcp),
         ];
-        Zone::new(&check_domain("orch.internal").unwrap(), 5, 7, &services)
+        // web's backends in rotation: two hosts, one of them twice (on another port).
+        let in_rotation = |s: &Service| match s.name.as_str() {
+            "web" => ["198.18.1.2", "198.18.1.3", "198.18.1.2"]
+                .iter()
+                .map(|ip| ip.parse().unwrap())
+                .collect(),
+            _ => Vec::new(),
+        };
+        Zone::new(
+            &check_domain("orch.internal").unwrap(),
+            5,
+            7,
+            services.iter().map(|s| (s, in_rotation(s))),
+        )
     }
 
     fn ask(name: &str, t: RecordType) -> Answer {
@@ -285,6 +362,35 @@ mod tests {
         assert_eq!(
             (none.rcode, none.answers.len(), none.authority.len()),
             (Rcode::NoError, 0, 1)
+        );
+    }
+
+    #[test]
+    fn backends_give_the_addresses_in_rotation_each_once() {
+        let a = ask("backends.WEB.orch.internal.", RecordType::A);
+        let ips: Vec<RData> = a.answers.iter().map(|r| r.data().clone()).collect();
+        assert_eq!(
+            ips,
+            [
+                RData::A(A("198.18.1.2".parse().unwrap())),
+                RData::A(A("198.18.1.3".parse().unwrap()))
+            ]
+        );
+        // No backend in rotation, or none of the family: the name exists, with no data.
+        for (name, t) in [
+            ("backends.web.orch.internal.", RecordType::AAAA),
+            ("backends.dns.orch.internal.", RecordType::A),
+        ] {
+            let none = ask(name, t);
+            assert_eq!(
+                (none.rcode, none.answers.len(), none.authority.len()),
+                (Rcode::NoError, 0, 1),
+                "{name} {t}"
+            );
+        }
+        assert_eq!(
+            ask("backends.nope.orch.internal.", RecordType::A).rcode,
+            Rcode::NxDomain
         );
     }
 

@@ -52,6 +52,7 @@ pub struct Metrics {
     config_reloads: IntCounterVec,
     dns_queries: IntCounterVec,
     dns_rate_limited: IntCounter,
+    dns_truncated: IntCounter,
     map_sync_seconds: Histogram,
     map_sync_errors: IntCounter,
     conntrack_expired: IntCounterVec,
@@ -154,6 +155,12 @@ impl Metrics {
             "DNS queries refused because the server's query rate limit was reached.",
         )
         .expect("valid metric");
+        let dns_truncated = IntCounter::new(
+            "orch_dns_truncated_total",
+            "DNS answers too large for the client's UDP limit, sent empty with the TC flag \
+             (the client asks again over TCP).",
+        )
+        .expect("valid metric");
         let map_sync_errors = IntCounter::new(
             "orch_map_sync_errors_total",
             "Map syncs that failed (the data plane kept its previous state).",
@@ -180,6 +187,7 @@ impl Metrics {
             Box::new(conntrack_expired.clone()),
             Box::new(dns_queries.clone()),
             Box::new(dns_rate_limited.clone()),
+            Box::new(dns_truncated.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -200,6 +208,7 @@ impl Metrics {
             conntrack_expired,
             dns_queries,
             dns_rate_limited,
+            dns_truncated,
         }
     }
 
@@ -246,6 +255,11 @@ impl Metrics {
     /// Counts a DNS query refused by the rate limit.
     pub fn dns_rate_limited(&self) {
         self.dns_rate_limited.inc();
+    }
+
+    /// Counts a DNS answer truncated for UDP.
+    pub fn dns_truncated(&self) {
+        self.dns_truncated.inc();
     }
 
     /// Counts a config reload.
