@@ -27,8 +27,41 @@ use crate::maps::XDP_TX;
 
 /// The headers the program reads, at most: Ethernet, IPv6, ICMPv6 and the quoted IPv6
 /// header and ports (TCP up to its sequence numbers is shorter). A TC program pulls this
-/// much into the skb's linear part first.
+/// much into the skb's linear part first, unless [`own_headers`] are there already.
 const HEADERS: u32 = 14 + 40 + 8 + 40 + 8;
+
+/// What the parse of a TCP or UDP packet reads: Ethernet, the IP header and the L4 header
+/// (20 bytes of TCP, 8 of UDP); [`HEADERS`] for anything else (ICMP errors quote headers,
+/// IPv6 extension headers, other protocols) or when too little is linear to tell.
+///
+/// Why it matters: a segment from a local TCP socket keeps its payload in page fragments
+/// and its head shared with the socket's retransmit queue (a clone). Pulling [`HEADERS`]
+/// from it would pull payload bytes in, which makes the kernel copy the head into a new
+/// buffer, on every such packet, though the headers were all there.
+#[inline(always)]
+fn own_headers(ctx: &TcContext) -> u32 {
+    let Some(ethertype) = read::<[u8; 2]>(ctx, 12) else {
+        return HEADERS;
+    };
+    let (l3, proto) = match u16::from_be_bytes(ethertype) {
+        0x0800 => match read::<[u8; 10]>(ctx, 14) {
+            // Version and header length, ..., protocol.
+            Some(h) => (u32::from(h[0] & 0x0f) * 4, h[9]),
+            None => return HEADERS,
+        },
+        0x86dd => match read::<[u8; 7]>(ctx, 14) {
+            // The next header field.
+            Some(h) => (40, h[6]),
+            None => return HEADERS,
+        },
+        _ => return HEADERS,
+    };
+    match proto {
+        6 => 14 + l3 + 20,
+        17 => 14 + l3 + 8,
+        _ => HEADERS,
+    }
+}
 
 /// An L4 checksum change: one end's address and port, from `old` to `new`.
 pub struct L4Change<'a> {
@@ -192,15 +225,17 @@ impl Frame for TcContext {
 
     #[inline(always)]
     fn prepare(&self) {
-        let want = if self.len() < HEADERS {
+        let linear = (self.end() - self.start()) as u32;
+        let all = if self.len() < HEADERS {
             self.len()
         } else {
             HEADERS
         };
-        if ((self.end() - self.start()) as u32) < want {
-            // On failure the parse finds the headers short and passes the packet.
-            let _ = self.pull_data(want);
+        if linear >= all || linear >= own_headers(self) {
+            return;
         }
+        // On failure the parse finds the headers short and passes the packet.
+        let _ = self.pull_data(all);
     }
 
     #[inline(always)]
