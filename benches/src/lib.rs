@@ -19,6 +19,7 @@
 pub mod args;
 pub mod chart;
 pub mod child;
+pub mod load;
 pub mod probe;
 pub mod report;
 pub mod stats;

@@ -79,10 +79,10 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
             &["--rounds", "2", "--seconds", "3"],
         ),
         (
-            "local clients: socket-level balancing, direct, nftables DNAT in output (about 2 minutes)",
+            "local clients: socket-level balancing, direct, nftables DNAT in output (about 6 minutes)",
             "e2e",
-            &["--local"],
-            &["--local", "--rounds", "2", "--seconds", "3"],
+            &["--local", "--generator", "spread", "--rounds", "9", "--seconds", "4"],
+            &["--local", "--generator", "spread", "--rounds", "2", "--seconds", "3"],
         ),
         (
             "control plane: start, register, kill, probes, restart (about 3 minutes)",

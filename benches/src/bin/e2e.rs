@@ -51,6 +51,7 @@ use orch_benches::{
     args,
     chart::{self, Bars},
     child::Child,
+    load,
     report,
     stats::{median, thousands, verdict},
 };
@@ -148,6 +149,17 @@ struct Options {
     /// balancing, nftables DNAT in the output hook.
     #[arg(long)]
     local: bool,
+    /// The load generator: `wrk` (a thread's connections all go to one address, so
+    /// `direct` pins each thread to one backend) or `spread` (this benchmark's own: every
+    /// connection moves to the next backend when it reconnects, as through a balancer).
+    #[arg(long, value_enum, default_value_t = Generator::Wrk)]
+    generator: Generator,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Generator {
+    Wrk,
+    Spread,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -437,8 +449,11 @@ impl<'a> Bench<'a> {
         }
     }
 
-    /// One wrk run from the client namespace.
+    /// One run of the load generator from the client namespace.
     fn wrk(&self, route: Route, conn: Conn, seconds: u64) -> anyhow::Result<Wrk> {
+        if self.o.generator == Generator::Spread {
+            return self.spread(route, conn, seconds);
+        }
         let script = self.dir.join("bench.lua");
         let targets = self.targets(route);
         std::fs::write(&script, wrk_script(&targets, conn))?;
@@ -471,6 +486,33 @@ impl<'a> Bench<'a> {
             route.name()
         );
         Ok(r)
+    }
+
+    /// One run of [`load`] from the client namespace (and, for orch's local route, the
+    /// cgroup this process joined), with wrk's threads, connections and timeout.
+    fn spread(&self, route: Route, conn: Conn, seconds: u64) -> anyhow::Result<Wrk> {
+        let spec = load::Spec {
+            targets: self.targets(route),
+            threads: BACKENDS,
+            connections: self.o.connections,
+            duration: Duration::from_secs(seconds),
+            keep_alive: conn == Conn::KeepAlive,
+            timeout: Duration::from_secs(2),
+        };
+        let out = self.client().run(move || load::run(&spec))??;
+        ensure!(
+            out.requests > 0,
+            "{}: the load completed no request",
+            route.name()
+        );
+        Ok(Wrk {
+            requests: out.requests,
+            duration_us: out.elapsed.as_micros() as u64,
+            errors: out.errors,
+            p50_us: out.percentile_us(50.0),
+            p95_us: out.percentile_us(95.0),
+            p99_us: out.percentile_us(99.0),
+        })
     }
 
     fn section(&self, results: &Results) -> anyhow::Result<String> {
@@ -604,20 +646,32 @@ impl Bench<'_> {
     fn local_section(&self, results: &Results) -> anyhow::Result<String> {
         let direct = &results[0];
         let mut md = String::new();
-        writeln!(md, "## Local clients (wrk on the load balancer host)\n")?;
+        let generator = match self.o.generator {
+            Generator::Wrk => "wrk",
+            Generator::Spread => "spread",
+        };
+        writeln!(md, "## Local clients (a client on the load balancer host)\n")?;
         writeln!(
             md,
-            "```sh\nsudo target/release/e2e --local --rounds {} --seconds {} --connections {}\n```\n",
+            "```sh\nsudo target/release/e2e --local --generator {generator} --rounds {} --seconds {} --connections {}\n```\n",
             self.o.rounds, self.o.seconds, self.o.connections
         )?;
+        let how = match self.o.generator {
+            Generator::Wrk => "wrk, whose threads each keep one address: `direct` pins each \
+                               thread to one backend",
+            Generator::Spread => "the benchmark's own generator (`benches/src/load.rs`), \
+                                  whose connections each move to the next backend when they \
+                                  reconnect: `direct` spreads every thread's connections \
+                                  over the backends, as a balancer does",
+        };
         writeln!(
             md,
-            "wrk with {BACKENDS} threads and {} connections in the load balancer's namespace, \
-             as a service calling another on the same host; nginx (one worker) on each \
-             backend; {} rounds of {} s, paths interleaved. `orch` is socket-level balancing \
-             (wrk in the cgroup its `connect()` program serves: no packet translated); \
-             `nftables` is the same DNAT in the output hook, where kube-proxy handles local \
-             clients; `direct` spreads wrk's threads over the backends.\n",
+            "{BACKENDS} client threads and {} connections in the load balancer's namespace, \
+             as a service calling another on the same host, driven by {how}; nginx (one \
+             worker) on each backend; {} rounds of {} s, paths interleaved. `orch` is \
+             socket-level balancing (the client in the cgroup its `connect()` program \
+             serves: no packet translated); `nftables` is the same DNAT in the output hook, \
+             where kube-proxy handles local clients.\n",
             self.o.connections, self.o.rounds, self.o.seconds
         )?;
         self.path_tables(&mut md, results, ", local")?;
