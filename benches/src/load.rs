@@ -127,25 +127,23 @@ async fn connection(spec: Spec, index: usize, deadline: Instant) -> Outcome {
         let target = spec.targets[next % spec.targets.len()];
         next += 1;
         let started = Instant::now();
-        let mut stream =
-            match tokio::time::timeout(spec.timeout, TcpStream::connect(target)).await {
-                Ok(Ok(s)) => s,
-                _ => {
-                    out.errors += 1;
-                    continue;
-                }
-            };
+        let mut stream = match tokio::time::timeout(spec.timeout, TcpStream::connect(target)).await
+        {
+            Ok(Ok(s)) => s,
+            _ => {
+                out.errors += 1;
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
         let mut began = started;
         loop {
             let answered =
-                tokio::time::timeout(spec.timeout, exchange(&mut stream, &request, &mut buf))
-                    .await;
+                tokio::time::timeout(spec.timeout, exchange(&mut stream, &request, &mut buf)).await;
             match answered {
                 Ok(Ok(())) => {
                     out.requests += 1;
-                    out.latencies_us
-                        .push(began.elapsed().as_secs_f64() * 1e6);
+                    out.latencies_us.push(began.elapsed().as_secs_f64() * 1e6);
                 }
                 _ => {
                     out.errors += 1;
@@ -254,6 +252,9 @@ mod tests {
         assert!(out.requests >= 3 && out.errors == 0, "{out:?}");
         let seen: Vec<u64> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
         let (lo, hi) = (seen.iter().min().unwrap(), seen.iter().max().unwrap());
-        assert!(hi - lo <= 1, "one connection's reconnects go round the targets: {seen:?}");
+        assert!(
+            hi - lo <= 1,
+            "one connection's reconnects go round the targets: {seen:?}"
+        );
     }
 }

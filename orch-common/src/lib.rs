@@ -22,6 +22,9 @@ pub const MAX_BACKENDS: u32 = 16_384;
 /// Slots in one service's round-robin table. Weights are reduced to this many slots; a
 /// service can therefore have at most this many backends with a non-zero weight.
 pub const SLOTS_PER_TABLE: u32 = 256;
+/// Slots in one Maglev lookup table (a prime, as Maglev's permutations need; Cilium's
+/// default). Balanced well up to about 160 backends (the paper wants 100 slots per backend).
+pub const MAGLEV_SIZE: u32 = 16_381;
 /// Default capacity of the confirmed-connection table (entries; each connection uses two:
 /// forward and reply).
 pub const CONNTRACK_CAPACITY: u32 = 262_144;

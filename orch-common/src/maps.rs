@@ -12,12 +12,15 @@
 
 use core::mem::size_of;
 
-use crate::SLOTS_PER_TABLE;
+use crate::{MAGLEV_SIZE, SLOTS_PER_TABLE};
 
 /// Services: [`ServiceKey`] → [`ServiceValue`] (hash).
 pub const SERVICES_MAP: &str = "ORCH_SVC_V1";
 /// Round-robin slot tables: `service id * 2 + table` → [`SlotTable`] (array).
 pub const SLOTS_MAP: &str = "ORCH_SLOTS_V1";
+/// Maglev lookup tables: `service id * 2 + table` → [`MaglevTable`] (hash without
+/// preallocation: only services whose scheduler is Maglev take memory, 64 KiB per table).
+pub const MAGLEV_MAP: &str = "ORCH_MAGLEV_V1";
 /// Backends: backend id → [`Backend`] (array).
 pub const BACKENDS_MAP: &str = "ORCH_BE_V1";
 /// Per-service new-connection cursor: service id → `u64` (per-CPU array).
@@ -226,7 +229,7 @@ pub struct ServiceValue {
     pub id: u32,
     /// Which of the service's two slot tables (0 or 1) new connections use.
     pub active_table: u32,
-    /// Reserved for per-service options (forwarding mode, hashing...); zero today.
+    /// Per-service options: [`SERVICE_MAGLEV`]; the other bits are zero.
     pub flags: u32,
     pub _pad: u32,
 }
@@ -254,6 +257,72 @@ impl Default for SlotTable {
             backend_ids: [0; SLOTS_PER_TABLE as usize],
         }
     }
+}
+
+/// [`ServiceValue::flags`]: new connections are hashed into the service's Maglev table
+/// ([`MAGLEV_MAP`]) instead of taking its round-robin slots.
+pub const SERVICE_MAGLEV: u32 = 1;
+
+/// A service's Maglev lookup table: a new flow goes to `backend_ids[flow_hash % len]`.
+/// Written whole by the daemon while inactive, activated like a [`SlotTable`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaglevTable {
+    /// [`MAGLEV_SIZE`], or 0 when no backend takes new connections.
+    pub len: u32,
+    pub backend_ids: [u32; MAGLEV_SIZE as usize],
+}
+const _: () = assert!(size_of::<MaglevTable>() == 4 + 4 * MAGLEV_SIZE as usize);
+
+impl Default for MaglevTable {
+    fn default() -> Self {
+        MaglevTable {
+            len: 0,
+            backend_ids: [0; MAGLEV_SIZE as usize],
+        }
+    }
+}
+
+/// The hash Maglev services place a flow with: of its addresses, ports and protocol as
+/// the client sent them (network order words, as in [`FlowKey`]). Fixed and documented
+/// (MurmurHash3's 32-bit mixing, word by word), so that every orch host, and every version,
+/// sends a flow to the same slot: the kernel program computes it per new flow, the daemon
+/// to predict (`orch explain`), the tests to check.
+#[inline(always)]
+pub fn flow_hash(
+    src: &[u32; 4],
+    dst: &[u32; 4],
+    src_port_be: u16,
+    dst_port_be: u16,
+    proto: u8,
+) -> u32 {
+    #[inline(always)]
+    fn round(h: u32, k: u32) -> u32 {
+        let k = k
+            .wrapping_mul(0xcc9e_2d51)
+            .rotate_left(15)
+            .wrapping_mul(0x1b87_3593);
+        (h ^ k)
+            .rotate_left(13)
+            .wrapping_mul(5)
+            .wrapping_add(0xe654_6b64)
+    }
+    let mut h = 0x6f72_6368; // "orch"
+    let mut i = 0;
+    while i < 4 {
+        h = round(h, src[i]);
+        h = round(h, dst[i]);
+        i += 1;
+    }
+    h = round(h, (u32::from(src_port_be) << 16) | u32::from(dst_port_be));
+    h = round(h, u32::from(proto));
+    // The finalizer: every input bit reaches every output bit.
+    h ^= 36;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
 }
 
 /// Index of a service's slot table `table` (0 or 1) in [`SLOTS_MAP`].
@@ -387,6 +456,18 @@ pub struct FlowKey {
 const _: () = assert!(size_of::<FlowKey>() == 40);
 
 impl FlowKey {
+    /// [`flow_hash`] of this key's flow.
+    #[inline(always)]
+    pub fn hash(&self) -> u32 {
+        flow_hash(
+            &self.src,
+            &self.dst,
+            self.src_port_be,
+            self.dst_port_be,
+            self.proto,
+        )
+    }
+
     /// The key of the reply entry of a connection whose forward entry is `self`, balanced
     /// to `backend_addr`:`backend_port_be`: the backend's packets as they arrive.
     #[inline(always)]
@@ -625,6 +706,7 @@ mod pod {
     // SAFETY: every type is repr(C), Copy, with explicit padding and no invalid bit patterns.
     unsafe impl aya::Pod for ServiceKey {}
     unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for MaglevTable {}
     unsafe impl aya::Pod for SockPeer {}
     unsafe impl aya::Pod for SockFlowKey {}
     unsafe impl aya::Pod for SockFlow {}
@@ -705,6 +787,29 @@ impl BackendSignals {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The flow hash is part of the protocol between orch hosts: two versions that hashed
+    /// differently would send one flow to two backends. These values must never change.
+    #[test]
+    fn the_flow_hash_is_fixed() {
+        let client = v4_mapped(u32::from_ne_bytes([198, 18, 0, 2]));
+        let vip = v4_mapped(u32::from_ne_bytes([198, 19, 0, 1]));
+        let h = |port: u16| flow_hash(&client, &vip, port.to_be(), 80u16.to_be(), 6);
+        assert_eq!([h(40000), h(40001)], [2_291_652_223, 3_371_728_352]);
+        // Every field counts.
+        assert_ne!(
+            flow_hash(&client, &vip, 1, 2, 6),
+            flow_hash(&client, &vip, 1, 2, 17)
+        );
+        assert_ne!(
+            flow_hash(&client, &vip, 1, 2, 6),
+            flow_hash(&vip, &client, 1, 2, 6)
+        );
+        assert_ne!(
+            flow_hash(&client, &vip, 1, 2, 6),
+            flow_hash(&client, &vip, 2, 1, 6)
+        );
+    }
 
     #[test]
     fn v4_mapped_layout() {

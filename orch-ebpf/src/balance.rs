@@ -1,20 +1,21 @@
-//! Backend choice: the connection table first, then the service's round-robin table.
+//! Backend choice: the connection table first, then the service's table: its round-robin
+//! slots, or for a Maglev service the slot its flow hashes to.
 
 use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns};
 use orch_common::{
     maps::{
-        slot_table_index, tcp_opens, FlowKey, FlowValue, ServiceValue, SlotTable, DIR_FORWARD,
-        TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+        slot_table_index, tcp_opens, FlowKey, FlowValue, MaglevTable, ServiceValue, SlotTable,
+        DIR_FORWARD, SERVICE_MAGLEV, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
     },
-    CtEvent, Reason, EJECTED_RETRIES, IPPROTO_TCP, IPPROTO_UDP, SLOTS_PER_TABLE,
+    CtEvent, Reason, EJECTED_RETRIES, IPPROTO_TCP, IPPROTO_UDP, MAGLEV_SIZE, SLOTS_PER_TABLE,
 };
 
 use crate::{
     conntrack, fib,
     frame::Frame,
     maps::{
-        settings, Work, BACKENDS, BACKEND_DOWN, BACKEND_STATS, CURSORS, SCRATCH, SERVICE_STATS,
-        SLOTS,
+        settings, Work, BACKENDS, BACKEND_DOWN, BACKEND_STATS, CURSORS, MAGLEV, SCRATCH,
+        SERVICE_STATS, SLOTS,
     },
     parse::Packet,
     stats,
@@ -150,13 +151,24 @@ struct NewFlow {
 /// next round-robin slot and records the connection in both directions (unconfirmed). Its
 /// forward entry is also left in this CPU's scratch entry, returned.
 ///
-/// Not inlined: see [`crate::steer`] on the stack.
+/// Not inlined: see [`crate::steer`] on the stack. The service comes as its fields in
+/// registers (`id` and `active_table` in `id_table`, see [`service_words`]) rather than a
+/// pointer to the caller's copy, which would have to live on the caller's stack: 16 bytes
+/// that the deepest chain of calls does not have. (A BPF call takes at most five
+/// arguments, the returned value's pointer among them.)
 #[inline(never)]
 pub fn new_flow(
     ctx: &impl Frame,
     pkt: &Packet,
-    svc: &ServiceValue,
+    id_table: u64,
+    flags: u32,
 ) -> Result<*const FlowValue, Reason> {
+    let svc = &ServiceValue {
+        id: id_table as u32,
+        active_table: (id_table >> 32) as u32,
+        flags,
+        _pad: 0,
+    };
     let key = pkt.key(DIR_FORWARD);
     let new = NewFlow {
         // SAFETY: a helper without arguments.
@@ -174,12 +186,8 @@ pub fn new_flow(
     let key = &key;
     let egress = &mut route;
     let new = &new;
-    let Pick {
-        table,
-        ticket,
-        len,
-        backend_id,
-    } = pick(svc)?;
+    let first = pick(svc, Some(key))?;
+    let backend_id = first.backend_id;
 
     // One call site for `record`, in a loop of at most two rounds: inlined twice, its keys
     // would take twice the stack.
@@ -194,7 +202,7 @@ pub fn new_flow(
                 conntrack::event(CtEvent::ReplyCollision);
                 let mut other = None;
                 for i in 1..=EJECTED_RETRIES {
-                    let c = slot_backend(table, (ticket + i) % len)?;
+                    let c = first.nth(svc, i)?;
                     if c != backend_id {
                         other = Some(c);
                         break;
@@ -307,48 +315,121 @@ fn claim_reply(w: &mut Work, key: &FlowKey, new: &NewFlow) -> Result<(), Reason>
     Ok(())
 }
 
-/// A new connection's backend, and where in the table it was found.
+/// `svc`'s id and active table in one word, as [`new_flow`] takes them.
+#[inline(always)]
+pub fn service_words(svc: &ServiceValue) -> (u64, u32) {
+    (
+        u64::from(svc.id) | u64::from(svc.active_table) << 32,
+        svc.flags,
+    )
+}
+
+/// A new connection's backend, and where in the service's table it was found.
 pub struct Pick {
-    pub table: &'static SlotTable,
-    /// This CPU's ticket: the slot is `ticket % len`.
+    /// The slot is `ticket % len`.
     pub ticket: u64,
     pub len: u64,
     pub backend_id: u32,
 }
 
-/// The backend the next new connection to `svc` takes on this CPU: the next slot of the
-/// service's active table from this CPU's cursor, past backends the data plane ejected.
-/// The one selection rule of every path (packets at XDP or TC, sockets at `connect()`), and
-/// the rule `orch explain` restates.
-#[inline(always)]
-pub fn pick(svc: &ServiceValue) -> Result<Pick, Reason> {
-    let table = SLOTS
-        .get(slot_table_index(svc.id, svc.active_table))
-        .ok_or(Reason::DropInternal)?;
-    let len = table.len;
-    if len == 0 {
-        stats::traffic(&SERVICE_STATS, svc.id, |c| c.no_backend += 1);
-        return Err(Reason::DropNoBackend);
+impl Pick {
+    /// The backend `i` slots after this pick's (for a retry; looks the table up again).
+    #[inline(always)]
+    pub fn nth(&self, svc: &ServiceValue, i: u64) -> Result<u32, Reason> {
+        let slot = (self.ticket + i) % self.len;
+        let index = slot_table_index(svc.id, svc.active_table);
+        if svc.flags & SERVICE_MAGLEV != 0 {
+            // SAFETY: a map value read in place; the daemon replaces whole tables.
+            let table = unsafe { MAGLEV.get(index) }.ok_or(Reason::DropInternal)?;
+            maglev_backend(table, slot)
+        } else {
+            slot_backend(SLOTS.get(index).ok_or(Reason::DropInternal)?, slot)
+        }
     }
-    // The cursor is per CPU: incrementing it is a plain add on memory no other CPU touches,
-    // so there is no read-then-write race and no cache line bouncing between CPUs under a
-    // burst of new connections. Each CPU walks the same smooth order from its own starting
-    // slot, so over any number of connections a backend's share is off by at most one per CPU.
+}
+
+/// The backend the next new connection to `svc` takes: the one selection rule of every
+/// path (packets at XDP or TC, sockets at `connect()`), and the rule `orch explain`
+/// restates.
+/// - Round-robin (the default): the next slot of the service's active table from this
+///   CPU's cursor.
+/// - Maglev: the slot `flow`'s hash gives, so that every orch host sends the flow to the
+///   same backend. A socket's `connect()` has no flow yet (its port is not chosen): it walks
+///   the Maglev table from the cursor, which keeps the weights.
+///
+/// Either way backends the data plane ejected are skipped (see [`choose`]).
+#[inline(always)]
+pub fn pick(svc: &ServiceValue, flow: Option<&FlowKey>) -> Result<Pick, Reason> {
+    let index = slot_table_index(svc.id, svc.active_table);
+    // One table of either kind, as its backend ids and their bound: one instance of
+    // `choose` rather than two (the stack is the program's scarcest resource).
+    let (ids, cap, len) = if svc.flags & SERVICE_MAGLEV != 0 {
+        // SAFETY: a map value read in place; the daemon replaces whole tables.
+        match unsafe { MAGLEV.get(index) } {
+            Some(t) => (t.backend_ids.as_ptr(), MAGLEV_SIZE as u64, t.len),
+            None => return no_backend(svc),
+        }
+    } else {
+        let t = SLOTS.get(index).ok_or(Reason::DropInternal)?;
+        (t.backend_ids.as_ptr(), SLOTS_PER_TABLE as u64, t.len)
+    };
+    if len == 0 {
+        return no_backend(svc);
+    }
+    let ticket = match flow {
+        Some(f) if svc.flags & SERVICE_MAGLEV != 0 => u64::from(hash_of(f)),
+        _ => next_ticket(svc)?,
+    };
+    choose(len, ticket, |slot| {
+        // Bound for the verifier (and against a corrupt `len`).
+        if slot >= cap {
+            return Err(Reason::DropInternal);
+        }
+        // SAFETY: `ids` points at `cap` ids of a live map value.
+        Ok(unsafe { *ids.add(slot as usize) })
+    })
+}
+
+/// [`FlowKey::hash`], in a frame of its own: inlined, its temporaries spill onto the stack
+/// of [`new_flow`], which has none to spare.
+#[inline(never)]
+fn hash_of(key: &FlowKey) -> u32 {
+    key.hash()
+}
+
+#[inline(always)]
+fn no_backend(svc: &ServiceValue) -> Result<Pick, Reason> {
+    stats::traffic(&SERVICE_STATS, svc.id, |c| c.no_backend += 1);
+    Err(Reason::DropNoBackend)
+}
+
+/// This CPU's next ticket for `svc`. The cursor is per CPU: incrementing it is a plain add
+/// on memory no other CPU touches, so there is no read-then-write race and no cache line
+/// bouncing between CPUs under a burst of new connections. Each CPU walks the same smooth
+/// order from its own starting slot, so over any number of connections a backend's share is
+/// off by at most one per CPU.
+#[inline(always)]
+fn next_ticket(svc: &ServiceValue) -> Result<u64, Reason> {
     let cursor = CURSORS.get_ptr_mut(svc.id).ok_or(Reason::DropInternal)?;
     // SAFETY: this CPU's own slot; programs do not nest on one CPU.
-    let ticket = unsafe {
+    Ok(unsafe {
         let n = *cursor;
         *cursor = n + 1;
         n + bpf_get_smp_processor_id() as u64
-    };
+    })
+}
+
+/// The backend at `ticket % len`, or past it when that one was ejected (it refused a
+/// connection moments ago): the next slots are tried until the daemon rewrites the table;
+/// if all of those are ejected too, the first choice stands (better a try than a certain
+/// drop).
+#[inline(always)]
+fn choose(len: u32, ticket: u64, at: impl Fn(u64) -> Result<u32, Reason>) -> Result<Pick, Reason> {
     let len = len as u64;
-    let mut backend_id = slot_backend(table, ticket % len)?;
-    // A backend the data plane ejected (it refused a connection moments ago) is skipped for
-    // the next slots until the daemon rewrites the table; if all of those are ejected too,
-    // the first choice stands (better a try than a certain drop).
+    let mut backend_id = at(ticket % len)?;
     if is_ejected(backend_id) {
         for i in 1..=EJECTED_RETRIES {
-            let candidate = slot_backend(table, (ticket + i) % len)?;
+            let candidate = at((ticket + i) % len)?;
             if !is_ejected(candidate) {
                 backend_id = candidate;
                 break;
@@ -356,7 +437,6 @@ pub fn pick(svc: &ServiceValue) -> Result<Pick, Reason> {
         }
     }
     Ok(Pick {
-        table,
         ticket,
         len,
         backend_id,
@@ -368,6 +448,15 @@ fn slot_backend(table: &SlotTable, slot: u64) -> Result<u32, Reason> {
     let slot = slot as usize;
     // Bound for the verifier (and against a corrupt `len`).
     if slot >= SLOTS_PER_TABLE as usize {
+        return Err(Reason::DropInternal);
+    }
+    Ok(table.backend_ids[slot])
+}
+
+#[inline(always)]
+fn maglev_backend(table: &MaglevTable, slot: u64) -> Result<u32, Reason> {
+    let slot = slot as usize;
+    if slot >= MAGLEV_SIZE as usize {
         return Err(Reason::DropInternal);
     }
     Ok(table.backend_ids[slot])

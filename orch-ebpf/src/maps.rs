@@ -11,8 +11,8 @@ use aya_ebpf::{
 };
 use orch_common::{
     maps::{
-        Backend, BackendSignals, FlowKey, FlowValue, FragKey, FragValue, PortBitmap, ServiceKey,
-        ServiceValue, Settings, SlotTable, SockEvent, SockFlow, SockFlowKey, SockPeer,
+        Backend, BackendSignals, FlowKey, FlowValue, FragKey, FragValue, MaglevTable, PortBitmap,
+        ServiceKey, ServiceValue, Settings, SlotTable, SockEvent, SockFlow, SockFlowKey, SockPeer,
         TrafficCounters, CT_NEW_OPS as CT_NEW_OPS_SLOTS, FRAGS_CAPACITY, SOCK_PEERS_CAPACITY,
         SOCK_UDP_CAPACITY, XDP_TX_CAPACITY,
     },
@@ -24,6 +24,11 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entri
 
 #[map(name = "ORCH_SLOTS_V1")]
 pub static SLOTS: Array<SlotTable> = Array::with_max_entries(MAX_SERVICES * 2, 0);
+
+/// Maglev tables: not preallocated, so services on round-robin cost nothing here.
+#[map(name = "ORCH_MAGLEV_V1")]
+pub static MAGLEV: HashMap<u32, MaglevTable> =
+    HashMap::with_max_entries(MAX_SERVICES * 2, BPF_F_NO_PREALLOC);
 
 #[map(name = "ORCH_BE_V1")]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);

@@ -89,7 +89,7 @@ pub fn connect(ctx: &SockAddrContext, family: Family) {
     let Some(svc) = (unsafe { SERVICES.get(key) }) else {
         return;
     };
-    let Ok(pick) = balance::pick(svc) else {
+    let Ok(pick) = balance::pick(svc, None) else {
         stats::sock(SockEvent::NoBackend);
         return;
     };
@@ -154,7 +154,7 @@ pub fn sendmsg(ctx: &SockAddrContext, family: Family) {
     let flow = match known {
         Some(f) => f,
         None => {
-            let Ok(pick) = balance::pick(svc) else {
+            let Ok(pick) = balance::pick(svc, None) else {
                 stats::sock(SockEvent::NoBackend);
                 return;
             };

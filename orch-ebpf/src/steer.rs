@@ -230,7 +230,8 @@ fn forward<F: Frame>(ctx: &F, pkt: &Packet, svc: &ServiceValue) -> Result<(u32, 
     let new = flow.is_null();
     if new {
         balance::opens(pkt)?;
-        flow = balance::new_flow(ctx, pkt, svc)?;
+        let (id_table, flags) = balance::service_words(svc);
+        flow = balance::new_flow(ctx, pkt, id_table, flags)?;
     }
     // SAFETY: a map value (the connection's entry, or this CPU's scratch entry), alive for
     // the rest of this run.

@@ -130,6 +130,44 @@ pub struct Service {
     pub backends: Vec<Backend>,
     /// How the daemon checks the backends' health.
     pub check: HealthCheck,
+    /// How the data plane picks the backend of a new connection.
+    pub scheduler: Scheduler,
+}
+
+/// How a service's new connections are spread over its backends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Scheduler {
+    /// Smooth weighted round-robin: each backend's turns evenly spread, per CPU.
+    #[default]
+    #[serde(rename = "round-robin")]
+    RoundRobin,
+    /// Maglev consistent hashing of the flow: every orch host with the same backends sends
+    /// a new flow to the same backend, and a backend leaving moves about 1/N of the flows.
+    #[serde(rename = "maglev")]
+    Maglev,
+}
+
+impl Scheduler {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Scheduler::RoundRobin => "round-robin",
+            Scheduler::Maglev => "maglev",
+        }
+    }
+}
+
+impl std::str::FromStr for Scheduler {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "round-robin" => Ok(Scheduler::RoundRobin),
+            "maglev" => Ok(Scheduler::Maglev),
+            other => Err(format!(
+                "unknown scheduler {other:?}: use round-robin or maglev"
+            )),
+        }
+    }
 }
 
 /// What a health check does.
@@ -256,6 +294,7 @@ impl Service {
             name: self.name.clone(),
             addr: self.addr,
             check: self.check.clone(),
+            scheduler: self.scheduler,
             backends: self
                 .backends
                 .iter()
@@ -376,6 +415,7 @@ mod tests {
                 protocol: Protocol::Tcp,
             },
             check: Default::default(),
+            scheduler: Default::default(),
             backends: backends
                 .iter()
                 .map(|(a, w, state)| Backend {

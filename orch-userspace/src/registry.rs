@@ -24,7 +24,7 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use tracing::info;
 
 use crate::model::{
-    self, AdminState, Backend, HealthCheck, Protocol, Service, ServiceAddr,
+    self, AdminState, Backend, HealthCheck, Protocol, Scheduler, Service, ServiceAddr,
     MAX_BACKENDS_PER_SERVICE,
 };
 
@@ -57,6 +57,8 @@ const MIGRATIONS: &[&str] = &[
 #[serde(default)]
 struct Options {
     check: Option<HealthCheck>,
+    /// Absent in rows written before schedulers existed: round-robin.
+    scheduler: Option<Scheduler>,
 }
 
 /// Why a registry operation failed. Every variant except `Db` and `Open` is the caller's
@@ -306,6 +308,7 @@ fn write(tx: &Transaction<'_>, change: &Change) -> Result<(), rusqlite::Error> {
         Change::AddService(svc) => {
             let options = Options {
                 check: Some(svc.check.clone()),
+                scheduler: Some(svc.scheduler),
             };
             let options = serde_json::to_string(&options)
                 .map_err(|e| rusqlite::Error::ToSqlConversionFailure(e.into()))?;
@@ -409,6 +412,7 @@ fn load(conn: &Connection) -> Result<BTreeMap<String, Service>, RegistryError> {
             check: options
                 .check
                 .unwrap_or_else(|| HealthCheck::default_for(protocol)),
+            scheduler: options.scheduler.unwrap_or_default(),
             addr: ServiceAddr {
                 vip: vip
                     .parse()
@@ -468,6 +472,7 @@ mod tests {
         Service {
             name: "web".into(),
             check: HealthCheck::default(),
+            scheduler: Default::default(),
             addr: ServiceAddr {
                 vip: "198.19.0.1".parse().unwrap(),
                 port: 80,

@@ -18,13 +18,13 @@ use orch::{
         codec::{addr_words, words_addr},
         default_settings, Capacity, Dataplane, DataplaneError, TestRunOutput, Verdict,
     },
-    model::{Backend, Protocol, Service, ServiceAddr},
-    reconcile::Reconciler,
+    model::{Backend, Protocol, Scheduler, Service, ServiceAddr},
+    reconcile::{maglev, Reconciler},
 };
 use orch_common::{
     csum::checksum_be,
     maps::{FlowKey, FlowValue, DIR_FORWARD, DIR_REPLY, SEEN_FIN, SEEN_RST, SEEN_SYNACK},
-    Reason,
+    Reason, MAGLEV_SIZE,
 };
 use orch_tests::{netns::Netns, privilege::require_root};
 
@@ -192,6 +192,7 @@ fn services() -> Vec<Service> {
     let svc = |name: &str, vip: IpAddr, port, protocol, backends: &[(&str, u32)]| Service {
         name: name.into(),
         check: Default::default(),
+        scheduler: Default::default(),
         addr: ServiceAddr {
             vip,
             port,
@@ -1317,6 +1318,77 @@ fn weighted_round_robin_order_in_the_kernel() {
     .expect("weighted order");
 }
 
+#[test]
+fn maglev_sends_a_flow_to_the_same_backend_through_every_host() {
+    if !require_root("maglev_sends_a_flow_to_the_same_backend_through_every_host") {
+        return;
+    }
+    let ns = test_netns("maglev");
+    ns.run(|| {
+        let vip = sa("198.19.0.5:80");
+        let hashed = |backends: &[&str]| Service {
+            name: "hashed".into(),
+            check: Default::default(),
+            scheduler: Scheduler::Maglev,
+            addr: ServiceAddr {
+                vip: vip.ip(),
+                port: vip.port(),
+                protocol: Protocol::Tcp,
+            },
+            backends: backends.iter().map(|a| Backend::new(sa(a), 1)).collect(),
+        };
+        let client = |i: u16| SocketAddr::new(v4("198.18.0.2"), 20_000 + i * 7);
+        // One host: its own data plane, its own ids. Where 300 new flows go.
+        let host = |others: Vec<Service>, backends: &[&str]| -> Vec<IpAddr> {
+            let cap = Capacity::default();
+            let mut dp = Dataplane::load_logging(cap, orch::dataplane::KERNEL_LOG_OFF)
+                .expect("loading the data plane");
+            allow_redirects(&mut dp);
+            let mut rec = Reconciler::new(cap.max_services, cap.max_backends);
+            let mut all = others;
+            all.push(hashed(backends));
+            rec.apply(&mut dp, &all).expect("installing services");
+            (0..300u16)
+                .map(|i| {
+                    let p = Pkt::new(L4::Syn, client(i), vip);
+                    let out = test_run(&mut dp, &p.bytes()).unwrap();
+                    assert_eq!(out.verdict, Verdict::Redirect, "flow {i}");
+                    IpAddr::V4(Ipv4Addr::new(
+                        out.packet[30],
+                        out.packet[31],
+                        out.packet[32],
+                        out.packet[33],
+                    ))
+                })
+                .collect()
+        };
+        let (b2, b3) = ("198.18.1.2:8080", "198.18.1.3:8080");
+        // Host A has only this service; host B installed others first (so its backend ids
+        // differ) and lists the backends the other way round, on another CPU.
+        orch_tests::lab::pin_current_thread(0).unwrap();
+        let a = host(Vec::new(), &[b2, b3]);
+        if possible_cpus() > 1 {
+            orch_tests::lab::pin_current_thread(1).unwrap();
+        }
+        let b = host(services(), &[b3, b2]);
+        assert_eq!(a, b, "the same flows, the same backends, on both hosts");
+        // Both backends take flows, and each flow goes where the table says.
+        let named: Vec<(String, u32)> = [b2, b3].iter().map(|b| (b.to_string(), 1)).collect();
+        let table = maglev::table(&named);
+        let on_b2 = a.iter().filter(|ip| **ip == sa(b2).ip()).count();
+        assert!(
+            (100..=200).contains(&on_b2),
+            "{on_b2} of 300 flows on one of two backends"
+        );
+        for (i, got) in a.iter().enumerate() {
+            let slot = tcp_key(client(i as u16), vip).hash() % MAGLEV_SIZE;
+            let want = sa(&named[table[slot as usize] as usize].0).ip();
+            assert_eq!(*got, want, "flow {i}");
+        }
+    })
+    .expect("maglev");
+}
+
 /// The forward key of a client's TCP connection to a VIP.
 fn tcp_key(client: SocketAddr, vip: SocketAddr) -> FlowKey {
     FlowKey {
@@ -1694,6 +1766,7 @@ fn two_services_sharing_a_backend_never_take_each_others_replies() {
         svcs.push(Service {
             name: "solo".into(),
             check: Default::default(),
+            scheduler: Default::default(),
             addr: ServiceAddr {
                 vip: v4("198.19.0.5"),
                 port: 80,

@@ -272,6 +272,7 @@ fn measure(socket: &std::path::Path, requests: usize) -> Vec<Sample> {
                     protocol: Protocol::Tcp,
                     backends: Vec::new(),
                     check: None,
+                    scheduler: Default::default(),
                 },
             )?;
             call(socket, &Request::ServiceRm { name })?;

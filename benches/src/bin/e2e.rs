@@ -51,8 +51,7 @@ use orch_benches::{
     args,
     chart::{self, Bars},
     child::Child,
-    load,
-    report,
+    load, report,
     stats::{median, thousands, verdict},
 };
 use orch_tests::{
@@ -650,19 +649,26 @@ impl Bench<'_> {
             Generator::Wrk => "wrk",
             Generator::Spread => "spread",
         };
-        writeln!(md, "## Local clients (a client on the load balancer host)\n")?;
+        writeln!(
+            md,
+            "## Local clients (a client on the load balancer host)\n"
+        )?;
         writeln!(
             md,
             "```sh\nsudo target/release/e2e --local --generator {generator} --rounds {} --seconds {} --connections {}\n```\n",
             self.o.rounds, self.o.seconds, self.o.connections
         )?;
         let how = match self.o.generator {
-            Generator::Wrk => "wrk, whose threads each keep one address: `direct` pins each \
-                               thread to one backend",
-            Generator::Spread => "the benchmark's own generator (`benches/src/load.rs`), \
+            Generator::Wrk => {
+                "wrk, whose threads each keep one address: `direct` pins each \
+                               thread to one backend"
+            }
+            Generator::Spread => {
+                "the benchmark's own generator (`benches/src/load.rs`), \
                                   whose connections each move to the next backend when they \
                                   reconnect: `direct` spreads every thread's connections \
-                                  over the backends, as a balancer does",
+                                  over the backends, as a balancer does"
+            }
         };
         writeln!(
             md,

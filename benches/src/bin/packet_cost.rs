@@ -105,6 +105,7 @@ fn mirror(name: &str, vip: IpAddr, port: u16, protocol: Protocol) -> Service {
             protocol,
         },
         check: HealthCheck::default_for(protocol),
+        scheduler: Default::default(),
         backends: vec![Backend::new(SocketAddr::new(vip, port), 1)],
     }
 }
@@ -359,6 +360,7 @@ fn scale_service(i: usize) -> Service {
             protocol: Protocol::Tcp,
         },
         check: HealthCheck::default_for(Protocol::Tcp),
+        scheduler: Default::default(),
         backends: (0..8)
             .map(|b| {
                 let host = Ipv4Addr::new(198, 18, 200 + (i % 4) as u8, (i % 250 + 1) as u8);

@@ -34,7 +34,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{AdminState, HealthCheck, Protocol};
+use crate::model::{AdminState, HealthCheck, Protocol, Scheduler};
 
 /// The protocol version this build speaks.
 pub const API_VERSION: u32 = 1;
@@ -60,6 +60,9 @@ pub enum Request {
         /// The health check; the protocol's default when absent.
         #[serde(default)]
         check: Option<HealthCheck>,
+        /// `round-robin` (the default) or `maglev`.
+        #[serde(default)]
+        scheduler: Scheduler,
     },
     /// Removes a registered service and its backends.
     ServiceRm { name: String },
@@ -194,6 +197,8 @@ pub struct ServiceInfo {
     pub protocol: Protocol,
     pub source: Source,
     pub check: HealthCheck,
+    #[serde(default)]
+    pub scheduler: Scheduler,
     pub backends: Vec<BackendInfo>,
     /// New connections the data plane steered to this service so far.
     pub connections: u64,

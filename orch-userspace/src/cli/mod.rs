@@ -27,7 +27,7 @@ use crate::{
         client::{self, ClientError},
         BackendSpec, ErrorKind, Request,
     },
-    model::{CheckKind, HealthCheck, Protocol},
+    model::{CheckKind, HealthCheck, Protocol, Scheduler},
 };
 
 /// Exit codes, as documented in `orch --help` and the README.
@@ -174,6 +174,10 @@ pub enum ServiceCommand {
         /// set them in the API's `check` object for more.
         #[arg(long, value_parser = parse_check)]
         check: Option<HealthCheck>,
+        /// How new connections pick a backend: round-robin (weighted, the default) or
+        /// maglev (consistent hashing of the flow: the same backend through every orch host).
+        #[arg(long, default_value = "round-robin")]
+        scheduler: Scheduler,
     },
     /// Remove a registered service and its backends.
     #[command(alias = "remove", after_help = "Example:\n  orch service rm web")]

@@ -71,11 +71,12 @@ pub fn render(reply: &Reply) -> String {
         }
         Reply::Service(s) => {
             let mut out = format!(
-                "{} {}/{} (from {}), {} connections\n",
+                "{} {}/{} (from {}), {}, {} connections\n",
                 s.name,
                 SocketAddr::new(s.vip, s.port),
                 s.protocol,
                 source(s),
+                s.scheduler.name(),
                 s.connections
             );
             if s.panic {

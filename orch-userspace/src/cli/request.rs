@@ -17,6 +17,7 @@ pub fn request(command: &Command) -> Option<Request> {
                 protocol,
                 backends,
                 check,
+                scheduler,
             } => Request::ServiceAdd {
                 name: name.clone(),
                 vip: vip.ip(),
@@ -24,6 +25,7 @@ pub fn request(command: &Command) -> Option<Request> {
                 protocol: *protocol,
                 backends: backends.clone(),
                 check: check.clone(),
+                scheduler: *scheduler,
             },
             ServiceCommand::Rm { name } => Request::ServiceRm { name: name.clone() },
             ServiceCommand::List => Request::ServiceList,

@@ -16,7 +16,7 @@ use super::{defaults, Config, ConfigError, Fixed, KernelLogLevel, MetricsConfig,
 use crate::{
     dataplane::{AttachKind, Capacity, Timeouts},
     model::{
-        self, AdminState, Backend, HealthCheck, Protocol, Service, ServiceAddr,
+        self, AdminState, Backend, HealthCheck, Protocol, Scheduler, Service, ServiceAddr,
         MAX_BACKENDS_PER_SERVICE,
     },
 };
@@ -263,6 +263,9 @@ pub(super) struct ServiceConfig {
     /// `[service.check]`; defaults to [`HealthCheck::default_for`] the protocol.
     #[serde(default)]
     pub check: Option<Spanned<HealthCheck>>,
+    /// `"round-robin"` (default) or `"maglev"`.
+    #[serde(default)]
+    pub scheduler: Scheduler,
 }
 
 /// `[[service.backend]]`.
@@ -545,6 +548,7 @@ impl File {
                     .as_ref()
                     .map(|c| c.get_ref().clone())
                     .unwrap_or_else(|| HealthCheck::default_for(s.protocol)),
+                scheduler: s.scheduler,
                 backends: s
                     .backends
                     .iter()

@@ -23,6 +23,7 @@ impl Daemon {
                 protocol,
                 backends,
                 check,
+                scheduler,
             } => Change::AddService(Service {
                 name,
                 addr: ServiceAddr {
@@ -31,6 +32,7 @@ impl Daemon {
                     protocol,
                 },
                 check: check.unwrap_or_else(|| HealthCheck::default_for(protocol)),
+                scheduler,
                 backends: backends
                     .into_iter()
                     .map(|b| Backend::new(b.address, b.weight))

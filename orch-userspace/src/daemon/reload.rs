@@ -316,6 +316,7 @@ mod tests {
                 protocol: Protocol::Tcp,
             },
             check: HealthCheck::default_for(Protocol::Tcp),
+            scheduler: Default::default(),
             backends: vec![Backend::new(([198, 18, 1, 2], 8080).into(), 1)],
         }
     }

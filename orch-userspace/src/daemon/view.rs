@@ -297,6 +297,7 @@ impl Reads {
             protocol: svc.addr.protocol,
             source: s.source,
             check: svc.check.clone(),
+            scheduler: svc.scheduler,
             connections: new_conns(s.id, true),
             panic: s.panic,
             backends: svc

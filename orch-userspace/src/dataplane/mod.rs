@@ -48,13 +48,13 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 use orch_common::maps::{
-    v1, Backend, BackendSignals, FlowKey, FlowValue, PortBitmap, ServiceKey, ServiceValue,
-    Settings, SlotTable, TrafficCounters, BACKENDS_MAP, BACKEND_DOWN_MAP, BACKEND_SIGNALS_MAP,
-    BACKEND_SIGNALS_MAP_V1, BACKEND_STATS_MAP, CONNTRACK_MAP, CONNTRACK_MAP_V1, CONNTRACK_NEW_MAP,
-    CT_EVENTS_MAP, CT_NEW_ADOPTED, CT_NEW_EXPIRED, CT_NEW_INSERTED, CT_NEW_OPS_MAP, CT_NEW_REMOVED,
-    CURSORS_MAP, DIR_FORWARD, PORTS_MAP, SERVICES_MAP, SERVICE_STATS_MAP, SETTINGS_MAP, SLOTS_MAP,
-    SOCK_PEERS_MAP, SOCK_STATS_MAP, SOCK_UDP_MAP, SOCK_UDP_REV_MAP, STATS_MAP, STATS_MAPS_BEFORE,
-    XDP_TX_MAP,
+    v1, Backend, BackendSignals, FlowKey, FlowValue, MaglevTable, PortBitmap, ServiceKey,
+    ServiceValue, Settings, SlotTable, TrafficCounters, BACKENDS_MAP, BACKEND_DOWN_MAP,
+    BACKEND_SIGNALS_MAP, BACKEND_SIGNALS_MAP_V1, BACKEND_STATS_MAP, CONNTRACK_MAP,
+    CONNTRACK_MAP_V1, CONNTRACK_NEW_MAP, CT_EVENTS_MAP, CT_NEW_ADOPTED, CT_NEW_EXPIRED,
+    CT_NEW_INSERTED, CT_NEW_OPS_MAP, CT_NEW_REMOVED, CURSORS_MAP, DIR_FORWARD, MAGLEV_MAP,
+    PORTS_MAP, SERVICES_MAP, SERVICE_STATS_MAP, SETTINGS_MAP, SLOTS_MAP, SOCK_PEERS_MAP,
+    SOCK_STATS_MAP, SOCK_UDP_MAP, SOCK_UDP_REV_MAP, STATS_MAP, STATS_MAPS_BEFORE, XDP_TX_MAP,
 };
 use orch_common::{Reason, IPPROTO_UDP};
 use tracing::{debug, info, warn};
@@ -63,7 +63,8 @@ pub use access::{MapReader, MapWriter};
 use raw::{next_key, ElemCount, ELEM_COUNT_KFUNC};
 
 /// The maps that hold the balancer's state, pinned so that it outlives the daemon.
-const PINNED_MAPS: [&str; 19] = [
+const PINNED_MAPS: [&str; 20] = [
+    MAGLEV_MAP,
     SOCK_PEERS_MAP,
     SOCK_UDP_MAP,
     SOCK_UDP_REV_MAP,
@@ -488,6 +489,8 @@ pub struct Dataplane {
     capacity: Capacity,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     slots: Array<MapData, SlotTable>,
+    /// Maglev tables, by the same index as `slots`.
+    maglev: HashMap<MapData, u32, MaglevTable>,
     backends: Array<MapData, Backend>,
     ports: Array<MapData, PortBitmap>,
     settings: Array<MapData, Settings>,
@@ -775,6 +778,7 @@ impl Dataplane {
         };
         let services = take(&mut ebpf, SERVICES_MAP)?;
         let slots = take(&mut ebpf, SLOTS_MAP)?;
+        let maglev = take(&mut ebpf, MAGLEV_MAP)?;
         let backends = take(&mut ebpf, BACKENDS_MAP)?;
         let cursors = take(&mut ebpf, CURSORS_MAP)?;
         let stats = take(&mut ebpf, STATS_MAP)?;
@@ -790,6 +794,7 @@ impl Dataplane {
             reader::Sources {
                 services: &services,
                 slots: &slots,
+                maglev: &maglev,
                 backends: &backends,
                 cursors: &cursors,
                 stats: &stats,
@@ -809,6 +814,7 @@ impl Dataplane {
         let dp = Dataplane {
             services,
             slots,
+            maglev,
             backends,
             ports: take(&mut ebpf, PORTS_MAP)?,
             settings: take(&mut ebpf, SETTINGS_MAP)?,
@@ -1647,8 +1653,9 @@ pub fn monotonic_ns() -> u64 {
 }
 
 /// The maps whose size follows the capacity, with their sizes.
-fn sized_maps(c: Capacity) -> [(&'static str, u32); 10] {
+fn sized_maps(c: Capacity) -> [(&'static str, u32); 11] {
     [
+        (MAGLEV_MAP, c.max_services * 2),
         (BACKEND_SIGNALS_MAP, c.max_backends),
         (BACKEND_DOWN_MAP, c.max_backends),
         (SERVICES_MAP, c.max_services),
@@ -1734,6 +1741,14 @@ impl MapReader for Dataplane {
         self.slots.get(&index, 0).map_err(map_err(SLOTS_MAP))
     }
 
+    fn maglev_table(&self, index: u32) -> Result<Option<Box<MaglevTable>>, DataplaneError> {
+        match self.maglev.get(&index, 0) {
+            Ok(t) => Ok(Some(Box::new(t))),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(MAGLEV_MAP)(e)),
+        }
+    }
+
     fn backends(&self) -> Result<Vec<(u32, Backend)>, DataplaneError> {
         let mut out = Vec::new();
         for (id, b) in self.backends.iter().enumerate() {
@@ -1769,6 +1784,19 @@ impl MapWriter for Dataplane {
 
     fn set_slot_table(&mut self, index: u32, table: &SlotTable) -> Result<(), DataplaneError> {
         self.slots.set(index, table, 0).map_err(map_err(SLOTS_MAP))
+    }
+
+    fn set_maglev_table(&mut self, index: u32, table: &MaglevTable) -> Result<(), DataplaneError> {
+        self.maglev
+            .insert(index, table, 0)
+            .map_err(map_err(MAGLEV_MAP))
+    }
+
+    fn remove_maglev_table(&mut self, index: u32) -> Result<(), DataplaneError> {
+        match self.maglev.remove(&index) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(MAGLEV_MAP)(e)),
+        }
     }
 
     fn set_service(

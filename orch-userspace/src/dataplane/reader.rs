@@ -14,11 +14,11 @@ use std::{
 use aya::maps::{Array, HashMap, IterableMap, Map, MapData, MapError, PerCpuArray};
 use orch_common::{
     maps::{
-        Backend, BackendSignals, FlowKey, FlowValue, ServiceKey, ServiceValue, SlotTable,
-        SockEvent, TrafficCounters, BACKENDS_MAP, BACKEND_DOWN_MAP, BACKEND_SIGNALS_MAP,
+        Backend, BackendSignals, FlowKey, FlowValue, MaglevTable, ServiceKey, ServiceValue,
+        SlotTable, SockEvent, TrafficCounters, BACKENDS_MAP, BACKEND_DOWN_MAP, BACKEND_SIGNALS_MAP,
         BACKEND_STATS_MAP, CONNTRACK_MAP, CONNTRACK_NEW_MAP, CT_EVENTS_MAP, CT_NEW_ADOPTED,
         CT_NEW_EXPIRED, CT_NEW_INSERTED, CT_NEW_OPS_MAP, CT_NEW_REMOVED, CURSORS_MAP, DIR_FORWARD,
-        SERVICES_MAP, SERVICE_STATS_MAP, SLOTS_MAP, SOCK_STATS_MAP, STATS_MAP,
+        MAGLEV_MAP, SERVICES_MAP, SERVICE_STATS_MAP, SLOTS_MAP, SOCK_STATS_MAP, STATS_MAP,
     },
     CtEvent, Reason, IPPROTO_UDP,
 };
@@ -49,6 +49,7 @@ pub struct Reader {
     capacity: Capacity,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     slots: Array<MapData, SlotTable>,
+    maglev: HashMap<MapData, u32, MaglevTable>,
     backends: Array<MapData, Backend>,
     cursors: PerCpuArray<MapData, u64>,
     stats: PerCpuArray<MapData, u64>,
@@ -71,6 +72,7 @@ pub struct Reader {
 pub(super) struct Sources<'a> {
     pub services: &'a HashMap<MapData, ServiceKey, ServiceValue>,
     pub slots: &'a Array<MapData, SlotTable>,
+    pub maglev: &'a HashMap<MapData, u32, MaglevTable>,
     pub backends: &'a Array<MapData, Backend>,
     pub cursors: &'a PerCpuArray<MapData, u64>,
     pub stats: &'a PerCpuArray<MapData, u64>,
@@ -110,6 +112,7 @@ impl Reader {
             capacity,
             services: dup(m.services.map(), Map::HashMap, SERVICES_MAP)?,
             slots: dup(m.slots.map(), Map::Array, SLOTS_MAP)?,
+            maglev: dup(m.maglev.map(), Map::HashMap, MAGLEV_MAP)?,
             backends: dup(m.backends.map(), Map::Array, BACKENDS_MAP)?,
             cursors: dup(m.cursors.map(), Map::PerCpuArray, CURSORS_MAP)?,
             stats: dup(m.stats.map(), Map::PerCpuArray, STATS_MAP)?,
@@ -149,6 +152,15 @@ impl Reader {
     /// Slot table `index` (see `orch_common::maps::slot_table_index`).
     pub fn slot_table(&self, index: u32) -> Result<SlotTable, DataplaneError> {
         self.slots.get(&index, 0).map_err(map_err(SLOTS_MAP))
+    }
+
+    /// Maglev table `index`, if there is one.
+    pub fn maglev_table(&self, index: u32) -> Result<Option<Box<MaglevTable>>, DataplaneError> {
+        match self.maglev.get(&index, 0) {
+            Ok(t) => Ok(Some(Box::new(t))),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(MAGLEV_MAP)(e)),
+        }
     }
 
     /// Service `id`'s new-connection cursor on every CPU, in CPU order.

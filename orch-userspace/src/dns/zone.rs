@@ -310,6 +310,7 @@ mod tests {
                 protocol,
             },
             check: HealthCheck::default_for(protocol),
+            scheduler: Default::default(),
             backends: vec![Backend::new("198.18.1.2:8080".parse().unwrap(), 1)],
         }
     }

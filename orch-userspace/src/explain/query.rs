@@ -1,11 +1,14 @@
 //! The map reads behind an explanation: the connection table first, then the service's
-//! active slot table and every CPU's cursor, as the program reads them.
+//! active table (round-robin slots and every CPU's cursor, or the Maglev table and the
+//! flow's hash), as the program reads them.
 
 use std::net::SocketAddr;
 
-use orch_common::maps::{slot_table_index, FlowKey, DIR_FORWARD, SEEN_FIN, SEEN_RST};
+use orch_common::maps::{
+    slot_table_index, FlowKey, DIR_FORWARD, SEEN_FIN, SEEN_RST, SERVICE_MAGLEV,
+};
 
-use super::next_picks;
+use super::{hashed_picks, next_picks};
 use crate::{
     api::{CpuChoice, ExplainPath},
     dataplane::{
@@ -62,9 +65,25 @@ pub fn query(
             return Ok((path, vec![backend]));
         }
     }
-    let table = reader.slot_table(slot_table_index(entry.id, entry.active_table))?;
+    let index = slot_table_index(entry.id, entry.active_table);
     let cursors = reader.cursors(entry.id)?;
-    let picks = next_picks(&cursors, &table, |id| reader.ejected(id).unwrap_or(false));
+    let ejected = |id| reader.ejected(id).unwrap_or(false);
+    let (slots, picks) = if entry.flags & SERVICE_MAGLEV != 0 {
+        let ids = reader
+            .maglev_table(index)?
+            .map_or_else(Vec::new, |t| t.backend_ids[..t.len as usize].to_vec());
+        (
+            ids.len() as u32,
+            hashed_picks(cursors.len(), &ids, key.hash(), ejected),
+        )
+    } else {
+        let table = reader.slot_table(index)?;
+        let len = (table.len as usize).min(table.backend_ids.len());
+        (
+            len as u32,
+            next_picks(&cursors, &table.backend_ids[..len], ejected),
+        )
+    };
     if picks.is_empty() {
         return Ok((ExplainPath::NoBackend, Vec::new()));
     }
@@ -93,7 +112,7 @@ pub fn query(
     }
     let path = ExplainPath::New {
         stale,
-        slots: table.len,
+        slots,
         by_cpu,
     };
     Ok((path, named))

@@ -463,6 +463,7 @@ mod tests {
                 timeout_ms: 5000,
                 ..HealthCheck::default()
             },
+            scheduler: Default::default(),
         };
         checker.sync(&[svc("hung", hung), svc("ok", ok)]);
         assert_eq!(checker.len(), 2);

@@ -467,6 +467,7 @@ mod tests {
                 protocol: Protocol::Tcp,
             },
             check: check(),
+            scheduler: Default::default(),
             backends: backends.iter().map(|&b| Backend::new(addr(b), 1)).collect(),
         }
     }

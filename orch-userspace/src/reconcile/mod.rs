@@ -21,13 +21,17 @@ use std::{
     net::SocketAddr,
 };
 
-use orch_common::maps::{
-    slot_table_index, Backend as MapBackend, PortBitmap, ServiceValue, SlotTable, PORTS_BACKEND,
-    PORTS_VIP,
+use orch_common::{
+    maps::{
+        slot_table_index, Backend as MapBackend, MaglevTable, PortBitmap, ServiceValue, SlotTable,
+        PORTS_BACKEND, PORTS_VIP, SERVICE_MAGLEV,
+    },
+    MAGLEV_SIZE,
 };
 use tracing::{debug, info, warn};
 
 mod ids;
+pub mod maglev;
 pub mod wrr;
 
 use ids::IdPool;
@@ -37,7 +41,7 @@ use crate::{
         codec::{addr_words, service_addr, service_key, words_addr},
         MapReader, MapWriter,
     },
-    model::{Service, ServiceAddr},
+    model::{Scheduler, Service, ServiceAddr},
 };
 
 /// Why a desired state could not be applied.
@@ -69,9 +73,11 @@ struct Installed {
     /// For logs; empty for a service adopted from the maps until a desired state names it.
     name: String,
     active_table: u32,
+    scheduler: Scheduler,
     /// Every backend of the service (weight 0 included) with its id.
     backends: Vec<(SocketAddr, u32)>,
-    /// The active table's backend ids, slot by slot.
+    /// The active table's backend ids, slot by slot: the round-robin slots, or the Maglev
+    /// table.
     slots: Vec<u32>,
 }
 
@@ -91,14 +97,34 @@ impl Installed {
                 .backends
                 .iter()
                 .all(|b| self.backend_id(b.addr).is_some());
-        same_set && slot_ids(svc, |a| self.backend_id(a).expect("same set")) == self.slots
+        same_set
+            && self.scheduler == svc.scheduler
+            && slot_ids(svc, |a| self.backend_id(a).expect("same set")) == self.slots
     }
 }
 
-/// The slot table of `svc` as backend ids, given each backend's id.
+/// The table of `svc` (round-robin slots or Maglev's lookup table) as backend ids, given
+/// each backend's id.
 fn slot_ids(svc: &Service, id_of: impl Fn(SocketAddr) -> u32) -> Vec<u32> {
-    let weights: Vec<u32> = svc.backends.iter().map(|b| b.weight).collect();
-    wrr::slot_order(&weights)
+    let order: Vec<usize> = match svc.scheduler {
+        Scheduler::RoundRobin => {
+            let weights: Vec<u32> = svc.backends.iter().map(|b| b.weight).collect();
+            wrr::slot_order(&weights)
+        }
+        Scheduler::Maglev => {
+            // Named by address, the same on every host: the table is too.
+            let named: Vec<(String, u32)> = svc
+                .backends
+                .iter()
+                .map(|b| (b.addr.to_string(), b.weight))
+                .collect();
+            maglev::table(&named)
+                .into_iter()
+                .map(|i| i as usize)
+                .collect()
+        }
+    };
+    order
         .into_iter()
         .map(|i| id_of(svc.backends[i].addr))
         .collect()
@@ -154,10 +180,19 @@ impl Reconciler {
                 warn!(%addr, id = value.id, "ignoring a service entry beyond capacity");
                 continue;
             }
-            let table = maps
-                .slot_table(slot_table_index(value.id, value.active_table))
-                .map_err(read)?;
-            let len = (table.len as usize).min(table.backend_ids.len());
+            let index = slot_table_index(value.id, value.active_table);
+            let (scheduler, slots) = if value.flags & SERVICE_MAGLEV != 0 {
+                let table = maps.maglev_table(index).map_err(read)?;
+                let slots = table.map_or_else(Vec::new, |t| {
+                    let len = (t.len as usize).min(t.backend_ids.len());
+                    t.backend_ids[..len].to_vec()
+                });
+                (Scheduler::Maglev, slots)
+            } else {
+                let table = maps.slot_table(index).map_err(read)?;
+                let len = (table.len as usize).min(table.backend_ids.len());
+                (Scheduler::RoundRobin, table.backend_ids[..len].to_vec())
+            };
             let own: Vec<(SocketAddr, u32)> = backends
                 .iter()
                 .filter(|(id, b)| b.service_id == value.id && *id < max_backends)
@@ -176,8 +211,9 @@ impl Reconciler {
                     id: value.id,
                     name: String::new(),
                     active_table: value.active_table,
+                    scheduler,
                     backends: own,
-                    slots: table.backend_ids[..len].to_vec(),
+                    slots,
                 },
             );
         }
@@ -261,6 +297,9 @@ impl Reconciler {
         for addr in gone {
             w.remove_service(&service_key(&addr)).map_err(write)?;
             let old = self.installed.remove(&addr).expect("present");
+            if old.scheduler == Scheduler::Maglev {
+                release_maglev_tables(w, old.id).map_err(write)?;
+            }
             info!(service = %old.name, %addr, "service removed");
             self.service_ids.release(old.id);
             for (_, id) in &old.backends {
@@ -407,29 +446,52 @@ impl Reconciler {
                 .map(|(_, id)| *id)
                 .expect("every backend has an id")
         });
-        let mut table = SlotTable {
-            len: slots.len() as u32,
-            ..SlotTable::default()
-        };
-        table.backend_ids[..slots.len()].copy_from_slice(&slots);
         let active_table = match old {
             Some(o) => 1 - o.active_table,
             None => 0,
         };
-        w.set_slot_table(slot_table_index(id, active_table), &table)?;
+        let index = slot_table_index(id, active_table);
+        let flags = match svc.scheduler {
+            Scheduler::RoundRobin => {
+                let mut table = SlotTable {
+                    len: slots.len() as u32,
+                    ..SlotTable::default()
+                };
+                table.backend_ids[..slots.len()].copy_from_slice(&slots);
+                w.set_slot_table(index, &table)?;
+                0
+            }
+            Scheduler::Maglev => {
+                // 64 KiB: on the heap.
+                let mut table = Box::<MaglevTable>::default();
+                if slots.len() == MAGLEV_SIZE as usize {
+                    table.len = MAGLEV_SIZE;
+                    table.backend_ids.copy_from_slice(&slots);
+                }
+                w.set_maglev_table(index, &table)?;
+                SERVICE_MAGLEV
+            }
+        };
         w.set_service(
             &service_key(&svc.addr),
             &ServiceValue {
                 id,
                 active_table,
-                flags: 0,
+                flags,
                 _pad: 0,
             },
         )?;
+        if svc.scheduler == Scheduler::RoundRobin
+            && old.is_some_and(|o| o.scheduler == Scheduler::Maglev)
+        {
+            // Switched away from Maglev: its tables' memory goes back.
+            release_maglev_tables(w, id)?;
+        }
         Ok(Installed {
             id,
             name: svc.name.clone(),
             active_table,
+            scheduler: svc.scheduler,
             backends,
             slots,
         })
@@ -457,6 +519,14 @@ impl Reconciler {
         }
         Ok(())
     }
+}
+
+/// Removes both Maglev tables of service `id` (their memory is allocated per entry).
+fn release_maglev_tables<W: MapWriter>(w: &mut W, id: u32) -> Result<(), W::Error> {
+    for table in 0..2 {
+        w.remove_maglev_table(slot_table_index(id, table))?;
+    }
+    Ok(())
 }
 
 fn port_sets(services: &[Service]) -> [PortBitmap; 2] {
@@ -492,6 +562,7 @@ mod tests {
         log: Vec<String>,
         services: HashMap<ServiceKey, ServiceValue>,
         slots: HashMap<u32, SlotTable>,
+        maglev: HashMap<u32, Box<MaglevTable>>,
         backends: HashMap<u32, MapBackend>,
         ports: HashMap<u32, PortBitmap>,
         /// Writes so far, and the one that fails (counting from 0), if any.
@@ -529,6 +600,18 @@ mod tests {
             self.slots.insert(index, *t);
             Ok(())
         }
+        fn set_maglev_table(&mut self, index: u32, t: &MaglevTable) -> Result<(), io::Error> {
+            self.write()?;
+            self.log.push(format!("maglev {index}"));
+            self.maglev.insert(index, Box::new(*t));
+            Ok(())
+        }
+        fn remove_maglev_table(&mut self, index: u32) -> Result<(), io::Error> {
+            self.write()?;
+            self.log.push(format!("remove maglev {index}"));
+            self.maglev.remove(&index);
+            Ok(())
+        }
         fn set_service(&mut self, k: &ServiceKey, v: &ServiceValue) -> Result<(), io::Error> {
             self.write()?;
             self.log
@@ -563,6 +646,9 @@ mod tests {
         fn slot_table(&self, index: u32) -> Result<SlotTable, Infallible> {
             Ok(self.slots.get(&index).copied().unwrap_or_default())
         }
+        fn maglev_table(&self, index: u32) -> Result<Option<Box<MaglevTable>>, Infallible> {
+            Ok(self.maglev.get(&index).cloned())
+        }
         fn backends(&self) -> Result<Vec<(u32, MapBackend)>, Infallible> {
             Ok(self
                 .backends
@@ -595,6 +681,7 @@ mod tests {
         Service {
             name: name.into(),
             check: Default::default(),
+            scheduler: Default::default(),
             addr: ServiceAddr {
                 vip: "198.19.0.1".parse().unwrap(),
                 port,
@@ -855,6 +942,64 @@ mod tests {
             svc("dns", 53, &[("198.18.1.2:8053", 1)]),
             v6,
         ]
+    }
+
+    #[test]
+    fn a_maglev_service_gets_its_table_flipped_in_and_freed_when_it_leaves_maglev() {
+        let mut m = FakeMaps::default();
+        let mut r = Reconciler::new(8, 16);
+        let mut hashed = svc("hashed", 80, &[("198.18.1.2:80", 1), ("198.18.1.3:80", 1)]);
+        hashed.scheduler = Scheduler::Maglev;
+        r.apply(&mut m, std::slice::from_ref(&hashed)).unwrap();
+        let v = m.services[&service_key(&hashed.addr)];
+        assert_eq!(v.flags, SERVICE_MAGLEV);
+        let t = &m.maglev[&slot_table_index(v.id, v.active_table)];
+        assert_eq!(t.len, MAGLEV_SIZE);
+        // The table is Maglev's for these names, in this reconciler's ids.
+        let named: Vec<(String, u32)> = hashed
+            .backends
+            .iter()
+            .map(|b| (b.addr.to_string(), 1))
+            .collect();
+        let want: Vec<u32> = maglev::table(&named)
+            .into_iter()
+            .map(|i| {
+                r.backend_id(&hashed.addr, hashed.backends[i as usize].addr)
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(t.backend_ids.to_vec(), want);
+        assert!(m.slots.is_empty(), "no round-robin table: {:?}", m.log);
+
+        // A backend leaves: the other table is written, then the flip.
+        m.log.clear();
+        hashed.backends[1].weight = 0;
+        r.apply(&mut m, std::slice::from_ref(&hashed)).unwrap();
+        let id = v.id;
+        assert_eq!(
+            m.log,
+            [
+                format!("maglev {}", id * 2 + 1),
+                format!("service {id} table 1")
+            ]
+        );
+        // Adopted by a restarted daemon: nothing to write.
+        m.log.clear();
+        let mut adopted = Reconciler::adopt(8, 16, &m).unwrap();
+        adopted
+            .apply(&mut m, std::slice::from_ref(&hashed))
+            .unwrap();
+        assert!(m.log.is_empty(), "{:?}", m.log);
+
+        // Back to round-robin: a slot table, the flip, then both Maglev tables freed.
+        hashed.scheduler = Scheduler::RoundRobin;
+        adopted
+            .apply(&mut m, std::slice::from_ref(&hashed))
+            .unwrap();
+        assert_eq!(m.services[&service_key(&hashed.addr)].flags, 0);
+        assert!(m.maglev.is_empty(), "{:?}", m.log);
+        adopted.apply(&mut m, &[]).unwrap();
+        assert!(m.services.is_empty());
     }
 
     #[test]
