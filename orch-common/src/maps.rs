@@ -21,6 +21,9 @@ pub const SLOTS_MAP: &str = "ORCH_SLOTS_V1";
 /// Maglev lookup tables: `service id * 2 + table` → [`MaglevTable`] (hash without
 /// preallocation: only services whose scheduler is Maglev take memory, 64 KiB per table).
 pub const MAGLEV_MAP: &str = "ORCH_MAGLEV_V1";
+/// Replies that no connection-table entry knows, for Maglev services: [`BackendKey`] →
+/// [`MaglevReply`] (hash).
+pub const MAGLEV_REPLY_MAP: &str = "ORCH_MAGLEV_REPLY_V1";
 /// Backends: backend id → [`Backend`] (array).
 pub const BACKENDS_MAP: &str = "ORCH_BE_V1";
 /// Per-service new-connection cursor: service id → `u64` (per-CPU array).
@@ -324,6 +327,34 @@ pub fn flow_hash(
     h = h.wrapping_mul(0xc2b2_ae35);
     h ^ (h >> 16)
 }
+
+/// A backend as its packets arrive: source address, port and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendKey {
+    /// Network order, IPv4-mapped for IPv4.
+    pub addr: [u32; 4],
+    pub port_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<BackendKey>() == 20);
+
+/// Where a backend of a Maglev service answers from, so that its packets can be translated
+/// back without a connection-table entry: when the flow was balanced by another orch host
+/// (an ECMP change moved it here) or before this host lost its table. Only backends that
+/// serve exactly one Maglev service are listed (for two, the VIP would be a guess).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MaglevReply {
+    /// The service's VIP, network order, IPv4-mapped for IPv4.
+    pub vip: [u32; 4],
+    pub port_be: u16,
+    pub _pad: u16,
+    pub service_id: u32,
+    pub backend_id: u32,
+}
+const _: () = assert!(size_of::<MaglevReply>() == 28);
 
 /// Index of a service's slot table `table` (0 or 1) in [`SLOTS_MAP`].
 #[inline(always)]
@@ -707,6 +738,8 @@ mod pod {
     unsafe impl aya::Pod for ServiceKey {}
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for MaglevTable {}
+    unsafe impl aya::Pod for BackendKey {}
+    unsafe impl aya::Pod for MaglevReply {}
     unsafe impl aya::Pod for SockPeer {}
     unsafe impl aya::Pod for SockFlowKey {}
     unsafe impl aya::Pod for SockFlow {}

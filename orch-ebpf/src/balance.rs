@@ -315,6 +315,40 @@ fn claim_reply(w: &mut Work, key: &FlowKey, new: &NewFlow) -> Result<(), Reason>
     Ok(())
 }
 
+/// A TCP segment of a Maglev service that matches no connection: sent to the backend its
+/// hash gives in the active table, creating no state. Its connection was balanced by another
+/// orch host (an ECMP change moved it here) or before this host lost its table, with the
+/// same table, so the same backend holds it. Ejected backends are not skipped: the
+/// connection lives where the table points, if anywhere. Nothing is recorded and no
+/// backend's signals move, so stray segments still change nothing. The backend and its
+/// address are left in this CPU's scratch entry, returned.
+///
+/// Not inlined: see [`crate::steer`] on the stack.
+#[inline(never)]
+pub fn stateless(pkt: &Packet, id_table: u64) -> Result<*const FlowValue, Reason> {
+    let (id, active_table) = (id_table as u32, (id_table >> 32) as u32);
+    let index = slot_table_index(id, active_table);
+    // SAFETY: a map value read in place; the daemon replaces whole tables.
+    let table = unsafe { MAGLEV.get(index) }.ok_or(Reason::DropTcpNoFlow)?;
+    if table.len == 0 {
+        return Err(Reason::DropTcpNoFlow);
+    }
+    // Modulo the table's own length (MAGLEV_SIZE, as the daemon writes it): with the
+    // constant, the compiler would prove the bound check below needless and drop it, and
+    // the verifier, which cannot follow its multiplication, would refuse the access.
+    let slot = u64::from(hash_of(&pkt.key(DIR_FORWARD))) % u64::from(table.len);
+    let backend_id = maglev_backend(table, slot)?;
+    let backend = BACKENDS.get(backend_id).ok_or(Reason::DropInternal)?;
+    let w = SCRATCH.get_ptr_mut(0).ok_or(Reason::DropInternal)?;
+    // SAFETY: this CPU's own scratch entry; programs do not nest on one CPU.
+    let v = unsafe { &mut (*w).flow };
+    v.nat_addr = backend.addr;
+    v.nat_port_be = backend.port_be;
+    v.service_id = id;
+    v.backend_id = backend_id;
+    Ok(v)
+}
+
 /// `svc`'s id and active table in one word, as [`new_flow`] takes them.
 #[inline(always)]
 pub fn service_words(svc: &ServiceValue) -> (u64, u32) {

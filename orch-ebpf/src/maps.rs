@@ -11,10 +11,10 @@ use aya_ebpf::{
 };
 use orch_common::{
     maps::{
-        Backend, BackendSignals, FlowKey, FlowValue, FragKey, FragValue, MaglevTable, PortBitmap,
-        ServiceKey, ServiceValue, Settings, SlotTable, SockEvent, SockFlow, SockFlowKey, SockPeer,
-        TrafficCounters, CT_NEW_OPS as CT_NEW_OPS_SLOTS, FRAGS_CAPACITY, SOCK_PEERS_CAPACITY,
-        SOCK_UDP_CAPACITY, XDP_TX_CAPACITY,
+        Backend, BackendKey, BackendSignals, FlowKey, FlowValue, FragKey, FragValue, MaglevReply,
+        MaglevTable, PortBitmap, ServiceKey, ServiceValue, Settings, SlotTable, SockEvent,
+        SockFlow, SockFlowKey, SockPeer, TrafficCounters, CT_NEW_OPS as CT_NEW_OPS_SLOTS,
+        FRAGS_CAPACITY, SOCK_PEERS_CAPACITY, SOCK_UDP_CAPACITY, XDP_TX_CAPACITY,
     },
     CtEvent, Reason, CONNTRACK_CAPACITY, CONNTRACK_NEW_CAPACITY, MAX_BACKENDS, MAX_SERVICES,
 };
@@ -29,6 +29,10 @@ pub static SLOTS: Array<SlotTable> = Array::with_max_entries(MAX_SERVICES * 2, 0
 #[map(name = "ORCH_MAGLEV_V1")]
 pub static MAGLEV: HashMap<u32, MaglevTable> =
     HashMap::with_max_entries(MAX_SERVICES * 2, BPF_F_NO_PREALLOC);
+
+#[map(name = "ORCH_MAGLEV_REPLY_V1")]
+pub static MAGLEV_REPLY: HashMap<BackendKey, MaglevReply> =
+    HashMap::with_max_entries(MAX_BACKENDS, 0);
 
 #[map(name = "ORCH_BE_V1")]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);

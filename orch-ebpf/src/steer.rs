@@ -3,8 +3,8 @@
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use orch_common::{
     maps::{
-        BackendSignals, FlowKey, FlowValue, ServiceKey, ServiceValue, TrafficCounters, DIR_REPLY,
-        PORTS_BACKEND, PORTS_VIP, TCP_ACK, TCP_RST, TCP_SYN,
+        BackendKey, BackendSignals, FlowKey, FlowValue, ServiceKey, ServiceValue, TrafficCounters,
+        DIR_REPLY, PORTS_BACKEND, PORTS_VIP, SERVICE_MAGLEV, TCP_ACK, TCP_RST, TCP_SYN,
     },
     Reason, IPPROTO_TCP, IPPROTO_UDP,
 };
@@ -13,7 +13,7 @@ use crate::{
     balance, conntrack, fib, frag,
     frame::Frame,
     icmp,
-    maps::{settings, BACKEND_STATS, PORTS, SCRATCH, SERVICES, SERVICE_STATS},
+    maps::{settings, BACKEND_STATS, MAGLEV_REPLY, PORTS, SCRATCH, SERVICES, SERVICE_STATS},
     nat::{self, Side},
     parse::{self, Packet},
     stats,
@@ -109,7 +109,7 @@ fn backend_packet<F: Frame>(ctx: &F, pkt: &Packet) -> (u32, Reason) {
 fn translate_reply<F: Frame>(ctx: &F, pkt: &Packet) -> Result<Option<(u32, Reason)>, Reason> {
     let key = pkt.key(DIR_REPLY);
     let Some((entry, confirmed)) = conntrack::get(&key) else {
-        return Ok(None);
+        return stateless_reply(ctx, pkt);
     };
     // SAFETY: a live map value, updated only by whole-word and single-byte stores.
     let entry = unsafe { &mut *entry };
@@ -160,6 +160,47 @@ fn translate_reply<F: Frame>(ctx: &F, pkt: &Packet) -> Result<Option<(u32, Reaso
         return Err(Reason::DropInternal);
     }
     Ok(Some(deliver(ctx, pkt, (service_id, backend_id), true, hop)))
+}
+
+/// A backend's packet that no connection-table entry knows: translated back to its VIP
+/// without state when the backend serves one Maglev service (the daemon lists those in
+/// `MAGLEV_REPLY`), the counterpart of [`balance::stateless`]; `None` otherwise. It must
+/// arrive where the route to the backend leaves (the reverse-path check the entries make
+/// with their interface): a packet from elsewhere that claims a backend's address is not
+/// ours to translate.
+#[inline(always)]
+fn stateless_reply<F: Frame>(ctx: &F, pkt: &Packet) -> Result<Option<(u32, Reason)>, Reason> {
+    let key = BackendKey {
+        addr: pkt.src,
+        port_be: pkt.src_port_be,
+        proto: pkt.proto,
+        _pad: 0,
+    };
+    // By reference: given the key by value, the lookup's code leaves a pointer into this
+    // frame where the verifier reads it as returned to the caller, and refuses it.
+    #[allow(clippy::needless_borrows_for_generic_args)]
+    // SAFETY: copied out at once; the daemon replaces whole values.
+    let Some(r) = (unsafe { MAGLEV_REPLY.get(&key) }).copied() else {
+        return Ok(None);
+    };
+    if fib::lookup(ctx, pkt, &pkt.dst, &pkt.src).is_none_or(|route| route.egress() != ctx.ifindex())
+    {
+        return Ok(None);
+    }
+    let hop = fib::decide(ctx, pkt, &r.vip, &pkt.dst, &settings(), None);
+    if let Some(untouched) = for_the_stack::<F>(&hop) {
+        return Ok(Some(untouched));
+    }
+    if !nat::rewrite(ctx, pkt, Side::Src, &r.vip, r.port_be) {
+        return Err(Reason::DropInternal);
+    }
+    Ok(Some(deliver(
+        ctx,
+        pkt,
+        (r.service_id, r.backend_id),
+        true,
+        hop,
+    )))
 }
 
 /// A backend's first answers to a balanced SYN, recognised by what they acknowledge: the
@@ -229,8 +270,16 @@ fn forward<F: Frame>(ctx: &F, pkt: &Packet, svc: &ServiceValue) -> Result<(u32, 
     let mut flow: *const FlowValue = balance::find(ctx, pkt);
     let new = flow.is_null();
     if new {
-        balance::opens(pkt)?;
         let (id_table, flags) = balance::service_words(svc);
+        if let Err(stray) = balance::opens(pkt) {
+            if flags & SERVICE_MAGLEV == 0 {
+                return Err(stray);
+            }
+            // Maglev: where the table says, without state.
+            let flow = balance::stateless(pkt, id_table)?;
+            // SAFETY: this CPU's scratch entry, alive for the rest of this run.
+            return Ok(translate_forward(ctx, pkt, unsafe { &*flow }, false));
+        }
         flow = balance::new_flow(ctx, pkt, id_table, flags)?;
     }
     // SAFETY: a map value (the connection's entry, or this CPU's scratch entry), alive for

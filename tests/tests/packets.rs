@@ -1338,8 +1338,8 @@ fn maglev_sends_a_flow_to_the_same_backend_through_every_host() {
             backends: backends.iter().map(|a| Backend::new(sa(a), 1)).collect(),
         };
         let client = |i: u16| SocketAddr::new(v4("198.18.0.2"), 20_000 + i * 7);
-        // One host: its own data plane, its own ids. Where 300 new flows go.
-        let host = |others: Vec<Service>, backends: &[&str]| -> Vec<IpAddr> {
+        // One host: its own data plane, its own ids.
+        let load = |others: Vec<Service>, backends: &[&str]| -> Dataplane {
             let cap = Capacity::default();
             let mut dp = Dataplane::load_logging(cap, orch::dataplane::KERNEL_LOG_OFF)
                 .expect("loading the data plane");
@@ -1348,6 +1348,11 @@ fn maglev_sends_a_flow_to_the_same_backend_through_every_host() {
             let mut all = others;
             all.push(hashed(backends));
             rec.apply(&mut dp, &all).expect("installing services");
+            dp
+        };
+        // Where 300 new flows go through a host.
+        let host = |others: Vec<Service>, backends: &[&str]| -> Vec<IpAddr> {
+            let mut dp = load(others, backends);
             (0..300u16)
                 .map(|i| {
                     let p = Pkt::new(L4::Syn, client(i), vip);
@@ -1385,8 +1390,75 @@ fn maglev_sends_a_flow_to_the_same_backend_through_every_host() {
             let want = sa(&named[table[slot as usize] as usize].0).ip();
             assert_eq!(*got, want, "flow {i}");
         }
+
+        // A host that never saw these connections (an ECMP change moved them here, or it
+        // lost its table): their segments go where the table says, their backends'
+        // answers go back from the VIP, and nothing is recorded. (Its other services share
+        // no backend with this one: a stray answer from a shared backend is not translated,
+        // as its VIP would be a guess.)
+        let others: Vec<Service> = services()
+            .into_iter()
+            .filter(|s| s.name == "dns" || s.name == "unresolved")
+            .collect();
+        let mut dp = load(others, &[b3, b2]);
+        let before = counts(&dp);
+        for i in 0..20u16 {
+            let ack = Pkt::new(L4::Ack, client(i), vip).payload(b"more");
+            let out = test_run(&mut dp, &ack.bytes()).unwrap();
+            assert_eq!(out.verdict, Verdict::Redirect, "mid-stream segment {i}");
+            let backend = SocketAddr::new(a[i as usize], 8080);
+            assert_eq!(
+                hex(&out.packet[30..34]),
+                hex(&addr_octets(backend.ip())),
+                "flow {i}"
+            );
+            assert!(dp
+                .reader()
+                .flow(&tcp_key(client(i), vip))
+                .unwrap()
+                .is_none());
+            let answer = Pkt {
+                src_mac: BACKEND2_MAC,
+                dst_mac: LB_BACKEND_MAC,
+                ..Pkt::new(L4::Ack, backend, client(i)).payload(b"data")
+            };
+            let out = test_run(&mut dp, &answer.bytes()).unwrap();
+            assert_eq!(out.verdict, Verdict::Redirect, "answer {i}");
+            assert_eq!(
+                hex(&out.packet[26..30]),
+                hex(&addr_octets(vip.ip())),
+                "answer {i}"
+            );
+            assert_eq!(
+                u16::from_be_bytes([out.packet[34], out.packet[35]]),
+                vip.port()
+            );
+            // The same answer arriving from the clients' side claims a backend's address
+            // it does not come from: not translated.
+            let out = test_run_on(&mut dp, &answer.bytes(), "tc0").unwrap();
+            assert_eq!(out.verdict, Verdict::Pass, "spoofed answer {i}");
+        }
+        let moved = moved(&before, &counts(&dp));
+        assert!(
+            moved.contains(&(Reason::FwdRedirect, 20))
+                && moved.contains(&(Reason::ReplyRedirect, 20)),
+            "{moved:?}"
+        );
+        // A round-robin service's stray segment is still dropped.
+        let stray = Pkt::new(L4::Ack, client(0), sa("198.19.0.2:80"));
+        assert_eq!(
+            test_run(&mut dp, &stray.bytes()).unwrap().verdict,
+            Verdict::Drop
+        );
     })
     .expect("maglev");
+}
+
+fn addr_octets(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
 }
 
 /// The forward key of a client's TCP connection to a VIP.

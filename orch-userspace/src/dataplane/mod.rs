@@ -48,13 +48,14 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 use orch_common::maps::{
-    v1, Backend, BackendSignals, FlowKey, FlowValue, MaglevTable, PortBitmap, ServiceKey,
-    ServiceValue, Settings, SlotTable, TrafficCounters, BACKENDS_MAP, BACKEND_DOWN_MAP,
-    BACKEND_SIGNALS_MAP, BACKEND_SIGNALS_MAP_V1, BACKEND_STATS_MAP, CONNTRACK_MAP,
-    CONNTRACK_MAP_V1, CONNTRACK_NEW_MAP, CT_EVENTS_MAP, CT_NEW_ADOPTED, CT_NEW_EXPIRED,
-    CT_NEW_INSERTED, CT_NEW_OPS_MAP, CT_NEW_REMOVED, CURSORS_MAP, DIR_FORWARD, MAGLEV_MAP,
-    PORTS_MAP, SERVICES_MAP, SERVICE_STATS_MAP, SETTINGS_MAP, SLOTS_MAP, SOCK_PEERS_MAP,
-    SOCK_STATS_MAP, SOCK_UDP_MAP, SOCK_UDP_REV_MAP, STATS_MAP, STATS_MAPS_BEFORE, XDP_TX_MAP,
+    v1, Backend, BackendKey, BackendSignals, FlowKey, FlowValue, MaglevReply, MaglevTable,
+    PortBitmap, ServiceKey, ServiceValue, Settings, SlotTable, TrafficCounters, BACKENDS_MAP,
+    BACKEND_DOWN_MAP, BACKEND_SIGNALS_MAP, BACKEND_SIGNALS_MAP_V1, BACKEND_STATS_MAP,
+    CONNTRACK_MAP, CONNTRACK_MAP_V1, CONNTRACK_NEW_MAP, CT_EVENTS_MAP, CT_NEW_ADOPTED,
+    CT_NEW_EXPIRED, CT_NEW_INSERTED, CT_NEW_OPS_MAP, CT_NEW_REMOVED, CURSORS_MAP, DIR_FORWARD,
+    MAGLEV_MAP, MAGLEV_REPLY_MAP, PORTS_MAP, SERVICES_MAP, SERVICE_STATS_MAP, SETTINGS_MAP,
+    SLOTS_MAP, SOCK_PEERS_MAP, SOCK_STATS_MAP, SOCK_UDP_MAP, SOCK_UDP_REV_MAP, STATS_MAP,
+    STATS_MAPS_BEFORE, XDP_TX_MAP,
 };
 use orch_common::{Reason, IPPROTO_UDP};
 use tracing::{debug, info, warn};
@@ -63,8 +64,9 @@ pub use access::{MapReader, MapWriter};
 use raw::{next_key, ElemCount, ELEM_COUNT_KFUNC};
 
 /// The maps that hold the balancer's state, pinned so that it outlives the daemon.
-const PINNED_MAPS: [&str; 20] = [
+const PINNED_MAPS: [&str; 21] = [
     MAGLEV_MAP,
+    MAGLEV_REPLY_MAP,
     SOCK_PEERS_MAP,
     SOCK_UDP_MAP,
     SOCK_UDP_REV_MAP,
@@ -491,6 +493,7 @@ pub struct Dataplane {
     slots: Array<MapData, SlotTable>,
     /// Maglev tables, by the same index as `slots`.
     maglev: HashMap<MapData, u32, MaglevTable>,
+    maglev_reply: HashMap<MapData, BackendKey, MaglevReply>,
     backends: Array<MapData, Backend>,
     ports: Array<MapData, PortBitmap>,
     settings: Array<MapData, Settings>,
@@ -815,6 +818,7 @@ impl Dataplane {
             services,
             slots,
             maglev,
+            maglev_reply: take(&mut ebpf, MAGLEV_REPLY_MAP)?,
             backends,
             ports: take(&mut ebpf, PORTS_MAP)?,
             settings: take(&mut ebpf, SETTINGS_MAP)?,
@@ -1653,9 +1657,10 @@ pub fn monotonic_ns() -> u64 {
 }
 
 /// The maps whose size follows the capacity, with their sizes.
-fn sized_maps(c: Capacity) -> [(&'static str, u32); 11] {
+fn sized_maps(c: Capacity) -> [(&'static str, u32); 12] {
     [
         (MAGLEV_MAP, c.max_services * 2),
+        (MAGLEV_REPLY_MAP, c.max_backends),
         (BACKEND_SIGNALS_MAP, c.max_backends),
         (BACKEND_DOWN_MAP, c.max_backends),
         (SERVICES_MAP, c.max_services),
@@ -1749,6 +1754,13 @@ impl MapReader for Dataplane {
         }
     }
 
+    fn maglev_replies(&self) -> Result<Vec<(BackendKey, MaglevReply)>, DataplaneError> {
+        self.maglev_reply
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(MAGLEV_REPLY_MAP))
+    }
+
     fn backends(&self) -> Result<Vec<(u32, Backend)>, DataplaneError> {
         let mut out = Vec::new();
         for (id, b) in self.backends.iter().enumerate() {
@@ -1796,6 +1808,23 @@ impl MapWriter for Dataplane {
         match self.maglev.remove(&index) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(map_err(MAGLEV_MAP)(e)),
+        }
+    }
+
+    fn set_maglev_reply(
+        &mut self,
+        key: &BackendKey,
+        value: &MaglevReply,
+    ) -> Result<(), DataplaneError> {
+        self.maglev_reply
+            .insert(key, value, 0)
+            .map_err(map_err(MAGLEV_REPLY_MAP))
+    }
+
+    fn remove_maglev_reply(&mut self, key: &BackendKey) -> Result<(), DataplaneError> {
+        match self.maglev_reply.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(MAGLEV_REPLY_MAP)(e)),
         }
     }
 

@@ -23,8 +23,8 @@ use std::{
 
 use orch_common::{
     maps::{
-        slot_table_index, Backend as MapBackend, MaglevTable, PortBitmap, ServiceValue, SlotTable,
-        PORTS_BACKEND, PORTS_VIP, SERVICE_MAGLEV,
+        slot_table_index, Backend as MapBackend, BackendKey, MaglevReply, MaglevTable, PortBitmap,
+        ServiceValue, SlotTable, PORTS_BACKEND, PORTS_VIP, SERVICE_MAGLEV,
     },
     MAGLEV_SIZE,
 };
@@ -146,6 +146,8 @@ pub struct Reconciler {
     service_ids: IdPool,
     backend_ids: IdPool,
     ports: [PortBitmap; 2],
+    /// The Maglev reply entries written (see [`MaglevReply`]).
+    replies: BTreeMap<BackendKey, MaglevReply>,
 }
 
 impl Reconciler {
@@ -155,6 +157,7 @@ impl Reconciler {
             service_ids: IdPool::new(max_services),
             backend_ids: IdPool::new(max_backends),
             ports: [PortBitmap::default(), PortBitmap::default()],
+            replies: BTreeMap::new(),
         }
     }
 
@@ -223,6 +226,7 @@ impl Reconciler {
             maps.ports(PORTS_VIP).map_err(read)?,
             maps.ports(PORTS_BACKEND).map_err(read)?,
         ];
+        r.replies = maps.maglev_replies().map_err(read)?.into_iter().collect();
         info!(
             services = r.installed.len(),
             backends = backend_ids.len(),
@@ -308,6 +312,7 @@ impl Reconciler {
             summary.removed += 1;
         }
 
+        self.write_replies(w).map_err(write)?;
         self.write_ports(w, &target).map_err(write)?;
         debug!(?summary, "reconciled");
         Ok(summary)
@@ -506,6 +511,55 @@ impl Reconciler {
         Ok(())
     }
 
+    /// Brings the Maglev reply entries in line with the installed services: one for each
+    /// backend address, port and protocol that exactly one service uses, a Maglev one (for
+    /// two services, translating a stray reply would guess the VIP).
+    fn write_replies<W: MapWriter>(&mut self, w: &mut W) -> Result<(), W::Error> {
+        let mut users: BTreeMap<BackendKey, Vec<(Scheduler, MaglevReply)>> = BTreeMap::new();
+        for (addr, s) in &self.installed {
+            for (b, bid) in &s.backends {
+                let key = BackendKey {
+                    addr: addr_words(b.ip()),
+                    port_be: b.port().to_be(),
+                    proto: addr.protocol.number(),
+                    _pad: 0,
+                };
+                let reply = MaglevReply {
+                    vip: addr_words(addr.vip),
+                    port_be: addr.port.to_be(),
+                    _pad: 0,
+                    service_id: s.id,
+                    backend_id: *bid,
+                };
+                users.entry(key).or_default().push((s.scheduler, reply));
+            }
+        }
+        let desired: BTreeMap<BackendKey, MaglevReply> = users
+            .into_iter()
+            .filter_map(|(k, v)| match v.as_slice() {
+                [(Scheduler::Maglev, reply)] => Some((k, *reply)),
+                _ => None,
+            })
+            .collect();
+        let gone: Vec<BackendKey> = self
+            .replies
+            .keys()
+            .filter(|k| !desired.contains_key(k))
+            .copied()
+            .collect();
+        for k in gone {
+            w.remove_maglev_reply(&k)?;
+            self.replies.remove(&k);
+        }
+        for (k, v) in desired {
+            if self.replies.get(&k) != Some(&v) {
+                w.set_maglev_reply(&k, &v)?;
+                self.replies.insert(k, v);
+            }
+        }
+        Ok(())
+    }
+
     fn write_ports<W: MapWriter>(
         &mut self,
         w: &mut W,
@@ -563,6 +617,7 @@ mod tests {
         services: HashMap<ServiceKey, ServiceValue>,
         slots: HashMap<u32, SlotTable>,
         maglev: HashMap<u32, Box<MaglevTable>>,
+        replies: HashMap<BackendKey, MaglevReply>,
         backends: HashMap<u32, MapBackend>,
         ports: HashMap<u32, PortBitmap>,
         /// Writes so far, and the one that fails (counting from 0), if any.
@@ -612,6 +667,19 @@ mod tests {
             self.maglev.remove(&index);
             Ok(())
         }
+        fn set_maglev_reply(&mut self, k: &BackendKey, v: &MaglevReply) -> Result<(), io::Error> {
+            self.write()?;
+            self.log.push(format!("reply {}", u16::from_be(k.port_be)));
+            self.replies.insert(*k, *v);
+            Ok(())
+        }
+        fn remove_maglev_reply(&mut self, k: &BackendKey) -> Result<(), io::Error> {
+            self.write()?;
+            self.log
+                .push(format!("remove reply {}", u16::from_be(k.port_be)));
+            self.replies.remove(k);
+            Ok(())
+        }
         fn set_service(&mut self, k: &ServiceKey, v: &ServiceValue) -> Result<(), io::Error> {
             self.write()?;
             self.log
@@ -648,6 +716,9 @@ mod tests {
         }
         fn maglev_table(&self, index: u32) -> Result<Option<Box<MaglevTable>>, Infallible> {
             Ok(self.maglev.get(&index).cloned())
+        }
+        fn maglev_replies(&self) -> Result<Vec<(BackendKey, MaglevReply)>, Infallible> {
+            Ok(self.replies.iter().map(|(k, v)| (*k, *v)).collect())
         }
         fn backends(&self) -> Result<Vec<(u32, MapBackend)>, Infallible> {
             Ok(self
@@ -970,6 +1041,21 @@ mod tests {
             .collect();
         assert_eq!(t.backend_ids.to_vec(), want);
         assert!(m.slots.is_empty(), "no round-robin table: {:?}", m.log);
+        // Each backend's stray replies go back to the VIP.
+        assert_eq!(m.replies.len(), 2);
+        assert!(m
+            .replies
+            .values()
+            .all(|r| r.vip == addr_words(hashed.addr.vip) && r.service_id == v.id));
+        // A backend that another service uses too: which VIP a stray reply belongs to
+        // would be a guess, so it has no entry.
+        let mut shared = svc("shared", 81, &[("198.18.1.2:80", 1)]);
+        shared.addr.vip = "198.19.0.2".parse().unwrap();
+        r.apply(&mut m, &[hashed.clone(), shared.clone()]).unwrap();
+        assert_eq!(m.replies.len(), 1, "{:?}", m.log);
+        r.apply(&mut m, std::slice::from_ref(&hashed)).unwrap();
+        assert_eq!(m.replies.len(), 2, "{:?}", m.log);
+        let v = m.services[&service_key(&hashed.addr)];
 
         // A backend leaves: the other table is written, then the flip.
         m.log.clear();
@@ -998,6 +1084,7 @@ mod tests {
             .unwrap();
         assert_eq!(m.services[&service_key(&hashed.addr)].flags, 0);
         assert!(m.maglev.is_empty(), "{:?}", m.log);
+        assert!(m.replies.is_empty(), "{:?}", m.log);
         adopted.apply(&mut m, &[]).unwrap();
         assert!(m.services.is_empty());
     }
