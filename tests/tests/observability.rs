@@ -571,6 +571,79 @@ fn explain_predicts_new_flows_and_names_existing_ones() {
     }
 }
 
+#[test]
+fn explain_predicts_a_maglev_service_by_the_flow_alone() {
+    if !require_root("explain_predicts_a_maglev_service_by_the_flow_alone") {
+        return;
+    }
+    let (lab, orch) = lab_with_orch("maglev", "");
+    let vip = "198.19.0.7:53";
+    let mut add = vec![
+        "service",
+        "add",
+        "hashed",
+        vip,
+        "--protocol",
+        "udp",
+        "--scheduler",
+        "maglev",
+    ];
+    let backends: Vec<String> = (1..=3)
+        .map(|i| SocketAddr::from((lab::backend4(i), lab::UDP_PORT)).to_string())
+        .collect();
+    for b in &backends {
+        add.extend(["-b", b]);
+    }
+    let out = orch.cli(&add).unwrap();
+    assert!(out.status.success(), "{}", out.stderr_text());
+    let shown = orch
+        .cli(&["service", "show", "hashed"])
+        .unwrap()
+        .stdout_text();
+    assert!(shown.contains("maglev"), "{shown}");
+
+    // Each flow's backend is known before its first datagram, whatever CPU takes it, and it
+    // is where the datagram goes.
+    let mut used = BTreeSet::new();
+    for i in 0..12u16 {
+        let port = 42000 + i;
+        let client = SocketAddr::from((lab::CLIENT4, port)).to_string();
+        let e = explain(&orch, &["udp", &client, vip]);
+        assert_eq!(e["path"]["kind"], "new", "{e}");
+        assert_eq!(e["path"]["hashed"], true, "{e}");
+        let by_cpu = e["path"]["by_cpu"].as_array().unwrap();
+        let predicted = by_cpu[0]["backend"].as_str().unwrap().to_owned();
+        assert!(
+            by_cpu.iter().all(|c| c["backend"] == predicted.as_str()),
+            "the same on every CPU: {e}"
+        );
+        let to: SocketAddr = vip.parse().unwrap();
+        let answered = lab
+            .client
+            .run(move || -> std::io::Result<String> {
+                let sock = UdpSocket::bind(SocketAddr::from((lab::CLIENT4, port)))?;
+                Ok(lab::udp_ask(&sock, to, "which")?.0)
+            })
+            .unwrap()
+            .unwrap_or_else(|e| panic!("flow {i}: {e}\n{}", orch.log()));
+        let got = backend_addr(&answered, lab::UDP_PORT);
+        assert_eq!(got, predicted, "flow {i}");
+        used.insert(got);
+    }
+    assert!(
+        used.len() >= 2,
+        "12 flows over 3 backends used only {used:?}"
+    );
+    let text = orch
+        .cli(&["explain", "udp", "198.18.0.2:43000", vip])
+        .unwrap()
+        .stdout_text();
+    assert!(
+        text.contains("Maglev") && text.contains("by the flow's hash"),
+        "{text}"
+    );
+}
+
 fn lab_cpus() -> usize {
     // The per-CPU cursor map has one value per possible CPU.
     let possible = std::fs::read_to_string("/sys/devices/system/cpu/possible").unwrap();

@@ -327,6 +327,9 @@ pub enum ExplainPath {
         stale: Option<SocketAddr>,
         /// Slots in the active table.
         slots: u32,
+        /// A Maglev service: the flow's hash picks the slot, the same on every CPU.
+        #[serde(default)]
+        hashed: bool,
         by_cpu: Vec<CpuChoice>,
     },
     /// The service has no backend in rotation: new connections are dropped.

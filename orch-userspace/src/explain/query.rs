@@ -68,7 +68,8 @@ pub fn query(
     let index = slot_table_index(entry.id, entry.active_table);
     let cursors = reader.cursors(entry.id)?;
     let ejected = |id| reader.ejected(id).unwrap_or(false);
-    let (slots, picks) = if entry.flags & SERVICE_MAGLEV != 0 {
+    let hashed = entry.flags & SERVICE_MAGLEV != 0;
+    let (slots, picks) = if hashed {
         let ids = reader
             .maglev_table(index)?
             .map_or_else(Vec::new, |t| t.backend_ids[..t.len as usize].to_vec());
@@ -113,6 +114,7 @@ pub fn query(
     let path = ExplainPath::New {
         stale,
         slots,
+        hashed,
         by_cpu,
     };
     Ok((path, named))

@@ -44,6 +44,36 @@ pub fn render(e: &Explanation) -> String {
         Path::New {
             stale,
             slots,
+            hashed: true,
+            by_cpu,
+        } => {
+            if let Some(b) = stale {
+                out.push_str(&format!(
+                    "  the UDP flow to {b} has been idle past the timeout: the next datagram \
+                     is balanced again\n"
+                ));
+            }
+            if let Some(c) = by_cpu.first() {
+                out.push_str(&format!(
+                    "  new connection: Maglev, slot {} of {slots} by the flow's hash (the same \
+                     on every CPU, and on every orch host with these backends) -> {}",
+                    c.slot, c.backend
+                ));
+                if !c.skipped.is_empty() {
+                    let skipped: Vec<String> = c.skipped.iter().map(|s| s.to_string()).collect();
+                    out.push_str(&format!(" (skips ejected {})", skipped.join(", ")));
+                }
+                out.push('\n');
+                out.push_str(
+                    "  a TCP segment of it that this host has no entry for goes to the slot's \
+                     backend itself, without state\n",
+                );
+            }
+        }
+        Path::New {
+            stale,
+            slots,
+            hashed: false,
             by_cpu,
         } => {
             if let Some(b) = stale {
