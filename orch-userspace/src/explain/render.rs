@@ -1,6 +1,6 @@
 //! `orch explain`'s answer as text for people.
 
-use crate::api::{ExplainPath as Path, Explanation};
+use crate::api::{CpuChoice, ExplainPath as Path, Explanation};
 
 /// The explanation as text for people.
 pub fn render(e: &Explanation) -> String {
@@ -44,7 +44,7 @@ pub fn render(e: &Explanation) -> String {
         Path::New {
             stale,
             slots,
-            hashed: true,
+            hashed,
             by_cpu,
         } => {
             if let Some(b) = stale {
@@ -53,49 +53,34 @@ pub fn render(e: &Explanation) -> String {
                      is balanced again\n"
                 ));
             }
-            if let Some(c) = by_cpu.first() {
-                out.push_str(&format!(
-                    "  new connection: Maglev, slot {} of {slots} by the flow's hash (the same \
-                     on every CPU, and on every orch host with these backends) -> {}",
-                    c.slot, c.backend
-                ));
-                if !c.skipped.is_empty() {
-                    let skipped: Vec<String> = c.skipped.iter().map(|s| s.to_string()).collect();
-                    out.push_str(&format!(" (skips ejected {})", skipped.join(", ")));
+            if *hashed {
+                if let Some(c) = by_cpu.first() {
+                    out.push_str(&format!(
+                        "  new connection: Maglev, slot {} of {slots} by the flow's hash (the \
+                         same on every CPU, and on every orch host with these backends) -> {}{}\n",
+                        c.slot,
+                        c.backend,
+                        skips(c)
+                    ));
+                    out.push_str(
+                        "  a TCP segment of it that this host has no entry for goes to the \
+                         slot's backend itself, without state\n",
+                    );
                 }
-                out.push('\n');
-                out.push_str(
-                    "  a TCP segment of it that this host has no entry for goes to the slot's \
-                     backend itself, without state\n",
-                );
-            }
-        }
-        Path::New {
-            stale,
-            slots,
-            hashed: false,
-            by_cpu,
-        } => {
-            if let Some(b) = stale {
+            } else {
                 out.push_str(&format!(
-                    "  the UDP flow to {b} has been idle past the timeout: the next datagram \
-                     is balanced again\n"
+                    "  new connection: next round-robin slot of {slots}; each CPU keeps its own \
+                     cursor, so it depends on the CPU that receives the first packet:\n"
                 ));
-            }
-            out.push_str(&format!(
-                "  new connection: next round-robin slot of {slots}; each CPU keeps its own \
-                 cursor, so it depends on the CPU that receives the first packet:\n"
-            ));
-            for c in by_cpu {
-                out.push_str(&format!(
-                    "    cpu {:<3} slot {:<4} -> {}",
-                    c.cpu, c.slot, c.backend
-                ));
-                if !c.skipped.is_empty() {
-                    let skipped: Vec<String> = c.skipped.iter().map(|s| s.to_string()).collect();
-                    out.push_str(&format!(" (skips ejected {})", skipped.join(", ")));
+                for c in by_cpu {
+                    out.push_str(&format!(
+                        "    cpu {:<3} slot {:<4} -> {}{}\n",
+                        c.cpu,
+                        c.slot,
+                        c.backend,
+                        skips(c)
+                    ));
                 }
-                out.push('\n');
             }
         }
         Path::NoBackend => out
@@ -130,4 +115,13 @@ pub fn render(e: &Explanation) -> String {
         ));
     }
     out
+}
+
+/// `" (skips ejected A, B)"` when the choice passed over ejected backends, else nothing.
+fn skips(c: &CpuChoice) -> String {
+    if c.skipped.is_empty() {
+        return String::new();
+    }
+    let skipped: Vec<String> = c.skipped.iter().map(|s| s.to_string()).collect();
+    format!(" (skips ejected {})", skipped.join(", "))
 }
