@@ -4,8 +4,8 @@
 use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns};
 use orch_common::{
     maps::{
-        slot_table_index, tcp_opens, FlowKey, FlowValue, MaglevTable, ServiceValue, SlotTable,
-        DIR_FORWARD, SERVICE_MAGLEV, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+        slot_table_index, tcp_opens, FlowKey, FlowValue, ServiceValue, DIR_FORWARD, SERVICE_MAGLEV,
+        TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
     },
     CtEvent, Reason, EJECTED_RETRIES, IPPROTO_TCP, IPPROTO_UDP, MAGLEV_SIZE, SLOTS_PER_TABLE,
 };
@@ -326,18 +326,18 @@ fn claim_reply(w: &mut Work, key: &FlowKey, new: &NewFlow) -> Result<(), Reason>
 /// Not inlined: see [`crate::steer`] on the stack.
 #[inline(never)]
 pub fn stateless(pkt: &Packet, id_table: u64) -> Result<*const FlowValue, Reason> {
-    let (id, active_table) = (id_table as u32, (id_table >> 32) as u32);
-    let index = slot_table_index(id, active_table);
-    // SAFETY: a map value read in place; the daemon replaces whole tables.
-    let table = unsafe { MAGLEV.get(index) }.ok_or(Reason::DropTcpNoFlow)?;
+    let id = id_table as u32;
+    let svc = ServiceValue {
+        id,
+        active_table: (id_table >> 32) as u32,
+        flags: SERVICE_MAGLEV,
+        _pad: 0,
+    };
+    let table = Table::of(&svc)?.ok_or(Reason::DropTcpNoFlow)?;
     if table.len == 0 {
         return Err(Reason::DropTcpNoFlow);
     }
-    // Modulo the table's own length (MAGLEV_SIZE, as the daemon writes it): with the
-    // constant, the compiler would prove the bound check below needless and drop it, and
-    // the verifier, which cannot follow its multiplication, would refuse the access.
-    let slot = u64::from(hash_of(&pkt.key(DIR_FORWARD))) % u64::from(table.len);
-    let backend_id = maglev_backend(table, slot)?;
+    let backend_id = table.at(u64::from(hash_of(&pkt.key(DIR_FORWARD))))?;
     let backend = BACKENDS.get(backend_id).ok_or(Reason::DropInternal)?;
     let w = SCRATCH.get_ptr_mut(0).ok_or(Reason::DropInternal)?;
     // SAFETY: this CPU's own scratch entry; programs do not nest on one CPU.
@@ -362,7 +362,6 @@ pub fn service_words(svc: &ServiceValue) -> (u64, u32) {
 pub struct Pick {
     /// The slot is `ticket % len`.
     pub ticket: u64,
-    pub len: u64,
     pub backend_id: u32,
 }
 
@@ -370,15 +369,61 @@ impl Pick {
     /// The backend `i` slots after this pick's (for a retry; looks the table up again).
     #[inline(always)]
     pub fn nth(&self, svc: &ServiceValue, i: u64) -> Result<u32, Reason> {
-        let slot = (self.ticket + i) % self.len;
+        Table::of(svc)?
+            .ok_or(Reason::DropInternal)?
+            .at(self.ticket + i)
+    }
+}
+
+/// A service's active table of either kind, as its backend ids: round-robin slots or a
+/// Maglev table. One shape for both, so that the choice below is one piece of code (the
+/// stack is the program's scarcest resource, and each instance of it costs some).
+struct Table {
+    ids: *const u32,
+    /// How many ids the map value holds: the bound every read is checked against.
+    cap: u64,
+    /// How many are used; 0: no backend takes new connections.
+    len: u32,
+}
+
+impl Table {
+    /// `svc`'s active table; `None` for a Maglev service whose table is not there.
+    #[inline(always)]
+    fn of(svc: &ServiceValue) -> Result<Option<Table>, Reason> {
         let index = slot_table_index(svc.id, svc.active_table);
         if svc.flags & SERVICE_MAGLEV != 0 {
             // SAFETY: a map value read in place; the daemon replaces whole tables.
-            let table = unsafe { MAGLEV.get(index) }.ok_or(Reason::DropInternal)?;
-            maglev_backend(table, slot)
+            Ok(unsafe { MAGLEV.get(index) }.map(|t| Table {
+                ids: t.backend_ids.as_ptr(),
+                cap: MAGLEV_SIZE as u64,
+                len: t.len,
+            }))
         } else {
-            slot_backend(SLOTS.get(index).ok_or(Reason::DropInternal)?, slot)
+            let t = SLOTS.get(index).ok_or(Reason::DropInternal)?;
+            Ok(Some(Table {
+                ids: t.backend_ids.as_ptr(),
+                cap: SLOTS_PER_TABLE as u64,
+                len: t.len,
+            }))
         }
+    }
+
+    /// The backend at `ticket % len`. The modulo is by the table's own, run-time length: by
+    /// a constant, the compiler would prove the bound check needless and drop it, and the
+    /// verifier, which cannot follow the multiplication it becomes, would refuse the
+    /// access. (Checked, as an empty table has none: a plain `%` would leave a panic path,
+    /// which BPF cannot have.)
+    #[inline(always)]
+    fn at(&self, ticket: u64) -> Result<u32, Reason> {
+        let Some(slot) = ticket.checked_rem(u64::from(self.len)) else {
+            return Err(Reason::DropNoBackend);
+        };
+        // Bound for the verifier (and against a corrupt `len`).
+        if slot >= self.cap {
+            return Err(Reason::DropInternal);
+        }
+        // SAFETY: `ids` points at `cap` ids of a live map value.
+        Ok(unsafe { *self.ids.add(slot as usize) })
     }
 }
 
@@ -394,34 +439,18 @@ impl Pick {
 /// Either way backends the data plane ejected are skipped (see [`choose`]).
 #[inline(always)]
 pub fn pick(svc: &ServiceValue, flow: Option<&FlowKey>) -> Result<Pick, Reason> {
-    let index = slot_table_index(svc.id, svc.active_table);
-    // One table of either kind, as its backend ids and their bound: one instance of
-    // `choose` rather than two (the stack is the program's scarcest resource).
-    let (ids, cap, len) = if svc.flags & SERVICE_MAGLEV != 0 {
-        // SAFETY: a map value read in place; the daemon replaces whole tables.
-        match unsafe { MAGLEV.get(index) } {
-            Some(t) => (t.backend_ids.as_ptr(), MAGLEV_SIZE as u64, t.len),
-            None => return no_backend(svc),
+    let table = match Table::of(svc)? {
+        Some(t) if t.len != 0 => t,
+        _ => {
+            stats::traffic(&SERVICE_STATS, svc.id, |c| c.no_backend += 1);
+            return Err(Reason::DropNoBackend);
         }
-    } else {
-        let t = SLOTS.get(index).ok_or(Reason::DropInternal)?;
-        (t.backend_ids.as_ptr(), SLOTS_PER_TABLE as u64, t.len)
     };
-    if len == 0 {
-        return no_backend(svc);
-    }
     let ticket = match flow {
         Some(f) if svc.flags & SERVICE_MAGLEV != 0 => u64::from(hash_of(f)),
         _ => next_ticket(svc)?,
     };
-    choose(len, ticket, |slot| {
-        // Bound for the verifier (and against a corrupt `len`).
-        if slot >= cap {
-            return Err(Reason::DropInternal);
-        }
-        // SAFETY: `ids` points at `cap` ids of a live map value.
-        Ok(unsafe { *ids.add(slot as usize) })
-    })
+    choose(&table, ticket)
 }
 
 /// [`FlowKey::hash`], in a frame of its own: inlined, its temporaries spill onto the stack
@@ -429,12 +458,6 @@ pub fn pick(svc: &ServiceValue, flow: Option<&FlowKey>) -> Result<Pick, Reason> 
 #[inline(never)]
 fn hash_of(key: &FlowKey) -> u32 {
     key.hash()
-}
-
-#[inline(always)]
-fn no_backend(svc: &ServiceValue) -> Result<Pick, Reason> {
-    stats::traffic(&SERVICE_STATS, svc.id, |c| c.no_backend += 1);
-    Err(Reason::DropNoBackend)
 }
 
 /// This CPU's next ticket for `svc`. The cursor is per CPU: incrementing it is a plain add
@@ -458,42 +481,18 @@ fn next_ticket(svc: &ServiceValue) -> Result<u64, Reason> {
 /// if all of those are ejected too, the first choice stands (better a try than a certain
 /// drop).
 #[inline(always)]
-fn choose(len: u32, ticket: u64, at: impl Fn(u64) -> Result<u32, Reason>) -> Result<Pick, Reason> {
-    let len = len as u64;
-    let mut backend_id = at(ticket % len)?;
+fn choose(table: &Table, ticket: u64) -> Result<Pick, Reason> {
+    let mut backend_id = table.at(ticket)?;
     if is_ejected(backend_id) {
         for i in 1..=EJECTED_RETRIES {
-            let candidate = at((ticket + i) % len)?;
+            let candidate = table.at(ticket + i)?;
             if !is_ejected(candidate) {
                 backend_id = candidate;
                 break;
             }
         }
     }
-    Ok(Pick {
-        ticket,
-        len,
-        backend_id,
-    })
-}
-
-#[inline(always)]
-fn slot_backend(table: &SlotTable, slot: u64) -> Result<u32, Reason> {
-    let slot = slot as usize;
-    // Bound for the verifier (and against a corrupt `len`).
-    if slot >= SLOTS_PER_TABLE as usize {
-        return Err(Reason::DropInternal);
-    }
-    Ok(table.backend_ids[slot])
-}
-
-#[inline(always)]
-fn maglev_backend(table: &MaglevTable, slot: u64) -> Result<u32, Reason> {
-    let slot = slot as usize;
-    if slot >= MAGLEV_SIZE as usize {
-        return Err(Reason::DropInternal);
-    }
-    Ok(table.backend_ids[slot])
+    Ok(Pick { ticket, backend_id })
 }
 
 #[inline(always)]
