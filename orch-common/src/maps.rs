@@ -252,6 +252,13 @@ pub struct SlotTable {
 }
 const _: () = assert!(size_of::<SlotTable>() == 8 + 4 * SLOTS_PER_TABLE as usize);
 
+impl SlotTable {
+    /// The used slots' ids (never past the array, whatever `len` says).
+    pub fn used(&self) -> &[u32] {
+        &self.backend_ids[..(self.len as usize).min(self.backend_ids.len())]
+    }
+}
+
 impl Default for SlotTable {
     fn default() -> Self {
         SlotTable {
@@ -276,6 +283,13 @@ pub struct MaglevTable {
     pub backend_ids: [u32; MAGLEV_SIZE as usize],
 }
 const _: () = assert!(size_of::<MaglevTable>() == 4 + 4 * MAGLEV_SIZE as usize);
+
+impl MaglevTable {
+    /// The used ids (none when `len` is 0; never past the array, whatever `len` says).
+    pub fn used(&self) -> &[u32] {
+        &self.backend_ids[..(self.len as usize).min(self.backend_ids.len())]
+    }
+}
 
 impl Default for MaglevTable {
     fn default() -> Self {
@@ -319,7 +333,8 @@ pub fn flow_hash(
     }
     h = round(h, (u32::from(src_port_be) << 16) | u32::from(dst_port_be));
     h = round(h, u32::from(proto));
-    // The finalizer: every input bit reaches every output bit.
+    // The finalizer: the input's length in bytes (9 words), then every input bit reaches
+    // every output bit.
     h ^= 36;
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);

@@ -1747,11 +1747,7 @@ impl MapReader for Dataplane {
     }
 
     fn maglev_table(&self, index: u32) -> Result<Option<Box<MaglevTable>>, DataplaneError> {
-        match self.maglev.get(&index, 0) {
-            Ok(t) => Ok(Some(Box::new(t))),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(map_err(MAGLEV_MAP)(e)),
-        }
+        self.reader.maglev_table(index)
     }
 
     fn maglev_replies(&self) -> Result<Vec<(BackendKey, MaglevReply)>, DataplaneError> {

@@ -153,7 +153,9 @@ impl RequestHandler for Handler {
         }
         let mut header = header;
         let mut answer = answer.unwrap_or_else(Answer::nothing);
-        if encoded_len(request, &header, &answer, edns.as_ref()) > size_limit(request) {
+        let too_large = udp_limit(request)
+            .is_some_and(|limit| encoded_len(request, &header, &answer, edns.as_ref()) > limit);
+        if too_large {
             // RFC 2181, 9: the client sees the flag and asks again over TCP, where the whole
             // answer fits. Part of an answer would be worse than none: a client could take a
             // few backends for all of them. (hickory alone would send a client without EDNS
@@ -180,17 +182,17 @@ impl RequestHandler for Handler {
     }
 }
 
-/// The largest answer `request`'s client takes: over UDP 512 bytes (RFC 1035), or the size
-/// its EDNS option offers, up to [`EDNS_PAYLOAD`]; over TCP a whole message.
-fn size_limit(request: &Request) -> usize {
-    match request.protocol() {
-        Protocol::Udp => usize::from(
+/// The largest answer `request`'s client takes over UDP: 512 bytes (RFC 1035), or the size
+/// its EDNS option offers, up to [`EDNS_PAYLOAD`]. `None` over TCP, where any answer fits
+/// (and is not encoded twice to find out).
+fn udp_limit(request: &Request) -> Option<usize> {
+    (request.protocol() == Protocol::Udp).then(|| {
+        usize::from(
             request
                 .edns()
                 .map_or(512, |e| e.max_payload().clamp(512, EDNS_PAYLOAD)),
-        ),
-        _ => usize::from(u16::MAX),
-    }
+        )
+    })
 }
 
 /// The size of the answer once encoded, as hickory will encode it (names compressed alike).

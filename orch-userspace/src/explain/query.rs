@@ -72,18 +72,15 @@ pub fn query(
     let (slots, picks) = if hashed {
         let ids = reader
             .maglev_table(index)?
-            .map_or_else(Vec::new, |t| t.backend_ids[..t.len as usize].to_vec());
+            .map_or_else(Vec::new, |t| t.used().to_vec());
         (
             ids.len() as u32,
             hashed_picks(cursors.len(), &ids, key.hash(), ejected),
         )
     } else {
         let table = reader.slot_table(index)?;
-        let len = (table.len as usize).min(table.backend_ids.len());
-        (
-            len as u32,
-            next_picks(&cursors, &table.backend_ids[..len], ejected),
-        )
+        let ids = table.used();
+        (ids.len() as u32, next_picks(&cursors, ids, ejected))
     };
     if picks.is_empty() {
         return Ok((ExplainPath::NoBackend, Vec::new()));

@@ -186,15 +186,11 @@ impl Reconciler {
             let index = slot_table_index(value.id, value.active_table);
             let (scheduler, slots) = if value.flags & SERVICE_MAGLEV != 0 {
                 let table = maps.maglev_table(index).map_err(read)?;
-                let slots = table.map_or_else(Vec::new, |t| {
-                    let len = (t.len as usize).min(t.backend_ids.len());
-                    t.backend_ids[..len].to_vec()
-                });
+                let slots = table.map_or_else(Vec::new, |t| t.used().to_vec());
                 (Scheduler::Maglev, slots)
             } else {
                 let table = maps.slot_table(index).map_err(read)?;
-                let len = (table.len as usize).min(table.backend_ids.len());
-                (Scheduler::RoundRobin, table.backend_ids[..len].to_vec())
+                (Scheduler::RoundRobin, table.used().to_vec())
             };
             let own: Vec<(SocketAddr, u32)> = backends
                 .iter()
@@ -738,7 +734,7 @@ mod tests {
         fn rotation(&self, addr: &ServiceAddr) -> Vec<SocketAddr> {
             let v = self.services[&service_key(addr)];
             let t = &self.slots[&slot_table_index(v.id, v.active_table)];
-            t.backend_ids[..t.len as usize]
+            t.used()
                 .iter()
                 .map(|id| {
                     let b = self.backends[id];
