@@ -109,7 +109,8 @@ impl Conn {
     }
 }
 
-/// What the wrk script's `done` prints (latencies in microseconds).
+/// One load run's result (latencies in microseconds): what the wrk script's `done` prints,
+/// or the same figures from [`load`].
 #[derive(Deserialize, Debug, Clone, Copy)]
 struct Wrk {
     requests: u64,
@@ -297,9 +298,9 @@ impl<'a> Bench<'a> {
                 let setup = self.set_up(ri)?;
                 self.check_spread(route)?;
                 // One second to warm caches (and the proxies' connection pools) first.
-                self.wrk(route, Conn::KeepAlive, 1)?;
+                self.load(route, Conn::KeepAlive, 1)?;
                 for (ci, conn) in Conn::ALL.into_iter().enumerate() {
-                    let r = self.wrk(route, conn, self.o.seconds)?;
+                    let r = self.load(route, conn, self.o.seconds)?;
                     eprintln!(
                         "[{:>4.0}s] round {}/{} {:<14} {:<27} {:>9} req/s  p50 {:>6.3} ms  p99 {:>6.3} ms  errors {}",
                         started.elapsed().as_secs_f64(),
@@ -449,10 +450,15 @@ impl<'a> Bench<'a> {
     }
 
     /// One run of the load generator from the client namespace.
-    fn wrk(&self, route: Route, conn: Conn, seconds: u64) -> anyhow::Result<Wrk> {
-        if self.o.generator == Generator::Spread {
-            return self.spread(route, conn, seconds);
+    fn load(&self, route: Route, conn: Conn, seconds: u64) -> anyhow::Result<Wrk> {
+        match self.o.generator {
+            Generator::Wrk => self.wrk(route, conn, seconds),
+            Generator::Spread => self.spread(route, conn, seconds),
         }
+    }
+
+    /// One wrk run from the client namespace.
+    fn wrk(&self, route: Route, conn: Conn, seconds: u64) -> anyhow::Result<Wrk> {
         let script = self.dir.join("bench.lua");
         let targets = self.targets(route);
         std::fs::write(&script, wrk_script(&targets, conn))?;
