@@ -13,7 +13,10 @@
 //!   state and writes the minimum, with atomic flips; ids; weighted round-robin;
 //! - [`health`]: probes, the verdicts drawn from them and from the data plane's signals,
 //!   the learning circuit breaker;
-//! - [`registry`]: services registered through the API, in SQLite with an in-memory index;
+//! - [`cluster`]: the registry shared by several hosts through etcd: list, watch, writes
+//!   by compare-and-set, this host's lease;
+//! - [`registry`]: services registered through the API, in SQLite with an in-memory index
+//!   (in a cluster, the mirror of its services);
 //! - [`api`]: the admin API: wire types, server, client;
 //! - [`dataplane`]: the only module that talks to aya: load, attach, map access, a
 //!   read-only [`dataplane::Reader`] for other threads, test runs, link and VIP-route
@@ -24,6 +27,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;

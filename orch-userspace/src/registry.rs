@@ -50,7 +50,15 @@ const MIGRATIONS: &[&str] = &[
     // 2: per-service options (the health-check spec), as JSON so that options can grow
     // without a migration each; an empty object means the protocol's defaults.
     "ALTER TABLE service ADD COLUMN options TEXT NOT NULL DEFAULT '{}';",
+    // 3: facts about the registry itself; in a cluster, which cluster it mirrors and at
+    // what revision.
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
 ];
+
+/// In `meta`: the cluster this registry mirrors (its etcd key prefix), when it is a mirror.
+const META_CLUSTER: &str = "cluster";
+/// In `meta`: the cluster revision the mirror holds.
+const META_REVISION: &str = "cluster_revision";
 
 /// Per-service options as stored in `service.options`.
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -114,6 +122,32 @@ pub enum Change {
         addr: SocketAddr,
         state: AdminState,
     },
+}
+
+impl Change {
+    /// The name of the service it changes.
+    pub fn service(&self) -> &str {
+        match self {
+            Change::AddService(s) => &s.name,
+            Change::RemoveService { name } => name,
+            Change::AddBackend { service, .. }
+            | Change::RemoveBackend { service, .. }
+            | Change::SetState { service, .. } => service,
+        }
+    }
+}
+
+/// What a cluster says changed, for [`Registry::mirror`].
+#[derive(Clone, Debug, Default)]
+pub struct Mirror {
+    /// Replace everything (after a list) rather than change some services.
+    pub reset: bool,
+    /// New or changed services.
+    pub put: Vec<Service>,
+    /// Removed services, by name.
+    pub removed: Vec<String>,
+    /// The cluster revision this brings the mirror to.
+    pub revision: i64,
 }
 
 /// The registry: a SQLite database and its in-memory index, by service name.
@@ -195,8 +229,82 @@ impl Registry {
     }
 }
 
-/// Applies `change` to an index, checking it first.
-fn apply(index: &mut BTreeMap<String, Service>, change: &Change) -> Result<(), RegistryError> {
+impl Registry {
+    /// The cluster (key prefix) and revision this registry mirrors, if it is a cluster's
+    /// mirror rather than a host's own registry.
+    pub fn mirrors(&self) -> Result<Option<(String, i64)>, RegistryError> {
+        let get = |key: &str| -> Result<Option<String>, rusqlite::Error> {
+            self.conn
+                .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+                .optional()
+        };
+        let Some(cluster) = get(META_CLUSTER)? else {
+            return Ok(None);
+        };
+        let revision = get(META_REVISION)?
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(0);
+        Ok(Some((cluster, revision)))
+    }
+
+    /// Brings the registry in line with the cluster `cluster` (its key prefix), in one
+    /// transaction. Services that break the registry's rules (a record written by hand, an
+    /// address taken twice) are left out and returned with the reason.
+    pub fn mirror(
+        &mut self,
+        cluster: &str,
+        update: &Mirror,
+    ) -> Result<Vec<(String, RegistryError)>, RegistryError> {
+        let mut next = if update.reset {
+            BTreeMap::new()
+        } else {
+            self.index.clone()
+        };
+        let mut rejected = Vec::new();
+        for name in &update.removed {
+            next.remove(name);
+        }
+        for svc in &update.put {
+            let previous = next.remove(&svc.name);
+            if let Err(e) = apply(&mut next, &Change::AddService(svc.clone())) {
+                rejected.push((svc.name.clone(), e));
+                if let Some(p) = previous {
+                    next.insert(p.name.clone(), p);
+                }
+            }
+        }
+        let tx = self.conn.transaction()?;
+        let changed = |name: &String| self.index.get(name) != next.get(name);
+        let names: std::collections::BTreeSet<&String> =
+            self.index.keys().chain(next.keys()).collect();
+        for name in names.into_iter().filter(|n| changed(n)) {
+            tx.execute("DELETE FROM service WHERE name = ?1", [name])?;
+            if let Some(svc) = next.get(name) {
+                write(&tx, &Change::AddService(svc.clone()))?;
+            }
+        }
+        for (key, value) in [
+            (META_CLUSTER, cluster.to_owned()),
+            (META_REVISION, update.revision.to_string()),
+        ] {
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                params![key, value],
+            )?;
+        }
+        tx.commit()?;
+        self.index = next;
+        Ok(rejected)
+    }
+}
+
+/// Applies `change` to an index, checking it first (the rules every registry change
+/// follows, in one host or in a cluster).
+pub(crate) fn apply(
+    index: &mut BTreeMap<String, Service>,
+    change: &Change,
+) -> Result<(), RegistryError> {
     let invalid = RegistryError::Invalid;
     match change {
         Change::AddService(svc) => {
@@ -595,6 +703,51 @@ mod tests {
             .query_row("SELECT count(*) FROM backend", [], |r| r.get(0))
             .unwrap();
         assert_eq!(n, 0);
+    }
+
+    #[test]
+    fn a_mirror_follows_the_cluster_and_survives_reopening() {
+        let (_dir, path) = temp_db();
+        let mut reg = Registry::open(&path).unwrap();
+        assert_eq!(reg.mirrors().unwrap(), None, "a host's own registry");
+        let mut api = web();
+        api.name = "api".into();
+        api.addr.port = 81;
+        let rejected = reg
+            .mirror(
+                "/orch",
+                &Mirror {
+                    reset: true,
+                    put: vec![web(), api.clone()],
+                    removed: vec![],
+                    revision: 7,
+                },
+            )
+            .unwrap();
+        assert!(rejected.is_empty());
+        // A change to one service, a removal, and a record that breaks the rules (another
+        // service's address): the last is left out, the rest applied.
+        let mut web2 = web();
+        web2.backends.pop();
+        let mut thief = web();
+        thief.name = "thief".into();
+        let rejected = reg
+            .mirror(
+                "/orch",
+                &Mirror {
+                    reset: false,
+                    put: vec![web2.clone(), thief],
+                    removed: vec!["api".into()],
+                    revision: 9,
+                },
+            )
+            .unwrap();
+        assert_eq!(rejected.len(), 1);
+        assert_eq!(rejected[0].0, "thief");
+        drop(reg);
+        let reg = Registry::open(&path).unwrap();
+        assert_eq!(reg.mirrors().unwrap(), Some(("/orch".into(), 9)));
+        assert_eq!(reg.services().cloned().collect::<Vec<_>>(), vec![web2]);
     }
 
     #[test]

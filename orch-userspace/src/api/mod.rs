@@ -95,6 +95,8 @@ pub enum Request {
         client: SocketAddr,
         vip: SocketAddr,
     },
+    /// The hosts of the cluster, as their leases in etcd say.
+    NodeList,
 }
 
 impl Request {
@@ -111,6 +113,7 @@ impl Request {
             Request::BackendSetState { .. } => "backend_set_state",
             Request::BackendList { .. } => "backend_list",
             Request::Explain { .. } => "explain",
+            Request::NodeList => "node_list",
         }
     }
 
@@ -151,6 +154,39 @@ pub enum Reply {
     /// A change was made (or there was nothing to change); the text says what.
     Done(String),
     Explain(Explanation),
+    Nodes(Vec<NodeInfo>),
+}
+
+/// A host of the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub name: String,
+    pub address: Option<IpAddr>,
+    pub version: String,
+    /// When its daemon started (Unix seconds).
+    pub started: u64,
+    /// Seconds since it last renewed its record (every 3 s; gone 10 s after its last).
+    pub seen_secs_ago: u64,
+    /// The host that answered.
+    pub this_host: bool,
+}
+
+/// This host's part in a cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub node: String,
+    pub endpoints: Vec<String>,
+    pub prefix: String,
+    /// `connecting`, `reachable` or `unreachable`.
+    pub state: String,
+    /// Seconds in that state.
+    pub for_secs: u64,
+    /// Why etcd is unreachable.
+    pub error: Option<String>,
+    /// The cluster revision this host has applied.
+    pub revision: i64,
+    /// Hosts with a live lease.
+    pub nodes: usize,
 }
 
 /// Where a service is defined; only its owner may change it.
@@ -187,6 +223,9 @@ pub struct StatusInfo {
     /// over all their enabled backends.
     #[serde(default)]
     pub services_in_panic: Vec<String>,
+    /// In a cluster: its state as this host sees it.
+    #[serde(default)]
+    pub cluster: Option<ClusterStatus>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -368,6 +407,10 @@ pub enum ErrorKind {
     Conflict,
     /// Would not fit the data plane's capacity.
     Capacity,
+    /// The cluster store (etcd) cannot be reached: nothing changed; retry later.
+    Unavailable,
+    /// The cluster store did not confirm the change in time: it may or may not be applied.
+    Unconfirmed,
     /// The client speaks another protocol version.
     UnsupportedVersion,
     /// The daemon failed to do something it should have been able to do.
@@ -391,6 +434,8 @@ struct Envelope<T> {
     body: T,
 }
 
+// One per request, built and dropped at once: boxing the large variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum Outcome {

@@ -134,6 +134,11 @@ pub enum Command {
         /// The VIP and port the client connects to.
         vip: SocketAddr,
     },
+    /// The hosts of the cluster (with `[cluster]` in the config).
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
     /// Work with configuration files.
     Config {
         #[command(subcommand)]
@@ -242,6 +247,13 @@ pub enum BackendCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Every host with a live lease in etcd: name, address, version, when last seen.
+    #[command(alias = "ls", after_help = "Example:\n  orch node list")]
+    List,
+}
+
+#[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
     /// Validate a configuration file and print every problem with its line and column.
     /// Changes nothing; needs no privileges.
@@ -329,7 +341,7 @@ pub fn run_client(request: &Request, opts: &ClientOpts) -> ExitCode {
             }
             eprintln!("error: {e}");
             ExitCode::from(match e.kind {
-                ErrorKind::Internal => exit::FAILURE,
+                ErrorKind::Internal | ErrorKind::Unconfirmed => exit::FAILURE,
                 _ => exit::REFUSED,
             })
         }

@@ -46,10 +46,45 @@ pub fn render(reply: &Reply) -> String {
                     s.services_in_panic.join(", ")
                 ));
             }
+            if let Some(c) = &s.cluster {
+                out.push_str(&format!(
+                    "cluster:     {} for {}s, node {}, revision {}, {} nodes ({} under {})\n",
+                    c.state,
+                    c.for_secs,
+                    c.node,
+                    c.revision,
+                    c.nodes,
+                    c.endpoints.join(","),
+                    c.prefix,
+                ));
+                if let Some(e) = &c.error {
+                    out.push_str(&format!(
+                        "             {e}: serving the last known state, refusing changes\n"
+                    ));
+                }
+            }
             if let Some(e) = &s.last_reload_error {
                 out.push_str(&format!("last reload rejected:\n{e}\n"));
             }
             out
+        }
+        Reply::Nodes(list) => {
+            let mut t = table(&["NODE", "ADDRESS", "VERSION", "UP", "LAST SEEN"]);
+            let now = crate::cluster::unix_now();
+            for n in list {
+                t.add_row(vec![
+                    if n.this_host {
+                        format!("{} (this host)", n.name)
+                    } else {
+                        n.name.clone()
+                    },
+                    n.address.map_or_else(|| "-".to_owned(), |a| a.to_string()),
+                    n.version.clone(),
+                    format!("{}s", now.saturating_sub(n.started)),
+                    format!("{}s ago", n.seen_secs_ago),
+                ]);
+            }
+            format!("{t}\n")
         }
         Reply::Services(list) => {
             let mut t = table(&[

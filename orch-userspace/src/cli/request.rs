@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 
-use super::{BackendCommand, Command, ServiceCommand};
+use super::{BackendCommand, Command, NodeCommand, ServiceCommand};
 use crate::{api::Request, model::AdminState};
 
 /// The API request a client command stands for; `None` for the commands that are not
@@ -74,6 +74,9 @@ pub fn request(command: &Command) -> Option<Request> {
             client: *client,
             vip: *vip,
         },
+        Command::Node {
+            command: NodeCommand::List,
+        } => Request::NodeList,
         Command::Daemon { .. }
         | Command::Config { .. }
         | Command::Completions { .. }

@@ -42,6 +42,7 @@ pub(super) struct File {
     pub dns: DnsSection,
     #[serde(default)]
     pub socket_lb: SocketLbSection,
+    pub cluster: Option<ClusterSection>,
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceConfig>,
 }
@@ -169,6 +170,150 @@ impl Default for SocketLbSection {
         SocketLbSection {
             enabled: false,
             cgroup: PathBuf::from(defaults::SOCKET_LB_CGROUP),
+        }
+    }
+}
+
+/// `[cluster]`: the registry shared by several hosts through etcd.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ClusterSection {
+    pub endpoints: Spanned<Vec<Spanned<String>>>,
+    #[serde(default = "default_cluster_prefix")]
+    pub prefix: Spanned<String>,
+    pub node: Option<Spanned<String>>,
+    pub address: Option<IpAddr>,
+    #[serde(default = "default_cluster_timeout")]
+    pub timeout_ms: Spanned<u64>,
+    pub tls: Option<ClusterTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ClusterTls {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+fn default_cluster_prefix() -> Spanned<String> {
+    Spanned::new(0..0, defaults::CLUSTER_PREFIX.to_owned())
+}
+
+fn default_cluster_timeout() -> Spanned<u64> {
+    Spanned::new(0..0, defaults::CLUSTER_TIMEOUT_MS)
+}
+
+/// A node name: what a host name may be (letters, digits, `-`, `.`, `_`), 1 to 63 bytes.
+fn check_node_name(name: &str) -> Result<(), String> {
+    let ok = (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "cluster.node {name:?} is not a node name (1-63 letters, digits, '-', '.', '_')"
+        ))
+    }
+}
+
+/// This host's name, the default node name.
+fn host_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| check_node_name(h).is_ok())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+impl ClusterSection {
+    fn validate(&self, v: &mut Validator<'_>) {
+        if self.endpoints.get_ref().is_empty() {
+            v.at(
+                self.endpoints.span(),
+                "cluster.endpoints is empty: list the etcd members' client URLs".into(),
+            );
+        }
+        let tls = self.tls.is_some();
+        for e in self.endpoints.get_ref() {
+            let url = e.get_ref();
+            let rest = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
+                (Some(r), _) if !tls => Some(r),
+                (_, Some(r)) if tls => Some(r),
+                (Some(_), _) => {
+                    v.at(
+                        e.span(),
+                        format!("cluster endpoint {url:?} is http:// while [cluster.tls] is set; use https://"),
+                    );
+                    continue;
+                }
+                (_, Some(_)) => {
+                    v.at(
+                        e.span(),
+                        format!("cluster endpoint {url:?} is https:// without [cluster.tls]; add the section (its ca at least)"),
+                    );
+                    continue;
+                }
+                _ => None,
+            };
+            let valid = rest.is_some_and(|r| {
+                r.rsplit_once(':').is_some_and(|(host, port)| {
+                    !host.is_empty()
+                        && !host.contains('/')
+                        && port.parse::<u16>().is_ok_and(|p| p > 0)
+                })
+            });
+            if !valid {
+                v.at(
+                    e.span(),
+                    format!("cluster endpoint {url:?} is not a URL like http://198.18.50.1:2379"),
+                );
+            }
+        }
+        let prefix = self.prefix.get_ref();
+        if !prefix.starts_with('/')
+            || prefix.ends_with('/')
+            || prefix.len() < 2
+            || prefix.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            v.at(
+                self.prefix.span(),
+                format!("cluster.prefix {prefix:?} must start with '/', not end with one, and hold no spaces (e.g. \"/orch\")"),
+            );
+        }
+        if let Some(node) = &self.node {
+            if let Err(e) = check_node_name(node.get_ref()) {
+                v.at(node.span(), e);
+            }
+        }
+        let timeout = *self.timeout_ms.get_ref();
+        if !(100..=60_000).contains(&timeout) {
+            v.at(
+                self.timeout_ms.span(),
+                format!("cluster.timeout_ms = {timeout} is outside 100..=60000"),
+            );
+        }
+    }
+
+    fn settings(self) -> crate::cluster::Settings {
+        crate::cluster::Settings {
+            endpoints: self
+                .endpoints
+                .into_inner()
+                .into_iter()
+                .map(Spanned::into_inner)
+                .collect(),
+            prefix: self.prefix.into_inner(),
+            node: self.node.map_or_else(host_name, Spanned::into_inner),
+            address: self.address,
+            timeout: std::time::Duration::from_millis(self.timeout_ms.into_inner()),
+            tls: self.tls.map(|t| crate::cluster::Tls {
+                ca: t.ca,
+                cert: t.cert,
+                key: t.key,
+            }),
         }
     }
 }
@@ -395,6 +540,7 @@ impl File {
                 kernel_log: self.log.kernel,
                 dns: self.dns.settings(),
                 socket_lb: self.socket_lb.enabled.then_some(self.socket_lb.cgroup),
+                cluster: self.cluster.map(ClusterSection::settings),
             },
             interfaces: d
                 .interfaces
@@ -432,6 +578,9 @@ impl File {
         };
         self.dataplane.validate(&mut v);
         self.dns.validate(&mut v);
+        if let Some(cluster) = &self.cluster {
+            cluster.validate(&mut v);
+        }
         let threshold = &self.health.panic_threshold;
         if *threshold.get_ref() > 100 {
             v.at(

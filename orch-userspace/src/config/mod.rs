@@ -67,6 +67,11 @@ pub mod defaults {
     pub const DNS_MAX_QPS: u32 = 10_000;
     /// Seconds an idle TCP connection to the DNS server stays open.
     pub const DNS_TCP_IDLE_SECS: u64 = 5;
+    /// The etcd key prefix of a cluster's records.
+    pub const CLUSTER_PREFIX: &str = "/orch";
+    /// How long one etcd request may take: etcd's own election timeout is 1 s, so 2 s
+    /// rides out a leader change and still tells an unreachable cluster quickly.
+    pub const CLUSTER_TIMEOUT_MS: u64 = 2_000;
 }
 
 /// A valid configuration.
@@ -106,6 +111,9 @@ pub struct Fixed {
     /// The cgroup (v2) whose sockets are balanced at `connect()`, when `[socket_lb]
     /// enabled`.
     pub socket_lb: Option<PathBuf>,
+    /// The etcd cluster whose registry this host shares, when `[cluster]` is present;
+    /// otherwise the registry is this host's alone.
+    pub cluster: Option<crate::cluster::Settings>,
 }
 
 #[derive(Clone, Debug)]
@@ -298,6 +306,11 @@ impl Fixed {
                 "socket_lb",
                 format!("{:?}", a.socket_lb),
                 format!("{:?}", b.socket_lb),
+            ),
+            (
+                "cluster",
+                format!("{:?}", a.cluster),
+                format!("{:?}", b.cluster),
             ),
         ];
         rows.into_iter().filter(|(_, x, y)| x != y).collect()

@@ -2,9 +2,10 @@
 //! registry, then applied to the data plane. Reads are answered elsewhere
 //! ([`super::view::Reads`]), off the loop.
 
+use tokio::sync::oneshot;
 use tracing::{error, info};
 
-use super::state::Daemon;
+use super::{cluster::Requester, state::Daemon};
 use crate::{
     api::{ApiError, ErrorKind, Reply, Request},
     metrics::OpResult,
@@ -13,8 +14,56 @@ use crate::{
 };
 
 impl Daemon {
-    /// Serves one change request (reads never reach the loop).
-    pub fn handle(&mut self, request: Request) -> Result<Reply, ApiError> {
+    /// Serves one change request (reads never reach the loop). On one host the answer goes
+    /// out at once; in a cluster once etcd committed the change (see [`super::cluster`]).
+    pub fn handle(&mut self, request: Request, reply: oneshot::Sender<Result<Reply, ApiError>>) {
+        let change = match self.change_of(request) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        let operation = change_op(&change);
+        if self.cluster.is_some() {
+            match self.check(&change) {
+                Ok(()) => {
+                    let done = describe(&change);
+                    self.commit_to_cluster(
+                        change,
+                        Requester {
+                            reply,
+                            done,
+                            op: operation,
+                        },
+                    );
+                }
+                Err(e) => {
+                    self.metrics.registry_op(operation, OpResult::Refused);
+                    let _ = reply.send(Err(e));
+                }
+            }
+            return;
+        }
+        let result = self.change(change);
+        if result.is_ok() {
+            self.note_panic();
+        }
+        self.metrics.registry_op(
+            operation,
+            match &result {
+                Ok(_) => OpResult::Ok,
+                Err(e) if e.kind == ErrorKind::Internal => OpResult::Error,
+                Err(_) => OpResult::Refused,
+            },
+        );
+        // Readers see the change before its requester hears it is done.
+        self.publish();
+        let _ = reply.send(result);
+    }
+
+    /// The registry change a request asks for.
+    fn change_of(&self, request: Request) -> Result<Change, ApiError> {
         let change = match request {
             Request::ServiceAdd {
                 name,
@@ -67,63 +116,16 @@ impl Daemon {
                 ))
             }
         };
-        let operation = change_op(&change);
-        let result = self.change(change);
-        if result.is_ok() {
-            self.note_panic();
-        }
-        self.metrics.registry_op(
-            operation,
-            match &result {
-                Ok(_) => OpResult::Ok,
-                Err(e) if e.kind == ErrorKind::Internal => OpResult::Error,
-                Err(_) => OpResult::Refused,
-            },
-        );
-        // Readers see the change before its requester hears it is done.
-        self.publish();
-        result
+        Ok(change)
     }
 
-    /// Checks a registry change against everything (validity, the file's services,
-    /// capacity), commits it durably, then brings the data plane in line.
+    /// Commits a checked registry change durably, then brings the data plane in line.
     fn change(&mut self, change: Change) -> Result<Reply, ApiError> {
-        let file_services = &self.config.services;
-        let target = match &change {
-            Change::AddService(s) => &s.name,
-            Change::RemoveService { name } => name,
-            Change::AddBackend { service, .. }
-            | Change::RemoveBackend { service, .. }
-            | Change::SetState { service, .. } => service,
-        };
-        if file_services.iter().any(|s| &s.name == target) {
-            return Err(ApiError::new(
-                ErrorKind::Conflict,
-                format!(
-                    "service {target:?} is defined in the config file {}; change it there",
-                    self.config_path().display()
-                ),
-            ));
-        }
-        if let Change::AddService(svc) = &change {
-            if let Some(other) = file_services.iter().find(|s| s.addr == svc.addr) {
-                return Err(ApiError::new(
-                    ErrorKind::Conflict,
-                    format!(
-                        "{} is already the address of service {:?} (config file)",
-                        svc.addr, other.name
-                    ),
-                ));
-            }
-        }
-        let registered = self.registry.preview(&change).map_err(registry_error)?;
-        let desired = super::state::desired(&self.config, &registered, &self.verdicts);
-        self.reconciler
-            .check(&desired)
-            .map_err(|e| ApiError::new(ErrorKind::Capacity, e.to_string()))?;
+        self.check(&change)?;
         self.registry.commit(&change).map_err(registry_error)?;
         let done = describe(&change);
         info!(change = %done, "registry changed");
+        let desired = self.desired();
         let applied = self.apply(&desired);
         self.checker.sync(&self.services());
         self.forget_removed();
@@ -136,6 +138,43 @@ impl Daemon {
             ));
         }
         Ok(Reply::Done(done))
+    }
+
+    /// Checks a registry change against everything: validity, the config file's services
+    /// (this host's, and in a cluster every host's), the cluster's reachability, capacity.
+    /// Changes nothing.
+    fn check(&self, change: &Change) -> Result<(), ApiError> {
+        let file_services = &self.config.services;
+        let target = change.service();
+        if file_services.iter().any(|s| s.name == target) {
+            return Err(ApiError::new(
+                ErrorKind::Conflict,
+                format!(
+                    "service {target:?} is defined in the config file {}; change it there",
+                    self.config_path().display()
+                ),
+            ));
+        }
+        if let Change::AddService(svc) = change {
+            if let Some(other) = file_services.iter().find(|s| s.addr == svc.addr) {
+                return Err(ApiError::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "{} is already the address of service {:?} (config file)",
+                        svc.addr, other.name
+                    ),
+                ));
+            }
+        }
+        if let Some(refusal) = self.cluster_refusal(change) {
+            return Err(refusal);
+        }
+        let registered = self.registry.preview(change).map_err(registry_error)?;
+        let desired = super::state::desired(&self.config, &registered, &self.verdicts);
+        self.reconciler
+            .check(&desired)
+            .map_err(|e| ApiError::new(ErrorKind::Capacity, e.to_string()))?;
+        Ok(())
     }
 }
 
@@ -182,7 +221,14 @@ fn describe(change: &Change) -> String {
 }
 
 fn registry_error(e: RegistryError) -> ApiError {
-    let kind = match &e {
+    let kind = registry_error_kind(&e);
+    let message = crate::chain(&e);
+    ApiError::new(kind, message)
+}
+
+/// The API's class of a registry error.
+pub(super) fn registry_error_kind(e: &RegistryError) -> ErrorKind {
+    match e {
         RegistryError::Invalid(_) => ErrorKind::Invalid,
         RegistryError::UnknownService(_) | RegistryError::UnknownBackend { .. } => {
             ErrorKind::NotFound
@@ -192,7 +238,5 @@ fn registry_error(e: RegistryError) -> ApiError {
         | RegistryError::TooNew { .. }
         | RegistryError::Corrupt(_)
         | RegistryError::Db(_) => ErrorKind::Internal,
-    };
-    let message = crate::chain(&e);
-    ApiError::new(kind, message)
+    }
 }

@@ -21,6 +21,7 @@
 //! - [`readiness`]: what the service manager is told (systemd `Type=notify`).
 
 mod census;
+mod cluster;
 mod handlers;
 mod health;
 pub mod readiness;
@@ -127,16 +128,23 @@ pub async fn run(opts: &Options) -> Result<(), DaemonError> {
         .ok();
     let mut ticks = tokio::time::interval(Duration::from_millis(100));
     let mut link_changes = links::watch();
+    let mut cluster_inbox = d.join_cluster()?;
     info!("orch is ready");
     readiness::ready();
 
     loop {
         tokio::select! {
-            Some((request, reply)) = changes.recv() => {
-                let _ = reply.send(d.handle(request));
-            }
+            Some((request, reply)) = changes.recv() => d.handle(request, reply),
             Some(report) = reports.recv() => d.on_report(report),
-            _ = ticks.tick() => d.tick(Instant::now()),
+            Some(message) = cluster::next(&mut cluster_inbox) => match message {
+                cluster::Either::Event(e) => d.on_cluster(e),
+                cluster::Either::Committed(c) => d.on_committed(c),
+            },
+            _ = ticks.tick() => {
+                let now = Instant::now();
+                d.answer_applied(now);
+                d.tick(now);
+            }
             Some(()) = link_changes.recv() => d.sync_interfaces(),
             Some(()) = changed.recv() => {
                 // Editors save in several steps (truncate, write, rename): let them finish.

@@ -215,6 +215,7 @@ impl Daemon {
         self.missing.retain(|m| self.config.interfaces.contains(m));
         self.checker.sync(&self.services());
         self.forget_removed();
+        self.publish_claims();
         Ok(summary)
     }
 

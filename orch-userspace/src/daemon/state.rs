@@ -89,6 +89,8 @@ pub struct Daemon {
     /// Where the DNS zone is published (with the view), and its serial.
     pub(super) zones: tokio::sync::watch::Sender<Arc<Zone>>,
     pub(super) zone_serial: u32,
+    /// This host's part in a cluster, when `[cluster]` is configured.
+    pub(super) cluster: Option<super::cluster::Member>,
 }
 
 impl Daemon {
@@ -98,7 +100,12 @@ impl Daemon {
         let config = Config::load(config_path)?;
         let registry = Registry::open(&config.fixed.registry)?;
         let registered: Vec<Service> = registry.services().cloned().collect();
-        config.check_against(&registered)?;
+        if config.fixed.cluster.is_none() {
+            // In a cluster, another host may have registered a name this file uses: the
+            // file's service is kept on this host, and the clash is logged (see
+            // `Daemon::file_owner`).
+            config.check_against(&registered)?;
+        }
         raise_memlock_limit();
 
         let capacity = config.fixed.capacity;
@@ -153,6 +160,7 @@ impl Daemon {
             view_stale: true,
             zones,
             zone_serial: 0,
+            cluster: None,
         };
         let desired = daemon.desired();
         daemon
@@ -252,9 +260,24 @@ impl Daemon {
         all(&self.config, &self.registered())
     }
 
-    /// The registry's services.
+    /// The registry's services (but those a config-file service shadows).
     pub(super) fn registered(&self) -> Vec<Service> {
-        self.registry.services().cloned().collect()
+        self.registry
+            .services()
+            .filter(|s| self.file_owner(s).is_none())
+            .cloned()
+            .collect()
+    }
+
+    /// The config-file service whose name or address a registered service takes. On one
+    /// host the registry refuses such a service; in a cluster another host may have
+    /// registered it before this host's file claimed the name, and the file wins here.
+    pub(super) fn file_owner(&self, registered: &Service) -> Option<&str> {
+        self.config
+            .services
+            .iter()
+            .find(|f| f.name == registered.name || f.addr == registered.addr)
+            .map(|f| f.name.as_str())
     }
 
     /// Every service with where it comes from, file first.
@@ -263,7 +286,12 @@ impl Daemon {
             .services
             .iter()
             .map(|s| (s, Source::File))
-            .chain(self.registry.services().map(|s| (s, Source::Registry)))
+            .chain(
+                self.registry
+                    .services()
+                    .filter(|s| self.file_owner(s).is_none())
+                    .map(|s| (s, Source::Registry)),
+            )
     }
 
     /// The data plane's view of every service: admin states, health and panic applied.
@@ -375,6 +403,7 @@ impl Daemon {
             counts: [self.reloads, self.reload_failures, self.probes],
             last_reload_error: self.last_reload_error.as_deref(),
             started: self.started,
+            cluster: self.cluster.as_ref(),
         });
         self.views.send_replace(Arc::new(view));
         if let Some(dns) = &self.config.fixed.dns {

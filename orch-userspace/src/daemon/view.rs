@@ -12,11 +12,11 @@ use std::{collections::BTreeSet, net::SocketAddr, path::Path, sync::Arc};
 
 use tokio::sync::watch;
 
-use super::census::Censuses;
+use super::{census::Censuses, cluster::Reach};
 use crate::{
     api::{
-        ApiError, BackendInfo, BackendRow, BreakerState, ErrorKind, Explanation, Health, Reply,
-        Request, ServiceInfo, Source, StatusInfo, API_VERSION,
+        ApiError, BackendInfo, BackendRow, BreakerState, ClusterStatus, ErrorKind, Explanation,
+        Health, NodeInfo, Reply, Request, ServiceInfo, Source, StatusInfo, API_VERSION,
     },
     config::Config,
     dataplane::{Census, Dataplane, Reader},
@@ -39,6 +39,9 @@ pub struct View {
     udp_idle_ns: u64,
     /// The cgroup socket-level balancing serves, when it is on.
     socket_lb: Option<std::path::PathBuf>,
+    /// Since when the cluster is in its state, and its hosts.
+    cluster_since: Option<std::time::Instant>,
+    nodes: Vec<NodeInfo>,
 }
 
 #[derive(Debug)]
@@ -82,6 +85,7 @@ pub(super) struct Parts<'a> {
     pub counts: [u64; 3],
     pub last_reload_error: Option<&'a str>,
     pub started: std::time::Instant,
+    pub cluster: Option<&'a super::cluster::Member>,
 }
 
 impl View {
@@ -147,6 +151,24 @@ impl View {
                 config_reload_failures: reload_failures,
                 last_reload_error: d.last_reload_error.map(str::to_owned),
                 services_in_panic: d.panicking.iter().cloned().collect(),
+                cluster: d.cluster.map(|m| {
+                    let settings = m.settings();
+                    let (state, error) = match &m.reach {
+                        Reach::Connecting { .. } => ("connecting", None),
+                        Reach::Reachable { .. } => ("reachable", None),
+                        Reach::Unreachable { error, .. } => ("unreachable", Some(error.clone())),
+                    };
+                    ClusterStatus {
+                        node: settings.node.clone(),
+                        endpoints: settings.endpoints.clone(),
+                        prefix: settings.prefix.clone(),
+                        state: state.to_owned(),
+                        for_secs: 0,
+                        error,
+                        revision: m.revision,
+                        nodes: m.nodes.len(),
+                    }
+                }),
             },
             services,
             started: Some(d.started),
@@ -154,6 +176,21 @@ impl View {
             unconfirmed_capacity: u64::from(capacity.conntrack_new),
             udp_idle_ns: d.config.timeouts.udp_idle_ns,
             socket_lb: d.config.fixed.socket_lb.clone(),
+            cluster_since: d.cluster.map(|m| m.reach.since()),
+            nodes: d.cluster.map_or_else(Vec::new, |m| {
+                let now = crate::cluster::unix_now();
+                m.nodes
+                    .iter()
+                    .map(|(name, r)| NodeInfo {
+                        name: name.clone(),
+                        address: r.address,
+                        version: r.version.clone(),
+                        started: r.started,
+                        seen_secs_ago: now.saturating_sub(r.seen),
+                        this_host: *name == m.settings().node,
+                    })
+                    .collect()
+            }),
         }
     }
 }
@@ -176,6 +213,7 @@ impl Reads {
                 | Request::ServiceShow { .. }
                 | Request::BackendList { .. }
                 | Request::Explain { .. }
+                | Request::NodeList
         )
     }
 
@@ -185,7 +223,19 @@ impl Reads {
         if matches!(request, Request::Status) {
             let mut status = view.status.clone();
             status.uptime_secs = view.started.map_or(0, |s| s.elapsed().as_secs());
+            if let (Some(c), Some(since)) = (status.cluster.as_mut(), view.cluster_since) {
+                c.for_secs = since.elapsed().as_secs();
+            }
             return Ok(Reply::Status(status));
+        }
+        if matches!(request, Request::NodeList) {
+            if view.status.cluster.is_none() {
+                return Err(ApiError::new(
+                    ErrorKind::Invalid,
+                    "this host is not in a cluster (no [cluster] section in its config)",
+                ));
+            }
+            return Ok(Reply::Nodes(view.nodes.clone()));
         }
         // Refused requests need no census.
         match &request {

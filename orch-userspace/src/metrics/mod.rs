@@ -56,6 +56,14 @@ pub struct Metrics {
     map_sync_seconds: Histogram,
     map_sync_errors: IntCounter,
     conntrack_expired: IntCounterVec,
+    /// Registered when the host joins a cluster: a single host has no such series (an
+    /// alert on `orch_cluster_reachable == 0` must not fire on it).
+    cluster: std::sync::OnceLock<ClusterGauges>,
+}
+
+struct ClusterGauges {
+    reachable: prometheus::IntGauge,
+    revision: prometheus::IntGauge,
 }
 
 /// Registry operations, as the `operation` label names them.
@@ -209,7 +217,43 @@ impl Metrics {
             dns_queries,
             dns_rate_limited,
             dns_truncated,
+            cluster: std::sync::OnceLock::new(),
         }
+    }
+
+    fn cluster_gauges(&self) -> &ClusterGauges {
+        self.cluster.get_or_init(|| {
+            let reachable = prometheus::IntGauge::new(
+                "orch_cluster_reachable",
+                "1 while etcd answers this host (a quorum is reachable), 0 while it does not: \
+                 the host serves its last known state and refuses registry changes.",
+            )
+            .expect("valid metric");
+            let revision = prometheus::IntGauge::new(
+                "orch_cluster_revision",
+                "The etcd revision of the cluster registry this host has applied.",
+            )
+            .expect("valid metric");
+            for g in [&reachable, &revision] {
+                self.registry
+                    .register(Box::new(g.clone()))
+                    .expect("metric names are unique");
+            }
+            ClusterGauges {
+                reachable,
+                revision,
+            }
+        })
+    }
+
+    /// Whether etcd answers this host.
+    pub fn cluster_reachable(&self, reachable: bool) {
+        self.cluster_gauges().reachable.set(i64::from(reachable));
+    }
+
+    /// The cluster revision this host has applied.
+    pub fn cluster_revision(&self, revision: i64) {
+        self.cluster_gauges().revision.set(revision);
     }
 
     /// Counts connections the expiry removed.
