@@ -509,7 +509,7 @@ impl Drop for Lab {
 }
 
 /// Creates a veth pair with one end in each namespace (never in the host's).
-fn link(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> io::Result<()> {
+pub(crate) fn link(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> io::Result<()> {
     netns::run(
         "ip",
         &[
@@ -793,7 +793,7 @@ pub fn bulk_put(addr: SocketAddr, n: u64, timeout: Duration) -> io::Result<()> {
     Ok(())
 }
 
-fn start_servers(
+pub(crate) fn start_servers(
     ns: &Netns,
     name: &str,
     stop: &Arc<AtomicBool>,
@@ -1099,6 +1099,32 @@ pub struct Orch {
 }
 
 impl Orch {
+    /// A daemon (not started) in namespace `ns`, attached to `interfaces`, with its files
+    /// (config, log, socket, registry) in `state` and its pins in `state/bpffs`, which the
+    /// caller mounts and unmounts.
+    pub(crate) fn in_namespace(
+        bin: &Path,
+        ns: &str,
+        state: &Path,
+        interfaces: Vec<String>,
+    ) -> Orch {
+        Orch {
+            child: None,
+            bin: bin.to_owned(),
+            args: Vec::new(),
+            config_path: state.join("orch.toml"),
+            log_path: state.join("orch.log"),
+            socket: state.join("orch.sock"),
+            pin_dir: state.join("bpffs/orch"),
+            registry: state.join("registry.db"),
+            lb: ns.to_owned(),
+            interfaces,
+            exited: None,
+            unprivileged: None,
+            env: Vec::new(),
+        }
+    }
+
     /// What the daemon has logged so far (every run since the lab started it).
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
@@ -1249,6 +1275,21 @@ impl Orch {
 
     /// Runs the `orch` CLI against this daemon's socket (from the host namespace: a Unix
     /// socket is a file, reachable from any network namespace).
+    /// [`Orch::cli`] for another thread: runs the CLI against this daemon's socket.
+    pub fn cli_command(&self) -> impl Fn(&[&str]) -> CliOutput + Send + 'static {
+        let (bin, socket) = (self.bin.clone(), self.socket.clone());
+        move |args| {
+            CliOutput(
+                Command::new(&bin)
+                    .args(args)
+                    .env("ORCH_SOCKET", &socket)
+                    .stdin(Stdio::null())
+                    .output()
+                    .expect("running the orch CLI"),
+            )
+        }
+    }
+
     pub fn cli(&self, args: &[&str]) -> io::Result<CliOutput> {
         let out = Command::new(&self.bin)
             .args(args)

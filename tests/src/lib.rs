@@ -2,6 +2,8 @@
 //! benchmarks.
 //!
 //! - [`cgroup`]: a cgroup v2 of a test's own, for socket-level balancing;
+//! - [`cluster`]: three orch hosts sharing a three-member etcd cluster, backends reachable
+//!   from every host, a client that picks the host;
 //! - [`netns`]: network namespaces that delete themselves, and running code inside them;
 //! - [`lab`]: the topology (client, load balancer, backends), backend servers that answer
 //!   with their own name, clients, and the `orch` daemon process;
@@ -17,6 +19,7 @@
 //! lab creates, so nothing touches the host's own interfaces.
 
 pub mod cgroup;
+pub mod cluster;
 pub mod hostile;
 pub mod lab;
 pub mod netns;
