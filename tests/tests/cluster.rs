@@ -80,6 +80,18 @@ fn spread_via(lab: &ClusterLab, k: usize, vip: SocketAddr) -> BTreeSet<String> {
         .collect()
 }
 
+/// Host `k`'s metrics.
+fn metrics(lab: &ClusterLab, k: usize) -> Vec<prom::Sample> {
+    let (status, body) = lab
+        .host(k)
+        .ns
+        .run(|| lab::http_request(lab::METRICS_ADDR.parse().unwrap(), "GET", "/metrics"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    prom::parse(&body)
+}
+
 fn all_backends() -> BTreeSet<String> {
     (1..=3).map(|i| format!("backend-{i}")).collect()
 }
@@ -244,6 +256,16 @@ fn a_maglev_connection_keeps_its_backend_when_it_moves_to_another_host() {
         seen.insert(before);
     }
     assert!(seen.len() >= 2, "12 connections all on {seen:?}");
+    // Host 3 carried the moved segments (forwarded, not dropped as strays) and opened no
+    // connection of its own: it kept no state.
+    let host3 = metrics(&lab, 3);
+    let forwarded = prom::get(&host3, "orch_xdp_packets_total", &[("reason", "fwd_redirect")])
+        + prom::get(&host3, "orch_xdp_packets_total", &[("reason", "fwd_stack")]);
+    assert!(forwarded >= 12.0, "host 3 forwarded {forwarded} packets");
+    assert_eq!(
+        prom::get(&host3, "orch_xdp_packets_total", &[("reason", "drop_tcp_no_flow")]),
+        0.0
+    );
 }
 
 /// etcd loses a member, then this host, then everything: hosts keep serving what they
@@ -306,14 +328,8 @@ fn hosts_serve_through_etcd_outages_and_converge() {
             .cli(&["service", "add", "never", "198.19.0.4:80"])
             .unwrap();
         assert_eq!(out.code(), Some(2), "host {k}: {}", out.stderr_text());
-        let metrics = lab
-            .host(k)
-            .ns
-            .run(|| lab::http_get(lab::METRICS_ADDR.parse().unwrap()))
-            .unwrap()
-            .unwrap();
         assert_eq!(
-            prom::sum(&prom::parse(&metrics), "orch_cluster_reachable", &[]),
+            prom::sum(&metrics(&lab, k), "orch_cluster_reachable", &[]),
             Some(0.0),
             "host {k}"
         );
