@@ -113,14 +113,31 @@ impl ClusterLab {
             ns.ip(&["link", "set", "dev", "ctl", "up"])?;
             // The client's link to this host, and its routing table for this source.
             lab::link(&ns, "c0", &lab.client, &port)?;
-            ns.ip(&["addr", "add", &format!("198.18.{}.1/24", 60 + k), "dev", "c0"])?;
+            ns.ip(&[
+                "addr",
+                "add",
+                &format!("198.18.{}.1/24", 60 + k),
+                "dev",
+                "c0",
+            ])?;
             ns.ip(&["link", "set", "dev", "c0", "up"])?;
             let table = (100 + k).to_string();
-            lab.client
-                .ip(&["addr", "add", &format!("{}/24", client_via(k)), "dev", &port])?;
+            lab.client.ip(&[
+                "addr",
+                "add",
+                &format!("{}/24", client_via(k)),
+                "dev",
+                &port,
+            ])?;
             lab.client.ip(&["link", "set", "dev", &port, "up"])?;
-            lab.client
-                .ip(&["rule", "add", "from", &client_via(k).to_string(), "lookup", &table])?;
+            lab.client.ip(&[
+                "rule",
+                "add",
+                "from",
+                &client_via(k).to_string(),
+                "lookup",
+                &table,
+            ])?;
             lab.client.ip(&[
                 "route",
                 "add",
@@ -148,7 +165,13 @@ impl ClusterLab {
                 host.ip(&["route", "add", &format!("{}/32", backend(i)), "via", &b])?;
                 ns.ip(&["addr", "add", &format!("{b}/30"), "dev", &there])?;
                 ns.ip(&["link", "set", "dev", &there, "up"])?;
-                ns.ip(&["route", "add", &format!("198.18.{}.0/24", 60 + k), "via", &h])?;
+                ns.ip(&[
+                    "route",
+                    "add",
+                    &format!("198.18.{}.0/24", 60 + k),
+                    "via",
+                    &h,
+                ])?;
             }
             let down = Arc::new(AtomicBool::new(false));
             let servers = lab::start_servers(&ns, &format!("backend-{i}"), &lab.stop, &down)?;
@@ -348,7 +371,8 @@ impl Drop for ClusterLab {
                 let _ = c.kill();
                 let _ = c.wait();
             }
-            let _ = nix::mount::umount2(&host.state.join("bpffs"), nix::mount::MntFlags::MNT_DETACH);
+            let _ =
+                nix::mount::umount2(&host.state.join("bpffs"), nix::mount::MntFlags::MNT_DETACH);
         }
         self.stop.store(true, Ordering::Relaxed);
         for t in self.servers.drain(..) {

@@ -116,7 +116,10 @@ fn a_service_registered_on_one_host_is_served_by_every_host() {
 
     // Every host announces itself.
     let nodes = wait_until(Duration::from_secs(10), || {
-        cli_ok(&lab, 1, &["node", "list", "--json"]).matches("\"name\"").count() == 3
+        cli_ok(&lab, 1, &["node", "list", "--json"])
+            .matches("\"name\"")
+            .count()
+            == 3
     });
     assert!(nodes.is_some(), "{}", cli_ok(&lab, 1, &["node", "list"]));
     let status = cli_ok(&lab, 3, &["status"]);
@@ -137,7 +140,10 @@ fn a_service_registered_on_one_host_is_served_by_every_host() {
     cli_ok(&lab, 2, &["service", "rm", "web"]);
     converge(&lab, &[]);
     for k in 1..=HOSTS {
-        assert!(lab.ask_via(k, vip, "gone?").is_err(), "host {k} still serves web");
+        assert!(
+            lab.ask_via(k, vip, "gone?").is_err(),
+            "host {k} still serves web"
+        );
     }
 
     // Two hosts register the same name at once: one wins, the other is told.
@@ -153,8 +159,14 @@ fn a_service_registered_on_one_host_is_served_by_every_host() {
         })
         .collect();
     let results: Vec<_> = racers.into_iter().map(|t| t.join().unwrap()).collect();
-    let won: Vec<_> = results.iter().filter(|(_, _, o)| o.status.success()).collect();
-    let lost: Vec<_> = results.iter().filter(|(_, _, o)| !o.status.success()).collect();
+    let won: Vec<_> = results
+        .iter()
+        .filter(|(_, _, o)| o.status.success())
+        .collect();
+    let lost: Vec<_> = results
+        .iter()
+        .filter(|(_, _, o)| !o.status.success())
+        .collect();
     assert_eq!(won.len(), 1, "exactly one registration wins: {results:?}");
     assert_eq!(lost[0].2.code(), Some(2), "the other is refused");
     assert!(
@@ -216,7 +228,8 @@ fn a_service_registered_on_one_host_is_served_by_every_host() {
     }
     // Host 2 still serves its own file service.
     assert_eq!(
-        lab.ask_via(2, "198.19.9.9:80".parse().unwrap(), "mine").unwrap(),
+        lab.ask_via(2, "198.19.9.9:80".parse().unwrap(), "mine")
+            .unwrap(),
         "backend-1"
     );
 }
@@ -250,20 +263,33 @@ fn a_maglev_connection_keeps_its_backend_when_it_moves_to_another_host() {
         let after = conn.ask(&format!("after {n}"));
         lab.route_client(1, 1).unwrap();
         let after = after.unwrap_or_else(|e| {
-            panic!("connection {n} broke when it moved to host 3: {e}\n{}", lab.logs())
+            panic!(
+                "connection {n} broke when it moved to host 3: {e}\n{}",
+                lab.logs()
+            )
         });
-        assert_eq!(after, before, "connection {n} changed backend when it moved");
+        assert_eq!(
+            after, before,
+            "connection {n} changed backend when it moved"
+        );
         seen.insert(before);
     }
     assert!(seen.len() >= 2, "12 connections all on {seen:?}");
     // Host 3 carried the moved segments (forwarded, not dropped as strays) and opened no
     // connection of its own: it kept no state.
     let host3 = metrics(&lab, 3);
-    let forwarded = prom::get(&host3, "orch_xdp_packets_total", &[("reason", "fwd_redirect")])
-        + prom::get(&host3, "orch_xdp_packets_total", &[("reason", "fwd_stack")]);
+    let forwarded = prom::get(
+        &host3,
+        "orch_xdp_packets_total",
+        &[("reason", "fwd_redirect")],
+    ) + prom::get(&host3, "orch_xdp_packets_total", &[("reason", "fwd_stack")]);
     assert!(forwarded >= 12.0, "host 3 forwarded {forwarded} packets");
     assert_eq!(
-        prom::get(&host3, "orch_xdp_packets_total", &[("reason", "drop_tcp_no_flow")]),
+        prom::get(
+            &host3,
+            "orch_xdp_packets_total",
+            &[("reason", "drop_tcp_no_flow")]
+        ),
         0.0
     );
 }
@@ -292,7 +318,10 @@ fn hosts_serve_through_etcd_outages_and_converge() {
     converge(&lab, &["api", "web"]);
 
     // Host 3 cut off from etcd's network: it keeps serving, refuses changes, says so.
-    lab.host(3).ns.ip(&["link", "set", "dev", "ctl", "down"]).unwrap();
+    lab.host(3)
+        .ns
+        .ip(&["link", "set", "dev", "ctl", "down"])
+        .unwrap();
     let cut = wait_until(Duration::from_secs(10), || {
         cli_ok(&lab, 3, &["status"]).contains("cluster:     unreachable")
     });
@@ -311,7 +340,10 @@ fn hosts_serve_through_etcd_outages_and_converge() {
     );
     assert!(!services_on(&lab, 3).contains("late"));
     // Back on the network: it catches up from where its watch stopped.
-    lab.host(3).ns.ip(&["link", "set", "dev", "ctl", "up"]).unwrap();
+    lab.host(3)
+        .ns
+        .ip(&["link", "set", "dev", "ctl", "up"])
+        .unwrap();
     converge(&lab, &["api", "late", "web"]);
 
     // Every member down: every host serves on, refuses changes, and reports it.

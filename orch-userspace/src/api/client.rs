@@ -9,8 +9,9 @@ use std::{
 
 use super::{ApiError, Envelope, Outcome, Reply, Request, API_VERSION};
 
-/// How long the CLI waits for the daemon.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the CLI waits for the daemon: long enough for a cluster write that rides out an
+/// etcd leader election (up to four request timeouts, then 2 s for this host to apply it).
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Why the CLI could not get an answer.
 #[derive(Debug, thiserror::Error)]

@@ -55,6 +55,8 @@ struct State {
     /// The last revision handed to the daemon; `None`: list before watching.
     revision: Option<i64>,
     import: Vec<Service>,
+    /// The member the next connection tries first.
+    endpoint: usize,
 }
 
 pub(super) async fn run(
@@ -70,15 +72,34 @@ pub(super) async fn run(
         started: unix_now(),
         revision: None,
         import,
+        endpoint: 0,
     };
     let mut backoff = Duration::from_millis(200);
     let mut reachable = None;
+    let mut failing_since: Option<Instant> = None;
     loop {
-        let error = match session(&mut st, &events, &mut writes, &mut claims, &mut reachable).await
-        {
+        let end = session(
+            &mut st,
+            &events,
+            &mut writes,
+            &mut claims,
+            &mut reachable,
+            &mut failing_since,
+        )
+        .await;
+        let error = match end {
             End::Stop => return,
             End::Broken(e) => e,
         };
+        // The member this session used may be the one that went away, or an election is
+        // under way (about a second): every member is tried again shortly, writes wait, and
+        // etcd counts as unreachable only when none has answered for the request timeout.
+        let since = *failing_since.get_or_insert_with(Instant::now);
+        if reachable == Some(true) && since.elapsed() < st.settings.timeout {
+            info!(error = %error, "the etcd connection broke; trying every member");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
         if reachable != Some(false) {
             warn!(error = %error, endpoints = ?st.settings.endpoints, "etcd is unreachable; serving the last known state, refusing changes");
             reachable = Some(false);
@@ -117,9 +138,10 @@ async fn session(
     writes: &mut mpsc::Receiver<Write>,
     claims: &mut watch::Receiver<Vec<FileClaim>>,
     reachable: &mut Option<bool>,
+    failing_since: &mut Option<Instant>,
 ) -> End {
     let timeout = st.settings.timeout;
-    let mut client = match connect(&st.settings).await {
+    let mut client = match connect(&st.settings, &st.keys, &mut st.endpoint).await {
         Ok(c) => c,
         Err(e) => return End::Broken(e),
     };
@@ -217,7 +239,7 @@ async fn session(
         Err(e) => return e,
     };
     if *reachable != Some(true) {
-        info!(endpoints = ?st.settings.endpoints, revision, node = %st.settings.node, "etcd reachable; watching the cluster's services");
+        info!(endpoint = %st.settings.endpoints[st.endpoint], revision, node = %st.settings.node, "etcd reachable; watching the cluster's services");
         *reachable = Some(true);
         if events.send(Event::Reachable { error: None }).await.is_err() {
             return End::Stop;
@@ -225,6 +247,7 @@ async fn session(
     }
     let mut probe = tokio::time::interval(PROBE_EVERY);
     let mut renew = tokio::time::interval(RENEW_EVERY);
+    *failing_since = None;
     loop {
         tokio::select! {
             message = stream.message() => {
@@ -256,7 +279,7 @@ async fn session(
                 let (mut client, keys) = (client.clone(), st.keys.clone());
                 tokio::spawn(async move {
                     // Retries included, a write ends within a few requests' time.
-                    let limit = timeout * 3;
+                    let limit = timeout * 4;
                     let result = tokio::time::timeout(limit, write(&mut client, &keys, &w.change, timeout))
                         .await
                         .unwrap_or(Err(WriteError::Unconfirmed(limit)));
@@ -299,8 +322,40 @@ async fn session(
     }
 }
 
-/// A client for `settings`' endpoints.
-async fn connect(settings: &Settings) -> Result<Client, String> {
+/// A client of one member that is part of a quorum: the members are tried in turn from
+/// `next` (which is left at the one that answered), each given the timeout. One member at
+/// a time, rather than a channel balanced over all: a request balanced onto a member that
+/// died fails, and would make the whole cluster look unreachable.
+async fn connect(settings: &Settings, keys: &Keys, next: &mut usize) -> Result<Client, String> {
+    let mut errors = Vec::new();
+    for _ in 0..settings.endpoints.len() {
+        *next %= settings.endpoints.len();
+        let endpoint = &settings.endpoints[*next];
+        match connect_one(settings, endpoint).await {
+            Ok(mut client) => {
+                match within(
+                    settings.timeout,
+                    client.get(
+                        keys.root(),
+                        Some(GetOptions::new().with_prefix().with_count_only()),
+                    ),
+                )
+                .await
+                {
+                    Ok(_) => return Ok(client),
+                    Err(End::Broken(e)) => errors.push(format!("{endpoint}: {e}")),
+                    Err(End::Stop) => {}
+                }
+            }
+            Err(e) => errors.push(format!("{endpoint}: {e}")),
+        }
+        *next += 1;
+    }
+    Err(errors.join("; "))
+}
+
+/// A client of `endpoint`.
+async fn connect_one(settings: &Settings, endpoint: &str) -> Result<Client, String> {
     let mut options = ConnectOptions::new()
         .with_connect_timeout(settings.timeout)
         .with_keep_alive(Duration::from_secs(2), settings.timeout)
@@ -309,12 +364,7 @@ async fn connect(settings: &Settings) -> Result<Client, String> {
     if let Some(tls) = &settings.tls {
         options = options.with_tls(tls_options(tls)?);
     }
-    match tokio::time::timeout(
-        settings.timeout,
-        Client::connect(&settings.endpoints, Some(options)),
-    )
-    .await
-    {
+    match tokio::time::timeout(settings.timeout, Client::connect([endpoint], Some(options))).await {
         Ok(Ok(c)) => Ok(c),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!(
@@ -473,7 +523,10 @@ async fn create(
     write(client, keys, &Change::AddService(svc.clone()), timeout).await
 }
 
-/// Commits `change`: read, apply, compare-and-set, again on a lost race.
+/// Commits `change`: read, apply, compare-and-set; again on a lost race, and on transient
+/// errors (a leader election fails requests for about a second) until `timeout` twice over.
+/// A transaction whose outcome is unknown (sent, then an error) is recognised on the next
+/// read: if the key already holds what it wrote, it was applied.
 async fn write(
     client: &mut Client,
     keys: &Keys,
@@ -482,10 +535,28 @@ async fn write(
 ) -> Result<i64, WriteError> {
     let name = change.service().to_owned();
     let key = keys.service(&name);
-    for _ in 0..ATTEMPTS {
-        let got = within(timeout, client.get(key.clone(), None))
-            .await
-            .map_err(unreachable_write)?;
+    let deadline = Instant::now() + timeout * 2;
+    // What an unconfirmed transaction would have left under the key (`None`: nothing).
+    let mut unconfirmed: Option<Option<Service>> = None;
+    let mut raced = 0;
+    let mut error = String::new();
+    loop {
+        if Instant::now() >= deadline {
+            return Err(match unconfirmed {
+                Some(_) => WriteError::Unconfirmed(timeout * 2),
+                None => WriteError::Unreachable(error),
+            });
+        }
+        if !error.is_empty() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let got = match within(timeout, client.get(key.clone(), None)).await {
+            Ok(g) => g,
+            Err(e) => {
+                error = unreachable_write(e).to_string();
+                continue;
+            }
+        };
         let current = match got.kvs().first() {
             Some(kv) => Some((
                 ServiceRecord::decode(&name, kv.value()).map_err(|e| {
@@ -495,6 +566,11 @@ async fn write(
             )),
             None => None,
         };
+        if let Some(wrote) = &unconfirmed {
+            if current.as_ref().map(|(s, _)| s) == wrote.as_ref() {
+                return Ok(got.header().map_or(0, |h| h.revision()));
+            }
+        }
         let mut index = BTreeMap::new();
         if let Some((svc, _)) = &current {
             index.insert(name.clone(), svc.clone());
@@ -524,20 +600,26 @@ async fn write(
                 .and_then([TxnOp::put(key.clone(), ServiceRecord::encode(next), None)]),
             _ => return Err(RegistryError::UnknownService(name).into()),
         };
-        let done = match tokio::time::timeout(timeout, client.txn(txn)).await {
-            Ok(Ok(r)) => r,
-            // Sent but not confirmed: it may have been applied.
-            Ok(Err(_)) | Err(_) => return Err(WriteError::Unconfirmed(timeout)),
+        let done = match within(timeout, client.txn(txn)).await {
+            Ok(r) => r,
+            Err(e) => {
+                unconfirmed = Some(index.get(&name).cloned());
+                error = unreachable_write(e).to_string();
+                continue;
+            }
         };
         if done.succeeded() {
             return Ok(done.header().map_or(0, |h| h.revision()));
         }
+        error.clear();
+        raced += 1;
+        if raced >= ATTEMPTS {
+            return Err(WriteError::Contended(name));
+        }
         if let Change::AddService(svc) = change {
             // Lost a race for the name (the next read refuses it) or for the address.
-            let owner = within(timeout, client.get(keys.address(&svc.addr), None))
-                .await
-                .map_err(unreachable_write)?;
-            if let Some(kv) = owner.kvs().first() {
+            let owner = within(timeout, client.get(keys.address(&svc.addr), None)).await;
+            if let Some(kv) = owner.as_ref().ok().and_then(|o| o.kvs().first()) {
                 return Err(RegistryError::Conflict(format!(
                     "{} is already the address of service {:?}",
                     svc.addr,
@@ -547,7 +629,6 @@ async fn write(
             }
         }
     }
-    Err(WriteError::Contended(name))
 }
 
 #[cfg(test)]
