@@ -27,7 +27,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install missing prerequisites (rust-src, LLVM, bpf-linker, iproute2, nftables).
+    /// Install missing prerequisites (rust-src, LLVM, bpf-linker, iproute2, nftables, protoc,
+    /// etcd).
     Prereqs,
     /// Build orch and run it. Without --config: a demo lab in network namespaces (a client,
     /// orch, three backends) with traffic that shows connections spread round-robin.

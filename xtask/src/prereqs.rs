@@ -7,7 +7,9 @@
 //!   bitcode for the BPF target and bpf-linker generates the code, so the two must agree);
 //!   building it needs LLVM's development packages from apt;
 //! - iproute2 for the demo lab and the tests, nftables for the tests that lose packets on
-//!   purpose, systemd-analyze and useradd for the tests of `cargo xtask install`.
+//!   purpose, systemd-analyze and useradd for the tests of `cargo xtask install`;
+//! - protoc and protobuf's own .proto files (the etcd client generates its gRPC code at
+//!   build time), etcd and etcdctl for the cluster tests.
 
 use std::{path::PathBuf, process::Command};
 
@@ -40,7 +42,47 @@ pub fn ensure() -> anyhow::Result<()> {
             apt_install(&missing)
         },
     )?;
+    step(
+        "protoc and protobuf's .proto files (building the etcd client), etcd (cluster tests)",
+        || {
+            let mut missing = Vec::new();
+            if !util::have("protoc") {
+                missing.push("protobuf-compiler");
+            }
+            if !std::path::Path::new("/usr/include/google/protobuf/descriptor.proto").exists() {
+                missing.push("libprotobuf-dev");
+            }
+            if !util::have("etcdctl") {
+                missing.push("etcd-client");
+            }
+            let new_etcd = !util::have("etcd");
+            if new_etcd {
+                missing.push("etcd-server");
+            }
+            apt_install(&missing)?;
+            if new_etcd {
+                quiet_etcd_service();
+            }
+            Ok(())
+        },
+    )?;
     Ok(())
+}
+
+/// Debian's etcd-server starts a system etcd on 127.0.0.1:2379 when installed under
+/// systemd; the tests start their own members inside their namespaces, so the one we just
+/// installed is stopped and disabled again rather than left running on the machine.
+fn quiet_etcd_service() {
+    if !util::have("systemctl") || !std::path::Path::new("/run/systemd/system").exists() {
+        return;
+    }
+    let stopped = Command::new("systemctl")
+        .args(["disable", "--now", "etcd.service"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if stopped {
+        eprintln!("    stopped and disabled the etcd.service the package started (the tests run their own)");
+    }
 }
 
 /// The LLVM major version rustc was built with (`rustc -vV`).

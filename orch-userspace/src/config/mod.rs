@@ -518,6 +518,40 @@ protocol = "udp"
     }
 
     #[test]
+    fn the_cluster_section_is_absent_by_default_and_checked() {
+        assert_eq!(parse(GOOD).unwrap().fixed.cluster, None);
+        let on = parse(&format!(
+            "{GOOD}\n[cluster]\nendpoints = [\"http://198.18.50.1:2379\"]\nnode = \"h1\"\n"
+        ))
+        .unwrap();
+        let c = on.fixed.cluster.unwrap();
+        assert_eq!(c.prefix, "/orch");
+        assert_eq!(c.node, "h1");
+        assert_eq!(c.timeout, std::time::Duration::from_millis(2_000));
+        assert_eq!(c.tls, None);
+        let p = problems(&format!(
+            "{GOOD}\n[cluster]\nendpoints = [\"198.18.50.1:2379\", \"https://198.18.50.2:2379\"]\n\
+             prefix = \"orch/\"\nnode = \"h 1\"\ntimeout_ms = 5\n"
+        ));
+        for wanted in [
+            "\"198.18.50.1:2379\" is not a URL",
+            "is https:// without [cluster.tls]",
+            "cluster.prefix \"orch/\" must start with '/'",
+            "cluster.node \"h 1\" is not a node name",
+            "cluster.timeout_ms = 5 is outside",
+        ] {
+            assert!(p.iter().any(|m| m.contains(wanted)), "{wanted}: {p:?}");
+        }
+        let empty = problems(&format!("{GOOD}\n[cluster]\nendpoints = []\n"));
+        assert!(
+            empty
+                .iter()
+                .any(|m| m.contains("cluster.endpoints is empty")),
+            "{empty:?}"
+        );
+    }
+
+    #[test]
     fn the_dns_section_is_off_by_default_and_checked() {
         assert_eq!(parse(GOOD).unwrap().fixed.dns, None);
         let on = parse(&format!("{GOOD}\n[dns]\nenabled = true\n")).unwrap();
