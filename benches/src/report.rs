@@ -28,7 +28,7 @@ pub fn charts_dir() -> PathBuf {
 }
 
 /// The order of the sections in BENCHMARKS.md, by fragment name.
-pub const SECTIONS: [&str; 8] = [
+pub const SECTIONS: [&str; 9] = [
     "packet_cost",
     "packet_cost_at_scale",
     "e2e",
@@ -37,6 +37,7 @@ pub const SECTIONS: [&str; 8] = [
     "api_latency",
     "dns",
     "memory",
+    "cluster",
 ];
 
 /// Prints a benchmark's section and saves it as `<results>/<name>.md`.

@@ -66,6 +66,8 @@ pub struct ClusterLab {
     pub client: Netns,
     pub backends: Vec<Netns>,
     core: Netns,
+    /// Extra `[dataplane]` lines of every host.
+    dataplane: String,
     stop: Arc<AtomicBool>,
     servers: Vec<JoinHandle<()>>,
     state: PathBuf,
@@ -78,6 +80,17 @@ impl ClusterLab {
     /// orch on every host with `services` (TOML `[[service]]` tables, or "") as host `k`'s
     /// config-file services, `files(k)`.
     pub fn new(tag: &str, bin: &Path, files: impl Fn(usize) -> String) -> io::Result<ClusterLab> {
+        Self::with_dataplane(tag, bin, "", files)
+    }
+
+    /// [`ClusterLab::new`] with `dataplane` (TOML lines: capacities) added to every host's
+    /// `[dataplane]`.
+    pub fn with_dataplane(
+        tag: &str,
+        bin: &Path,
+        dataplane: &str,
+        files: impl Fn(usize) -> String,
+    ) -> io::Result<ClusterLab> {
         netns::sweep_stale(NS_PREFIX);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let prefix = format!("{NS_PREFIX}{}-{n}{tag}-", std::process::id());
@@ -86,6 +99,7 @@ impl ClusterLab {
         let core = Netns::create(&format!("{prefix}core"))?;
         let client = Netns::create(&format!("{prefix}client"))?;
         let mut lab = ClusterLab {
+            dataplane: dataplane.to_owned(),
             hosts: Vec::new(),
             client,
             backends: Vec::new(),
@@ -217,8 +231,9 @@ impl ClusterLab {
             .map(|m| format!("\"http://{}:2379\"", ctl(m)))
             .collect();
         format!(
-            "[dataplane]\ninterfaces = [\"c0\", \"b1\", \"b2\", \"b3\"]\n\n\
+            "[dataplane]\ninterfaces = [\"c0\", \"b1\", \"b2\", \"b3\"]\n{}\n\n\
              [cluster]\nendpoints = [{}]\nnode = \"host-{k}\"\naddress = \"{}\"\n\n{services}\n",
+            self.dataplane,
             endpoints.join(", "),
             ctl(k)
         )
@@ -308,6 +323,11 @@ impl ClusterLab {
             }
             thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// Etcd member `k`'s process id, while it runs.
+    pub fn etcd_pid(&self, k: usize) -> Option<u32> {
+        self.hosts[k - 1].etcd.as_ref().map(|c| c.id())
     }
 
     /// What etcd member `k` logged.

@@ -59,7 +59,7 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
     let release = util::target_dir().join("release");
     let out = util::target_dir().join("bench");
     let _ = std::fs::remove_dir_all(&out);
-    let runs: [(&str, &str, &[&str], &[&str]); 8] = [
+    let runs: [(&str, &str, &[&str], &[&str]); 9] = [
         (
             "per-packet cost (BPF_PROG_TEST_RUN)",
             "packet_cost",
@@ -103,6 +103,12 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
             &["--queries", "5000", "--seconds", "1"],
         ),
         ("memory and scale", "memory", &[], &[]),
+        (
+            "several hosts: propagation through etcd, memory (about 3 minutes)",
+            "cluster",
+            &[],
+            &["--trials", "10", "--large", "500"],
+        ),
     ];
     for (title, bin, args, quick_args) in runs {
         step(title, || {
