@@ -68,6 +68,8 @@ pub struct ClusterLab {
     core: Netns,
     /// Extra `[dataplane]` lines of every host.
     dataplane: String,
+    /// Where the CA, etcd's and orch's certificates are, when clients speak TLS to etcd.
+    tls: Option<PathBuf>,
     stop: Arc<AtomicBool>,
     servers: Vec<JoinHandle<()>>,
     state: PathBuf,
@@ -91,6 +93,26 @@ impl ClusterLab {
         dataplane: &str,
         files: impl Fn(usize) -> String,
     ) -> io::Result<ClusterLab> {
+        Self::build(tag, bin, dataplane, false, files)
+    }
+
+    /// [`ClusterLab::new`] with etcd's client port on TLS (a CA of the lab's own, client
+    /// certificates required) and orch configured with `[cluster.tls]`.
+    pub fn with_tls(
+        tag: &str,
+        bin: &Path,
+        files: impl Fn(usize) -> String,
+    ) -> io::Result<ClusterLab> {
+        Self::build(tag, bin, "", true, files)
+    }
+
+    fn build(
+        tag: &str,
+        bin: &Path,
+        dataplane: &str,
+        tls: bool,
+        files: impl Fn(usize) -> String,
+    ) -> io::Result<ClusterLab> {
         netns::sweep_stale(NS_PREFIX);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let prefix = format!("{NS_PREFIX}{}-{n}{tag}-", std::process::id());
@@ -98,8 +120,14 @@ impl ClusterLab {
         std::fs::create_dir_all(&state)?;
         let core = Netns::create(&format!("{prefix}core"))?;
         let client = Netns::create(&format!("{prefix}client"))?;
+        let tls = if tls {
+            Some(make_certificates(&state)?)
+        } else {
+            None
+        };
         let mut lab = ClusterLab {
             dataplane: dataplane.to_owned(),
+            tls,
             hosts: Vec::new(),
             client,
             backends: Vec::new(),
@@ -227,12 +255,21 @@ impl ClusterLab {
 
     /// Host `k`'s config: its interfaces, the cluster, and `services`.
     pub fn config(&self, k: usize, services: &str) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         let endpoints: Vec<String> = (1..=HOSTS)
-            .map(|m| format!("\"http://{}:2379\"", ctl(m)))
+            .map(|m| format!("\"{scheme}://{}:2379\"", ctl(m)))
             .collect();
+        let tls = self.tls.as_ref().map_or_else(String::new, |d| {
+            format!(
+                "[cluster.tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\n",
+                d.join("ca.pem"),
+                d.join("orch.pem"),
+                d.join("orch.key")
+            )
+        });
         format!(
             "[dataplane]\ninterfaces = [\"c0\", \"b1\", \"b2\", \"b3\"]\n{}\n\n\
-             [cluster]\nendpoints = [{}]\nnode = \"host-{k}\"\naddress = \"{}\"\n\n{services}\n",
+             [cluster]\nendpoints = [{}]\nnode = \"host-{k}\"\naddress = \"{}\"\n\n{tls}{services}\n",
             self.dataplane,
             endpoints.join(", "),
             ctl(k)
@@ -259,12 +296,24 @@ impl ClusterLab {
             .append(true)
             .open(host.state.join("etcd.log"))?;
         let ip = ctl(k);
-        let child = Command::new("ip")
-            .args(["netns", "exec", host.ns.name(), "etcd"])
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", host.ns.name(), "etcd"]);
+        if let Some(dir) = &self.tls {
+            command
+                .arg(format!("--cert-file={}", dir.join("etcd.pem").display()))
+                .arg(format!("--key-file={}", dir.join("etcd.key").display()))
+                .arg(format!(
+                    "--trusted-ca-file={}",
+                    dir.join("ca.pem").display()
+                ))
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .arg(format!("--name=m{k}"))
             .arg(format!("--data-dir={}", host.state.join("etcd").display()))
-            .arg(format!("--listen-client-urls=http://{ip}:2379"))
-            .arg(format!("--advertise-client-urls=http://{ip}:2379"))
+            .arg(format!("--listen-client-urls={scheme}://{ip}:2379"))
+            .arg(format!("--advertise-client-urls={scheme}://{ip}:2379"))
             .arg(format!("--listen-peer-urls=http://{ip}:2380"))
             .arg(format!("--initial-advertise-peer-urls=http://{ip}:2380"))
             .arg(format!("--initial-cluster={}", peers.join(",")))
@@ -290,28 +339,30 @@ impl ClusterLab {
     /// Waits until etcd commits a write through every running member's endpoint.
     pub fn wait_for_quorum(&self, limit: Duration) -> io::Result<()> {
         let start = Instant::now();
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut tls = Vec::new();
+        if let Some(dir) = &self.tls {
+            for (flag, file) in [
+                ("cacert", "ca.pem"),
+                ("cert", "orch.pem"),
+                ("key", "orch.key"),
+            ] {
+                tls.push(format!("--{flag}={}", dir.join(file).display()));
+            }
+        }
         loop {
             let running: Vec<String> = self
                 .hosts
                 .iter()
                 .enumerate()
                 .filter(|(_, h)| h.etcd.is_some())
-                .map(|(k, _)| format!("http://{}:2379", ctl(k + 1)))
+                .map(|(k, _)| format!("{scheme}://{}:2379", ctl(k + 1)))
                 .collect();
-            let ok = self.hosts[0]
-                .ns
-                .exec(
-                    "etcdctl",
-                    &[
-                        "--endpoints",
-                        &running.join(","),
-                        "--command-timeout=1s",
-                        "put",
-                        "/lab/health",
-                        "ok",
-                    ],
-                )
-                .is_ok();
+            let endpoints = running.join(",");
+            let mut args = vec!["--endpoints", &endpoints, "--command-timeout=1s"];
+            args.extend(tls.iter().map(String::as_str));
+            args.extend(["put", "/lab/health", "ok"]);
+            let ok = self.hosts[0].ns.exec("etcdctl", &args).is_ok();
             if ok {
                 return Ok(());
             }
@@ -377,10 +428,92 @@ impl ClusterLab {
 
 /// A connection to `to` from `from` (which picks the host the client goes through).
 pub fn connect_from(from: Ipv4Addr, to: SocketAddr) -> io::Result<LineConn> {
+    connect_from_port(from, 0, to)
+}
+
+/// [`connect_from`] from a chosen port (0: any), so that a test can open the same flow
+/// again. It closes with a RST (no TIME_WAIT holds the port), after which a SYN of the same
+/// flow is balanced afresh.
+pub fn connect_from_port(from: Ipv4Addr, port: u16, to: SocketAddr) -> io::Result<LineConn> {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-    socket.bind(&SocketAddr::new(IpAddr::V4(from), 0).into())?;
+    socket.set_reuse_address(true)?;
+    socket.set_linger(Some(Duration::ZERO))?;
+    socket.bind(&SocketAddr::new(IpAddr::V4(from), port).into())?;
     socket.connect_timeout(&to.into(), REQUEST_TIMEOUT)?;
     LineConn::from_stream(socket.into())
+}
+
+/// A CA, a server certificate for every member's address and a client certificate for
+/// orch (and etcdctl), made with `openssl` in `state/tls`.
+fn make_certificates(state: &Path) -> io::Result<PathBuf> {
+    let dir = state.join("tls");
+    std::fs::create_dir_all(&dir)?;
+    let sans: Vec<String> = (1..=HOSTS).map(|k| format!("IP:{}", ctl(k))).collect();
+    std::fs::write(
+        dir.join("server.ext"),
+        format!(
+            "subjectAltName={}\nextendedKeyUsage=serverAuth\n",
+            sans.join(",")
+        ),
+    )?;
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n")?;
+    let openssl = |args: &[&str]| -> io::Result<()> {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| io::Error::new(e.kind(), format!("running openssl: {e}")))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(io::Error::other(format!(
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )))
+        }
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509", "-days", "1", "-subj", "/CN=orch lab CA"];
+    ca.extend(ec);
+    ca.extend(["-keyout", "ca.key", "-out", "ca.pem"]);
+    openssl(&ca)?;
+    for (name, ext) in [("etcd", "server.ext"), ("orch", "client.ext")] {
+        let (key, csr, pem, subject) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+            format!("/CN={name}"),
+        );
+        let mut req = vec!["req", "-subj", &subject];
+        req.extend(ec);
+        req.extend(["-keyout", &key, "-out", &csr]);
+        openssl(&req)?;
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            ext,
+            "-out",
+            &pem,
+        ])?;
+    }
+    Ok(dir)
 }
 
 impl Drop for ClusterLab {

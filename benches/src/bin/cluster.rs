@@ -95,7 +95,12 @@ fn main() -> anyhow::Result<()> {
         };
         let ms = took.as_secs_f64() * 1e3;
         if via == 1 { &mut local } else { &mut remote }.push(ms);
-        client::call(&socket(2), &Request::ServiceRm { name: format!("p{i}") })?;
+        client::call(
+            &socket(2),
+            &Request::ServiceRm {
+                name: format!("p{i}"),
+            },
+        )?;
     }
     wait_services(&lab, 0)?;
 
@@ -165,7 +170,10 @@ fn main() -> anyhow::Result<()> {
         etcd_version(),
         o.trials
     )?;
-    writeln!(md, "| first connection after registering | p50 | p99 | target |")?;
+    writeln!(
+        md,
+        "| first connection after registering | p50 | p99 | target |"
+    )?;
     writeln!(md, "|---|---:|---:|---|")?;
     writeln!(
         md,
@@ -265,7 +273,9 @@ impl Memory {
         let mut orch = Vec::new();
         let mut etcd = Vec::new();
         for k in 1..=HOSTS {
-            orch.push(rss_mb(lab.host(k).orch.pid().context("orch is not running")?)?);
+            orch.push(rss_mb(
+                lab.host(k).orch.pid().context("orch is not running")?,
+            )?);
             etcd.push(rss_mb(lab.etcd_pid(k).context("etcd is not running")?)?);
         }
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;

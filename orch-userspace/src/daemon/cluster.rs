@@ -15,7 +15,6 @@ use crate::{
     api::{ApiError, ErrorKind, Reply},
     cluster::{self, Cluster, Delta, Event, FileClaim, NodeRecord, WriteError},
     metrics::OpResult,
-    model::Service,
     registry::{Change, Mirror, RegistryError},
 };
 
@@ -221,8 +220,24 @@ impl Daemon {
         }
     }
 
-    /// What the cluster task reports.
-    pub fn on_cluster(&mut self, event: Event) {
+    /// What the cluster task reports: every event waiting, mirrored one by one, then one
+    /// reconcile for them all (under a burst of writes a host catches up in batches rather
+    /// than diffing its whole state once per change).
+    pub fn on_cluster(&mut self, events: Vec<Event>) {
+        let mut changed = false;
+        for event in events {
+            changed |= self.take(event);
+        }
+        if changed {
+            self.reconcile_cluster();
+        }
+        self.view_stale = true;
+        self.answer_applied(Instant::now());
+        self.publish();
+    }
+
+    /// Mirrors one event into the registry; whether a service changed.
+    fn take(&mut self, event: Event) -> bool {
         match event {
             Event::Reset {
                 revision,
@@ -238,7 +253,7 @@ impl Daemon {
                     put: services,
                     removed: Vec::new(),
                     revision,
-                });
+                })
             }
             Event::Changes { revision, deltas } => {
                 let member = self.cluster.as_mut().expect("in a cluster");
@@ -273,8 +288,9 @@ impl Daemon {
                 }
                 if update.put.is_empty() && update.removed.is_empty() {
                     member.revision = revision;
+                    false
                 } else {
-                    self.mirror(update);
+                    self.mirror(update)
                 }
             }
             Event::Reachable { error } => {
@@ -286,11 +302,9 @@ impl Daemon {
                 };
                 self.metrics
                     .cluster_reachable(matches!(member.reach, Reach::Reachable { .. }));
+                false
             }
         }
-        self.view_stale = true;
-        self.answer_applied(Instant::now());
-        self.publish();
     }
 
     /// Answers the requesters whose change this host has applied, and those that waited
@@ -315,34 +329,35 @@ impl Daemon {
         }
     }
 
-    /// Mirrors a cluster update into the registry and brings the data plane in line.
-    fn mirror(&mut self, update: Mirror) {
+    /// Mirrors a cluster update into the registry; whether a service changed.
+    fn mirror(&mut self, update: Mirror) -> bool {
         let member = self.cluster.as_mut().expect("in a cluster");
         let prefix = member.settings().prefix.clone();
-        let before: Vec<Service> = self.registry.services().cloned().collect();
-        match self.registry.mirror(&prefix, &update) {
-            Ok(rejected) => {
-                for (name, e) in rejected {
-                    error!(service = %name, error = %crate::chain(&e), "the cluster's record of this service breaks the registry's rules; left out");
-                }
-            }
+        let done = match self.registry.mirror(&prefix, &update) {
+            Ok(done) => done,
             Err(e) => {
                 // The registry (and so the data plane) stays as it was; the next list
                 // tries again.
                 error!(error = %crate::chain(&e), "writing the cluster's state to the local registry failed");
-                return;
+                return false;
             }
+        };
+        for (name, e) in done.rejected {
+            error!(service = %name, error = %crate::chain(&e), "the cluster's record of this service breaks the registry's rules; left out");
         }
         self.cluster.as_mut().expect("in a cluster").revision = update.revision;
         self.metrics.cluster_revision(update.revision);
-        if before.iter().eq(self.registry.services()) {
-            return;
-        }
+        done.changed
+    }
+
+    /// Brings the data plane in line with the mirrored registry.
+    fn reconcile_cluster(&mut self) {
         for svc in self.registry.services() {
             if let Some(owner) = self.file_owner(svc) {
                 error!(service = %svc.name, file_service = %owner, "a registered service clashes with this host's config file; the file's service is kept here");
             }
         }
+        let revision = self.cluster.as_ref().map_or(0, |m| m.revision);
         let desired = self.desired();
         let applied = self.apply(&desired);
         self.checker.sync(&self.services());
@@ -350,7 +365,7 @@ impl Daemon {
         self.note_panic();
         match applied {
             Ok(s) => info!(
-                revision = update.revision,
+                revision,
                 added = s.added,
                 updated = s.updated,
                 removed = s.removed,

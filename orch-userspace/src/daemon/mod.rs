@@ -137,7 +137,16 @@ pub async fn run(opts: &Options) -> Result<(), DaemonError> {
             Some((request, reply)) = changes.recv() => d.handle(request, reply),
             Some(report) = reports.recv() => d.on_report(report),
             Some(message) = cluster::next(&mut cluster_inbox) => match message {
-                cluster::Either::Event(e) => d.on_cluster(e),
+                cluster::Either::Event(e) => {
+                    // Everything already waiting goes in the same batch.
+                    let mut batch = vec![e];
+                    if let Some(inbox) = cluster_inbox.as_mut() {
+                        while let Ok(e) = inbox.events.try_recv() {
+                            batch.push(e);
+                        }
+                    }
+                    d.on_cluster(batch);
+                }
                 cluster::Either::Committed(c) => d.on_committed(c),
             },
             _ = ticks.tick() => {
