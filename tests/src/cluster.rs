@@ -339,30 +339,8 @@ impl ClusterLab {
     /// Waits until etcd commits a write through every running member's endpoint.
     pub fn wait_for_quorum(&self, limit: Duration) -> io::Result<()> {
         let start = Instant::now();
-        let scheme = if self.tls.is_some() { "https" } else { "http" };
-        let mut tls = Vec::new();
-        if let Some(dir) = &self.tls {
-            for (flag, file) in [
-                ("cacert", "ca.pem"),
-                ("cert", "orch.pem"),
-                ("key", "orch.key"),
-            ] {
-                tls.push(format!("--{flag}={}", dir.join(file).display()));
-            }
-        }
         loop {
-            let running: Vec<String> = self
-                .hosts
-                .iter()
-                .enumerate()
-                .filter(|(_, h)| h.etcd.is_some())
-                .map(|(k, _)| format!("{scheme}://{}:2379", ctl(k + 1)))
-                .collect();
-            let endpoints = running.join(",");
-            let mut args = vec!["--endpoints", &endpoints, "--command-timeout=1s"];
-            args.extend(tls.iter().map(String::as_str));
-            args.extend(["put", "/lab/health", "ok"]);
-            let ok = self.hosts[0].ns.exec("etcdctl", &args).is_ok();
+            let ok = self.etcdctl(&["put", "/lab/health", "ok"]).is_ok();
             if ok {
                 return Ok(());
             }
@@ -374,6 +352,47 @@ impl ClusterLab {
             }
             thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// `etcdctl args` against the running members (from host 1's namespace).
+    pub fn etcdctl(&self, args: &[&str]) -> io::Result<String> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let endpoints: Vec<String> = self
+            .hosts
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.etcd.is_some())
+            .map(|(k, _)| format!("{scheme}://{}:2379", ctl(k + 1)))
+            .collect();
+        let mut all = vec![
+            format!("--endpoints={}", endpoints.join(",")),
+            "--command-timeout=1s".to_owned(),
+        ];
+        if let Some(dir) = &self.tls {
+            for (flag, file) in [
+                ("cacert", "ca.pem"),
+                ("cert", "orch.pem"),
+                ("key", "orch.key"),
+            ] {
+                all.push(format!("--{flag}={}", dir.join(file).display()));
+            }
+        }
+        all.extend(args.iter().map(|a| a.to_string()));
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        self.hosts[0].ns.exec("etcdctl", &all)
+    }
+
+    /// Compacts etcd's history up to its current revision (as an operator's or etcd's
+    /// automatic compaction would): a watch that resumes from before it must list again.
+    pub fn compact(&self) -> io::Result<i64> {
+        let out = self.etcdctl(&["put", "/lab/compact", "now", "-w", "json"])?;
+        let json: serde_json::Value = serde_json::from_str(&out)
+            .map_err(|e| io::Error::other(format!("etcdctl put answered {out:?}: {e}")))?;
+        let revision = json["header"]["revision"]
+            .as_i64()
+            .ok_or_else(|| io::Error::other(format!("no revision in {out}")))?;
+        self.etcdctl(&["compact", &revision.to_string()])?;
+        Ok(revision)
     }
 
     /// Etcd member `k`'s process id, while it runs.

@@ -404,12 +404,19 @@ fn hosts_serve_through_etcd_outages_and_converge() {
         all_backends()
     );
     assert!(!services_on(&lab, 3).contains("late"));
-    // Back on the network: it catches up from where its watch stopped.
+    // Meanwhile etcd compacts its history past the revision host 3 last saw.
+    lab.compact().unwrap();
+    // Back on the network: its watch cannot resume from there, so it lists again.
     lab.host(3)
         .ns
         .ip(&["link", "set", "dev", "ctl", "up"])
         .unwrap();
     converge(&lab, &["api", "late", "web"]);
+    assert!(
+        lab.host(3).orch.log().contains("compacted; listing again"),
+        "{}",
+        lab.host(3).orch.log()
+    );
 
     // Every member down: every host serves on, refuses changes, and reports it.
     lab.kill_etcd(1);

@@ -55,6 +55,13 @@ pub(super) struct Member {
     handle: Cluster,
     /// The cluster revision the registry mirrors.
     pub(super) revision: i64,
+    /// The revision the data plane and the published view hold (behind `revision` while a
+    /// reconcile is deferred).
+    applied: i64,
+    /// The registry changed since the last reconcile.
+    dirty: bool,
+    /// When the last reconcile ended, and how long it took.
+    last_reconcile: (Instant, Duration),
     pub(super) reach: Reach,
     pub(super) nodes: BTreeMap<String, NodeRecord>,
     /// Every host's config-file services, by node.
@@ -121,6 +128,9 @@ impl Daemon {
         self.cluster = Some(Member {
             handle,
             revision,
+            applied: revision,
+            dirty: false,
+            last_reconcile: (Instant::now(), Duration::ZERO),
             reach: Reach::Connecting {
                 since: std::time::Instant::now(),
             },
@@ -211,7 +221,7 @@ impl Daemon {
         self.metrics.registry_op(requester.op, OpResult::Ok);
         info!(change = %requester.done, revision, "committed to the cluster");
         let member = self.cluster.as_mut().expect("in a cluster");
-        if member.revision >= revision {
+        if member.applied >= revision {
             let _ = requester.reply.send(Ok(Reply::Done(requester.done)));
         } else {
             member
@@ -221,19 +231,36 @@ impl Daemon {
     }
 
     /// What the cluster task reports: every event waiting, mirrored one by one, then one
-    /// reconcile for them all (under a burst of writes a host catches up in batches rather
-    /// than diffing its whole state once per change).
+    /// reconcile for them all. A reconcile diffs every service, so under a stream of writes
+    /// (registering thousands of services) they are spaced by at least twice the time the
+    /// last one took: the data plane follows in batches, at most half the loop's time goes
+    /// to it, and a change after a quiet moment is applied at once.
     pub fn on_cluster(&mut self, events: Vec<Event>) {
         let mut changed = false;
         for event in events {
             changed |= self.take(event);
         }
-        if changed {
+        let member = self.cluster.as_mut().expect("in a cluster");
+        member.dirty |= changed;
+        if !member.dirty {
+            // Nothing to reconcile: hosts, reachability, or a change another event undid.
+            member.applied = member.revision;
+            self.view_stale = true;
+        }
+        if self.cluster_due().is_some_and(|due| due <= Instant::now()) {
             self.reconcile_cluster();
         }
-        self.view_stale = true;
         self.answer_applied(Instant::now());
         self.publish();
+    }
+
+    /// When a deferred reconcile is due, if one is.
+    pub fn cluster_due(&self) -> Option<Instant> {
+        let member = self.cluster.as_ref()?;
+        let (at, took) = member.last_reconcile;
+        member
+            .dirty
+            .then(|| at + (took * 2).max(Duration::from_millis(5)))
     }
 
     /// Mirrors one event into the registry; whether a service changed.
@@ -313,7 +340,7 @@ impl Daemon {
         let Some(member) = self.cluster.as_mut() else {
             return;
         };
-        let applied = member.revision;
+        let applied = member.applied;
         for (revision, deadline, requester) in std::mem::take(&mut member.awaiting) {
             if revision <= applied {
                 let _ = requester.reply.send(Ok(Reply::Done(requester.done)));
@@ -350,8 +377,10 @@ impl Daemon {
         done.changed
     }
 
-    /// Brings the data plane in line with the mirrored registry.
-    fn reconcile_cluster(&mut self) {
+    /// Brings the data plane and the published view in line with the mirrored registry,
+    /// and answers the requesters this applies.
+    pub fn reconcile_cluster(&mut self) {
+        let began = Instant::now();
         for svc in self.registry.services() {
             if let Some(owner) = self.file_owner(svc) {
                 error!(service = %svc.name, file_service = %owner, "a registered service clashes with this host's config file; the file's service is kept here");
@@ -375,6 +404,15 @@ impl Daemon {
                 error!(error = %crate::chain(&e), "applying the cluster's services to the data plane failed")
             }
         }
+        // Readers see the change before its requesters hear it is done.
+        self.view_stale = true;
+        self.publish();
+        let member = self.cluster.as_mut().expect("in a cluster");
+        member.applied = revision;
+        member.dirty = false;
+        let now = Instant::now();
+        member.last_reconcile = (now, now - began);
+        self.answer_applied(now);
     }
 
     /// This host's published config-file services, after a reload.

@@ -149,6 +149,7 @@ pub async fn run(opts: &Options) -> Result<(), DaemonError> {
                 }
                 cluster::Either::Committed(c) => d.on_committed(c),
             },
+            _ = sleep_until_due(d.cluster_due()) => d.reconcile_cluster(),
             _ = ticks.tick() => {
                 let now = Instant::now();
                 d.answer_applied(now);
@@ -184,6 +185,14 @@ pub async fn run(opts: &Options) -> Result<(), DaemonError> {
         );
     }
     Ok(())
+}
+
+/// Sleeps until `due`, or for ever.
+async fn sleep_until_due(due: Option<Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// A reload, told to the service manager while it runs.
