@@ -18,7 +18,9 @@
 //! do (rebalance, probe now, clear an ejection), so the rules are unit-tested on a paused
 //! clock.
 
-use std::{collections::HashMap, net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, time::Duration};
+
+use rustc_hash::FxHashMap;
 
 use orch_common::maps::BackendSignals;
 use tokio::time::Instant;
@@ -219,24 +221,33 @@ pub enum AfterSignals {
 /// The verdicts of every backend, keyed by (service name, backend address).
 #[derive(Debug, Default)]
 pub struct Verdicts {
-    backends: HashMap<(String, SocketAddr), BackendHealth>,
+    /// By service, then backend: a lookup by `&str` allocates nothing, and a service's
+    /// backends are found without a walk over every backend (the data plane's view of
+    /// 10,000 services asks 80,000 times per reconcile).
+    backends: FxHashMap<String, FxHashMap<SocketAddr, BackendHealth>>,
     /// Seeds each new breaker's jitter differently.
     seeds: u64,
 }
 
 impl Verdicts {
     pub fn get(&self, service: &str, backend: SocketAddr) -> Option<&BackendHealth> {
-        self.backends.get(&(service.to_owned(), backend))
+        self.backends.get(service)?.get(&backend)
     }
 
     pub fn get_mut(&mut self, service: &str, backend: SocketAddr) -> Option<&mut BackendHealth> {
-        self.backends.get_mut(&(service.to_owned(), backend))
+        self.backends.get_mut(service)?.get_mut(&backend)
     }
 
     fn entry(&mut self, service: &str, backend: SocketAddr) -> &mut BackendHealth {
+        if !self.backends.contains_key(service) {
+            self.backends
+                .insert(service.to_owned(), FxHashMap::default());
+        }
         let seeds = &mut self.seeds;
         self.backends
-            .entry((service.to_owned(), backend))
+            .get_mut(service)
+            .expect("inserted above")
+            .entry(backend)
             .or_insert_with(|| {
                 *seeds += 1;
                 BackendHealth::new(*seeds)
@@ -245,7 +256,10 @@ impl Verdicts {
 
     /// Keeps only the backends `keep` accepts.
     pub fn retain(&mut self, keep: impl Fn(&str, SocketAddr) -> bool) {
-        self.backends.retain(|(s, b), _| keep(s, *b));
+        for (service, backends) in &mut self.backends {
+            backends.retain(|b, _| keep(service, *b));
+        }
+        self.backends.retain(|_, backends| !backends.is_empty());
     }
 
     /// Whether health lets new connections go to backend `addr` of service `service`.
@@ -281,8 +295,10 @@ impl Verdicts {
     ) -> AfterProbe {
         let peers_slow: Vec<bool> = self
             .backends
-            .iter()
-            .filter(|((s, b), _)| s == service && *b != backend)
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter(|(b, _)| **b != backend)
             .map(|(_, h)| h.last_slow)
             .collect();
         let who = (service, backend);
@@ -415,7 +431,11 @@ impl Verdicts {
     /// probe now (their trials).
     pub fn poll(&mut self, now: Instant) -> Vec<(String, SocketAddr)> {
         let mut due = Vec::new();
-        for ((service, backend), h) in &mut self.backends {
+        for (service, backend, h) in self
+            .backends
+            .iter_mut()
+            .flat_map(|(s, m)| m.iter_mut().map(move |(b, h)| (s, b, h)))
+        {
             if let Some(t) = h.breaker.poll(now) {
                 h.events.transition(t.to);
                 info!(%service, %backend, from = t.from.name(), to = t.to.name(), "breaker");
