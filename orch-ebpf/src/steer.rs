@@ -1,6 +1,6 @@
 //! The decision for each packet: forward to a backend, translate a reply, or pass.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use orch_common::{
     maps::{
         BackendKey, BackendSignals, FlowKey, FlowValue, ServiceKey, ServiceValue, TrafficCounters,
@@ -136,8 +136,9 @@ fn translate_reply<F: Frame>(ctx: &F, pkt: &Packet) -> Result<Option<(u32, Reaso
         // A UDP flow may carry only replies for a while (a server pushing): they keep it
         // alive. (A TCP peer acknowledges what it receives, which refreshes the forward
         // entry, so TCP replies need no clock read.)
+        // The coarse clock, as for the client's packets (see `balance::find`).
         // SAFETY: a helper without arguments.
-        let now = unsafe { bpf_ktime_get_ns() };
+        let now = unsafe { bpf_ktime_get_coarse_ns() };
         if now.saturating_sub(entry.last_seen_ns) > settings.touch_interval_ns {
             entry.last_seen_ns = now;
         }

@@ -1689,10 +1689,12 @@ fn udp_flow_is_rebalanced_only_after_its_idle_timeout() {
             );
         }
         // An idle timeout of 1 ns: every packet finds its entry expired and is balanced anew.
+        // Idle time is read from the coarse clock (updated at each timer tick, every 1 to
+        // 10 ms): 20 ms is past the next tick whatever the kernel's HZ.
         let mut s = default_settings();
         s.udp_idle_ns = 1;
         dp.set_settings(&s).unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(1));
+        std::thread::sleep(std::time::Duration::from_millis(20));
         let second = backend_of(&mut dp);
         assert_ne!(
             second, first,
