@@ -180,15 +180,7 @@ impl ClusterLab {
                 "lookup",
                 &table,
             ])?;
-            lab.client.ip(&[
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("198.18.{}.1", 60 + k),
-                "table",
-                &table,
-            ])?;
+            lab.route_client(k, k)?;
             host_ns.push(ns);
         }
         for i in 1..=BACKENDS {

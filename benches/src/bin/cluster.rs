@@ -67,20 +67,7 @@ fn main() -> anyhow::Result<()> {
     for i in 0..o.trials {
         let via = if i % 2 == 0 { 3 } else { 1 };
         let vip = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 19, 1, 1 + i as u8)), 80);
-        let request = Request::ServiceAdd {
-            name: format!("p{i}"),
-            vip: vip.ip(),
-            port: vip.port(),
-            protocol: Protocol::Tcp,
-            backends: (1..=3)
-                .map(|b| BackendSpec {
-                    address: SocketAddr::new(IpAddr::V4(backend(b)), lab::TCP_PORT),
-                    weight: 1,
-                })
-                .collect(),
-            check: None,
-            scheduler: Default::default(),
-        };
+        let request = on_the_lab_backends(&format!("p{i}"), vip.ip());
         let t0 = Instant::now();
         client::call(&socket(1), &request).with_context(|| format!("registering p{i}"))?;
         let took = lab
@@ -100,22 +87,10 @@ fn main() -> anyhow::Result<()> {
     // The small fleet, as users run it.
     eprintln!("24 services x 3 backends");
     for i in 0..24u16 {
+        let vip = IpAddr::V4(Ipv4Addr::new(198, 19, 2, 1 + i as u8));
         client::call(
             &socket(1 + usize::from(i) % HOSTS),
-            &Request::ServiceAdd {
-                name: format!("svc{i}"),
-                vip: IpAddr::V4(Ipv4Addr::new(198, 19, 2, 1 + i as u8)),
-                port: 80,
-                protocol: Protocol::Tcp,
-                backends: (1..=3)
-                    .map(|b| BackendSpec {
-                        address: SocketAddr::new(IpAddr::V4(backend(b)), lab::TCP_PORT),
-                        weight: 1,
-                    })
-                    .collect(),
-                check: None,
-                scheduler: Default::default(),
-            },
+            &on_the_lab_backends(&format!("svc{i}"), vip),
         )?;
     }
     wait_services(&lab, 24)?;
@@ -204,6 +179,24 @@ fn main() -> anyhow::Result<()> {
         converged.as_secs_f64()
     )?;
     report::save_section("cluster", &md)
+}
+
+/// A TCP service at `vip`:80 over the lab's three backends, with the default check.
+fn on_the_lab_backends(name: &str, vip: IpAddr) -> Request {
+    Request::ServiceAdd {
+        name: name.to_owned(),
+        vip,
+        port: 80,
+        protocol: Protocol::Tcp,
+        backends: (1..=3)
+            .map(|b| BackendSpec {
+                address: SocketAddr::new(IpAddr::V4(backend(b)), lab::TCP_PORT),
+                weight: 1,
+            })
+            .collect(),
+        check: None,
+        scheduler: Default::default(),
+    }
 }
 
 /// Polls `vip` from `from` until a backend answers; the time since `t0`. Each attempt gets

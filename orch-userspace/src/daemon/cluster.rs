@@ -5,15 +5,19 @@
 use std::collections::BTreeMap;
 
 use tokio::{
-    sync::{mpsc, oneshot},
+    sync::mpsc,
     time::{Duration, Instant},
 };
 use tracing::{error, info, warn};
 
-use super::state::Daemon;
+pub use super::member::Committed;
+use super::{
+    member::{Member, Reach, Requester},
+    state::Daemon,
+};
 use crate::{
     api::{ApiError, ErrorKind, Reply},
-    cluster::{self, Cluster, Delta, Event, FileClaim, NodeRecord, WriteError},
+    cluster::{self, Delta, Event, FileClaim, WriteError},
     metrics::OpResult,
     registry::{Change, Mirror, RegistryError},
 };
@@ -21,71 +25,6 @@ use crate::{
 /// How long an acknowledged change waits for this host's watch to bring it, before the
 /// requester is answered anyway.
 const APPLY_WAIT: Duration = Duration::from_secs(2);
-
-/// The requester of a change, and what to tell it.
-pub(super) struct Requester {
-    pub(super) reply: oneshot::Sender<Result<Reply, ApiError>>,
-    pub(super) done: String,
-    pub(super) op: &'static str,
-}
-
-/// A write's outcome, from its task back to the loop.
-pub struct Committed {
-    result: Result<i64, WriteError>,
-    requester: Requester,
-}
-
-/// Whether etcd answers.
-#[derive(Clone, Debug)]
-pub(super) enum Reach {
-    Connecting {
-        since: std::time::Instant,
-    },
-    Reachable {
-        since: std::time::Instant,
-    },
-    Unreachable {
-        since: std::time::Instant,
-        error: String,
-    },
-}
-
-/// This host as a member of a cluster.
-pub(super) struct Member {
-    handle: Cluster,
-    /// The cluster revision the registry mirrors.
-    pub(super) revision: i64,
-    /// The revision the data plane and the published view hold (behind `revision` while a
-    /// reconcile is deferred).
-    applied: i64,
-    /// The registry changed since the last reconcile.
-    dirty: bool,
-    /// When the last reconcile ended, and how long it took.
-    last_reconcile: (Instant, Duration),
-    pub(super) reach: Reach,
-    pub(super) nodes: BTreeMap<String, NodeRecord>,
-    /// Every host's config-file services, by node.
-    pub(super) files: BTreeMap<String, Vec<FileClaim>>,
-    commits: mpsc::Sender<Committed>,
-    /// Acknowledged changes waiting for this host to apply their revision.
-    awaiting: Vec<(i64, Instant, Requester)>,
-}
-
-impl Reach {
-    pub(super) fn since(&self) -> std::time::Instant {
-        match self {
-            Reach::Connecting { since }
-            | Reach::Reachable { since }
-            | Reach::Unreachable { since, .. } => *since,
-        }
-    }
-}
-
-impl Member {
-    pub(super) fn settings(&self) -> &cluster::Settings {
-        self.handle.settings()
-    }
-}
 
 /// What the loop waits on for a cluster.
 pub struct Inbox {

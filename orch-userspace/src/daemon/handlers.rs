@@ -5,7 +5,7 @@
 use tokio::sync::oneshot;
 use tracing::{error, info};
 
-use super::{cluster::Requester, state::Daemon};
+use super::{member::Requester, state::Daemon};
 use crate::{
     api::{ApiError, ErrorKind, Reply, Request},
     metrics::OpResult,

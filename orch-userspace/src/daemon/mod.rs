@@ -23,6 +23,7 @@
 mod census;
 mod cluster;
 mod handlers;
+mod member;
 mod health;
 pub mod readiness;
 mod reload;

@@ -90,7 +90,7 @@ pub struct Daemon {
     pub(super) zones: tokio::sync::watch::Sender<Arc<Zone>>,
     pub(super) zone_serial: u32,
     /// This host's part in a cluster, when `[cluster]` is configured.
-    pub(super) cluster: Option<super::cluster::Member>,
+    pub(super) cluster: Option<super::member::Member>,
 }
 
 impl Daemon {

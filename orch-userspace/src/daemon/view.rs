@@ -12,7 +12,7 @@ use std::{collections::BTreeSet, net::SocketAddr, path::Path, sync::Arc};
 
 use tokio::sync::watch;
 
-use super::{census::Censuses, cluster::Reach};
+use super::{census::Censuses, member::Reach};
 use crate::{
     api::{
         ApiError, BackendInfo, BackendRow, BreakerState, ClusterStatus, ErrorKind, Explanation,
@@ -85,7 +85,7 @@ pub(super) struct Parts<'a> {
     pub counts: [u64; 3],
     pub last_reload_error: Option<&'a str>,
     pub started: std::time::Instant,
-    pub cluster: Option<&'a super::cluster::Member>,
+    pub cluster: Option<&'a super::member::Member>,
 }
 
 impl View {
