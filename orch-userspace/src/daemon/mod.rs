@@ -18,13 +18,15 @@
 //! - [`health`]: probe reports, the data plane's signals, the tick;
 //! - [`view`]: the published view and the reads served from it;
 //! - [`census`]: live connections, counted off the loop;
+//! - [`cluster`]: the cluster's changes mirrored and applied, writes answered once applied;
+//!   [`member`] holds what the daemon keeps of its cluster;
 //! - [`readiness`]: what the service manager is told (systemd `Type=notify`).
 
 mod census;
 mod cluster;
 mod handlers;
-mod member;
 mod health;
+mod member;
 pub mod readiness;
 mod reload;
 mod state;
