@@ -40,7 +40,9 @@ impl Daemon {
         let Some(settings) = self.config.fixed.cluster.clone() else {
             return Ok(None);
         };
-        let import = match self.registry.mirrors()? {
+        let mirrored = self.registry.mirrors()?;
+        let revision = mirrored.as_ref().map_or(0, |(_, r)| *r);
+        let import = match mirrored {
             Some((prefix, revision)) => {
                 if prefix != settings.prefix {
                     warn!(mirrored = %prefix, configured = %settings.prefix, "the registry mirrors another cluster prefix; the configured cluster's services replace it");
@@ -61,7 +63,6 @@ impl Daemon {
             );
         }
         let claims = self.config.services.iter().map(FileClaim::of).collect();
-        let revision = self.registry.mirrors()?.map_or(0, |(_, r)| r);
         let (handle, events) = cluster::start(settings, claims, import);
         let (commits_tx, commits) = mpsc::channel(64);
         self.cluster = Some(Member {
