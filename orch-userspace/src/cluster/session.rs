@@ -94,6 +94,10 @@ pub(super) async fn run(
         // The member this session used may be the one that went away, or an election is
         // under way (about a second): every member is tried again shortly, writes wait, and
         // etcd counts as unreachable only when none has answered for the request timeout.
+        if reachable == Some(true) {
+            // An outage starts over from the shortest wait.
+            backoff = Duration::from_millis(200);
+        }
         let since = *failing_since.get_or_insert_with(Instant::now);
         if reachable == Some(true) && since.elapsed() < st.settings.timeout {
             info!(error = %error, "the etcd connection broke; trying every member");
