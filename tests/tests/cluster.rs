@@ -70,6 +70,23 @@ fn converge(lab: &ClusterLab, names: &[&str]) {
     }
 }
 
+/// Waits until every host lists `n` backends of `service`.
+fn converge_backends(lab: &ClusterLab, service: &str, n: usize) {
+    let done = wait_until(Duration::from_secs(10), || {
+        (1..=HOSTS).all(|k| {
+            cli_ok(lab, k, &["backend", "list", service, "--json"])
+                .matches("\"address\"")
+                .count()
+                == n
+        })
+    });
+    assert!(
+        done.is_some(),
+        "{service}: not {n} backends on every host\n{}",
+        lab.logs()
+    );
+}
+
 /// Six connections to `vip` through host `k`: which backends answered.
 fn spread_via(lab: &ClusterLab, k: usize, vip: SocketAddr) -> BTreeSet<String> {
     (0..6)
@@ -203,15 +220,7 @@ fn a_service_registered_on_one_host_is_served_by_every_host() {
         let out = a.join().unwrap();
         assert!(out.status.success(), "{}", out.stderr_text());
     }
-    let full = wait_until(Duration::from_secs(10), || {
-        (1..=HOSTS).all(|k| {
-            cli_ok(&lab, k, &["backend", "list", "api", "--json"])
-                .matches("\"address\"")
-                .count()
-                == 3
-        })
-    });
-    assert!(full.is_some(), "{}", lab.logs());
+    converge_backends(&lab, "api", 3);
 
     // The one-owner rule across hosts: host 2's file owns `local` and its address.
     for (k, args) in [
@@ -308,15 +317,7 @@ fn a_maglev_connection_keeps_its_backend_when_it_moves_to_another_host() {
         2,
         &["backend", "rm", "hashed", &format!("{}:8080", backend(3))],
     );
-    let left = wait_until(Duration::from_secs(10), || {
-        (1..=HOSTS).all(|k| {
-            cli_ok(&lab, k, &["backend", "list", "hashed", "--json"])
-                .matches("\"address\"")
-                .count()
-                == 2
-        })
-    });
-    assert!(left.is_some(), "{}", lab.logs());
+    converge_backends(&lab, "hashed", 2);
     let after = backends_of(3);
     let on_leaver = first.iter().filter(|b| *b == "backend-3").count();
     let moved = first.iter().zip(&after).filter(|(a, b)| a != b).count();

@@ -150,7 +150,14 @@ async fn session(
         Err(e) => return End::Broken(e),
     };
     while let Some(svc) = st.import.first().cloned() {
-        match create(&mut client, &st.keys, &svc, timeout).await {
+        match write(
+            &mut client,
+            &st.keys,
+            &Change::AddService(svc.clone()),
+            timeout,
+        )
+        .await
+        {
             Ok(rev) => {
                 info!(service = %svc.name, revision = rev, "registered service imported into the cluster")
             }
@@ -515,16 +522,6 @@ fn deltas(keys: &Keys, events: &[etcd_client::Event]) -> (Vec<Delta>, i64) {
         }
     }
     (out, upto)
-}
-
-/// Creates `svc` unless its name or address is taken.
-async fn create(
-    client: &mut Client,
-    keys: &Keys,
-    svc: &Service,
-    timeout: Duration,
-) -> Result<i64, WriteError> {
-    write(client, keys, &Change::AddService(svc.clone()), timeout).await
 }
 
 /// Commits `change`: read, apply, compare-and-set; again on a lost race, and on transient
