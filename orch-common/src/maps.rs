@@ -32,10 +32,14 @@ pub const CURSORS_MAP: &str = "ORCH_CURSOR_V1";
 /// connection enters it when the client acknowledges the backend's SYN-ACK (proof that the
 /// client is real and sees the backend's answers), a UDP flow when the backend answers. The
 /// daemon removes closed and idle entries; nothing a client sends can push one out.
-pub const CONNTRACK_MAP: &str = "ORCH_CT_V2";
+pub const CONNTRACK_MAP: &str = "ORCH_CT_V3";
 /// Unconfirmed connections: [`FlowKey`] → [`FlowValue`] (LRU hash). Every new connection
 /// starts here; a SYN flood recycles this table only.
-pub const CONNTRACK_NEW_MAP: &str = "ORCH_CT_NEW_V2";
+pub const CONNTRACK_NEW_MAP: &str = "ORCH_CT_NEW_V3";
+/// The two connection tables of layout 2 ([`v2::FlowValue`]): confirmed, then unconfirmed.
+/// A daemon that finds them pinned migrates their entries into [`CONNTRACK_MAP`] and
+/// [`CONNTRACK_NEW_MAP`] before it swaps its program in.
+pub const CONNTRACK_MAPS_V2: [&str; 2] = ["ORCH_CT_V2", "ORCH_CT_NEW_V2"];
 /// The connection table of the previous layout ([`v1::FlowValue`], one LRU table); a daemon
 /// that finds it pinned migrates its entries into [`CONNTRACK_MAP`] before it swaps its
 /// program in.
@@ -54,6 +58,9 @@ pub const FRAGS_CAPACITY: u32 = 8192;
 pub const XDP_TX_MAP: &str = "ORCH_XDP_TX_V1";
 /// Capacity of [`XDP_TX_MAP`]: interfaces the balancer attaches to natively.
 pub const XDP_TX_CAPACITY: u32 = 256;
+/// The route generation: index 0 → `u32` (array), never 0. Moved by the daemon whenever
+/// something a cached next hop depends on changes (see [`CachedHop`]).
+pub const ROUTE_GEN_MAP: &str = "ORCH_ROUTE_GEN_V1";
 /// Runtime settings: index 0 → [`Settings`] (array).
 pub const SETTINGS_MAP: &str = "ORCH_CFG_V1";
 /// Verdict counters: [`crate::Reason`] → `u64` (per-CPU array).
@@ -545,12 +552,42 @@ impl FlowKey {
     }
 }
 
-/// A connection-table value: the address and port to write into the packet, and what the
-/// data plane has seen of the connection. One cache line.
+/// Where a connection's packets leave, as the kernel's FIB resolved it: cached in each
+/// connection-table entry so that an established packet pays a comparison instead of a FIB
+/// lookup (about a quarter of the established path's cost when it ran on every packet).
 ///
-/// Layout 2 (`ORCH_CT_V2`, `ORCH_CT_NEW_V2`). Against [`v1::FlowValue`]: the flags are one
-/// byte each; the sequence numbers that tell real answers from forged ones, the reply
-/// interface and the creation time are new.
+/// An entry holds only a route the FIB resolved to a redirect (interface and both MACs);
+/// anything else (no route, no neighbour yet, a device this hook cannot send to) is looked
+/// up again on every packet, as it is transient or goes through the stack anyway. It stays
+/// valid while [`ROUTE_GEN_MAP`] holds the generation it was filled under: the daemon moves
+/// the generation when a route, a neighbour's link-layer address, a link or an address
+/// changes, and when the program's redirect targets change. The data plane also empties it
+/// whenever it refreshes the entry's timestamp (at most every
+/// [`Settings::touch_interval_ns`]), which bounds its age by itself when no daemon runs and
+/// for changes no notification reports (a learnt path MTU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CachedHop {
+    /// The generation it was filled under; 0: empty (the generation is never 0).
+    pub gen: u32,
+    /// The interface to redirect to.
+    pub ifindex: u32,
+    /// The next hop's MAC (the frame's destination).
+    pub dmac: [u8; 6],
+    /// The egress interface's MAC (the frame's source).
+    pub smac: [u8; 6],
+    /// XDP: the largest IP length the FIB checked against this route's MTU; a longer packet
+    /// is looked up afresh (and may be too big). On TC the MTU is checked per packet.
+    pub fits_len: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<CachedHop>() == 24);
+
+/// A connection-table value: the address and port to write into the packet, what the data
+/// plane has seen of the connection, and where its packets leave.
+///
+/// Layout 3 (`ORCH_CT_V3`, `ORCH_CT_NEW_V3`). Against [`v2::FlowValue`]: the cached next
+/// hop ([`CachedHop`]) is new.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowValue {
@@ -596,8 +633,69 @@ pub struct FlowValue {
     /// [`Settings::touch_interval_ns`] to keep the hot path free of shared writes. The
     /// daemon expires idle and closed connections by it.
     pub last_seen_ns: u64,
+    /// The next hop of this direction's packets (see [`CachedHop`]).
+    pub hop: CachedHop,
 }
-const _: () = assert!(size_of::<FlowValue>() == 64);
+const _: () = assert!(size_of::<FlowValue>() == 88);
+
+/// Layout 2 of the connection table (`ORCH_CT_V2`, `ORCH_CT_NEW_V2`), kept to migrate its
+/// entries.
+pub mod v2 {
+    use core::mem::size_of;
+
+    /// A connection-table value as layout 2 stored it: layout 3's without the next hop.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct FlowValue {
+        pub nat_addr: [u32; 4],
+        pub nat_port_be: u16,
+        pub _pad: u16,
+        pub backend_id: u32,
+        pub service_id: u32,
+        pub fin: u8,
+        pub rst: u8,
+        pub synack: u8,
+        pub _flags_pad: u8,
+        pub syn_next: u32,
+        pub peer_next: u32,
+        pub ifindex: u32,
+        pub _pad2: u32,
+        pub created_ns: u64,
+        pub last_seen_ns: u64,
+    }
+    const _: () = assert!(size_of::<FlowValue>() == 64);
+
+    impl FlowValue {
+        /// The entry in layout 3, with no next hop cached: its next packet looks it up.
+        pub const fn upgrade(&self) -> super::FlowValue {
+            super::FlowValue {
+                nat_addr: self.nat_addr,
+                nat_port_be: self.nat_port_be,
+                _pad: self._pad,
+                backend_id: self.backend_id,
+                service_id: self.service_id,
+                fin: self.fin,
+                rst: self.rst,
+                synack: self.synack,
+                _flags_pad: self._flags_pad,
+                syn_next: self.syn_next,
+                peer_next: self.peer_next,
+                ifindex: self.ifindex,
+                _pad2: self._pad2,
+                created_ns: self.created_ns,
+                last_seen_ns: self.last_seen_ns,
+                hop: super::CachedHop {
+                    gen: 0,
+                    ifindex: 0,
+                    dmac: [0; 6],
+                    smac: [0; 6],
+                    fits_len: 0,
+                    _pad: 0,
+                },
+            }
+        }
+    }
+}
 
 /// Layout 1 of the connection table (`ORCH_CT_V1`), kept to migrate its entries.
 pub mod v1 {
@@ -645,12 +743,12 @@ pub mod v1 {
     const _: () = assert!(size_of::<FlowValue>() == 40);
 
     impl FlowValue {
-        /// The entry in layout 2. What layout 1 did not record stays unknown: no sequence
-        /// numbers (so no RST counts as a refusal on it) and no reply interface (not
-        /// checked). Migrated entries go to the confirmed table: they are connections the
-        /// previous release was already carrying.
-        pub const fn upgrade(&self) -> super::FlowValue {
-            super::FlowValue {
+        /// The entry in layout 2 (see [`super::v2::FlowValue::upgrade`] for layout 3). What
+        /// layout 1 did not record stays unknown: no sequence numbers (so no RST counts as a
+        /// refusal on it) and no reply interface (not checked). Migrated entries go to the
+        /// confirmed table: they are connections the previous release was already carrying.
+        pub const fn upgrade(&self) -> super::v2::FlowValue {
+            super::v2::FlowValue {
                 nat_addr: self.nat_addr,
                 nat_port_be: self.nat_port_be,
                 _pad: 0,
@@ -763,6 +861,7 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}
     unsafe impl aya::Pod for v1::FlowValue {}
+    unsafe impl aya::Pod for v2::FlowValue {}
     unsafe impl aya::Pod for v1::BackendSignals {}
     unsafe impl aya::Pod for PortBitmap {}
     unsafe impl aya::Pod for Settings {}

@@ -81,9 +81,15 @@ pub fn find(ctx: &impl Frame, pkt: &Packet) -> *mut FlowValue {
         return core::ptr::null_mut();
     }
     // Refresh the timestamp only when it is stale enough to matter: a write per packet
-    // would bounce the entry's cache line between CPUs.
+    // would bounce the entry's cache line between CPUs. The cached next hops of both
+    // directions are looked up again then (see `CachedHop`): TCP replies read no clock, so
+    // their entry is reached from here.
     if idle > settings.touch_interval_ns {
         entry.last_seen_ns = now;
+        entry.hop.gen = 0;
+        if tcp {
+            forget_reply_hop(&key, entry);
+        }
     }
     record_flags(entry, flags);
     // The client acknowledges the backend's SYN-ACK: it is real (a spoofed source never
@@ -97,6 +103,17 @@ pub fn find(ctx: &impl Frame, pkt: &Packet) -> *mut FlowValue {
         conntrack::confirm(&key, entry);
     }
     ptr
+}
+
+/// Empties the cached next hop of the reply entry of the connection whose forward entry
+/// `fwd` is under `key`. Not inlined: the reply key takes a frame of its own rather than
+/// [`find`]'s.
+#[inline(never)]
+fn forget_reply_hop(key: &FlowKey, fwd: &FlowValue) {
+    if let Some((e, _)) = conntrack::get(&key.reply(fwd.nat_addr, fwd.nat_port_be)) {
+        // SAFETY: a live map value; one aligned word store.
+        unsafe { (*e).hop.gen = 0 };
+    }
 }
 
 /// Whether a packet that matches no connection may open one: only a SYN (UDP: any
@@ -166,7 +183,7 @@ pub fn new_flow(
     pkt: &Packet,
     id_table: u64,
     flags: u32,
-) -> Result<*const FlowValue, Reason> {
+) -> Result<*mut FlowValue, Reason> {
     let svc = &ServiceValue {
         id: id_table as u32,
         active_table: (id_table >> 32) as u32,
@@ -227,9 +244,9 @@ pub fn new_flow(
         // For the daemon's watch on SYNs no SYN-ACK follows (see `BackendSignals`).
         stats::signals(chosen, |s| s.last_syn_ns = new.now);
     }
-    let w = SCRATCH.get_ptr(0).ok_or(Reason::DropInternal)?;
-    // SAFETY: this CPU's scratch entry, just written by `record`.
-    Ok(unsafe { &(*w).flow })
+    let w = SCRATCH.get_ptr_mut(0).ok_or(Reason::DropInternal)?;
+    // SAFETY: this CPU's scratch entry, just written by `record`; only its address is taken.
+    Ok(unsafe { &raw mut (*w).flow })
 }
 
 /// Records a new connection to `backend_id` in both directions, unless its reply 4-tuple
@@ -270,6 +287,8 @@ fn record<F: FnMut(&[u32; 4]) -> Option<fib::Route>>(
     v._pad2 = 0;
     v.created_ns = new.now;
     v.last_seen_ns = new.now;
+    // No next hop cached yet: the connection's second packet fills it.
+    v.hop.gen = 0;
     conntrack::insert_new(&w.reply_key, &w.flow, false).map_err(|_| Reason::DropConntrackFull)?;
     let v = &mut w.flow;
     v.nat_addr = backend.addr;
@@ -329,7 +348,7 @@ fn claim_reply(w: &mut Work, key: &FlowKey, new: &NewFlow) -> Result<(), Reason>
 ///
 /// Not inlined: see [`crate::steer`] on the stack.
 #[inline(never)]
-pub fn stateless(pkt: &Packet, id_table: u64) -> Result<*const FlowValue, Reason> {
+pub fn stateless(pkt: &Packet, id_table: u64) -> Result<*mut FlowValue, Reason> {
     let id = id_table as u32;
     let svc = ServiceValue {
         id,

@@ -1,6 +1,10 @@
 //! Forwarding of translated packets: a kernel FIB lookup and a redirect when the route and
 //! the neighbour are known, the kernel stack otherwise; and the cases where the kernel must
 //! answer the sender (too big, TTL), found before the packet is touched.
+//!
+//! A connection's entry caches its redirect ([`CachedHop`]): an established packet then
+//! pays a comparison with the route generation instead of a lookup. The TTL, the redirect
+//! setting and the size are still checked on every packet.
 
 use core::mem::size_of;
 
@@ -13,13 +17,13 @@ use aya_ebpf::{
 };
 use orch_common::{
     csum::Delta,
-    maps::{Settings, SETTING_REDIRECT},
+    maps::{CachedHop, Settings, SETTING_REDIRECT},
     Reason,
 };
 
 use crate::{
     frame::{read, write, Frame},
-    maps::FIB_SCRATCH,
+    maps::{route_gen, FIB_SCRATCH},
     parse::{Packet, ETH_HLEN},
 };
 
@@ -46,10 +50,9 @@ impl Route {
     /// interface instead of making the same one again.
     #[inline(always)]
     pub fn last(rc: i64) -> Option<Route> {
-        Some(Route {
-            params: FIB_SCRATCH.get_ptr_mut(0)?,
-            rc,
-        })
+        // SAFETY: this CPU's scratch entry; only its address is taken.
+        let params = unsafe { &raw mut (*FIB_SCRATCH.get_ptr_mut(0)?).params };
+        Some(Route { params, rc })
     }
 
     /// The lookup's result code (`BPF_FIB_LKUP_RET_*`).
@@ -77,7 +80,8 @@ impl Route {
 /// packet's interface. `None` only if the scratch map is missing, which cannot happen.
 #[inline(always)]
 pub fn lookup<F: Frame>(ctx: &F, pkt: &Packet, src: &[u32; 4], dst: &[u32; 4]) -> Option<Route> {
-    let p = FIB_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's scratch entry; only its address is taken.
+    let p = unsafe { &raw mut (*FIB_SCRATCH.get_ptr_mut(0)?).params };
     // SAFETY: this CPU's own scratch entry; XDP programs do not nest on one CPU. Every field
     // the helper reads is written here first.
     // All-zero is a valid value of this plain C struct; written in place, not built on the
@@ -106,9 +110,10 @@ pub fn lookup<F: Frame>(ctx: &F, pkt: &Packet, src: &[u32; 4], dst: &[u32; 4]) -
 }
 
 /// Where a balanced packet goes next, decided before it is rewritten.
-pub enum Hop {
-    /// Out of the route's interface, from here.
-    Redirect(Route),
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Out of the next hop's interface, from here.
+    Redirect,
     /// To the kernel stack, translated: no route or neighbour yet (the stack resolves it and
     /// the next packets take the fast path), a device this hook cannot send to, redirect
     /// disabled, or an IPv4 packet without DF that the stack will fragment.
@@ -119,88 +124,157 @@ pub enum Hop {
     TtlExpired,
 }
 
+/// A decision and, for a redirect, its next hop: the connection's cached one, or this CPU's
+/// scratch copy of a lookup's result.
+///
+/// A struct whose pointer is always set (null but for a redirect), not an enum with a
+/// payload: the compiler copies an enum's payload register on every path, set or not, and
+/// the verifier refuses a read of a register that was never written.
+pub struct Hop {
+    pub kind: Kind,
+    next: *const CachedHop,
+}
+
 impl Hop {
+    #[inline(always)]
+    const fn to(kind: Kind) -> Hop {
+        Hop {
+            kind,
+            next: core::ptr::null(),
+        }
+    }
+
+    #[inline(always)]
+    const fn redirect(next: *const CachedHop) -> Hop {
+        Hop {
+            kind: Kind::Redirect,
+            next,
+        }
+    }
+
     /// Why the packet is left to the kernel as it came, for its ICMP answer: too big, or
     /// its TTL ends here. `None` for a packet we translate.
     #[inline(always)]
     pub fn answered_by_stack(&self) -> Option<Reason> {
-        match self {
-            Hop::TooBig => Some(Reason::PassTooBig),
-            Hop::TtlExpired => Some(Reason::PassTtlExpired),
+        match self.kind {
+            Kind::TooBig => Some(Reason::PassTooBig),
+            Kind::TtlExpired => Some(Reason::PassTtlExpired),
             _ => None,
         }
     }
 }
 
 /// Sends a translated packet to its `hop`: the action, and whether it was redirected (or
-/// went to the stack).
+/// went to the stack). An XDP redirect whose interface left the redirect map meanwhile is
+/// passed to the stack instead, and counted as such.
 #[inline(always)]
 pub fn forward<F: Frame>(ctx: &F, pkt: &Packet, hop: Hop) -> (u32, bool) {
-    match hop {
-        Hop::Redirect(route) => match send(ctx, pkt, &route) {
-            Some(action) => (action, true),
-            None => (F::PASS, false),
-        },
-        _ => (F::PASS, false),
+    if hop.kind != Kind::Redirect || hop.next.is_null() {
+        return (F::PASS, false);
+    }
+    // SAFETY: a live map value (the entry's cache or this CPU's scratch), alive for the rest
+    // of this run.
+    match send(ctx, pkt, unsafe { &*hop.next }) {
+        Some(action) => (action, action != F::PASS),
+        None => (F::PASS, false),
     }
 }
 
 /// Decides the next hop of a packet that will go from `src` to `dst` once translated, with
-/// `route` when it was looked up already (see [`Route::last`]). Decided on the packet as it
-/// arrived: when the answer is an ICMP error (too big, TTL), the kernel must quote the packet
-/// its sender sent, not our translation of it.
+/// `route` when it was looked up already (see [`Route::last`]), and `cache`, the connection
+/// entry's cached next hop, used when valid and refilled when not. Decided on the packet as
+/// it arrived: when the answer is an ICMP error (too big, TTL), the kernel must quote the
+/// packet its sender sent, not our translation of it.
 #[inline(always)]
 pub fn decide<F: Frame>(
     ctx: &F,
     pkt: &Packet,
-    src: &[u32; 4],
-    dst: &[u32; 4],
+    (src, dst): (&[u32; 4], &[u32; 4]),
     settings: &Settings,
     route: Option<Route>,
+    cache: Option<*mut CachedHop>,
 ) -> Hop {
     let ttl_off = if pkt.v6 { V6_HOP_LIMIT } else { V4_TTL };
     match read::<u8>(ctx, ttl_off) {
         Some(ttl) if ttl > 1 => {}
-        _ => return Hop::TtlExpired,
+        _ => return Hop::to(Kind::TtlExpired),
     }
     if settings.flags & SETTING_REDIRECT == 0 {
-        return Hop::Stack;
+        return Hop::to(Kind::Stack);
+    }
+    let gen = route_gen();
+    if let Some(c) = cache {
+        // SAFETY: the connection's live map entry, read in place.
+        let cached = unsafe { &*c };
+        // On XDP a longer packet than the route was checked with is looked up again: the
+        // FIB checks its length against the path MTU.
+        if gen != 0 && cached.gen == gen && (!F::MTU_BY_IP_LEN || pkt.l3_len <= cached.fits_len) {
+            if !ctx.fits(cached.ifindex) {
+                return too_big(ctx, pkt);
+            }
+            return Hop::redirect(c);
+        }
     }
     let Some(route) = route.or_else(|| lookup(ctx, pkt, src, dst)) else {
-        return Hop::Stack;
+        return Hop::to(Kind::Stack);
     };
-    // The FIB checks the IP length (XDP); the device check covers an skb and its GSO
-    // segments (TC).
-    let too_big = if route.rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        // SAFETY: this CPU's scratch entry, just filled by the lookup.
-        let ifindex = unsafe { (*route.params).ifindex };
-        if !ctx.can_send(ifindex) {
-            return Hop::Stack;
-        }
-        !ctx.fits(ifindex)
-    } else {
-        route.rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64
-    };
-    if too_big {
-        // IPv4 without DF may be fragmented on the way: the stack does it, translated.
-        let df =
-            pkt.v6 || read::<u16>(ctx, V4_FRAG_OFF).is_some_and(|f| u16::from_be(f) & IP_DF != 0);
-        return if df { Hop::TooBig } else { Hop::Stack };
+    if route.rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
+        return too_big(ctx, pkt);
     }
     if route.rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        return Hop::Stack;
+        return Hop::to(Kind::Stack);
     }
-    Hop::Redirect(route)
+    // SAFETY: this CPU's scratch entry, just filled by the lookup.
+    let params = unsafe { &*route.params };
+    if !ctx.can_send(params.ifindex) {
+        return Hop::to(Kind::Stack);
+    }
+    // The FIB checks the IP length (XDP); the device check covers an skb and its GSO
+    // segments (TC).
+    if !ctx.fits(params.ifindex) {
+        return too_big(ctx, pkt);
+    }
+    let (hop, gen) = match cache {
+        Some(c) => (c, gen),
+        // Never valid: a scratch copy serves one packet.
+        None => match FIB_SCRATCH.get_ptr_mut(0) {
+            // SAFETY: this CPU's scratch entry; only its address is taken.
+            Some(w) => (unsafe { &raw mut (*w).hop }, 0),
+            None => return Hop::to(Kind::Stack),
+        },
+    };
+    // SAFETY: a live map value (the entry's or this CPU's scratch). The generation goes in
+    // last: another CPU that reads this entry meanwhile sees the old generation (and looks
+    // the route up itself) or a refill of the same route (the same bytes).
+    unsafe {
+        (*hop).gen = 0;
+        (*hop).ifindex = params.ifindex;
+        (*hop).dmac = params.dmac;
+        (*hop).smac = params.smac;
+        (*hop).fits_len = if F::MTU_BY_IP_LEN {
+            pkt.l3_len
+        } else {
+            u16::MAX
+        };
+        (*hop).gen = gen;
+    }
+    Hop::redirect(hop)
 }
 
-/// Sends the (already translated) packet along `route`: sets the MACs, decrements the TTL
-/// as a router must, and returns the action. `None` if the packet is too short to carry
-/// what parsing found in it, which cannot happen.
+/// A packet bigger than the next hop takes: IPv4 without DF may be fragmented on the way
+/// (the stack does it, translated); anything else is the kernel's to answer, untranslated.
 #[inline(always)]
-pub fn send(ctx: &impl Frame, pkt: &Packet, route: &Route) -> Option<u32> {
-    // SAFETY: this CPU's scratch entry, filled by the lookup that made `route`.
-    let params = unsafe { &*route.params };
-    if !write(ctx, 0, params.dmac) || !write(ctx, 6, params.smac) {
+fn too_big<F: Frame>(ctx: &F, pkt: &Packet) -> Hop {
+    let df = pkt.v6 || read::<u16>(ctx, V4_FRAG_OFF).is_some_and(|f| u16::from_be(f) & IP_DF != 0);
+    Hop::to(if df { Kind::TooBig } else { Kind::Stack })
+}
+
+/// Sends the (already translated) packet to `next`: sets the MACs, decrements the TTL as a
+/// router must, and returns the action. `None` if the packet is too short to carry what
+/// parsing found in it, which cannot happen.
+#[inline(always)]
+pub fn send(ctx: &impl Frame, pkt: &Packet, next: &CachedHop) -> Option<u32> {
+    if !write(ctx, 0, next.dmac) || !write(ctx, 6, next.smac) {
         return None;
     }
     let ttl_off = if pkt.v6 { V6_HOP_LIMIT } else { V4_TTL };
@@ -218,5 +292,5 @@ pub fn send(ctx: &impl Frame, pkt: &Packet, route: &Route) -> Option<u32> {
             Delta::new().replace_u16(old, new).apply(check),
         );
     }
-    Some(ctx.send(params.ifindex))
+    Some(ctx.send(next.ifindex))
 }

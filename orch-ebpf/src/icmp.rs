@@ -227,7 +227,7 @@ fn translate<F: Frame>(ctx: &F) -> Result<(u32, Reason), Reason> {
         l3_len: len,
         tcp_flags: 0,
     };
-    let hop = fib::decide(ctx, &pkt, &pkt.src, &pkt.dst, &settings(), None);
+    let hop = fib::decide(ctx, &pkt, (&pkt.src, &pkt.dst), &settings(), None, None);
     if let Some(reason) = hop.answered_by_stack() {
         return Err(reason);
     }

@@ -11,10 +11,11 @@ use aya_ebpf::{
 };
 use orch_common::{
     maps::{
-        Backend, BackendKey, BackendSignals, FlowKey, FlowValue, FragKey, FragValue, MaglevReply,
-        MaglevTable, PortBitmap, ServiceKey, ServiceValue, Settings, SlotTable, SockEvent,
-        SockFlow, SockFlowKey, SockPeer, TrafficCounters, CT_NEW_OPS as CT_NEW_OPS_SLOTS,
-        FRAGS_CAPACITY, SOCK_PEERS_CAPACITY, SOCK_UDP_CAPACITY, XDP_TX_CAPACITY,
+        Backend, BackendKey, BackendSignals, CachedHop, FlowKey, FlowValue, FragKey, FragValue,
+        MaglevReply, MaglevTable, PortBitmap, ServiceKey, ServiceValue, Settings, SlotTable,
+        SockEvent, SockFlow, SockFlowKey, SockPeer, TrafficCounters,
+        CT_NEW_OPS as CT_NEW_OPS_SLOTS, FRAGS_CAPACITY, SOCK_PEERS_CAPACITY, SOCK_UDP_CAPACITY,
+        XDP_TX_CAPACITY,
     },
     CtEvent, Reason, CONNTRACK_CAPACITY, CONNTRACK_NEW_CAPACITY, MAX_BACKENDS, MAX_SERVICES,
 };
@@ -45,12 +46,12 @@ pub static CURSORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_SERVICE
 /// connection is confirmed once, so the allocation is off the per-packet path), and a
 /// failed allocation fails the confirmation, which is counted and leaves the connection
 /// working from the unconfirmed table.
-#[map(name = "ORCH_CT_V2")]
+#[map(name = "ORCH_CT_V3")]
 pub static CONNTRACK: HashMap<FlowKey, FlowValue> =
     HashMap::with_max_entries(CONNTRACK_CAPACITY, BPF_F_NO_PREALLOC);
 
 /// Connections not yet confirmed: an LRU, which a flood recycles.
-#[map(name = "ORCH_CT_NEW_V2")]
+#[map(name = "ORCH_CT_NEW_V3")]
 pub static CONNTRACK_NEW: LruHashMap<FlowKey, FlowValue> =
     LruHashMap::with_max_entries(CONNTRACK_NEW_CAPACITY, 0);
 
@@ -77,9 +78,17 @@ pub struct Work {
 #[map(name = "ORCH_SCRATCH")]
 pub static SCRATCH: PerCpuArray<Work> = PerCpuArray::with_max_entries(1, 0);
 
-/// One FIB lookup's parameters per CPU (64 bytes), for the same reason.
+/// One FIB lookup's parameters and its result as a next hop, per CPU (for the same reason).
+#[repr(C)]
+pub struct FibWork {
+    pub params: bpf_fib_lookup,
+    /// The next hop of a packet whose connection has no entry to cache it in (a new
+    /// connection's first packet, a stateless translation, an ICMP error, a fragment).
+    pub hop: CachedHop,
+}
+
 #[map(name = "ORCH_FIB_SCRATCH")]
-pub static FIB_SCRATCH: PerCpuArray<bpf_fib_lookup> = PerCpuArray::with_max_entries(1, 0);
+pub static FIB_SCRATCH: PerCpuArray<FibWork> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "ORCH_CT_EV_V1")]
 pub static CT_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(CtEvent::COUNT, 0);
@@ -98,6 +107,17 @@ pub static FRAGS: LruHashMap<FragKey, FragValue> = LruHashMap::with_max_entries(
 
 #[map(name = "ORCH_PORTS_V1")]
 pub static PORTS: Array<PortBitmap> = Array::with_max_entries(2, 0);
+
+/// See `orch_common::maps::ROUTE_GEN_MAP`.
+#[map(name = "ORCH_ROUTE_GEN_V1")]
+pub static ROUTE_GEN: Array<u32> = Array::with_max_entries(1, 0);
+
+/// The route generation cached next hops must carry to be used (see
+/// `orch_common::maps::CachedHop`); 0 (never a generation) if the map cannot be read.
+#[inline(always)]
+pub fn route_gen() -> u32 {
+    ROUTE_GEN.get(0).copied().unwrap_or(0)
+}
 
 #[map(name = "ORCH_CFG_V1")]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);

@@ -27,14 +27,39 @@ pub fn steer<F: Frame>(ctx: &F) -> (u32, Reason) {
 
 /// The action and reason of a step's result: an `Err` is a packet we are not translating.
 ///
-/// Subprograms return this pair rather than a `Result`: the kernel checks the program's BTF
-/// type information, which describes a function's return type, and rejects the union a
-/// Rust enum becomes when its tag hides in a field's spare values (`Result<Option<_>, _>`).
+/// Subprograms return this pair ([`Packed`]) rather than a `Result`: the kernel checks the
+/// program's BTF type information, which describes a function's return type, and rejects
+/// the union a Rust enum becomes when its tag hides in a field's spare values
+/// (`Result<Option<_>, _>`).
 #[inline(always)]
 fn verdict<F: Frame>(r: Result<(u32, Reason), Reason>) -> (u32, Reason) {
     match r {
         Ok(verdict) => verdict,
         Err(reason) => (action_for::<F>(reason), reason),
+    }
+}
+
+/// An action and a reason in one register, as the subprograms return them. A pair is
+/// returned through the caller's memory, and the compiler may then leave a pointer into the
+/// caller's stack in R0 at the return, which the verifier refuses ("cannot return stack
+/// pointer to the caller").
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct Packed(u64);
+
+impl Packed {
+    #[inline(always)]
+    fn new((action, reason): (u32, Reason)) -> Self {
+        Packed(u64::from(action) << 32 | reason as u64)
+    }
+
+    #[inline(always)]
+    fn get(self) -> (u32, Reason) {
+        let reason = Reason::ALL
+            .get(self.0 as u32 as usize)
+            .copied()
+            .unwrap_or(Reason::DropInternal);
+        ((self.0 >> 32) as u32, reason)
     }
 }
 
@@ -90,7 +115,7 @@ fn try_steer<F: Frame>(ctx: &F) -> Result<(u32, Reason), Reason> {
         }
     }
     if maybe_reply {
-        return Ok(backend_packet(ctx, &pkt));
+        return Ok(backend_packet(ctx, &pkt).get());
     }
     Err(Reason::PassNotService)
 }
@@ -100,8 +125,10 @@ fn try_steer<F: Frame>(ctx: &F) -> Result<(u32, Reason), Reason> {
 ///
 /// Not inlined, for the stack (see [`forward`]).
 #[inline(never)]
-fn backend_packet<F: Frame>(ctx: &F, pkt: &Packet) -> (u32, Reason) {
-    verdict::<F>(translate_reply(ctx, pkt).and_then(|v| v.ok_or(Reason::PassNotService)))
+fn backend_packet<F: Frame>(ctx: &F, pkt: &Packet) -> Packed {
+    Packed::new(verdict::<F>(
+        translate_reply(ctx, pkt).and_then(|v| v.ok_or(Reason::PassNotService)),
+    ))
 }
 
 /// [`backend_packet`]'s work: `None` when the packet belongs to no balanced connection.
@@ -141,6 +168,8 @@ fn translate_reply<F: Frame>(ctx: &F, pkt: &Packet) -> Result<Option<(u32, Reaso
         let now = unsafe { bpf_ktime_get_coarse_ns() };
         if now.saturating_sub(entry.last_seen_ns) > settings.touch_interval_ns {
             entry.last_seen_ns = now;
+            // The cached next hop is looked up again with each refresh (see `CachedHop`).
+            entry.hop.gen = 0;
         }
         // A UDP flow the backend answers is confirmed (TCP: by the client's ACK).
         if !confirmed {
@@ -153,7 +182,14 @@ fn translate_reply<F: Frame>(ctx: &F, pkt: &Packet) -> Result<Option<(u32, Reaso
     }
     let (vip, port_be) = (entry.nat_addr, entry.nat_port_be);
     let (service_id, backend_id) = (entry.service_id, entry.backend_id);
-    let hop = fib::decide(ctx, pkt, &vip, &pkt.dst, &settings, None);
+    let hop = fib::decide(
+        ctx,
+        pkt,
+        (&vip, &pkt.dst),
+        &settings,
+        None,
+        Some(&raw mut entry.hop),
+    );
     if let Some(untouched) = for_the_stack::<F>(&hop) {
         return Ok(Some(untouched));
     }
@@ -188,7 +224,7 @@ fn stateless_reply<F: Frame>(ctx: &F, pkt: &Packet) -> Result<Option<(u32, Reaso
     {
         return Ok(None);
     }
-    let hop = fib::decide(ctx, pkt, &r.vip, &pkt.dst, &settings(), None);
+    let hop = fib::decide(ctx, pkt, (&r.vip, &pkt.dst), &settings(), None, None);
     if let Some(untouched) = for_the_stack::<F>(&hop) {
         return Ok(Some(untouched));
     }
@@ -268,43 +304,70 @@ fn handshake<F: Frame>(
 /// connection's forward entry over as a pointer into its map.
 #[inline(always)]
 fn forward<F: Frame>(ctx: &F, pkt: &Packet, svc: &ServiceValue) -> Result<(u32, Reason), Reason> {
-    let mut flow: *const FlowValue = balance::find(ctx, pkt);
-    let new = flow.is_null();
-    if new {
+    let mut flow = balance::find(ctx, pkt);
+    let mut entry = Entry::Established;
+    if flow.is_null() {
         let (id_table, flags) = balance::service_words(svc);
         if let Err(stray) = balance::opens(pkt) {
             if flags & SERVICE_MAGLEV == 0 {
                 return Err(stray);
             }
             // Maglev: where the table says, without state.
-            let flow = balance::stateless(pkt, id_table)?;
-            // SAFETY: this CPU's scratch entry, alive for the rest of this run.
-            return Ok(translate_forward(ctx, pkt, unsafe { &*flow }, false));
+            flow = balance::stateless(pkt, id_table)?;
+            entry = Entry::Stateless;
+        } else {
+            flow = balance::new_flow(ctx, pkt, id_table, flags)?;
+            entry = Entry::New;
         }
-        flow = balance::new_flow(ctx, pkt, id_table, flags)?;
     }
     // SAFETY: a map value (the connection's entry, or this CPU's scratch entry), alive for
     // the rest of this run.
-    Ok(translate_forward(ctx, pkt, unsafe { &*flow }, new))
+    Ok(translate_forward(ctx, pkt, unsafe { &mut *flow }, entry).get())
+}
+
+/// What [`translate_forward`] is handed: it decides where the route comes from and whether
+/// the next hop may be cached.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Entry {
+    /// The connection's entry in the table: its cached next hop is used or refilled.
+    Established,
+    /// A new connection's first packet, in this CPU's scratch entry: its route was looked up
+    /// when its backend was chosen, and is reused.
+    New,
+    /// A Maglev service's segment without an entry, in this CPU's scratch entry.
+    Stateless,
 }
 
 /// Rewrites a client's packet to the backend of its connection's entry `flow` and forwards
-/// it. A `new` connection's route was looked up when its backend was chosen: it is reused.
+/// it.
 #[inline(never)]
 fn translate_forward<F: Frame>(
     ctx: &F,
     pkt: &Packet,
-    flow: &FlowValue,
-    new: bool,
+    flow: &mut FlowValue,
+    entry: Entry,
+) -> Packed {
+    Packed::new(forward_to(ctx, pkt, flow, entry))
+}
+
+/// [`translate_forward`]'s work.
+#[inline(always)]
+fn forward_to<F: Frame>(
+    ctx: &F,
+    pkt: &Packet,
+    flow: &mut FlowValue,
+    entry: Entry,
 ) -> (u32, Reason) {
-    let route = if new {
+    let route = if entry == Entry::New {
         SCRATCH.get(0).and_then(|w| fib::Route::last(w.route_rc))
     } else {
         None
     };
+    let cache = (entry == Entry::Established).then_some(&raw mut flow.hop);
     let (addr, port_be) = (flow.nat_addr, flow.nat_port_be);
     let ids = (flow.service_id, flow.backend_id);
-    let hop = fib::decide(ctx, pkt, &pkt.src, &addr, &settings(), route);
+    let hop = fib::decide(ctx, pkt, (&pkt.src, &addr), &settings(), route, cache);
     if let Some(untouched) = for_the_stack::<F>(&hop) {
         return untouched;
     }

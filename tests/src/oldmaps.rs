@@ -13,6 +13,7 @@ use std::{
 };
 
 /// `enum bpf_map_type` values used here.
+pub const BPF_MAP_TYPE_HASH: u32 = 1;
 pub const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
 pub const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
 

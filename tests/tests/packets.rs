@@ -2023,7 +2023,7 @@ fn an_upgrade_carries_connections_and_counters_from_the_previous_layout() {
             .flow(&forward)
             .unwrap()
             .expect("the forward entry migrated");
-        assert_eq!(f, old_forward.upgrade());
+        assert_eq!(f, old_forward.upgrade().upgrade());
         let r = dp
             .reader()
             .flow(&reply)
@@ -2069,6 +2069,235 @@ fn an_upgrade_carries_connections_and_counters_from_the_previous_layout() {
     assert!(!maps
         .join(orch_common::maps::BACKEND_SIGNALS_MAP_V1)
         .exists());
+}
+
+#[test]
+fn an_upgrade_from_layout_2_carries_confirmed_and_unconfirmed_connections() {
+    use orch_common::maps::{v2, CONNTRACK_MAPS_V2};
+    use orch_tests::oldmaps::{bytes_of, OldMap, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH};
+    if !require_root("an_upgrade_from_layout_2_carries_confirmed_and_unconfirmed_connections") {
+        return;
+    }
+    let fs = Bpffs::mount("upgrade2");
+    let pin_dir = fs.0.join("orch");
+    let maps = pin_dir.join("maps");
+    std::fs::create_dir_all(&maps).unwrap();
+
+    // The previous release's tables: an established connection (confirmed) and one whose
+    // handshake was under way (unconfirmed: the backend answered, the client's ACK is due).
+    let vip = sa("198.19.0.1:80");
+    let backend = sa("198.18.1.3:8080");
+    let now = orch::dataplane::monotonic_ns();
+    let entries = move |client: SocketAddr| {
+        let forward = tcp_key(client, vip);
+        let reply = forward.reply(addr_words(backend.ip()), backend.port().to_be());
+        let fwd = v2::FlowValue {
+            nat_addr: addr_words(backend.ip()),
+            nat_port_be: backend.port().to_be(),
+            backend_id: 1,
+            service_id: 0,
+            syn_next: 1,
+            peer_next: 1,
+            created_ns: now,
+            last_seen_ns: now,
+            ..Default::default()
+        };
+        let rep = v2::FlowValue {
+            nat_addr: addr_words(vip.ip()),
+            nat_port_be: vip.port().to_be(),
+            synack: 1,
+            ifindex: nix::net::if_::if_nametoindex("tp0").unwrap_or(0),
+            peer_next: 0,
+            ..fwd
+        };
+        [(forward, fwd), (reply, rep)]
+    };
+    let established = sa("198.18.0.2:48100");
+    let opening = sa("198.18.0.2:48101");
+    let ns = test_netns("upgrade2");
+    let dir = pin_dir.clone();
+    ns.run(move || {
+        // Made inside the namespace: the reply entries record its backend interface.
+        for (name, kind, client) in [
+            (CONNTRACK_MAPS_V2[0], BPF_MAP_TYPE_HASH, established),
+            (CONNTRACK_MAPS_V2[1], BPF_MAP_TYPE_LRU_HASH, opening),
+        ] {
+            let map = OldMap::create(&maps.join(name), kind, 40, 64, 1024).unwrap();
+            for (k, v) in entries(client) {
+                map.update(&bytes_of(&k), &bytes_of(&v)).unwrap();
+            }
+        }
+        orch_tests::lab::pin_current_thread(0).unwrap();
+        let cap = Capacity::default();
+        let mut dp = Dataplane::open(cap, &dir, 0).expect("opening with the layout-2 pins");
+        allow_redirects(&mut dp);
+        dp.set_settings(&default_settings()).unwrap();
+        let mut rec = Reconciler::new(cap.max_services, cap.max_backends);
+        rec.apply(&mut dp, &services()).unwrap();
+        for (client, confirmed) in [(established, true), (opening, false)] {
+            let [(fk, fv), (rk, rv)] = entries(client);
+            let reader = dp.reader();
+            for (key, value) in [(fk, fv), (rk, rv)] {
+                assert_eq!(
+                    reader.flow(&key).unwrap(),
+                    Some(value.upgrade()),
+                    "{client}"
+                );
+                assert_eq!(
+                    reader.confirmed(&key).unwrap(),
+                    confirmed,
+                    "{client}: into its own table"
+                );
+            }
+        }
+        // Both keep their backend: the established one's data, and the opening one's ACK,
+        // which acknowledges the backend's SYN-ACK and confirms it.
+        for client in [established, opening] {
+            let data = Pkt::new(L4::AckOf(1), client, vip).payload(b"more");
+            let out = test_run(&mut dp, &data.bytes()).unwrap();
+            assert_eq!(out.verdict, Verdict::Redirect, "{client}");
+            assert_eq!(
+                out.packet,
+                data.clone()
+                    .dnat(backend)
+                    .routed(LB_BACKEND_MAC, BACKEND3_MAC)
+                    .bytes()
+            );
+        }
+        let [(fk, _), _] = entries(opening);
+        assert!(dp.reader().confirmed(&fk).unwrap(), "confirmed by its ACK");
+        let done = dp.migrate(true).unwrap();
+        assert_eq!(done.retired, 2, "both old tables retired");
+    })
+    .expect("upgrade from layout 2");
+    for name in CONNTRACK_MAPS_V2 {
+        assert!(!pin_dir.join("maps").join(name).exists());
+    }
+}
+
+/// The MAC of `mac` as `ip` writes it.
+fn mac_text(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+#[test]
+fn a_cached_next_hop_follows_neighbour_and_route_changes() {
+    if !require_root("a_cached_next_hop_follows_neighbour_and_route_changes") {
+        return;
+    }
+    let ns = test_netns("hop");
+    let name = ns.name().to_owned();
+    ns.run(move || {
+        let ip = |args: &str| {
+            let mut all = vec!["-n", name.as_str()];
+            all.extend(args.split(' '));
+            orch_tests::netns::run("ip", &all).unwrap_or_else(|e| panic!("ip {args}: {e}"));
+        };
+        let (mut dp, _rec) = loaded();
+        // A long touch interval: within this test only the route generation refreshes.
+        let mut s = default_settings();
+        s.touch_interval_ns = 600_000_000_000;
+        dp.set_settings(&s).unwrap();
+        let vip = sa("198.19.0.1:80");
+        let client = sa("198.18.0.2:41000");
+        let syn = test_run(&mut dp, &Pkt::new(L4::Syn, client, vip).bytes()).unwrap();
+        assert_eq!(syn.verdict, Verdict::Redirect);
+        let backend = sa("198.18.1.2:8080");
+        assert_eq!(&syn.packet[30..34], &[198, 18, 1, 2], "the first backend");
+        let synack = Pkt::new(L4::SynAck, backend, client);
+        assert_eq!(
+            test_run(&mut dp, &synack.bytes()).unwrap().verdict,
+            Verdict::Redirect
+        );
+        let data = Pkt::new(L4::AckOf(1), client, vip).payload(b"get");
+        let to = |dp: &mut Dataplane| {
+            let out = test_run(dp, &data.bytes()).unwrap();
+            assert_eq!(out.verdict, Verdict::Redirect);
+            <[u8; 6]>::try_from(&out.packet[0..6]).unwrap()
+        };
+        assert_eq!(to(&mut dp), BACKEND2_MAC, "the neighbour's MAC, now cached");
+
+        // The backend's MAC changes (its container came back with a new one). Nothing has
+        // moved the generation yet: the cached hop is what the program uses.
+        let moved_mac = [2, 0, 0, 0, 1, 0x22];
+        ip(&format!(
+            "neigh replace 198.18.1.2 lladdr {} dev tp0 nud permanent",
+            mac_text(moved_mac)
+        ));
+        assert_eq!(
+            to(&mut dp),
+            BACKEND2_MAC,
+            "cached until the generation moves"
+        );
+
+        // The watcher moves it on routing notifications.
+        let generation = dp.route_generation();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        {
+            let _in_runtime = rt.enter();
+            orch::dataplane::routes::watch(generation.clone());
+        }
+        let wait_for_move = |before: u32| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+            while generation.current().unwrap() == before {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the generation did not move"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        };
+        // The watcher subscribes asynchronously: repeat the change until it is seen.
+        let again = [2, 0, 0, 0, 1, 0x23];
+        let before = generation.current().unwrap();
+        ip(&format!(
+            "neigh replace 198.18.1.2 lladdr {} dev tp0 nud permanent",
+            mac_text(again)
+        ));
+        wait_for_move(before);
+        assert_eq!(
+            to(&mut dp),
+            again,
+            "a new neighbour address is used at once"
+        );
+
+        // A route change: the backend is now reached through another next hop.
+        let before = generation.current().unwrap();
+        ip("route add 198.18.1.2/32 via 198.18.1.3 dev tp0");
+        wait_for_move(before);
+        assert_eq!(to(&mut dp), BACKEND3_MAC, "a new route is used at once");
+        drop(rt);
+
+        // With no one moving the generation, the program's own bound: each timestamp
+        // refresh looks both directions up again. (The coarse clock moves at each tick,
+        // every 1 to 10 ms: 20 ms is past the next one.)
+        let mut s = default_settings();
+        s.touch_interval_ns = 1;
+        dp.set_settings(&s).unwrap();
+        ip("route del 198.18.1.2/32");
+        ip(&format!(
+            "neigh replace 198.18.0.2 lladdr {} dev tc0 nud permanent",
+            mac_text([2, 0, 0, 0, 0, 0x22])
+        ));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(to(&mut dp), again, "the route removed, the neighbour again");
+        let answer = Pkt::new(L4::Ack, backend, client).payload(b"answer");
+        let out = test_run(&mut dp, &answer.bytes()).unwrap();
+        assert_eq!(out.verdict, Verdict::Redirect);
+        assert_eq!(
+            &out.packet[0..6],
+            &[2, 0, 0, 0, 0, 0x22],
+            "the reply direction too: the client's new MAC"
+        );
+    })
+    .expect("next hop cache");
 }
 
 /// A spoofed SYN from the `i`th address of a flood.

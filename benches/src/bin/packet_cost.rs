@@ -154,12 +154,13 @@ fn main() -> anyhow::Result<()> {
         orch_tests::lab::NS_PREFIX,
         std::process::id()
     ))?;
-    let (rows, at_scale) = ns.run(move || run(&o).map(|rows| (rows, o)))??;
+    let name = ns.name().to_owned();
+    let (rows, at_scale) = ns.run(move || run(&o, &name).map(|rows| (rows, o)))??;
     let o = at_scale;
     section(&rows, &o)
 }
 
-fn run(o: &Options) -> anyhow::Result<Vec<Row>> {
+fn run(o: &Options, ns_name: &str) -> anyhow::Result<Vec<Row>> {
     let (repeat, rounds) = (o.repeat, o.rounds);
     orch_tests::lab::pin_current_thread(0)?;
     let extra = o.services;
@@ -358,7 +359,234 @@ fn run(o: &Options) -> anyhow::Result<Vec<Row>> {
             target,
         });
     }
+    rows.extend(routed(&mut dp, ns_name, repeat, rounds)?);
     Ok(rows)
+}
+
+/// The routed cases' interface, its MAC and the next hops' (the client and the VIP's
+/// router), all in the benchmark's own namespace.
+const ROUTED_IF: &str = "orchb0";
+const ROUTER_MAC: &str = "02:00:00:00:00:03";
+/// Per BPF_PROG_TEST_RUN call on a routed path: each run decrements the TTL (255 to start)
+/// of the packet the next one sees, which must stay above 1.
+const ROUTED_BATCH: u32 = 250;
+
+/// The established paths again with the FIB finding a route and a neighbour, as on a real
+/// balancer: the packet is redirected (XDP_REDIRECT, TC_ACT_REDIRECT; BPF_PROG_TEST_RUN
+/// does not transmit it), and the MAC rewrite and TTL decrement are paid. Measured last, as
+/// the routes it adds would change the cases above. New connections (their own client
+/// port), so that their entries record the routed interface.
+fn routed(dp: &mut Dataplane, ns: &str, repeat: u32, rounds: usize) -> anyhow::Result<Vec<Row>> {
+    let ip = |args: &[&str]| -> anyhow::Result<()> {
+        let mut all = vec!["-n", ns];
+        all.extend_from_slice(args);
+        orch_tests::netns::run("ip", &all)?;
+        Ok(())
+    };
+    // A router forwards (the lookup refuses otherwise); a veth can take XDP redirects.
+    for key in [
+        "net.ipv4.conf.all.forwarding",
+        "net.ipv6.conf.all.forwarding",
+    ] {
+        orch_tests::netns::run(
+            "ip",
+            &["netns", "exec", ns, "sysctl", "-qw", &format!("{key}=1")],
+        )?;
+    }
+    ip(&[
+        "link", "add", ROUTED_IF, "type", "veth", "peer", "name", "orchb1",
+    ])?;
+    ip(&["link", "set", ROUTED_IF, "up"])?;
+    ip(&["link", "set", "orchb1", "up"])?;
+    ip(&["addr", "add", "198.18.0.1/24", "dev", ROUTED_IF])?;
+    ip(&[
+        "-6",
+        "addr",
+        "add",
+        "2001:db8::1/64",
+        "dev",
+        ROUTED_IF,
+        "nodad",
+    ])?;
+    for (addr, mac) in [
+        ("198.18.0.2", "02:00:00:00:00:02"),
+        ("198.18.0.3", ROUTER_MAC),
+        ("2001:db8::2", "02:00:00:00:00:02"),
+        ("2001:db8::3", ROUTER_MAC),
+    ] {
+        ip(&[
+            "neigh",
+            "replace",
+            addr,
+            "lladdr",
+            mac,
+            "dev",
+            ROUTED_IF,
+            "nud",
+            "permanent",
+        ])?;
+    }
+    ip(&[
+        "route",
+        "add",
+        "198.19.0.1/32",
+        "via",
+        "198.18.0.3",
+        "dev",
+        ROUTED_IF,
+    ])?;
+    ip(&[
+        "-6",
+        "route",
+        "add",
+        "2001:db8:ff::1/128",
+        "via",
+        "2001:db8::3",
+        "dev",
+        ROUTED_IF,
+    ])?;
+    dp.allow_xdp_redirect(ROUTED_IF)?;
+    let ifindex = nix::net::if_::if_nametoindex(ROUTED_IF)?;
+
+    let client = SocketAddr::from((CLIENT4, CLIENT_PORT + 1));
+    let client6 = SocketAddr::from((CLIENT6, CLIENT_PORT + 1));
+    let (web, dns) = (SocketAddr::from((VIP4, 80)), SocketAddr::from((VIP4, 53)));
+    let web6 = SocketAddr::from((VIP6, 80));
+    let redirect = Verdict::Redirect;
+    let cases = [
+        Case {
+            name: "established TCP",
+            packet: tcp(client, web, Flags::Ack),
+            setup: vec![
+                tcp(client, web, Flags::Syn),
+                tcp(web, client, Flags::SynAck),
+            ],
+            verdict: redirect,
+            target: Some(5.0),
+        },
+        Case {
+            name: "reply translation",
+            packet: tcp(web, client, Flags::Ack),
+            setup: vec![],
+            verdict: redirect,
+            target: Some(5.0),
+        },
+        Case {
+            name: "UDP",
+            packet: udp(client, dns),
+            setup: vec![udp(client, dns), udp(dns, client)],
+            verdict: redirect,
+            target: Some(5.0),
+        },
+        Case {
+            name: "IPv6 established TCP",
+            packet: tcp(client6, web6, Flags::Ack),
+            setup: vec![
+                tcp(client6, web6, Flags::Syn),
+                tcp(web6, client6, Flags::SynAck),
+            ],
+            verdict: redirect,
+            target: Some(5.0),
+        },
+    ];
+    let mut rows = Vec::new();
+    let batches = (repeat / ROUTED_BATCH).max(1);
+    for Case {
+        name,
+        packet,
+        setup,
+        verdict,
+        target,
+    } in &cases
+    {
+        let packet = ttl_255(packet);
+        for p in setup {
+            dp.test_run_on(&ttl_255(p), ifindex)?;
+        }
+        // The path must be the redirect, on every run of a batch (the last run's verdict
+        // tells: the TTL only goes down).
+        let once = dp.bench_run_on(false, &packet, ROUTED_BATCH, ifindex)?;
+        ensure!(
+            once.verdict == *verdict,
+            "routed {name}: not redirected ({:?})",
+            once.verdict
+        );
+        let (tc_action, _) = dp.bench_run_tc_on(false, &packet, ROUTED_BATCH, ifindex)?;
+        ensure!(
+            tc_action == TC_ACT_REDIRECT,
+            "routed TC {name}: not redirected (action {tc_action})"
+        );
+        let (ns, floor, ratio) = alternate_with(rounds, |floor| {
+            let mut sum = Duration::ZERO;
+            for _ in 0..batches {
+                sum += dp
+                    .bench_run_on(floor, &packet, ROUTED_BATCH, ifindex)?
+                    .duration;
+            }
+            Ok(sum / batches)
+        })?;
+        let row_name: &'static str = match *name {
+            "established TCP" => "redirected: established TCP",
+            "reply translation" => "redirected: reply translation",
+            "UDP" => "redirected: UDP",
+            _ => "redirected: IPv6 established TCP",
+        };
+        eprintln!("{row_name:<32} {ns:>8.1} ns  floor {floor:>6.1} ns  {ratio:>6.2}x");
+        rows.push(Row {
+            name: row_name,
+            ns,
+            floor,
+            ratio,
+            target: *target,
+        });
+        let (ns, floor, ratio) = alternate_with(rounds, |floor| {
+            let mut sum = Duration::ZERO;
+            for _ in 0..batches {
+                sum += dp.bench_run_tc_on(floor, &packet, ROUTED_BATCH, ifindex)?.1;
+            }
+            Ok(sum / batches)
+        })?;
+        let row_name: &'static str = match *name {
+            "established TCP" => "TC redirected: established TCP",
+            "reply translation" => "TC redirected: reply translation",
+            "UDP" => "TC redirected: UDP",
+            _ => "TC redirected: IPv6 established TCP",
+        };
+        eprintln!("{row_name:<32} {ns:>8.1} ns  floor {floor:>6.1} ns  {ratio:>6.2}x");
+        rows.push(Row {
+            name: row_name,
+            ns,
+            floor,
+            ratio,
+            target: *target,
+        });
+    }
+    Ok(rows)
+}
+
+/// `TC_ACT_REDIRECT` (linux/pkt_cls.h).
+const TC_ACT_REDIRECT: i32 = 7;
+
+/// `packet` with TTL (hop limit) 255 and, for IPv4, its header checksum redone.
+fn ttl_255(packet: &[u8]) -> Vec<u8> {
+    let mut p = packet.to_vec();
+    match u16::from_be_bytes([p[12], p[13]]) {
+        0x0800 => {
+            p[14 + 8] = 255;
+            p[14 + 10..14 + 12].fill(0);
+            let ihl = usize::from(p[14] & 0x0f) * 4;
+            let sum = p[14..14 + ihl]
+                .chunks(2)
+                .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+                .sum::<u32>();
+            let folded = (sum & 0xffff) + (sum >> 16);
+            let folded = (folded & 0xffff) + (folded >> 16);
+            p[14 + 10..14 + 12].copy_from_slice(&(!(folded as u16)).to_be_bytes());
+        }
+        0x86dd => p[14 + 7] = 255,
+        _ => {}
+    }
+    p
 }
 
 /// Service `i` of the scale run: its own VIP in 198.19.0.0/16 (from 198.19.100.0 on),
@@ -399,6 +627,14 @@ fn short(name: &str) -> &str {
         "TC: reply translation" => "TC reply",
         "TC: UDP" => "TC UDP",
         "TC: IPv6 established TCP" => "TC IPv6",
+        "redirected: established TCP" => "routed est.",
+        "redirected: reply translation" => "routed reply",
+        "redirected: UDP" => "routed UDP",
+        "redirected: IPv6 established TCP" => "routed IPv6",
+        "TC redirected: established TCP" => "TC routed est.",
+        "TC redirected: reply translation" => "TC routed reply",
+        "TC redirected: UDP" => "TC routed UDP",
+        "TC redirected: IPv6 established TCP" => "TC routed IPv6",
         other => other,
     }
 }

@@ -52,7 +52,7 @@ use view::Reads;
 use crate::{
     api::{server, server::Call},
     config::ConfigError,
-    dataplane::{links, DataplaneError},
+    dataplane::{links, routes, DataplaneError},
     metrics,
     reconcile::ReconcileError,
     registry::RegistryError,
@@ -131,6 +131,7 @@ pub async fn run(opts: &Options) -> Result<(), DaemonError> {
         .ok();
     let mut ticks = tokio::time::interval(Duration::from_millis(100));
     let mut link_changes = links::watch();
+    routes::watch(d.dp.route_generation());
     let mut cluster_inbox = d.join_cluster()?;
     info!("orch is ready");
     readiness::ready();

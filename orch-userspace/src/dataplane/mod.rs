@@ -21,6 +21,7 @@ mod device;
 pub mod links;
 mod raw;
 mod reader;
+pub mod routes;
 pub mod vips;
 
 pub use reader::{Census, Reader};
@@ -48,14 +49,14 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 use orch_common::maps::{
-    v1, Backend, BackendKey, BackendSignals, FlowKey, FlowValue, MaglevReply, MaglevTable,
+    v1, v2, Backend, BackendKey, BackendSignals, FlowKey, FlowValue, MaglevReply, MaglevTable,
     PortBitmap, ServiceKey, ServiceValue, Settings, SlotTable, TrafficCounters, BACKENDS_MAP,
     BACKEND_DOWN_MAP, BACKEND_SIGNALS_MAP, BACKEND_SIGNALS_MAP_V1, BACKEND_STATS_MAP,
-    CONNTRACK_MAP, CONNTRACK_MAP_V1, CONNTRACK_NEW_MAP, CT_EVENTS_MAP, CT_NEW_ADOPTED,
-    CT_NEW_EXPIRED, CT_NEW_INSERTED, CT_NEW_OPS_MAP, CT_NEW_REMOVED, CURSORS_MAP, DIR_FORWARD,
-    MAGLEV_MAP, MAGLEV_REPLY_MAP, PORTS_MAP, SERVICES_MAP, SERVICE_STATS_MAP, SETTINGS_MAP,
-    SLOTS_MAP, SOCK_PEERS_MAP, SOCK_STATS_MAP, SOCK_UDP_MAP, SOCK_UDP_REV_MAP, STATS_MAP,
-    STATS_MAPS_BEFORE, XDP_TX_MAP,
+    CONNTRACK_MAP, CONNTRACK_MAPS_V2, CONNTRACK_MAP_V1, CONNTRACK_NEW_MAP, CT_EVENTS_MAP,
+    CT_NEW_ADOPTED, CT_NEW_EXPIRED, CT_NEW_INSERTED, CT_NEW_OPS_MAP, CT_NEW_REMOVED, CURSORS_MAP,
+    DIR_FORWARD, MAGLEV_MAP, MAGLEV_REPLY_MAP, PORTS_MAP, ROUTE_GEN_MAP, SERVICES_MAP,
+    SERVICE_STATS_MAP, SETTINGS_MAP, SLOTS_MAP, SOCK_PEERS_MAP, SOCK_STATS_MAP, SOCK_UDP_MAP,
+    SOCK_UDP_REV_MAP, STATS_MAP, STATS_MAPS_BEFORE, XDP_TX_MAP,
 };
 use orch_common::{Reason, IPPROTO_UDP};
 use tracing::{debug, info, warn};
@@ -64,7 +65,7 @@ pub use access::{MapReader, MapWriter};
 use raw::{next_key, ElemCount, ELEM_COUNT_KFUNC};
 
 /// The maps that hold the balancer's state, pinned so that it outlives the daemon.
-const PINNED_MAPS: [&str; 21] = [
+const PINNED_MAPS: [&str; 22] = [
     MAGLEV_MAP,
     MAGLEV_REPLY_MAP,
     SOCK_PEERS_MAP,
@@ -83,6 +84,7 @@ const PINNED_MAPS: [&str; 21] = [
     CT_NEW_OPS_MAP,
     PORTS_MAP,
     SETTINGS_MAP,
+    ROUTE_GEN_MAP,
     STATS_MAP,
     SERVICE_STATS_MAP,
     BACKEND_STATS_MAP,
@@ -372,6 +374,36 @@ fn open_pinned(path: &Path) -> Result<aya::maps::Map, DataplaneError> {
     aya::maps::Map::from_map_data(data).map_err(pinned_err)
 }
 
+/// Copies the entries of the connection table pinned at `path` (an earlier layout, values
+/// `V`) that `into` lacks, converted; nothing when there is no such pin.
+fn carry_flows<V: aya::Pod>(
+    path: &Path,
+    name: &'static str,
+    into: &mut HashMap<MapData, FlowKey, FlowValue>,
+    convert: impl Fn(&V) -> FlowValue,
+    done: &mut Migration,
+) -> Result<(), DataplaneError> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let old: HashMap<MapData, FlowKey, V> =
+        HashMap::try_from(open_pinned(path)?).map_err(map_err(name))?;
+    for entry in old.iter() {
+        // An entry deleted while we walk is simply skipped.
+        let Ok((key, value)) = entry else { continue };
+        match into.insert(key, convert(&value), BPF_NOEXIST) {
+            Ok(()) => done.connections += 1,
+            // Already there: copied by the first pass, or opened by the new program.
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => {
+                warn!(error = %e, table = name, "the new connection table refused a migrated entry");
+                done.refused += 1;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Map capacities, fixed when the object is loaded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capacity {
@@ -521,6 +553,8 @@ pub struct Dataplane {
     sock_cgroup: Option<PathBuf>,
     /// Where the XDP program may redirect (see `orch_common::maps::XDP_TX_MAP`).
     xdp_tx: DevMapHash<MapData>,
+    /// What cached next hops are valid under (see [`routes`]).
+    route_gen: routes::RouteGen,
     pin_dir: Option<PathBuf>,
     adopted: bool,
 }
@@ -627,7 +661,8 @@ impl Dataplane {
 
     /// Carries the state of an earlier layout's pinned maps into this layout's, so that an
     /// upgrade that changes a layout drops no connection and no counter:
-    /// - the connection table (`ORCH_CT_V1`): every entry the new table lacks, converted;
+    /// - the connection tables (`ORCH_CT_V1`, `ORCH_CT_V2`, `ORCH_CT_NEW_V2`): every entry
+    ///   the new tables lack, converted (layout 1's all into the confirmed table);
     /// - with `finish`, the verdict counters (`ORCH_STATS_V2`, `ORCH_STATS_V3`), added to the new ones, and
     ///   then the old pins are removed.
     ///
@@ -642,25 +677,31 @@ impl Dataplane {
             return Ok(done);
         };
         let old_ct = maps_dir.join(CONNTRACK_MAP_V1);
-        if old_ct.exists() {
-            let old = open_pinned(&old_ct)?;
-            let old: HashMap<MapData, FlowKey, v1::FlowValue> =
-                HashMap::try_from(old).map_err(map_err(CONNTRACK_MAP_V1))?;
-            for entry in old.iter() {
-                // An entry deleted while we walk is simply skipped.
-                let Ok((key, value)) = entry else { continue };
-                match self.conntrack.insert(key, value.upgrade(), BPF_NOEXIST) {
-                    Ok(()) => done.connections += 1,
-                    // Already there: copied by the first pass, or opened by the new program.
-                    Err(MapError::SyscallError(e))
-                        if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
-                    Err(e) => {
-                        warn!(error = %e, "the new connection table refused a migrated entry");
-                        done.refused += 1;
-                    }
-                }
-            }
-        }
+        carry_flows(
+            &old_ct,
+            CONNTRACK_MAP_V1,
+            &mut self.conntrack,
+            |v: &v1::FlowValue| v.upgrade().upgrade(),
+            &mut done,
+        )?;
+        // Layout 2's tables, each into its counterpart. The unconfirmed table's operation
+        // counters are shared across layouts and counted these entries in already.
+        let [v2_confirmed, v2_unconfirmed] = CONNTRACK_MAPS_V2;
+        let upgrade = |v: &v2::FlowValue| v.upgrade();
+        carry_flows(
+            &maps_dir.join(v2_confirmed),
+            v2_confirmed,
+            &mut self.conntrack,
+            upgrade,
+            &mut done,
+        )?;
+        carry_flows(
+            &maps_dir.join(v2_unconfirmed),
+            v2_unconfirmed,
+            &mut self.conntrack_new,
+            upgrade,
+            &mut done,
+        )?;
         if finish && self.ops_began {
             // The table was counted from the middle of its life: what it held then (less
             // what left it uncounted since) becomes the starting point, so that its first
@@ -676,6 +717,7 @@ impl Dataplane {
             self.ops_began = false;
         }
         let mut old_pins = vec![old_ct];
+        old_pins.extend(CONNTRACK_MAPS_V2.map(|name| maps_dir.join(name)));
         let old_signals = maps_dir.join(BACKEND_SIGNALS_MAP_V1);
         if finish && old_signals.exists() {
             let n = self.capacity.max_backends;
@@ -831,6 +873,7 @@ impl Dataplane {
             conntrack_new,
             ct_new_ops,
             xdp_tx: take(&mut ebpf, XDP_TX_MAP)?,
+            route_gen: routes::RouteGen::new(take(&mut ebpf, ROUTE_GEN_MAP)?),
             reader,
             ops_began: false,
             sweep: [None, None],
@@ -843,6 +886,9 @@ impl Dataplane {
             pin_dir: None,
             adopted: false,
         };
+        // Whatever an adopted table cached was filled before this process could watch the
+        // routes: it is looked up again.
+        dp.route_gen.bump()?;
         debug!(?capacity, "data plane loaded");
         Ok(dp)
     }
@@ -1077,6 +1123,12 @@ impl Dataplane {
             })
     }
 
+    /// The route generation, for the task that moves it when routing changes
+    /// ([`routes::watch`]).
+    pub fn route_generation(&self) -> routes::RouteGen {
+        self.route_gen.clone()
+    }
+
     /// Swaps this process's program into the link pinned at `path` (`BPF_LINK_UPDATE`).
     fn replace_in_link(
         &mut self,
@@ -1295,6 +1347,10 @@ impl Dataplane {
             .map(|a| {
                 if a.hook == Hook::Xdp {
                     let _ = self.xdp_tx.remove(a.ifindex);
+                    // Connections cached a redirect to it.
+                    if let Err(e) = self.route_gen.bump() {
+                        warn!(error = %e, "moving the route generation failed");
+                    }
                 }
                 if let Some(dir) = &links_dir {
                     let pin = dir.join(format!("{}_{}", a.hook.name(), a.iface));
@@ -1505,8 +1561,19 @@ impl Dataplane {
         packet: &[u8],
         repeat: u32,
     ) -> Result<(i32, Duration), DataplaneError> {
+        self.bench_run_tc_on(floor, packet, repeat, 0)
+    }
+
+    /// [`Dataplane::bench_run_tc`] as received on interface `ifindex` (0: none).
+    pub fn bench_run_tc_on(
+        &mut self,
+        floor: bool,
+        packet: &[u8],
+        repeat: u32,
+        ifindex: u32,
+    ) -> Result<(i32, Duration), DataplaneError> {
         let name = if floor { TC_FLOOR_PROGRAM } else { TC_PROGRAM };
-        let (action, _, duration) = self.run_tc(name, packet, repeat, 0)?;
+        let (action, _, duration) = self.run_tc(name, packet, repeat, ifindex)?;
         Ok((action, duration))
     }
 
@@ -1544,12 +1611,19 @@ impl Dataplane {
         packet: &[u8],
         repeat: u32,
     ) -> Result<TestRunOutput, DataplaneError> {
-        self.run(
-            if floor { FLOOR_PROGRAM } else { PROGRAM },
-            packet,
-            repeat,
-            0,
-        )
+        self.bench_run_on(floor, packet, repeat, 0)
+    }
+
+    /// [`Dataplane::bench_run`] as received on interface `ingress_ifindex` (0: none).
+    pub fn bench_run_on(
+        &mut self,
+        floor: bool,
+        packet: &[u8],
+        repeat: u32,
+        ingress_ifindex: u32,
+    ) -> Result<TestRunOutput, DataplaneError> {
+        let name = if floor { FLOOR_PROGRAM } else { PROGRAM };
+        self.run(name, packet, repeat, ingress_ifindex)
     }
 
     fn run(
