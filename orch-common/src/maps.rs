@@ -24,6 +24,11 @@ pub const MAGLEV_MAP: &str = "ORCH_MAGLEV_V1";
 /// Replies that no connection-table entry knows, for Maglev services: [`BackendKey`] →
 /// [`MaglevReply`] (hash).
 pub const MAGLEV_REPLY_MAP: &str = "ORCH_MAGLEV_REPLY_V1";
+/// Which services are live: service id → its incarnation (`u32`, array), 0 for a free id.
+/// The daemon gives a service a new incarnation when it installs it under an id and clears
+/// it when it removes the service; connections record it ([`FlowValue::service_gen`]), so
+/// that their packets need no service lookup while their service lives.
+pub const SERVICE_LIVE_MAP: &str = "ORCH_SVC_LIVE_V1";
 /// Backends: backend id → [`Backend`] (array).
 pub const BACKENDS_MAP: &str = "ORCH_BE_V1";
 /// Per-service new-connection cursor: service id → `u64` (per-CPU array).
@@ -587,7 +592,7 @@ const _: () = assert!(size_of::<CachedHop>() == 24);
 /// plane has seen of the connection, and where its packets leave.
 ///
 /// Layout 3 (`ORCH_CT_V3`, `ORCH_CT_NEW_V3`). Against [`v2::FlowValue`]: the cached next
-/// hop ([`CachedHop`]) is new.
+/// hop ([`CachedHop`]) and the service's incarnation (`service_gen`) are new.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowValue {
@@ -625,7 +630,12 @@ pub struct FlowValue {
     /// another interface did not come from the backend and is dropped. 0: not checked (an
     /// entry migrated from layout 1, which did not record it).
     pub ifindex: u32,
-    pub _pad2: u32,
+    /// Forward entries: the incarnation of the service the connection was balanced for
+    /// ([`SERVICE_LIVE_MAP`]). While the service's slot still holds it, an established
+    /// packet skips the service lookup; otherwise (the service was removed, or its id went
+    /// to another one) the packet is checked against the service table as a new one would
+    /// be. 0: always checked (entries migrated from layout 2).
+    pub service_gen: u32,
     /// `bpf_ktime_get_ns()` when the connection's first packet was balanced: the start of
     /// the handshake latency the SYN-ACK measures.
     pub created_ns: u64,
@@ -666,7 +676,8 @@ pub mod v2 {
     const _: () = assert!(size_of::<FlowValue>() == 64);
 
     impl FlowValue {
-        /// The entry in layout 3, with no next hop cached: its next packet looks it up.
+        /// The entry in layout 3, with no next hop cached (its next packet looks it up) and no
+        /// service incarnation (its packets are checked against the service table).
         pub const fn upgrade(&self) -> super::FlowValue {
             super::FlowValue {
                 nat_addr: self.nat_addr,
@@ -681,7 +692,7 @@ pub mod v2 {
                 syn_next: self.syn_next,
                 peer_next: self.peer_next,
                 ifindex: self.ifindex,
-                _pad2: self._pad2,
+                service_gen: 0,
                 created_ns: self.created_ns,
                 last_seen_ns: self.last_seen_ns,
                 hop: super::CachedHop {

@@ -14,8 +14,8 @@ use crate::{
     conntrack, fib,
     frame::Frame,
     maps::{
-        settings, Work, BACKENDS, BACKEND_DOWN, BACKEND_STATS, CURSORS, MAGLEV, SCRATCH,
-        SERVICE_STATS, SLOTS,
+        service_gen, settings, Work, BACKENDS, BACKEND_DOWN, BACKEND_STATS, CURSORS, MAGLEV,
+        SCRATCH, SERVICE_STATS, SLOTS,
     },
     parse::Packet,
     stats,
@@ -284,7 +284,7 @@ fn record<F: FnMut(&[u32; 4]) -> Option<fib::Route>>(
     let route = egress(&backend.addr);
     v.ifindex = route.as_ref().map_or(0, fib::Route::egress);
     w.route_rc = route.map_or(NO_ROUTE, |r| r.rc());
-    v._pad2 = 0;
+    v.service_gen = service_gen(service_id);
     v.created_ns = new.now;
     v.last_seen_ns = new.now;
     // No next hop cached yet: the connection's second packet fills it.

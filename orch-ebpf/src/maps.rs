@@ -35,6 +35,16 @@ pub static MAGLEV: HashMap<u32, MaglevTable> =
 pub static MAGLEV_REPLY: HashMap<BackendKey, MaglevReply> =
     HashMap::with_max_entries(MAX_BACKENDS, 0);
 
+/// See `orch_common::maps::SERVICE_LIVE_MAP`.
+#[map(name = "ORCH_SVC_LIVE_V1")]
+pub static SERVICE_LIVE: Array<u32> = Array::with_max_entries(MAX_SERVICES, 0);
+
+/// The incarnation of service `id` (0: no service has this id).
+#[inline(always)]
+pub fn service_gen(id: u32) -> u32 {
+    SERVICE_LIVE.get(id).copied().unwrap_or(0)
+}
+
 #[map(name = "ORCH_BE_V1")]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 

@@ -13,7 +13,9 @@ use crate::{
     balance, conntrack, fib, frag,
     frame::Frame,
     icmp,
-    maps::{settings, BACKEND_STATS, MAGLEV_REPLY, PORTS, SCRATCH, SERVICES, SERVICE_STATS},
+    maps::{
+        service_gen, settings, BACKEND_STATS, MAGLEV_REPLY, PORTS, SCRATCH, SERVICES, SERVICE_STATS,
+    },
     nat::{self, Side},
     parse::{self, Packet},
     stats,
@@ -102,20 +104,45 @@ fn try_steer<F: Frame>(ctx: &F) -> Result<(u32, Reason), Reason> {
     }
 
     if maybe_vip {
-        let key = ServiceKey {
-            vip: pkt.dst,
-            port_be: pkt.dst_port_be,
-            proto: pkt.proto,
-            _pad: 0,
-        };
-        // SAFETY: the value is copied out at once; the daemon replaces whole values.
-        if let Some(svc) = unsafe { SERVICES.get(key) } {
-            let svc = *svc;
-            return forward(ctx, &pkt, &svc);
+        // The connection table first: an established packet whose service still lives
+        // (its incarnation unchanged) needs no service lookup. Any other packet is checked
+        // against the service table, and only a service there lets it through.
+        let flow = balance::find(ctx, &pkt);
+        // SAFETY: the connection's map entry, alive for the rest of this run; read only.
+        let live = unsafe { flow.as_ref() }
+            .is_some_and(|f| f.service_gen != 0 && service_gen(f.service_id) == f.service_gen);
+        if !live {
+            let key = ServiceKey {
+                vip: pkt.dst,
+                port_be: pkt.dst_port_be,
+                proto: pkt.proto,
+                _pad: 0,
+            };
+            // SAFETY: the value is copied out at once; the daemon replaces whole values.
+            match unsafe { SERVICES.get(key) }.copied() {
+                Some(svc) if flow.is_null() => return open(ctx, &pkt, &svc),
+                // A service, and the connection's entry: established.
+                Some(_) => {}
+                None => return not_forwarded(ctx, &pkt, maybe_reply),
+            }
         }
+        // SAFETY: as above; `flow` is not null here.
+        let flow = unsafe { &mut *flow };
+        return Ok(translate_forward(ctx, &pkt, flow, Entry::Established).get());
     }
+    not_forwarded(ctx, &pkt, maybe_reply)
+}
+
+/// A packet that is no client's packet for a VIP: a backend's, if its source port may be
+/// one (`maybe_reply`), or not a service's.
+#[inline(always)]
+fn not_forwarded<F: Frame>(
+    ctx: &F,
+    pkt: &Packet,
+    maybe_reply: bool,
+) -> Result<(u32, Reason), Reason> {
     if maybe_reply {
-        return Ok(backend_packet(ctx, &pkt).get());
+        return Ok(backend_packet(ctx, pkt).get());
     }
     Err(Reason::PassNotService)
 }
@@ -294,7 +321,8 @@ fn handshake<F: Frame>(
     Ok(())
 }
 
-/// A client's packet for a VIP: find or choose its backend, rewrite, forward.
+/// A client's packet for a VIP that no connection-table entry knows: balance it as a new
+/// connection to `svc` if it may open one, rewrite, forward.
 ///
 /// The stack: BPF gives a program 512 bytes for the whole chain of calls, and these paths
 /// need more than that when inlined into one function (every value live across a helper
@@ -303,25 +331,18 @@ fn handshake<F: Frame>(
 /// other: the deepest chain is the entry point plus one step. The steps hand the
 /// connection's forward entry over as a pointer into its map.
 #[inline(always)]
-fn forward<F: Frame>(ctx: &F, pkt: &Packet, svc: &ServiceValue) -> Result<(u32, Reason), Reason> {
-    let mut flow = balance::find(ctx, pkt);
-    let mut entry = Entry::Established;
-    if flow.is_null() {
-        let (id_table, flags) = balance::service_words(svc);
-        if let Err(stray) = balance::opens(pkt) {
-            if flags & SERVICE_MAGLEV == 0 {
-                return Err(stray);
-            }
-            // Maglev: where the table says, without state.
-            flow = balance::stateless(pkt, id_table)?;
-            entry = Entry::Stateless;
-        } else {
-            flow = balance::new_flow(ctx, pkt, id_table, flags)?;
-            entry = Entry::New;
+fn open<F: Frame>(ctx: &F, pkt: &Packet, svc: &ServiceValue) -> Result<(u32, Reason), Reason> {
+    let (id_table, flags) = balance::service_words(svc);
+    let (flow, entry) = if let Err(stray) = balance::opens(pkt) {
+        if flags & SERVICE_MAGLEV == 0 {
+            return Err(stray);
         }
-    }
-    // SAFETY: a map value (the connection's entry, or this CPU's scratch entry), alive for
-    // the rest of this run.
+        // Maglev: where the table says, without state.
+        (balance::stateless(pkt, id_table)?, Entry::Stateless)
+    } else {
+        (balance::new_flow(ctx, pkt, id_table, flags)?, Entry::New)
+    };
+    // SAFETY: this CPU's scratch entry, alive for the rest of this run.
     Ok(translate_forward(ctx, pkt, unsafe { &mut *flow }, entry).get())
 }
 

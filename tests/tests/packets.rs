@@ -2175,6 +2175,60 @@ fn an_upgrade_from_layout_2_carries_confirmed_and_unconfirmed_connections() {
     }
 }
 
+#[test]
+fn a_removed_services_connections_stop_and_a_re_added_one_takes_them_back() {
+    if !require_root("a_removed_services_connections_stop_and_a_re_added_one_takes_them_back") {
+        return;
+    }
+    let ns = test_netns("removed");
+    ns.run(|| {
+        let (mut dp, mut rec) = loaded();
+        let vip = sa("198.19.0.1:80");
+        let client = sa("198.18.0.2:42000");
+        let syn = test_run(&mut dp, &Pkt::new(L4::Syn, client, vip).bytes()).unwrap();
+        assert_eq!(syn.verdict, Verdict::Redirect);
+        let backend = sa("198.18.1.2:8080");
+        assert_eq!(&syn.packet[30..34], &[198, 18, 1, 2]);
+        let synack = Pkt::new(L4::SynAck, backend, client).bytes();
+        assert_eq!(
+            test_run(&mut dp, &synack).unwrap().verdict,
+            Verdict::Redirect
+        );
+        let data = Pkt::new(L4::AckOf(1), client, vip).payload(b"get");
+        let forwarded = data
+            .clone()
+            .dnat(backend)
+            .routed(LB_BACKEND_MAC, BACKEND2_MAC)
+            .bytes();
+        let out = test_run(&mut dp, &data.bytes()).unwrap();
+        assert_eq!((out.verdict, &out.packet), (Verdict::Redirect, &forwarded));
+        let (fwd, _) = tcp_entries(&dp, client, vip);
+        assert_ne!(
+            fwd.service_gen, 0,
+            "the connection records its service's incarnation"
+        );
+
+        // The service goes: its connection's packets are not forwarded any more, as if the
+        // connection table were not consulted first.
+        let without: Vec<Service> = services().into_iter().filter(|s| s.name != "web").collect();
+        rec.apply(&mut dp, &without).unwrap();
+        let before = counts(&dp);
+        let out = test_run(&mut dp, &data.bytes()).unwrap();
+        assert_eq!((out.verdict, &out.packet), (Verdict::Pass, &data.bytes()));
+        assert_eq!(
+            moved(&before, &counts(&dp)),
+            vec![(Reason::PassNotService, 1)]
+        );
+
+        // Back under another id and incarnation: the connection, still in the table, goes
+        // to its backend again (found through the service table).
+        rec.apply(&mut dp, &services()).unwrap();
+        let out = test_run(&mut dp, &data.bytes()).unwrap();
+        assert_eq!((out.verdict, &out.packet), (Verdict::Redirect, &forwarded));
+    })
+    .expect("removed service");
+}
+
 /// The MAC of `mac` as `ip` writes it.
 fn mac_text(mac: [u8; 6]) -> String {
     mac.iter()

@@ -55,8 +55,8 @@ use orch_common::maps::{
     CONNTRACK_MAP, CONNTRACK_MAPS_V2, CONNTRACK_MAP_V1, CONNTRACK_NEW_MAP, CT_EVENTS_MAP,
     CT_NEW_ADOPTED, CT_NEW_EXPIRED, CT_NEW_INSERTED, CT_NEW_OPS_MAP, CT_NEW_REMOVED, CURSORS_MAP,
     DIR_FORWARD, MAGLEV_MAP, MAGLEV_REPLY_MAP, PORTS_MAP, ROUTE_GEN_MAP, SERVICES_MAP,
-    SERVICE_STATS_MAP, SETTINGS_MAP, SLOTS_MAP, SOCK_PEERS_MAP, SOCK_STATS_MAP, SOCK_UDP_MAP,
-    SOCK_UDP_REV_MAP, STATS_MAP, STATS_MAPS_BEFORE, XDP_TX_MAP,
+    SERVICE_LIVE_MAP, SERVICE_STATS_MAP, SETTINGS_MAP, SLOTS_MAP, SOCK_PEERS_MAP, SOCK_STATS_MAP,
+    SOCK_UDP_MAP, SOCK_UDP_REV_MAP, STATS_MAP, STATS_MAPS_BEFORE, XDP_TX_MAP,
 };
 use orch_common::{Reason, IPPROTO_UDP};
 use tracing::{debug, info, warn};
@@ -65,7 +65,7 @@ pub use access::{MapReader, MapWriter};
 use raw::{next_key, ElemCount, ELEM_COUNT_KFUNC};
 
 /// The maps that hold the balancer's state, pinned so that it outlives the daemon.
-const PINNED_MAPS: [&str; 22] = [
+const PINNED_MAPS: [&str; 23] = [
     MAGLEV_MAP,
     MAGLEV_REPLY_MAP,
     SOCK_PEERS_MAP,
@@ -75,6 +75,7 @@ const PINNED_MAPS: [&str; 22] = [
     BACKEND_SIGNALS_MAP,
     BACKEND_DOWN_MAP,
     SERVICES_MAP,
+    SERVICE_LIVE_MAP,
     SLOTS_MAP,
     BACKENDS_MAP,
     CURSORS_MAP,
@@ -522,6 +523,10 @@ pub struct Dataplane {
     ebpf: Ebpf,
     capacity: Capacity,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
+    /// Each service id's incarnation (see `orch_common::maps::SERVICE_LIVE_MAP`).
+    service_live: Array<MapData, u32>,
+    /// The incarnation the next installed service gets.
+    next_incarnation: u32,
     slots: Array<MapData, SlotTable>,
     /// Maglev tables, by the same index as `slots`.
     maglev: HashMap<MapData, u32, MaglevTable>,
@@ -856,8 +861,19 @@ impl Dataplane {
             capacity,
             ct_new_count,
         )?);
+        let service_live: Array<MapData, u32> = take(&mut ebpf, SERVICE_LIVE_MAP)?;
+        // Past every incarnation an adopted map holds, so that none is given twice.
+        let next_incarnation = service_live
+            .iter()
+            .filter_map(Result::ok)
+            .max()
+            .unwrap_or(0)
+            .wrapping_add(1)
+            .max(1);
         let dp = Dataplane {
             services,
+            service_live,
+            next_incarnation,
             slots,
             maglev,
             maglev_reply: take(&mut ebpf, MAGLEV_REPLY_MAP)?,
@@ -1731,8 +1747,9 @@ pub fn monotonic_ns() -> u64 {
 }
 
 /// The maps whose size follows the capacity, with their sizes.
-fn sized_maps(c: Capacity) -> [(&'static str, u32); 12] {
+fn sized_maps(c: Capacity) -> [(&'static str, u32); 13] {
     [
+        (SERVICE_LIVE_MAP, c.max_services),
         (MAGLEV_MAP, c.max_services * 2),
         (MAGLEV_REPLY_MAP, c.max_backends),
         (BACKEND_SIGNALS_MAP, c.max_backends),
@@ -1898,21 +1915,47 @@ impl MapWriter for Dataplane {
         }
     }
 
+    /// Also gives the service a new incarnation when its id has none: a service installed
+    /// under a free id. (An update keeps it, and with it its connections' fast path.)
     fn set_service(
         &mut self,
         key: &ServiceKey,
         value: &ServiceValue,
     ) -> Result<(), DataplaneError> {
+        let live = self
+            .service_live
+            .get(&value.id, 0)
+            .map_err(map_err(SERVICE_LIVE_MAP))?;
+        if live == 0 {
+            let incarnation = self.next_incarnation;
+            self.next_incarnation = incarnation.checked_add(1).unwrap_or(1);
+            self.service_live
+                .set(value.id, incarnation, 0)
+                .map_err(map_err(SERVICE_LIVE_MAP))?;
+        }
         self.services
             .insert(key, value, 0)
             .map_err(map_err(SERVICES_MAP))
     }
 
+    /// Also clears the service's incarnation: its connections' packets are checked against
+    /// the service table again, which no longer has it.
     fn remove_service(&mut self, key: &ServiceKey) -> Result<(), DataplaneError> {
+        let id = match self.services.get(key, 0) {
+            Ok(v) => Some(v.id),
+            Err(MapError::KeyNotFound) => None,
+            Err(e) => return Err(map_err(SERVICES_MAP)(e)),
+        };
         match self.services.remove(key) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(map_err(SERVICES_MAP)(e)),
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(SERVICES_MAP)(e)),
         }
+        if let Some(id) = id {
+            self.service_live
+                .set(id, 0, 0)
+                .map_err(map_err(SERVICE_LIVE_MAP))?;
+        }
+        Ok(())
     }
 
     fn set_ports(&mut self, index: u32, ports: &PortBitmap) -> Result<(), DataplaneError> {

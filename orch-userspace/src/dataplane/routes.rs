@@ -116,6 +116,7 @@ pub fn watch(generation: RouteGen) {
                 }
             }
         }
+        warn!("routing notifications stopped: cached next hops are refreshed every second only");
     });
 }
 
