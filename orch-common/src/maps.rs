@@ -27,7 +27,9 @@ pub const MAGLEV_REPLY_MAP: &str = "ORCH_MAGLEV_REPLY_V1";
 /// Which services are live: service id → its incarnation (`u32`, array), 0 for a free id.
 /// The daemon gives a service a new incarnation when it installs it under an id and clears
 /// it when it removes the service; connections record it ([`FlowValue::service_gen`]), so
-/// that their packets need no service lookup while their service lives.
+/// that their packets need no service lookup while their service lives. One slot past the
+/// last id holds the highest incarnation ever given, so that none is given twice, across
+/// restarts too.
 pub const SERVICE_LIVE_MAP: &str = "ORCH_SVC_LIVE_V1";
 /// Backends: backend id → [`Backend`] (array).
 pub const BACKENDS_MAP: &str = "ORCH_BE_V1";
@@ -582,7 +584,8 @@ pub struct CachedHop {
     /// The egress interface's MAC (the frame's source).
     pub smac: [u8; 6],
     /// XDP: the largest IP length the FIB checked against this route's MTU; a longer packet
-    /// is looked up afresh (and may be too big). On TC the MTU is checked per packet.
+    /// is looked up afresh (and may be too big). On TC the MTU is checked per packet, and a
+    /// TC fill leaves 0: an XDP program that meets the entry (a hook changed) looks up.
     pub fits_len: u16,
     pub _pad: u16,
 }
@@ -630,11 +633,11 @@ pub struct FlowValue {
     /// another interface did not come from the backend and is dropped. 0: not checked (an
     /// entry migrated from layout 1, which did not record it).
     pub ifindex: u32,
-    /// Forward entries: the incarnation of the service the connection was balanced for
-    /// ([`SERVICE_LIVE_MAP`]). While the service's slot still holds it, an established
-    /// packet skips the service lookup; otherwise (the service was removed, or its id went
-    /// to another one) the packet is checked against the service table as a new one would
-    /// be. 0: always checked (entries migrated from layout 2).
+    /// The incarnation of the service the connection was balanced for ([`SERVICE_LIVE_MAP`];
+    /// both entries carry it, the forward one is read). While the service's slot still holds
+    /// it, an established packet skips the service lookup; otherwise (the service was
+    /// removed, or its id went to another one) the packet is checked against the service
+    /// table as a new one would be. 0: always checked (entries migrated from layout 2).
     pub service_gen: u32,
     /// `bpf_ktime_get_ns()` when the connection's first packet was balanced: the start of
     /// the handshake latency the SYN-ACK measures.

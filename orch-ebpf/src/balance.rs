@@ -4,8 +4,8 @@
 use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use orch_common::{
     maps::{
-        slot_table_index, tcp_opens, FlowKey, FlowValue, ServiceValue, DIR_FORWARD, SERVICE_MAGLEV,
-        TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+        slot_table_index, tcp_opens, FlowKey, FlowValue, ServiceKey, ServiceValue, DIR_FORWARD,
+        SERVICE_MAGLEV, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
     },
     CtEvent, Reason, EJECTED_RETRIES, IPPROTO_TCP, IPPROTO_UDP, MAGLEV_SIZE, SLOTS_PER_TABLE,
 };
@@ -15,7 +15,7 @@ use crate::{
     frame::Frame,
     maps::{
         service_gen, settings, Work, BACKENDS, BACKEND_DOWN, BACKEND_STATS, CURSORS, MAGLEV,
-        SCRATCH, SERVICE_STATS, SLOTS,
+        SCRATCH, SERVICES, SERVICE_STATS, SLOTS,
     },
     parse::Packet,
     stats,
@@ -32,6 +32,9 @@ use crate::{
 ///
 /// Not inlined: see [`crate::steer`] on the stack. The entry is returned as a pointer into
 /// the map (valid for the rest of the program's run), not copied.
+/// Only a connection whose service lives is found (see [`service_lives`]); the entry of one
+/// whose service is gone is left as it is (no timestamp, no flag, no backend signal) and null
+/// returned, as if the connection table were looked up after the service table.
 #[inline(never)]
 pub fn find(ctx: &impl Frame, pkt: &Packet) -> *mut FlowValue {
     let key = pkt.key(DIR_FORWARD);
@@ -42,6 +45,9 @@ pub fn find(ctx: &impl Frame, pkt: &Packet) -> *mut FlowValue {
     // SAFETY: a live map value; concurrent writers only store whole aligned words into
     // `last_seen_ns`/`peer_next` and single bytes into the flags; the rest is written once.
     let entry = unsafe { &mut *entry };
+    if !service_lives(entry, pkt) {
+        return core::ptr::null_mut();
+    }
     let tcp = key.proto == IPPROTO_TCP;
     let flags = pkt.tcp_flags;
     if tcp && tcp_opens(flags) {
@@ -103,6 +109,26 @@ pub fn find(ctx: &impl Frame, pkt: &Packet) -> *mut FlowValue {
         conntrack::confirm(&key, entry);
     }
     ptr
+}
+
+/// Whether the service of the connection whose forward entry is `entry` still lives: its
+/// incarnation is the one the entry recorded (an array load, no lookup), or else the
+/// service table has the packet's VIP and port (an entry from an earlier layout, which
+/// recorded none, or a service added again under the same address, which takes its
+/// connections back).
+#[inline(always)]
+fn service_lives(entry: &FlowValue, pkt: &Packet) -> bool {
+    if entry.service_gen != 0 && service_gen(entry.service_id) == entry.service_gen {
+        return true;
+    }
+    let key = ServiceKey {
+        vip: pkt.dst,
+        port_be: pkt.dst_port_be,
+        proto: pkt.proto,
+        _pad: 0,
+    };
+    // SAFETY: only whether there is a value is read.
+    unsafe { SERVICES.get(key) }.is_some()
 }
 
 /// Empties the cached next hop of the reply entry of the connection whose forward entry

@@ -243,19 +243,19 @@ pub fn decide<F: Frame>(
             None => return Hop::to(Kind::Stack),
         },
     };
-    // SAFETY: a live map value (the entry's or this CPU's scratch). The generation goes in
-    // last: another CPU that reads this entry meanwhile sees the old generation (and looks
-    // the route up itself) or a refill of the same route (the same bytes).
+    // SAFETY: a live map value (the entry's or this CPU's scratch). No lock: the generation
+    // is cleared first and set last, and another CPU that refills the same entry at the same
+    // time writes what the FIB answered it, the same route unless the route changed in
+    // between, which moves the generation again. (A refill may also overwrite the clearing
+    // of a timestamp refresh: the next refresh, a second later, clears it.)
     unsafe {
         (*hop).gen = 0;
         (*hop).ifindex = params.ifindex;
         (*hop).dmac = params.dmac;
         (*hop).smac = params.smac;
-        (*hop).fits_len = if F::MTU_BY_IP_LEN {
-            pkt.l3_len
-        } else {
-            u16::MAX
-        };
+        // TC checks the size on every packet; a TC fill leaves 0 so that XDP, which relies
+        // on the FIB's check and sends only to its redirect map, looks the route up itself.
+        (*hop).fits_len = if F::MTU_BY_IP_LEN { pkt.l3_len } else { 0 };
         (*hop).gen = gen;
     }
     Hop::redirect(hop)

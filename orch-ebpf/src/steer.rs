@@ -13,9 +13,7 @@ use crate::{
     balance, conntrack, fib, frag,
     frame::Frame,
     icmp,
-    maps::{
-        service_gen, settings, BACKEND_STATS, MAGLEV_REPLY, PORTS, SCRATCH, SERVICES, SERVICE_STATS,
-    },
+    maps::{settings, BACKEND_STATS, MAGLEV_REPLY, PORTS, SCRATCH, SERVICES, SERVICE_STATS},
     nat::{self, Side},
     parse::{self, Packet},
     stats,
@@ -104,31 +102,24 @@ fn try_steer<F: Frame>(ctx: &F) -> Result<(u32, Reason), Reason> {
     }
 
     if maybe_vip {
-        // The connection table first: an established packet whose service still lives
-        // (its incarnation unchanged) needs no service lookup. Any other packet is checked
-        // against the service table, and only a service there lets it through.
+        // The connection table first: an established packet whose service lives needs no
+        // service lookup (see `balance::find`).
         let flow = balance::find(ctx, &pkt);
-        // SAFETY: the connection's map entry, alive for the rest of this run; read only.
-        let live = unsafe { flow.as_ref() }
-            .is_some_and(|f| f.service_gen != 0 && service_gen(f.service_id) == f.service_gen);
-        if !live {
-            let key = ServiceKey {
-                vip: pkt.dst,
-                port_be: pkt.dst_port_be,
-                proto: pkt.proto,
-                _pad: 0,
-            };
-            // SAFETY: the value is copied out at once; the daemon replaces whole values.
-            match unsafe { SERVICES.get(key) }.copied() {
-                Some(svc) if flow.is_null() => return open(ctx, &pkt, &svc),
-                // A service, and the connection's entry: established.
-                Some(_) => {}
-                None => return not_forwarded(ctx, &pkt, maybe_reply),
-            }
+        if !flow.is_null() {
+            // SAFETY: the connection's map entry, alive for the rest of this run.
+            let flow = unsafe { &mut *flow };
+            return Ok(translate_forward(ctx, &pkt, flow, Entry::Established).get());
         }
-        // SAFETY: as above; `flow` is not null here.
-        let flow = unsafe { &mut *flow };
-        return Ok(translate_forward(ctx, &pkt, flow, Entry::Established).get());
+        let key = ServiceKey {
+            vip: pkt.dst,
+            port_be: pkt.dst_port_be,
+            proto: pkt.proto,
+            _pad: 0,
+        };
+        // SAFETY: the value is copied out at once; the daemon replaces whole values.
+        if let Some(svc) = unsafe { SERVICES.get(key) }.copied() {
+            return open(ctx, &pkt, &svc);
+        }
     }
     not_forwarded(ctx, &pkt, maybe_reply)
 }

@@ -2210,14 +2210,35 @@ fn a_removed_services_connections_stop_and_a_re_added_one_takes_them_back() {
 
         // The service goes: its connection's packets are not forwarded any more, as if the
         // connection table were not consulted first.
+        // A second connection, its SYN not yet answered.
+        let waiting = sa("198.18.0.2:42001");
+        let syn2 = Pkt::new(L4::Syn, waiting, vip).bytes();
+        assert_eq!(test_run(&mut dp, &syn2).unwrap().verdict, Verdict::Redirect);
+        let (pending, _) = tcp_entries(&dp, waiting, vip);
+        let retrans = |dp: &Dataplane| {
+            dp.reader()
+                .backend_signals(pending.backend_id)
+                .unwrap()
+                .syn_retrans
+        };
+        let retrans_before = retrans(&dp);
         let without: Vec<Service> = services().into_iter().filter(|s| s.name != "web").collect();
         rec.apply(&mut dp, &without).unwrap();
         let before = counts(&dp);
         let out = test_run(&mut dp, &data.bytes()).unwrap();
         assert_eq!((out.verdict, &out.packet), (Verdict::Pass, &data.bytes()));
+        // The retransmitted SYN of the other one: passed, and its entry left alone, so no
+        // backend's signals move (its id may be another backend's by now).
+        let out = test_run(&mut dp, &syn2).unwrap();
+        assert_eq!((out.verdict, &out.packet), (Verdict::Pass, &syn2));
         assert_eq!(
             moved(&before, &counts(&dp)),
-            vec![(Reason::PassNotService, 1)]
+            vec![(Reason::PassNotService, 2)]
+        );
+        assert_eq!(
+            retrans(&dp),
+            retrans_before,
+            "no signal from a removed service"
         );
 
         // Back under another id and incarnation: the connection, still in the table, goes
@@ -2227,6 +2248,66 @@ fn a_removed_services_connections_stop_and_a_re_added_one_takes_them_back() {
         assert_eq!((out.verdict, &out.packet), (Verdict::Redirect, &forwarded));
     })
     .expect("removed service");
+}
+
+#[test]
+fn a_service_incarnation_is_never_given_twice_across_restarts() {
+    if !require_root("a_service_incarnation_is_never_given_twice_across_restarts") {
+        return;
+    }
+    let fs = Bpffs::mount("incarnation");
+    let pin_dir = fs.0.join("orch");
+    let ns = test_netns("incarnation");
+    ns.run(move || {
+        orch_tests::lab::pin_current_thread(0).unwrap();
+        let cap = Capacity::default();
+        let vip = sa("198.19.0.1:80");
+        let client = sa("198.18.0.2:43000");
+        let data = Pkt::new(L4::AckOf(1), client, vip).payload(b"get");
+        {
+            let mut dp = Dataplane::open(cap, &pin_dir, 0).unwrap();
+            allow_redirects(&mut dp);
+            dp.set_settings(&default_settings()).unwrap();
+            let mut rec = Reconciler::new(cap.max_services, cap.max_backends);
+            rec.apply(&mut dp, &services()).unwrap();
+            assert_eq!(rec.service_id(&services()[0].addr), Some(0), "web's id");
+            let syn = Pkt::new(L4::Syn, client, vip).bytes();
+            assert_eq!(test_run(&mut dp, &syn).unwrap().verdict, Verdict::Redirect);
+            let synack = Pkt::new(L4::SynAck, sa("198.18.1.2:8080"), client).bytes();
+            assert_eq!(
+                test_run(&mut dp, &synack).unwrap().verdict,
+                Verdict::Redirect
+            );
+            assert_eq!(
+                test_run(&mut dp, &data.bytes()).unwrap().verdict,
+                Verdict::Redirect
+            );
+            // Every service goes; the connection stays in the table.
+            rec.apply(&mut dp, &[]).unwrap();
+        }
+        let web_id = 0;
+        // The next daemon installs another service, which may well get the freed id: it
+        // must not get the old incarnation with it, or the old connection would be
+        // forwarded without its service.
+        let mut dp = Dataplane::open(cap, &pin_dir, 0).unwrap();
+        allow_redirects(&mut dp);
+        dp.set_settings(&default_settings()).unwrap();
+        let mut rec = Reconciler::new(cap.max_services, cap.max_backends);
+        let other: Vec<Service> = services()
+            .into_iter()
+            .filter(|s| s.name == "weighted")
+            .collect();
+        rec.apply(&mut dp, &other).unwrap();
+        assert_eq!(
+            rec.service_id(&other[0].addr),
+            Some(web_id),
+            "the premise: the new service has the old one's id"
+        );
+        let out = test_run(&mut dp, &data.bytes()).unwrap();
+        assert_eq!((out.verdict, &out.packet), (Verdict::Pass, &data.bytes()));
+        dp.remove_pins();
+    })
+    .expect("incarnations across restarts");
 }
 
 /// The MAC of `mac` as `ip` writes it.

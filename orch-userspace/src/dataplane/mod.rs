@@ -653,12 +653,16 @@ impl Dataplane {
             }
         }
         let adopted = maps_dir.join(SERVICES_MAP).exists();
-        let ops_began =
-            maps_dir.join(CONNTRACK_NEW_MAP).exists() && !maps_dir.join(CT_NEW_OPS_MAP).exists();
+        // An unconfirmed table of this layout or of layout 2 (whose entries are carried
+        // into this one), adopted from a release that did not count its operations.
+        let ops_began = (maps_dir.join(CONNTRACK_NEW_MAP).exists()
+            || maps_dir.join(CONNTRACK_MAPS_V2[1]).exists())
+            && !maps_dir.join(CT_NEW_OPS_MAP).exists();
         let mut dp = Self::load_with(capacity, Some(&maps_dir), kernel_log)?;
         dp.pin_dir = Some(pin_dir.to_owned());
         dp.adopted = adopted;
         dp.ops_began = ops_began;
+        dp.adopt_incarnations()?;
         info!(pin_dir = %pin_dir.display(), adopted, "data plane loaded");
         dp.migrate(false)?;
         Ok(dp)
@@ -692,6 +696,7 @@ impl Dataplane {
         // Layout 2's tables, each into its counterpart. The unconfirmed table's operation
         // counters are shared across layouts and counted these entries in already.
         let [v2_confirmed, v2_unconfirmed] = CONNTRACK_MAPS_V2;
+        let from_v2 = maps_dir.join(v2_unconfirmed).exists();
         let upgrade = |v: &v2::FlowValue| v.upgrade();
         carry_flows(
             &maps_dir.join(v2_confirmed),
@@ -707,6 +712,22 @@ impl Dataplane {
             upgrade,
             &mut done,
         )?;
+        if finish && from_v2 {
+            // A connection the old program confirmed between the two passes was copied by
+            // the first into the unconfirmed table and by this one into the confirmed one.
+            // The unconfirmed copy goes: the expiry would take it for a handshake that never
+            // completed and remove the connection with it. (Not counted: the old program
+            // counted the entry out when it confirmed it.)
+            let confirmed: Vec<FlowKey> = self
+                .conntrack_new
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| self.conntrack.get(k, 0).is_ok())
+                .collect();
+            for key in confirmed {
+                let _ = self.conntrack_new.remove(&key);
+            }
+        }
         if finish && self.ops_began {
             // The table was counted from the middle of its life: what it held then (less
             // what left it uncounted since) becomes the starting point, so that its first
@@ -862,7 +883,8 @@ impl Dataplane {
             ct_new_count,
         )?);
         let service_live: Array<MapData, u32> = take(&mut ebpf, SERVICE_LIVE_MAP)?;
-        // Past every incarnation an adopted map holds, so that none is given twice.
+        // Past every incarnation an adopted map holds or ever gave (its last slot), so that
+        // none is given twice.
         let next_incarnation = service_live
             .iter()
             .filter_map(Result::ok)
@@ -935,6 +957,44 @@ impl Dataplane {
         self.ct_new_ops
             .set(slot, values, 0)
             .map_err(map_err(CT_NEW_OPS_MAP))
+    }
+
+    /// Service `id`'s incarnation (see `orch_common::maps::SERVICE_LIVE_MAP`), 0 for none.
+    fn incarnation(&self, id: u32) -> Result<u32, DataplaneError> {
+        self.service_live
+            .get(&id, 0)
+            .map_err(map_err(SERVICE_LIVE_MAP))
+    }
+
+    /// Gives service `id` an incarnation no service had before, and records it as the
+    /// highest given (the map's last slot) first.
+    fn new_incarnation(&mut self, id: u32) -> Result<(), DataplaneError> {
+        let incarnation = self.next_incarnation;
+        self.next_incarnation = incarnation.checked_add(1).unwrap_or(1);
+        for slot in [self.capacity.max_services, id] {
+            self.service_live
+                .set(slot, incarnation, 0)
+                .map_err(map_err(SERVICE_LIVE_MAP))?;
+        }
+        Ok(())
+    }
+
+    /// Gives an incarnation to each service in the table that has none: services adopted
+    /// from a release that did not keep them. Their connections then get the fast path as
+    /// soon as they open (those opened before are still checked against the service table).
+    fn adopt_incarnations(&mut self) -> Result<(), DataplaneError> {
+        let ids: Vec<u32> = self
+            .services
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, v)| v.id)
+            .collect();
+        for id in ids {
+            if self.incarnation(id)? == 0 {
+                self.new_incarnation(id)?;
+            }
+        }
+        Ok(())
     }
 
     /// Forwards the program's log lines into the daemon's log (target `orch::kernel`) from a
@@ -1749,7 +1809,8 @@ pub fn monotonic_ns() -> u64 {
 /// The maps whose size follows the capacity, with their sizes.
 fn sized_maps(c: Capacity) -> [(&'static str, u32); 13] {
     [
-        (SERVICE_LIVE_MAP, c.max_services),
+        // One slot more: the highest incarnation given.
+        (SERVICE_LIVE_MAP, c.max_services + 1),
         (MAGLEV_MAP, c.max_services * 2),
         (MAGLEV_REPLY_MAP, c.max_backends),
         (BACKEND_SIGNALS_MAP, c.max_backends),
@@ -1915,47 +1976,42 @@ impl MapWriter for Dataplane {
         }
     }
 
-    /// Also gives the service a new incarnation when its id has none: a service installed
-    /// under a free id. (An update keeps it, and with it its connections' fast path.)
+    /// Also gives the service a new incarnation when it is new under its id (its key not in
+    /// the table under that id, or the id without one). An update keeps it, and with it its
+    /// connections' fast path.
     fn set_service(
         &mut self,
         key: &ServiceKey,
         value: &ServiceValue,
     ) -> Result<(), DataplaneError> {
-        let live = self
-            .service_live
-            .get(&value.id, 0)
-            .map_err(map_err(SERVICE_LIVE_MAP))?;
-        if live == 0 {
-            let incarnation = self.next_incarnation;
-            self.next_incarnation = incarnation.checked_add(1).unwrap_or(1);
-            self.service_live
-                .set(value.id, incarnation, 0)
-                .map_err(map_err(SERVICE_LIVE_MAP))?;
+        let same = match self.services.get(key, 0) {
+            Ok(v) => v.id == value.id,
+            Err(MapError::KeyNotFound) => false,
+            Err(e) => return Err(map_err(SERVICES_MAP)(e)),
+        };
+        if !same || self.incarnation(value.id)? == 0 {
+            self.new_incarnation(value.id)?;
         }
         self.services
             .insert(key, value, 0)
             .map_err(map_err(SERVICES_MAP))
     }
 
-    /// Also clears the service's incarnation: its connections' packets are checked against
-    /// the service table again, which no longer has it.
+    /// Also clears the service's incarnation, first: its connections' packets are checked
+    /// against the service table again, which no longer has it.
     fn remove_service(&mut self, key: &ServiceKey) -> Result<(), DataplaneError> {
-        let id = match self.services.get(key, 0) {
-            Ok(v) => Some(v.id),
-            Err(MapError::KeyNotFound) => None,
+        match self.services.get(key, 0) {
+            Ok(v) => self
+                .service_live
+                .set(v.id, 0, 0)
+                .map_err(map_err(SERVICE_LIVE_MAP))?,
+            Err(MapError::KeyNotFound) => return Ok(()),
             Err(e) => return Err(map_err(SERVICES_MAP)(e)),
-        };
+        }
         match self.services.remove(key) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(e) => return Err(map_err(SERVICES_MAP)(e)),
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(SERVICES_MAP)(e)),
         }
-        if let Some(id) = id {
-            self.service_live
-                .set(id, 0, 0)
-                .map_err(map_err(SERVICE_LIVE_MAP))?;
-        }
-        Ok(())
     }
 
     fn set_ports(&mut self, index: u32, ports: &PortBitmap) -> Result<(), DataplaneError> {

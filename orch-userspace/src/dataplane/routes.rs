@@ -4,7 +4,7 @@
 //! (`orch_common::maps::CachedHop`), valid while the generation in `ORCH_ROUTE_GEN_V1` is the
 //! one it was filled under. A task listens to the kernel's routing notifications (rtnetlink)
 //! and moves the generation whenever what a lookup answers may have changed:
-//! - a route or a routing rule added or removed (IPv4, IPv6);
+//! - a route, a nexthop object or a routing rule added or removed (IPv4, IPv6);
 //! - an address added or removed (it may make a destination local);
 //! - a link changed (down, new MTU, new MAC, deleted);
 //! - a neighbour's link-layer address changed, or the neighbour failed or went away. A
@@ -41,8 +41,11 @@ use tracing::{debug, warn};
 
 use super::{map_err, DataplaneError};
 
-/// `RTNLGRP_IPV6_RULE` (linux/rtnetlink.h) as a group bit: not among rtnetlink's constants.
+/// `RTNLGRP_IPV6_RULE` and `RTNLGRP_NEXTHOP` (linux/rtnetlink.h) as group bits: not among
+/// rtnetlink's constants. (Nexthop objects change without a route notification when
+/// `nexthop_compat_mode` is off.)
 const RTMGRP_IPV6_RULE: u32 = 1 << (19 - 1);
+const RTMGRP_NEXTHOP: u32 = 1 << (32 - 1);
 
 /// The route generation map, shared by the data plane and the watcher task.
 #[derive(Clone)]
@@ -84,7 +87,8 @@ pub fn watch(generation: RouteGen) {
         | RTMGRP_IPV4_RULE
         | RTMGRP_IPV6_IFADDR
         | RTMGRP_IPV6_ROUTE
-        | RTMGRP_IPV6_RULE;
+        | RTMGRP_IPV6_RULE
+        | RTMGRP_NEXTHOP;
     let (mut conn, _handle, mut messages) = match rtnetlink::new_connection() {
         Ok(c) => c,
         Err(e) => {
