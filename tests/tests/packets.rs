@@ -936,6 +936,47 @@ fn xdp_leaves_a_route_through_a_device_it_cannot_send_to_to_the_stack() {
     .expect("no redirect target");
 }
 
+#[test]
+fn detaching_native_xdp_from_a_device_stops_redirects_into_it() {
+    use orch::dataplane::Hook;
+    if !require_root("detaching_native_xdp_from_a_device_stops_redirects_into_it") {
+        return;
+    }
+    let ns = test_netns("detach");
+    ns.run(|| {
+        orch_tests::lab::pin_current_thread(0).unwrap();
+        let cap = Capacity::default();
+        // The backend side attached natively: the only redirect target.
+        let mut dp = Dataplane::load(cap).unwrap();
+        dp.set_settings(&default_settings()).unwrap();
+        dp.attach("tp0", Hook::Xdp).expect("native XDP on a veth");
+        let mut rec = Reconciler::new(cap.max_services, cap.max_backends);
+        rec.apply(&mut dp, &services()).unwrap();
+        let (client, vip) = (sa("198.18.0.2:44000"), sa("198.19.0.1:80"));
+        let syn = test_run(&mut dp, &Pkt::new(L4::Syn, client, vip).bytes()).unwrap();
+        assert_eq!(syn.verdict, Verdict::Redirect);
+        let (f, _) = tcp_entries(&dp, client, vip);
+        let backend = SocketAddr::new(words_addr(&f.nat_addr), u16::from_be(f.nat_port_be));
+        let data = Pkt::new(L4::Ack, client, vip).payload(b"get");
+        let out = test_run(&mut dp, &data.bytes()).unwrap();
+        assert_eq!(
+            out.verdict,
+            Verdict::Redirect,
+            "redirected, its next hop cached"
+        );
+
+        // Detached: not a target any more, cached or not. The packet goes to the stack
+        // translated, with its MACs and TTL as they came (no redirect was prepared).
+        dp.detach("tp0").unwrap();
+        let before = counts(&dp);
+        let out = test_run(&mut dp, &data.bytes()).unwrap();
+        assert_eq!(out.verdict, Verdict::Pass);
+        assert_eq!(out.packet, data.clone().dnat(backend).bytes());
+        assert_eq!(moved(&before, &counts(&dp)), vec![(Reason::FwdStack, 1)]);
+    })
+    .expect("detach");
+}
+
 /// An ICMP error frame: `outer` addresses, `ttl`, the error `kind`, quoting `quoted` (an IP
 /// header and the 8 bytes after it). Checksums computed from scratch.
 fn icmp_error(

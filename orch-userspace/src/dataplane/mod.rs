@@ -1256,8 +1256,27 @@ impl Dataplane {
                 }
             }
         }
+        let native: Vec<u32> = self
+            .attached
+            .iter()
+            .filter(|a| a.iface == iface && a.hook == Hook::Xdp)
+            .map(|a| a.ifindex)
+            .collect();
         self.attached.retain(|a| a.iface != iface);
+        for ifindex in native {
+            self.forbid_xdp_redirect(ifindex);
+        }
         Ok(())
+    }
+
+    /// Takes interface `ifindex` out of the XDP program's redirect targets (a device without
+    /// the balancer may not take redirected frames: a veth drops them), and moves the route
+    /// generation: connections that cached a redirect to it look their route up again.
+    fn forbid_xdp_redirect(&mut self, ifindex: u32) {
+        let _ = self.xdp_tx.remove(ifindex);
+        if let Err(e) = self.route_gen.bump() {
+            warn!(error = %e, "moving the route generation failed");
+        }
     }
 
     /// The interfaces with a pinned link.
@@ -1422,11 +1441,7 @@ impl Dataplane {
         gone.into_iter()
             .map(|a| {
                 if a.hook == Hook::Xdp {
-                    let _ = self.xdp_tx.remove(a.ifindex);
-                    // Connections cached a redirect to it.
-                    if let Err(e) = self.route_gen.bump() {
-                        warn!(error = %e, "moving the route generation failed");
-                    }
+                    self.forbid_xdp_redirect(a.ifindex);
                 }
                 if let Some(dir) = &links_dir {
                     let pin = dir.join(format!("{}_{}", a.hook.name(), a.iface));
