@@ -49,7 +49,7 @@ const UDP_CHECK: usize = 6;
 /// Steers a fragment of a balanced connection's datagram; anything else is passed as a
 /// fragment.
 ///
-/// Not inlined: a subprogram with a frame of its own (see `steer::forward`).
+/// Not inlined: a subprogram with a frame of its own (see `steer::open`).
 #[inline(never)]
 pub fn steer<F: Frame>(ctx: &F) -> (u32, Reason) {
     match translate(ctx) {

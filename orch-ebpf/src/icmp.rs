@@ -91,7 +91,7 @@ enum Toward {
 /// Steers an ICMP error about a balanced connection; `Err` for anything else (not ICMP, not
 /// an error, not about a connection of ours), which the caller passes.
 ///
-/// Not inlined: a subprogram with a frame of its own (see `steer::forward`).
+/// Not inlined: a subprogram with a frame of its own (see `steer::open`).
 #[inline(never)]
 pub fn steer<F: Frame>(ctx: &F) -> (u32, Reason) {
     match translate(ctx) {

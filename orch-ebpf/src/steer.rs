@@ -141,7 +141,7 @@ fn not_forwarded<F: Frame>(
 /// A packet from a backend's port: translated back to the VIP if it belongs to a balanced
 /// connection, passed as `pass_not_service` if it does not.
 ///
-/// Not inlined, for the stack (see [`forward`]).
+/// Not inlined, for the stack (see [`open`]).
 #[inline(never)]
 fn backend_packet<F: Frame>(ctx: &F, pkt: &Packet) -> Packed {
     Packed::new(verdict::<F>(
