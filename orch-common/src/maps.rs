@@ -563,9 +563,12 @@ impl FlowKey {
 /// connection-table entry so that an established packet pays a comparison instead of a FIB
 /// lookup (about a quarter of the established path's cost when it ran on every packet).
 ///
-/// An entry holds only a route the FIB resolved to a redirect (interface and both MACs);
-/// anything else (no route, no neighbour yet, a device this hook cannot send to) is looked
-/// up again on every packet, as it is transient or goes through the stack anyway. It stays
+/// An entry holds a route the FIB resolved to a redirect (interface and both MACs), or the
+/// decision to leave the packets to the kernel stack (`ifindex` 0: no route forwards them,
+/// as for a backend on this host, or a device this hook cannot send to). A neighbour not
+/// yet resolved is not cached: the stack resolves it, and the next packets are redirected.
+/// A stale stack decision costs speed, never correctness: the stack forwards as the FIB
+/// says now. Either stays
 /// valid while [`ROUTE_GEN_MAP`] holds the generation it was filled under: the daemon moves
 /// the generation when a route, a neighbour's link-layer address, a link or an address
 /// changes, and when the program's redirect targets change. The data plane also empties it
@@ -577,7 +580,7 @@ impl FlowKey {
 pub struct CachedHop {
     /// The generation it was filled under; 0: empty (the generation is never 0).
     pub gen: u32,
-    /// The interface to redirect to.
+    /// The interface to redirect to; 0: to the kernel stack, translated.
     pub ifindex: u32,
     /// The next hop's MAC (the frame's destination).
     pub dmac: [u8; 6],
@@ -585,7 +588,8 @@ pub struct CachedHop {
     pub smac: [u8; 6],
     /// XDP: the largest IP length the FIB checked against this route's MTU; a longer packet
     /// is looked up afresh (and may be too big). On TC the MTU is checked per packet, and a
-    /// TC fill leaves 0: an XDP program that meets the entry (a hook changed) looks up.
+    /// TC fill leaves 0: an XDP program that meets the entry (a hook changed) looks up. A
+    /// stack decision for want of a route holds for any length (`u16::MAX`).
     pub fits_len: u16,
     pub _pad: u16,
 }

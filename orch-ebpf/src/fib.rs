@@ -2,9 +2,10 @@
 //! the neighbour are known, the kernel stack otherwise; and the cases where the kernel must
 //! answer the sender (too big, TTL), found before the packet is touched.
 //!
-//! A connection's entry caches its redirect ([`CachedHop`]): an established packet then
-//! pays a comparison with the route generation instead of a lookup. The TTL, the redirect
-//! setting and the size are still checked on every packet.
+//! A connection's entry caches its redirect, or that its packets go to the stack
+//! ([`CachedHop`]): an established packet then pays a comparison with the route generation
+//! instead of a lookup. The TTL, the redirect setting and the size are still checked on
+//! every packet.
 
 use core::mem::size_of;
 
@@ -209,6 +210,9 @@ pub fn decide<F: Frame>(
         // On XDP a longer packet than the route was checked with is looked up again: the
         // FIB checks its length against the path MTU.
         if gen != 0 && cached.gen == gen && (!F::MTU_BY_IP_LEN || pkt.l3_len <= cached.fits_len) {
+            if cached.ifindex == STACK {
+                return Hop::to(Kind::Stack);
+            }
             if !ctx.fits(cached.ifindex) {
                 return too_big(ctx, pkt);
             }
@@ -218,15 +222,25 @@ pub fn decide<F: Frame>(
     let Some(route) = route.or_else(|| lookup(ctx, pkt, src, dst)) else {
         return Hop::to(Kind::Stack);
     };
-    if route.rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
+    let rc = route.rc;
+    if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
         return too_big(ctx, pkt);
     }
-    if route.rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+    if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        // The stack resolves the neighbour, and the next packets are redirected.
+        return Hop::to(Kind::Stack);
+    }
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        // No route to forward on (a local destination, forwarding off, unreachable): the
+        // same answer whatever the packet's size, kept until the routes change.
+        remember_stack(cache, gen, u16::MAX);
         return Hop::to(Kind::Stack);
     }
     // SAFETY: this CPU's scratch entry, just filled by the lookup.
     let params = unsafe { &*route.params };
     if !ctx.can_send(params.ifindex) {
+        // A device this hook cannot send to; the FIB checked this length against its MTU.
+        remember_stack(cache, gen, pkt.l3_len);
         return Hop::to(Kind::Stack);
     }
     // The FIB checks the IP length (XDP); the device check covers an skb and its GSO
@@ -259,6 +273,28 @@ pub fn decide<F: Frame>(
         (*hop).gen = gen;
     }
     Hop::redirect(hop)
+}
+
+/// [`CachedHop::ifindex`] of a cached decision to leave the packets to the stack.
+const STACK: u32 = 0;
+
+/// Caches in `cache` (if any) that the connection's packets go to the stack, translated,
+/// under generation `gen`, for packets up to `fits_len` long on XDP. Worth it for a
+/// backend on this host (its address is local: no route forwards to it), whose every
+/// packet would otherwise pay a failed lookup; and safe however stale it gets, as the stack
+/// forwards as the FIB says now (a redirect would only be faster).
+#[inline(always)]
+fn remember_stack(cache: Option<*mut CachedHop>, gen: u32, fits_len: u16) {
+    let Some(c) = cache else {
+        return;
+    };
+    // SAFETY: the connection's live map entry; the generation is set last, as in `decide`.
+    unsafe {
+        (*c).gen = 0;
+        (*c).ifindex = STACK;
+        (*c).fits_len = fits_len;
+        (*c).gen = gen;
+    }
 }
 
 /// A packet bigger than the next hop takes: IPv4 without DF may be fragmented on the way

@@ -2476,6 +2476,72 @@ fn a_cached_next_hop_follows_neighbour_and_route_changes() {
     .expect("next hop cache");
 }
 
+/// A connection whose packets the FIB cannot forward (here an unreachable route; in
+/// practice a backend on the host itself) is sent to the stack without a lookup per packet,
+/// and redirected again as soon as the route generation moves.
+#[test]
+fn a_connection_left_to_the_stack_is_remembered_until_the_routes_change() {
+    if !require_root("a_connection_left_to_the_stack_is_remembered_until_the_routes_change") {
+        return;
+    }
+    let ns = test_netns("stackhop");
+    let name = ns.name().to_owned();
+    ns.run(move || {
+        let ip = |args: &str| {
+            let mut all = vec!["-n", name.as_str()];
+            all.extend(args.split(' '));
+            orch_tests::netns::run("ip", &all).unwrap_or_else(|e| panic!("ip {args}: {e}"));
+        };
+        let (mut dp, _rec) = loaded();
+        // Only the route generation refreshes the cache within this test.
+        let mut s = default_settings();
+        s.touch_interval_ns = 600_000_000_000;
+        dp.set_settings(&s).unwrap();
+        let (vip, client) = (sa("198.19.0.1:80"), sa("198.18.0.2:41000"));
+        let backend = sa("198.18.1.2:8080");
+        ip("route add unreachable 198.18.1.2/32");
+        let syn = test_run(&mut dp, &Pkt::new(L4::Syn, client, vip).bytes()).unwrap();
+        assert_eq!(&syn.packet[30..34], &[198, 18, 1, 2], "the first backend");
+        assert_eq!(syn.verdict, Verdict::Pass, "no route: to the stack");
+        let synack = Pkt::new(L4::SynAck, backend, client);
+        test_run(&mut dp, &synack.bytes()).unwrap();
+        let data = Pkt::new(L4::AckOf(1), client, vip).payload(b"get");
+        let send = |dp: &mut Dataplane| {
+            let before = counts(dp);
+            let out = test_run(dp, &data.bytes()).unwrap();
+            assert_eq!(
+                &out.packet[30..34],
+                &[198, 18, 1, 2],
+                "translated either way"
+            );
+            (out.verdict, moved(&before, &counts(dp)))
+        };
+        assert_eq!(
+            send(&mut dp),
+            (Verdict::Pass, vec![(Reason::FwdStack, 1)]),
+            "the established packet goes to the stack, counted so"
+        );
+
+        // The route comes back, and nothing moves the generation: the stack decision is
+        // what the program uses, so it made no lookup (one would find the route).
+        ip("route del unreachable 198.18.1.2/32");
+        assert_eq!(
+            send(&mut dp),
+            (Verdict::Pass, vec![(Reason::FwdStack, 1)]),
+            "remembered"
+        );
+
+        // The generation moves (the watcher does this on the route notification).
+        dp.route_generation().bump().unwrap();
+        assert_eq!(
+            send(&mut dp),
+            (Verdict::Redirect, vec![(Reason::FwdRedirect, 1)]),
+            "redirected once the routes changed"
+        );
+    })
+    .expect("stack decision cache");
+}
+
 /// A spoofed SYN from the `i`th address of a flood.
 fn flood_syn(i: u32, vip: SocketAddr) -> Vec<u8> {
     let src = SocketAddr::new(

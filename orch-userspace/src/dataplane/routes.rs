@@ -1,9 +1,10 @@
 //! The route generation: when the kernel's forwarding changes, cached next hops go.
 //!
-//! Each connection-table entry caches the redirect the kernel's FIB gave its packets
-//! (`orch_common::maps::CachedHop`), valid while the generation in `ORCH_ROUTE_GEN_V1` is the
-//! one it was filled under. A task listens to the kernel's routing notifications (rtnetlink)
-//! and moves the generation whenever what a lookup answers may have changed:
+//! Each connection-table entry caches what the kernel's FIB answered for its packets (a
+//! redirect, or the stack: `orch_common::maps::CachedHop`), valid while the generation in
+//! `ORCH_ROUTE_GEN_V1` is the one it was filled under. A task listens to the kernel's routing
+//! notifications (rtnetlink) and moves the generation whenever what a lookup answers may
+//! have changed:
 //! - a route, a nexthop object or a routing rule added or removed (IPv4, IPv6);
 //! - an address added or removed (it may make a destination local);
 //! - a link changed (down, new MTU, new MAC, deleted);
