@@ -2,8 +2,11 @@
 //! program (one per-CPU counter increment, XDP_PASS) measured in the same run.
 //!
 //! ```text
-//! sudo target/release/packet_cost [--repeat N] [--rounds R] [--services N]
+//! sudo target/release/packet_cost [--repeat N] [--rounds R] [--services N] [--only TEXT]
 //! ```
+//! `--only TEXT` measures only the rows whose name contains TEXT, with as many rounds as
+//! asked, and saves nothing: for comparing two builds on one path, where a full run's noise
+//! between rows would hide a few nanoseconds.
 //! `--services N` adds N services of 8 backends each (and as many connections in the
 //! connection table) before measuring: the cost at that size, saved as the section
 //! `packet_cost_at_scale`.
@@ -133,7 +136,7 @@ struct Row {
 }
 
 /// The data plane's cost per packet, by path, against a trivial program on the same hook.
-#[derive(Clone, Copy, clap::Parser)]
+#[derive(Clone, clap::Parser)]
 struct Options {
     /// Runs of each packet per measurement (BPF_PROG_TEST_RUN's repeat).
     #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u32).range(1..))]
@@ -144,6 +147,16 @@ struct Options {
     /// Extra services installed first, to measure at scale.
     #[arg(long, default_value_t = 0, value_parser = RangedU64ValueParser::<usize>::new().range(0..=100_000))]
     services: usize,
+    /// Measures only the rows whose name contains this text, and saves no section.
+    #[arg(long)]
+    only: Option<String>,
+}
+
+impl Options {
+    /// Whether the row `name` is to be measured.
+    fn wants(&self, name: &str) -> bool {
+        self.only.as_deref().is_none_or(|t| name.contains(t))
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -155,8 +168,11 @@ fn main() -> anyhow::Result<()> {
         std::process::id()
     ))?;
     let name = ns.name().to_owned();
-    let (rows, at_scale) = ns.run(move || run(&o, &name).map(|rows| (rows, o)))??;
-    let o = at_scale;
+    let (rows, o) = ns.run(move || run(&o, &name).map(|rows| (rows, o)))??;
+    if o.only.is_some() {
+        // A partial table is no section: printed above, saved nowhere.
+        return Ok(());
+    }
     section(&rows, &o)
 }
 
@@ -236,7 +252,7 @@ fn run(o: &Options, ns_name: &str) -> anyhow::Result<Vec<Row>> {
     }
 
     let mut rows = Vec::new();
-    for c in &cases {
+    for c in cases.iter().filter(|c| o.wants(c.name)) {
         let (ns, floor, ratio) = alternate(&mut dp, &c.packet, repeat, rounds)?;
         eprintln!(
             "{:<32} {ns:>8.1} ns  floor {floor:>6.1} ns  {ratio:>6.2}x",
@@ -254,7 +270,6 @@ fn run(o: &Options, ns_name: &str) -> anyhow::Result<Vec<Row>> {
     // The same balancer at TC, on skbs, against the TC floor (one counter increment,
     // TC_ACT_OK): the hook `auto` picks for veths, bridges and VLANs.
     for c in &cases {
-        let (ns, floor, ratio) = alternate_tc(&mut dp, &c.packet, repeat, rounds)?;
         let name: &'static str = match c.name {
             "non-VIP pass" => "TC: non-VIP pass",
             "established TCP" => "TC: established TCP",
@@ -262,6 +277,10 @@ fn run(o: &Options, ns_name: &str) -> anyhow::Result<Vec<Row>> {
             "UDP" => "TC: UDP",
             _ => "TC: IPv6 established TCP",
         };
+        if !o.wants(name) {
+            continue;
+        }
+        let (ns, floor, ratio) = alternate_tc(&mut dp, &c.packet, repeat, rounds)?;
         eprintln!("{name:<32} {ns:>8.1} ns  floor {floor:>6.1} ns  {ratio:>6.2}x");
         rows.push(Row {
             name,
@@ -274,18 +293,21 @@ fn run(o: &Options, ns_name: &str) -> anyhow::Result<Vec<Row>> {
 
     // What the FIB lookup costs: the established case again with redirect off (the
     // translated packet goes to the stack without a lookup), in the same run.
-    let mut no_fib = orch::dataplane::default_settings();
-    no_fib.flags &= !orch_common::maps::SETTING_REDIRECT;
-    dp.set_settings(&no_fib)?;
-    let (ns, floor, ratio) = alternate(&mut dp, &cases[1].packet, repeat, rounds)?;
-    dp.set_settings(&orch::dataplane::default_settings())?;
-    rows.push(Row {
-        name: "established TCP, no FIB lookup",
-        ns,
-        floor,
-        ratio,
-        target: None,
-    });
+    let name = "established TCP, no FIB lookup";
+    if o.wants(name) {
+        let mut no_fib = orch::dataplane::default_settings();
+        no_fib.flags &= !orch_common::maps::SETTING_REDIRECT;
+        dp.set_settings(&no_fib)?;
+        let (ns, floor, ratio) = alternate(&mut dp, &cases[1].packet, repeat, rounds)?;
+        dp.set_settings(&orch::dataplane::default_settings())?;
+        rows.push(Row {
+            name,
+            ns,
+            floor,
+            ratio,
+            target: None,
+        });
+    }
 
     // New flows: one run per new connection (repeat 1), the floor likewise. Each round uses
     // its own client address, and all rounds together stay below the table's capacity, so
@@ -300,7 +322,10 @@ fn run(o: &Options, ns_name: &str) -> anyhow::Result<Vec<Row>> {
     for (name, vip, first_client, target) in [
         ("new TCP flow", web, 10, Some(10.0)),
         ("new TCP flow, Maglev", hashed, 60, None),
-    ] {
+    ]
+    .into_iter()
+    .filter(|(name, ..)| o.wants(name))
+    {
         let (mut ns, mut floor, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
         for round in 0..rounds {
             let (mut t_sum, mut f_sum) = (0.0, 0.0);
@@ -341,19 +366,19 @@ fn run(o: &Options, ns_name: &str) -> anyhow::Result<Vec<Row>> {
         "a repeated SYN is not repeatable ({:?})",
         once.verdict
     );
-    let (ns, floor, ratio) = alternate(&mut dp, &syn, repeat, rounds)?;
-    eprintln!(
-        "{:<32} {ns:>8.1} ns  floor {floor:>6.1} ns  {ratio:>6.2}x",
-        "new TCP flow, warm"
-    );
-    rows.push(Row {
-        name: "new TCP flow, warm (SYN retried)",
-        ns,
-        floor,
-        ratio,
-        target: Some(10.0),
-    });
-    rows.extend(routed(&mut dp, ns_name, repeat, rounds)?);
+    let name = "new TCP flow, warm (SYN retried)";
+    if o.wants(name) {
+        let (ns, floor, ratio) = alternate(&mut dp, &syn, repeat, rounds)?;
+        eprintln!("{name:<32} {ns:>8.1} ns  floor {floor:>6.1} ns  {ratio:>6.2}x");
+        rows.push(Row {
+            name,
+            ns,
+            floor,
+            ratio,
+            target: Some(10.0),
+        });
+    }
+    rows.extend(routed(&mut dp, ns_name, o)?);
     Ok(rows)
 }
 
@@ -419,7 +444,8 @@ const ROUTED_BATCH: u32 = 250;
 /// does not transmit it), and the MAC rewrite and TTL decrement are paid. Measured last, as
 /// the routes it adds would change the cases above. New connections (their own client
 /// port), so that their entries record the routed interface.
-fn routed(dp: &mut Dataplane, ns: &str, repeat: u32, rounds: usize) -> anyhow::Result<Vec<Row>> {
+fn routed(dp: &mut Dataplane, ns: &str, o: &Options) -> anyhow::Result<Vec<Row>> {
+    let (repeat, rounds) = (o.repeat, o.rounds);
     let ip = |args: &[&str]| -> anyhow::Result<()> {
         let mut all = vec!["-n", ns];
         all.extend_from_slice(args);
@@ -522,50 +548,57 @@ fn routed(dp: &mut Dataplane, ns: &str, repeat: u32, rounds: usize) -> anyhow::R
             tc_action == TC_ACT_REDIRECT,
             "routed TC {name}: not redirected (action {tc_action})"
         );
-        let (ns, floor, ratio) = alternate_with(rounds, |floor| {
-            let mut sum = Duration::ZERO;
-            for _ in 0..batches {
-                sum += dp
-                    .bench_run_on(floor, &packet, ROUTED_BATCH, ifindex)?
-                    .duration;
-            }
-            Ok(sum / batches)
-        })?;
-        let row_name: &'static str = match *name {
-            "established TCP" => "redirected: established TCP",
-            "reply translation" => "redirected: reply translation",
-            "UDP" => "redirected: UDP",
-            _ => "redirected: IPv6 established TCP",
+        let (xdp_name, tc_name): (&'static str, &'static str) = match *name {
+            "established TCP" => (
+                "redirected: established TCP",
+                "TC redirected: established TCP",
+            ),
+            "reply translation" => (
+                "redirected: reply translation",
+                "TC redirected: reply translation",
+            ),
+            "UDP" => ("redirected: UDP", "TC redirected: UDP"),
+            _ => (
+                "redirected: IPv6 established TCP",
+                "TC redirected: IPv6 established TCP",
+            ),
         };
-        eprintln!("{row_name:<32} {ns:>8.1} ns  floor {floor:>6.1} ns  {ratio:>6.2}x");
-        rows.push(Row {
-            name: row_name,
-            ns,
-            floor,
-            ratio,
-            target: *target,
-        });
-        let (ns, floor, ratio) = alternate_with(rounds, |floor| {
-            let mut sum = Duration::ZERO;
-            for _ in 0..batches {
-                sum += dp.bench_run_tc_on(floor, &packet, ROUTED_BATCH, ifindex)?.1;
-            }
-            Ok(sum / batches)
-        })?;
-        let row_name: &'static str = match *name {
-            "established TCP" => "TC redirected: established TCP",
-            "reply translation" => "TC redirected: reply translation",
-            "UDP" => "TC redirected: UDP",
-            _ => "TC redirected: IPv6 established TCP",
-        };
-        eprintln!("{row_name:<32} {ns:>8.1} ns  floor {floor:>6.1} ns  {ratio:>6.2}x");
-        rows.push(Row {
-            name: row_name,
-            ns,
-            floor,
-            ratio,
-            target: *target,
-        });
+        if o.wants(xdp_name) {
+            let (ns, floor, ratio) = alternate_with(rounds, |floor| {
+                let mut sum = Duration::ZERO;
+                for _ in 0..batches {
+                    sum += dp
+                        .bench_run_on(floor, &packet, ROUTED_BATCH, ifindex)?
+                        .duration;
+                }
+                Ok(sum / batches)
+            })?;
+            eprintln!("{xdp_name:<32} {ns:>8.1} ns  floor {floor:>6.1} ns  {ratio:>6.2}x");
+            rows.push(Row {
+                name: xdp_name,
+                ns,
+                floor,
+                ratio,
+                target: *target,
+            });
+        }
+        if o.wants(tc_name) {
+            let (ns, floor, ratio) = alternate_with(rounds, |floor| {
+                let mut sum = Duration::ZERO;
+                for _ in 0..batches {
+                    sum += dp.bench_run_tc_on(floor, &packet, ROUTED_BATCH, ifindex)?.1;
+                }
+                Ok(sum / batches)
+            })?;
+            eprintln!("{tc_name:<32} {ns:>8.1} ns  floor {floor:>6.1} ns  {ratio:>6.2}x");
+            rows.push(Row {
+                name: tc_name,
+                ns,
+                floor,
+                ratio,
+                target: *target,
+            });
+        }
     }
     Ok(rows)
 }
