@@ -1,7 +1,7 @@
 //! Backend choice: the connection table first, then the service's table: its round-robin
 //! slots, or for a Maglev service the slot its flow hashes to.
 
-use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
+use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns};
 use orch_common::{
     maps::{
         slot_table_index, tcp_opens, FlowKey, FlowValue, ServiceKey, ServiceValue, DIR_FORWARD,
@@ -11,7 +11,7 @@ use orch_common::{
 };
 
 use crate::{
-    conntrack, fib,
+    clock, conntrack, fib,
     frame::Frame,
     maps::{
         service_gen, settings, Work, BACKENDS, BACKEND_DOWN, BACKEND_STATS, CURSORS, MAGLEV,
@@ -77,10 +77,10 @@ pub fn find(ctx: &impl Frame, pkt: &Packet) -> *mut FlowValue {
     let settings = settings();
     // The coarse clock (the same monotonic clock, read at the last tick, a few ms behind):
     // idle times are counted in seconds, and it costs a load instead of a clock-source
-    // read on every established packet. (A coarse reading may be a little older than the
-    // precise one the entry was created with: `saturating_sub` reads that as not idle.)
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // read on every established packet (see `clock`). (A coarse reading may be a little
+    // older than the precise one the entry was created with: `saturating_sub` reads that as
+    // not idle.)
+    let now = clock::coarse_ns();
     let idle = now.saturating_sub(entry.last_seen_ns);
     if !tcp && idle > settings.udp_idle_ns {
         forget(&key, entry);

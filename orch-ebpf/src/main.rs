@@ -11,16 +11,17 @@
 //!
 //! Layout: [`frame`] is what differs between the hooks, [`parse`] reads headers with bounds
 //! checks, [`steer`] decides, [`balance`] picks backends, [`conntrack`] keeps connections
-//! (unconfirmed, then confirmed), [`nat`] rewrites addresses and checksums, [`fib`]
-//! forwards, [`icmp`] translates ICMP errors about balanced connections and [`frag`] their
-//! datagrams' fragments, [`sock`] balances local clients' sockets at `connect()` (cgroup
-//! programs), [`maps`] declares
-//! the maps, [`stats`] counts, [`log`] tells the operator (off unless asked for). Only
-//! `main.rs` has entry points.
+//! (unconfirmed, then confirmed), [`clock`] tells the time cheaply, [`nat`] rewrites
+//! addresses and checksums, [`fib`] forwards, [`icmp`] translates ICMP errors about
+//! balanced connections and [`frag`] their datagrams' fragments, [`sock`] balances local
+//! clients' sockets at `connect()` (cgroup programs), [`maps`] declares the maps, [`stats`]
+//! counts, [`log`] tells the operator (off unless asked for). Only `main.rs` has entry
+//! points.
 #![no_std]
 #![no_main]
 
 mod balance;
+mod clock;
 mod conntrack;
 mod fib;
 mod frag;

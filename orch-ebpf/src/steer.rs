@@ -1,6 +1,6 @@
 //! The decision for each packet: forward to a backend, translate a reply, or pass.
 
-use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
+use aya_ebpf::helpers::bpf_ktime_get_ns;
 use orch_common::{
     maps::{
         BackendKey, BackendSignals, FlowKey, FlowValue, ServiceKey, ServiceValue, TrafficCounters,
@@ -10,7 +10,7 @@ use orch_common::{
 };
 
 use crate::{
-    balance, conntrack, fib, frag,
+    balance, clock, conntrack, fib, frag,
     frame::Frame,
     icmp,
     maps::{settings, BACKEND_STATS, MAGLEV_REPLY, PORTS, SCRATCH, SERVICES, SERVICE_STATS},
@@ -182,8 +182,7 @@ fn translate_reply<F: Frame>(ctx: &F, pkt: &Packet) -> Result<Option<(u32, Reaso
         // alive. (A TCP peer acknowledges what it receives, which refreshes the forward
         // entry, so TCP replies need no clock read.)
         // The coarse clock, as for the client's packets (see `balance::find`).
-        // SAFETY: a helper without arguments.
-        let now = unsafe { bpf_ktime_get_coarse_ns() };
+        let now = clock::coarse_ns();
         if now.saturating_sub(entry.last_seen_ns) > settings.touch_interval_ns {
             entry.last_seen_ns = now;
             // The cached next hop is looked up again with each refresh (see `CachedHop`).
