@@ -30,12 +30,13 @@ use crate::{
 /// balanced afresh. An unconfirmed TCP connection whose client acknowledges the backend's
 /// SYN-ACK is confirmed.
 ///
-/// Not inlined: see [`crate::steer`] on the stack. The entry is returned as a pointer into
-/// the map (valid for the rest of the program's run), not copied.
+/// Inlined into its one caller, `steer::established`, a subprogram of its own (see
+/// [`crate::steer`] on the stack). The entry is returned as a pointer into the map (valid
+/// for the rest of the program's run), not copied.
 /// Only a connection whose service lives is found (see [`service_lives`]); the entry of one
 /// whose service is gone is left as it is (no timestamp, no flag, no backend signal) and null
 /// returned, as if the connection table were looked up after the service table.
-#[inline(never)]
+#[inline(always)]
 pub fn find(ctx: &impl Frame, pkt: &Packet) -> *mut FlowValue {
     let key = pkt.key(DIR_FORWARD);
     let Some((entry, confirmed)) = conntrack::get(&key) else {
