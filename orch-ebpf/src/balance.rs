@@ -55,7 +55,7 @@ pub fn find(ctx: &impl Frame, pkt: &Packet) -> *mut FlowValue {
         // A bare SYN after the client closed (FIN or RST) is a new connection reusing the
         // port: balance it afresh rather than send it to the old connection's backend.
         if entry.fin != 0 || entry.rst != 0 {
-            forget(&key, entry);
+            forget(&key, entry, confirmed);
             return core::ptr::null_mut();
         }
         // Before the backend's SYN-ACK, nothing binds the client to it yet.
@@ -69,7 +69,7 @@ pub fn find(ctx: &impl Frame, pkt: &Packet) -> *mut FlowValue {
             // Either way it is balanced afresh: a backend that left the rotation (a host
             // gone dark) keeps no client waiting on it, and a live one may well be chosen
             // again.
-            forget(&key, entry);
+            forget(&key, entry, confirmed);
             return core::ptr::null_mut();
         }
         // A SYN after the SYN-ACK: the client retrying, the SYN-ACK lost on the way.
@@ -84,7 +84,7 @@ pub fn find(ctx: &impl Frame, pkt: &Packet) -> *mut FlowValue {
     let now = clock::coarse_ns();
     let idle = now.saturating_sub(entry.last_seen_ns);
     if !tcp && idle > settings.udp_idle_ns {
-        forget(&key, entry);
+        forget(&key, entry, confirmed);
         return core::ptr::null_mut();
     }
     // Refresh the timestamp only when it is stale enough to matter: a write per packet
@@ -167,19 +167,19 @@ pub fn record_flags(entry: &mut FlowValue, tcp_flags: u8) {
     }
 }
 
-/// Forgets the connection of the client's 4-tuple `key` whose forward entry is `old`: that
-/// entry, and its reply entry if that is still its own.
+/// Forgets the connection of the client's 4-tuple `key` whose forward entry is `old`, found
+/// `confirmed` or not: that entry, and its reply entry if that is still its own.
 #[inline(always)]
-fn forget(key: &FlowKey, old: &FlowValue) {
+fn forget(key: &FlowKey, old: &FlowValue, confirmed: bool) {
     let reply_key = key.reply(old.nat_addr, old.nat_port_be);
-    if let Some((reply, _)) = conntrack::get(&reply_key) {
+    if let Some((reply, reply_confirmed)) = conntrack::get(&reply_key) {
         // SAFETY: a live map value; two fields read.
         let reply = unsafe { &*reply };
         if reply.nat_addr == key.dst && reply.nat_port_be == key.dst_port_be {
-            conntrack::remove(&reply_key);
+            conntrack::remove_found(&reply_key, reply_confirmed);
         }
     }
-    conntrack::remove(key);
+    conntrack::remove_found(key, confirmed);
 }
 
 /// [`Work::route_rc`] when no lookup was made: not `BPF_FIB_LKUP_RET_SUCCESS`, so the

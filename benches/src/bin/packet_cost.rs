@@ -341,11 +341,13 @@ fn run(o: &Options, ns_name: &str) -> anyhow::Result<Vec<Row>> {
             floor.push(f);
             ratio.push(t / f);
         }
+        let (ns, floor, ratio) = (median(&ns), median(&floor), median(&ratio));
+        eprintln!("{name:<32} {ns:>8.1} ns  floor {floor:>6.1} ns  {ratio:>6.2}x");
         rows.push(Row {
             name,
-            ns: median(&ns),
-            floor: median(&floor),
-            ratio: median(&ratio),
+            ns,
+            floor,
+            ratio,
             target,
         });
     }
