@@ -567,14 +567,14 @@ impl FlowKey {
 /// decision to leave the packets to the kernel stack (`ifindex` 0: no route forwards them,
 /// as for a backend on this host, or a device this hook cannot send to). A neighbour not
 /// yet resolved is not cached: the stack resolves it, and the next packets are redirected.
-/// A stale stack decision costs speed, never correctness: the stack forwards as the FIB
-/// says now. Either stays
-/// valid while [`ROUTE_GEN_MAP`] holds the generation it was filled under: the daemon moves
-/// the generation when a route, a neighbour's link-layer address, a link or an address
-/// changes, and when the program's redirect targets change. The data plane also empties it
-/// whenever it refreshes the entry's timestamp (at most every
-/// [`Settings::touch_interval_ns`]), which bounds its age by itself when no daemon runs and
-/// for changes no notification reports (a learnt path MTU).
+/// Within the length it was checked for (`fits_len`), a stale stack decision costs speed
+/// only: the stack forwards as the FIB says now. Either stays valid while [`ROUTE_GEN_MAP`]
+/// holds the generation it was filled under: the daemon moves the generation when a route,
+/// a neighbour's link-layer address, a link or an address changes, and when an interface
+/// becomes or stops being a redirect target. The data plane also empties it whenever it
+/// refreshes the entry's timestamp (at most every [`Settings::touch_interval_ns`]), which
+/// bounds its age by itself when no daemon runs and for changes no notification reports (a
+/// learnt path MTU).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CachedHop {
@@ -588,8 +588,9 @@ pub struct CachedHop {
     pub smac: [u8; 6],
     /// XDP: the largest IP length the FIB checked against this route's MTU; a longer packet
     /// is looked up afresh (and may be too big). On TC the MTU is checked per packet, and a
-    /// TC fill leaves 0: an XDP program that meets the entry (a hook changed) looks up. A
-    /// stack decision for want of a route holds for any length (`u16::MAX`).
+    /// TC fill of a redirect leaves 0: an XDP program that meets the entry (a hook changed)
+    /// looks up. A stack decision for want of a route holds for any length (`u16::MAX`), on
+    /// either hook; TC uses no other stack decision.
     pub fits_len: u16,
     pub _pad: u16,
 }

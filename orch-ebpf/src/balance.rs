@@ -76,7 +76,7 @@ pub fn find(ctx: &impl Frame, pkt: &Packet) -> *mut FlowValue {
         stats::signals(entry.backend_id, |s| s.syn_retrans += 1);
     }
     let settings = settings();
-    // The coarse clock (the same monotonic clock, read at the last tick, a few ms behind):
+    // The coarse clock (the same monotonic clock, as of a tick or two ago, 1-20 ms behind):
     // idle times are counted in seconds, and it costs a load instead of a clock-source
     // read on every established packet (see `clock`). (A coarse reading may be a little
     // older than the precise one the entry was created with: `saturating_sub` reads that as

@@ -12,8 +12,9 @@
 //!
 //! A tick moves jiffies a moment before the clock: a reading taken in that moment is kept
 //! for the whole next tick, so a value is at most two ticks old (20 ms at the slowest tick
-//! rate) instead of one. Idle timeouts are seconds; the daemon reads entries' timestamps
-//! against its own clock with the same tolerance either way.
+//! rate) instead of one (a little more when the timekeeper catches up several ticks at
+//! once). Idle timeouts are seconds; the daemon reads entries' timestamps against its own
+//! clock with the same tolerance either way.
 
 use aya_ebpf::{
     helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
@@ -45,9 +46,10 @@ pub fn coarse_ns() -> u64 {
     // SAFETY: this CPU's own entry; programs do not nest on one CPU.
     let r = unsafe { &mut *r };
     if r.jiffies != jiffies {
-        r.jiffies = jiffies;
+        // The reading first, then what it is valid for.
         // SAFETY: as above.
         r.ns = unsafe { bpf_ktime_get_coarse_ns() };
+        r.jiffies = jiffies;
     }
     r.ns
 }

@@ -58,24 +58,30 @@ pub fn remove(key: &FlowKey) {
 /// missed in the confirmed table, so only the unconfirmed table is asked: one hash and one
 /// bucket lock fewer on the path of a client's new attempt, as costly as the lookup itself.
 /// A confirmed key goes from both (its unconfirmed copy lives on for a moment while another
-/// CPU confirms it).
+/// CPU confirms it), and so does an unconfirmed one that has left its table meanwhile: another
+/// CPU confirmed it since the lookup, and its confirmed copy must not outlive it.
 #[inline(always)]
 pub fn remove_found(key: &FlowKey, confirmed: bool) {
     if confirmed {
         let _ = CONNTRACK.remove(key);
     }
-    remove_new(key);
+    if !remove_new(key) && !confirmed {
+        let _ = CONNTRACK.remove(key);
+    }
 }
 
 /// Removes `key` from the unconfirmed table, counted. The count goes up before the removal
 /// and back down if there was nothing to remove, so that a reader never sees an entry gone
 /// and its removal uncounted (which it would take for an eviction).
+/// Whether there was an entry to remove.
 #[inline(always)]
-fn remove_new(key: &FlowKey) {
+fn remove_new(key: &FlowKey) -> bool {
     ops(CT_NEW_REMOVED, 1);
     if CONNTRACK_NEW.remove(key).is_err() {
         ops(CT_NEW_REMOVED, u64::MAX);
+        return false;
     }
+    true
 }
 
 /// Adds `n` (wrapping: `u64::MAX` takes one back) to an unconfirmed-table counter.

@@ -4,15 +4,15 @@
 //!
 //! A connection's entry caches its redirect, or that its packets go to the stack
 //! ([`CachedHop`]): an established packet then pays a comparison with the route generation
-//! instead of a lookup. The TTL, the redirect setting and the size are still checked on
-//! every packet.
+//! instead of a lookup. The TTL and the redirect setting are still checked on every packet,
+//! and so is the size, but for a stack decision that holds for any size (no route).
 
 use core::mem::size_of;
 
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS,
+        bpf_fib_lookup, BPF_FIB_LKUP_RET_BLACKHOLE, BPF_FIB_LKUP_RET_FRAG_NEEDED,
+        BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
     },
     helpers::bpf_fib_lookup as fib_lookup,
 };
@@ -121,9 +121,10 @@ pub fn lookup<F: Frame>(ctx: &F, pkt: &Packet, src: &[u32; 4], dst: &[u32; 4]) -
 pub enum Kind {
     /// Out of the next hop's interface, from here.
     Redirect,
-    /// To the kernel stack, translated: no route or neighbour yet (the stack resolves it and
-    /// the next packets take the fast path), a device this hook cannot send to, redirect
-    /// disabled, or an IPv4 packet without DF that the stack will fragment.
+    /// To the kernel stack, translated: no route (remembered until the routes change), no
+    /// neighbour yet (the stack resolves it and the next packets take the fast path), a
+    /// device this hook cannot send to, redirect disabled, or an IPv4 packet without DF that
+    /// the stack will fragment.
     Stack,
     /// Bigger than the next hop takes, and not to be fragmented here.
     TooBig,
@@ -215,10 +216,16 @@ pub fn decide<F: Frame>(
         let cached = unsafe { &*c };
         // On XDP a longer packet than the route was checked with is looked up again: the
         // FIB checks its length against the path MTU.
-        if gen != 0 && cached.gen == gen && (!F::MTU_BY_IP_LEN || pkt.l3_len <= cached.fits_len) {
-            if cached.ifindex == STACK {
+        let valid =
+            gen != 0 && cached.gen == gen && (!F::MTU_BY_IP_LEN || pkt.l3_len <= cached.fits_len);
+        if valid && cached.ifindex == STACK {
+            // TC checks sizes itself, on every packet: it takes only a stack decision that
+            // holds for any size (an XDP fill for a device XDP cannot send to does not),
+            // and looks anything else up.
+            if F::MTU_BY_IP_LEN || cached.fits_len == u16::MAX {
                 return Hop::to(Kind::Stack);
             }
+        } else if valid {
             if !ctx.fits(cached.ifindex) {
                 return too_big(ctx, pkt);
             }
@@ -238,8 +245,18 @@ pub fn decide<F: Frame>(
     }
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         // No route to forward on (a local destination, forwarding off, unreachable): the
-        // same answer whatever the packet's size, kept until the routes change.
-        remember_stack(cache, gen, u16::MAX);
+        // kernel answers so before it compares any size, so the answer holds for every
+        // size, until the routes change. Any other code (an encapsulating route, which the
+        // kernel reports after its size check) holds on XDP up to this packet's length,
+        // and on TC (which checks sizes itself) not at all.
+        let any_size = (BPF_FIB_LKUP_RET_BLACKHOLE as i64..=BPF_FIB_LKUP_RET_FWD_DISABLED as i64)
+            .contains(&rc);
+        let fits_len = match (any_size, F::MTU_BY_IP_LEN) {
+            (true, _) => u16::MAX,
+            (false, true) => pkt.l3_len,
+            (false, false) => 0,
+        };
+        remember_stack(cache, gen, fits_len);
         return Hop::to(Kind::Stack);
     }
     // SAFETY: this CPU's scratch entry, just filled by the lookup.
@@ -285,10 +302,10 @@ pub fn decide<F: Frame>(
 const STACK: u32 = 0;
 
 /// Caches in `cache` (if any) that the connection's packets go to the stack, translated,
-/// under generation `gen`, for packets up to `fits_len` long on XDP. Worth it for a
-/// backend on this host (its address is local: no route forwards to it), whose every
-/// packet would otherwise pay a failed lookup; and safe however stale it gets, as the stack
-/// forwards as the FIB says now (a redirect would only be faster).
+/// under generation `gen`, for packets up to `fits_len` long (`u16::MAX`: any size, the
+/// only kind TC uses). Worth it for a backend on this host (its address is local: no route
+/// forwards to it), whose every packet would otherwise pay a failed lookup. Within its
+/// size bound, a stale decision costs speed only: the stack forwards as the FIB says now.
 #[inline(always)]
 fn remember_stack(cache: Option<*mut CachedHop>, gen: u32, fits_len: u16) {
     let Some(c) = cache else {

@@ -96,6 +96,8 @@ pub struct FibWork {
     /// connection's first packet, a stateless translation, an ICMP error, a fragment).
     pub hop: CachedHop,
 }
+// `fib::lookup` zeroes the parameters in 8-byte words: they start the (8-byte aligned) value.
+const _: () = assert!(core::mem::offset_of!(FibWork, params) == 0);
 
 #[map(name = "ORCH_FIB_SCRATCH")]
 pub static FIB_SCRATCH: PerCpuArray<FibWork> = PerCpuArray::with_max_entries(1, 0);

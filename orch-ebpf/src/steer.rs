@@ -318,9 +318,11 @@ fn handshake<F: Frame>(
 /// The stack: BPF gives a program 512 bytes for the whole chain of calls, and these paths
 /// need more than that when inlined into one function (every value live across a helper
 /// call is spilled: BPF has four callee-saved registers). So each step is a subprogram with
-/// a frame of its own, called one after the other from the entry point, never from each
-/// other: the deepest chain is the entry point plus one step. The steps hand the
-/// connection's forward entry over as a pointer into its map.
+/// a frame of its own, called one after the other from the entry point, not from each
+/// other (a step may call a small helper subprogram, such as `conntrack::confirm`, whose
+/// frame fits beside it): the deepest chain is the entry point, one step and at most one
+/// such helper. The steps hand the connection's forward entry over as a pointer into its
+/// map.
 #[inline(always)]
 fn open<F: Frame>(ctx: &F, pkt: &Packet, svc: &ServiceValue) -> Result<(u32, Reason), Reason> {
     let (id_table, flags) = balance::service_words(svc);
@@ -356,8 +358,9 @@ fn established<F: Frame>(ctx: &F, pkt: &Packet) -> Packed {
     Packed::new(forward_to(ctx, pkt, flow, Entry::Established))
 }
 
-/// What [`translate_forward`] is handed: it decides where the route comes from and whether
-/// the next hop may be cached.
+/// What kind of entry [`forward_to`] is handed (by [`established`], or by
+/// [`translate_forward`] for a new connection): it decides where the route comes from and
+/// whether the next hop may be cached.
 #[derive(Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 enum Entry {

@@ -2542,6 +2542,46 @@ fn a_connection_left_to_the_stack_is_remembered_until_the_routes_change() {
     .expect("stack decision cache");
 }
 
+/// A stack decision XDP makes because it cannot send to the egress device holds only up to
+/// the length the FIB checked, and TC, which can send there and checks sizes itself, does
+/// not take it: the same connection's next packet on TC is redirected.
+#[test]
+fn tc_does_not_take_a_stack_decision_made_for_xdp_alone() {
+    if !require_root("tc_does_not_take_a_stack_decision_made_for_xdp_alone") {
+        return;
+    }
+    let ns = test_netns("xdponly");
+    ns.run(move || {
+        orch_tests::lab::pin_current_thread(0).expect("pinning to CPU 0");
+        let cap = Capacity::default();
+        let mut dp = Dataplane::load_logging(cap, orch::dataplane::KERNEL_LOG_OFF)
+            .expect("loading the data plane");
+        // The client side only: XDP may not send to the backends' interface.
+        dp.allow_xdp_redirect("tc0").unwrap();
+        let mut rec = Reconciler::new(cap.max_services, cap.max_backends);
+        rec.apply(&mut dp, &services()).unwrap();
+        let mut s = default_settings();
+        s.touch_interval_ns = 600_000_000_000;
+        dp.set_settings(&s).unwrap();
+        let (vip, client) = (sa("198.19.0.1:80"), sa("198.18.0.2:41000"));
+        test_run(&mut dp, &Pkt::new(L4::Syn, client, vip).bytes()).unwrap();
+        let synack = Pkt::new(L4::SynAck, sa("198.18.1.2:8080"), client);
+        test_run(&mut dp, &synack.bytes()).unwrap();
+        let data = Pkt::new(L4::AckOf(1), client, vip).payload(b"get");
+        for _ in 0..2 {
+            let before = counts(&dp);
+            let out = test_run(&mut dp, &data.bytes()).unwrap();
+            assert_eq!(out.verdict, Verdict::Pass, "XDP cannot send to tp0");
+            assert_eq!(moved(&before, &counts(&dp)), vec![(Reason::FwdStack, 1)]);
+        }
+        let ifindex = nix::net::if_::if_nametoindex("tc0").unwrap();
+        let (action, out) = dp.test_run_tc(&data.bytes(), ifindex).unwrap();
+        assert_eq!(action, 7, "TC redirects (TC_ACT_REDIRECT)");
+        assert_eq!(&out[30..34], &[198, 18, 1, 2], "to the backend");
+    })
+    .expect("hook-specific stack decision");
+}
+
 /// A spoofed SYN from the `i`th address of a flood.
 fn flood_syn(i: u32, vip: SocketAddr) -> Vec<u8> {
     let src = SocketAddr::new(

@@ -1196,7 +1196,9 @@ impl Dataplane {
                     aya::maps::xdp::XdpMapError::MapError(m) => m,
                     other => MapError::IoError(std::io::Error::other(other.to_string())),
                 },
-            })
+            })?;
+        // Connections that went to the stack for want of this target are looked up again.
+        self.route_gen.bump().map(drop)
     }
 
     /// The route generation, for the task that moves it when routing changes
