@@ -2359,6 +2359,21 @@ fn mac_text(mac: [u8; 6]) -> String {
         .join(":")
 }
 
+/// Runs `ip -n ns args` (`args` split at spaces), panicking with the command if it fails.
+fn ip_in(ns: &str, args: &str) {
+    let mut all = vec!["-n", ns];
+    all.extend(args.split(' '));
+    orch_tests::netns::run("ip", &all).unwrap_or_else(|e| panic!("ip {args}: {e}"));
+}
+
+/// Settings under which only the route generation refreshes cached next hops: a touch
+/// interval of ten minutes, longer than any test.
+fn generation_only(dp: &mut Dataplane) {
+    let mut s = default_settings();
+    s.touch_interval_ns = 600_000_000_000;
+    dp.set_settings(&s).unwrap();
+}
+
 #[test]
 fn a_cached_next_hop_follows_neighbour_and_route_changes() {
     if !require_root("a_cached_next_hop_follows_neighbour_and_route_changes") {
@@ -2367,16 +2382,9 @@ fn a_cached_next_hop_follows_neighbour_and_route_changes() {
     let ns = test_netns("hop");
     let name = ns.name().to_owned();
     ns.run(move || {
-        let ip = |args: &str| {
-            let mut all = vec!["-n", name.as_str()];
-            all.extend(args.split(' '));
-            orch_tests::netns::run("ip", &all).unwrap_or_else(|e| panic!("ip {args}: {e}"));
-        };
+        let ip = |args: &str| ip_in(&name, args);
         let (mut dp, _rec) = loaded();
-        // A long touch interval: within this test only the route generation refreshes.
-        let mut s = default_settings();
-        s.touch_interval_ns = 600_000_000_000;
-        dp.set_settings(&s).unwrap();
+        generation_only(&mut dp);
         let vip = sa("198.19.0.1:80");
         let client = sa("198.18.0.2:41000");
         let syn = test_run(&mut dp, &Pkt::new(L4::Syn, client, vip).bytes()).unwrap();
@@ -2487,16 +2495,9 @@ fn a_connection_left_to_the_stack_is_remembered_until_the_routes_change() {
     let ns = test_netns("stackhop");
     let name = ns.name().to_owned();
     ns.run(move || {
-        let ip = |args: &str| {
-            let mut all = vec!["-n", name.as_str()];
-            all.extend(args.split(' '));
-            orch_tests::netns::run("ip", &all).unwrap_or_else(|e| panic!("ip {args}: {e}"));
-        };
+        let ip = |args: &str| ip_in(&name, args);
         let (mut dp, _rec) = loaded();
-        // Only the route generation refreshes the cache within this test.
-        let mut s = default_settings();
-        s.touch_interval_ns = 600_000_000_000;
-        dp.set_settings(&s).unwrap();
+        generation_only(&mut dp);
         let (vip, client) = (sa("198.19.0.1:80"), sa("198.18.0.2:41000"));
         let backend = sa("198.18.1.2:8080");
         ip("route add unreachable 198.18.1.2/32");
@@ -2560,9 +2561,7 @@ fn tc_does_not_take_a_stack_decision_made_for_xdp_alone() {
         dp.allow_xdp_redirect("tc0").unwrap();
         let mut rec = Reconciler::new(cap.max_services, cap.max_backends);
         rec.apply(&mut dp, &services()).unwrap();
-        let mut s = default_settings();
-        s.touch_interval_ns = 600_000_000_000;
-        dp.set_settings(&s).unwrap();
+        generation_only(&mut dp);
         let (vip, client) = (sa("198.19.0.1:80"), sa("198.18.0.2:41000"));
         test_run(&mut dp, &Pkt::new(L4::Syn, client, vip).bytes()).unwrap();
         let synack = Pkt::new(L4::SynAck, sa("198.18.1.2:8080"), client);
