@@ -62,10 +62,8 @@ pub fn remove(key: &FlowKey) {
 /// CPU confirmed it since the lookup, and its confirmed copy must not outlive it.
 #[inline(always)]
 pub fn remove_found(key: &FlowKey, confirmed: bool) {
-    if confirmed {
-        let _ = CONNTRACK.remove(key);
-    }
-    if !remove_new(key) && !confirmed {
+    let was_unconfirmed = remove_new(key);
+    if confirmed || !was_unconfirmed {
         let _ = CONNTRACK.remove(key);
     }
 }

@@ -218,18 +218,17 @@ pub fn decide<F: Frame>(
         // FIB checks its length against the path MTU.
         let valid =
             gen != 0 && cached.gen == gen && (!F::MTU_BY_IP_LEN || pkt.l3_len <= cached.fits_len);
-        if valid && cached.ifindex == STACK {
-            // TC checks sizes itself, on every packet: it takes only a stack decision that
-            // holds for any size (an XDP fill for a device XDP cannot send to does not),
-            // and looks anything else up.
-            if F::MTU_BY_IP_LEN || cached.fits_len == u16::MAX {
-                return Hop::to(Kind::Stack);
-            }
-        } else if valid {
+        if valid && cached.ifindex != STACK {
             if !ctx.fits(cached.ifindex) {
                 return too_big(ctx, pkt);
             }
             return Hop::redirect(c);
+        }
+        // TC checks sizes itself, on every packet: it takes only a stack decision that
+        // holds for any size (an XDP fill for a device XDP cannot send to does not), and
+        // looks anything else up.
+        if valid && (F::MTU_BY_IP_LEN || cached.fits_len == u16::MAX) {
+            return Hop::to(Kind::Stack);
         }
     }
     let Some(route) = route.or_else(|| lookup(ctx, pkt, src, dst)) else {

@@ -332,11 +332,19 @@ fn loaded() -> (Dataplane, Reconciler) {
 
 /// [`loaded`] with the program logging up to `kernel_log`.
 fn loaded_logging(kernel_log: u8) -> (Dataplane, Reconciler) {
+    loaded_redirecting_to(kernel_log, &["tc0", "tp0"])
+}
+
+/// [`loaded_logging`] with XDP allowed to redirect to `ifaces` only.
+fn loaded_redirecting_to(kernel_log: u8, ifaces: &[&str]) -> (Dataplane, Reconciler) {
     // The per-CPU cursor starts at the CPU's number: pin to CPU 0 for a known order.
     orch_tests::lab::pin_current_thread(0).expect("pinning to CPU 0");
     let cap = Capacity::default();
     let mut dp = Dataplane::load_logging(cap, kernel_log).expect("loading the data plane");
-    allow_redirects(&mut dp);
+    for iface in ifaces {
+        dp.allow_xdp_redirect(iface)
+            .expect("allowing a redirect target");
+    }
     let mut rec = Reconciler::new(cap.max_services, cap.max_backends);
     rec.apply(&mut dp, &services())
         .expect("installing services");
@@ -2553,14 +2561,8 @@ fn tc_does_not_take_a_stack_decision_made_for_xdp_alone() {
     }
     let ns = test_netns("xdponly");
     ns.run(move || {
-        orch_tests::lab::pin_current_thread(0).expect("pinning to CPU 0");
-        let cap = Capacity::default();
-        let mut dp = Dataplane::load_logging(cap, orch::dataplane::KERNEL_LOG_OFF)
-            .expect("loading the data plane");
         // The client side only: XDP may not send to the backends' interface.
-        dp.allow_xdp_redirect("tc0").unwrap();
-        let mut rec = Reconciler::new(cap.max_services, cap.max_backends);
-        rec.apply(&mut dp, &services()).unwrap();
+        let (mut dp, _rec) = loaded_redirecting_to(orch::dataplane::KERNEL_LOG_OFF, &["tc0"]);
         generation_only(&mut dp);
         let (vip, client) = (sa("198.19.0.1:80"), sa("198.18.0.2:41000"));
         test_run(&mut dp, &Pkt::new(L4::Syn, client, vip).bytes()).unwrap();
